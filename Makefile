@@ -1,0 +1,36 @@
+# The README's two commands. Both create .venv when missing and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test install lint models clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch is pinned first so that no other package pulls an unpinned (multi-GB CUDA) build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m models build digits-cnn
+	$(BIN)/onnxlr optimize .cache/models/digits-cnn/model.onnx out/digits-cnn-lr.onnx \
+		--rank-ratio 0.5 --report out/digits-cnn-lr.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+models: $(STAMP)
+	$(BIN)/python -m models build all
+
+clean:
+	rm -rf out .cache/models .pytest_cache

@@ -1,0 +1,34 @@
+"""onnxlr: low-rank factorization of ONNX models (MatMul, Gemm and Conv weights).
+
+    import onnxlr
+    new_model, report = onnxlr.optimize("model.onnx", rank_ratio=0.25)
+    onnxlr.save(new_model, "model-lr.onnx")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxlr._version import __version__
+from onnxlr.errors import GateFailed, OnnxlrError
+from onnxlr.factorize import Progress, Settings, factorize_model
+from onnxlr.io import LoadedModel, convert, load, save
+
+
+def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = False,
+             **settings: Any) -> tuple[Any, dict]:
+    """Factorize a model's MatMul/Gemm/Conv weights; returns (new model, report).
+
+    `model` is a path, an `onnx.ModelProto`, an `onnx_ir.Model` or an onnx-graphsurgeon `Graph`;
+    the result is of the same kind (an `onnx_ir.Model` for a path). The input is never modified.
+    Settings are the `onnxlr optimize` flags with underscores: rank_ratio, rank, energy,
+    param_ratio, param_budget, rank_multiple, allow_no_gain, min_params, include, exclude, ops,
+    conv_scheme.
+    """
+    config = Settings(**settings)
+    loaded = load(model)
+    report = factorize_model(loaded.model, config, progress=progress, dry_run=dry_run)
+    return convert(loaded.model, loaded.kind), report
+
+
+__all__ = ["__version__", "optimize", "load", "save", "Settings", "LoadedModel", "OnnxlrError", "GateFailed"]

@@ -1,0 +1,520 @@
+"""The optimize pipeline on an in-memory onnx-ir model: find targets, plan ranks, rewrite, clean up.
+
+Each stage takes and returns plain data (targets, a plan, a report dict), so the CLI and the
+Python API share one path. `factorize_model` modifies the given `ir.Model` in place; callers that
+must keep their input (the API and the CLI) hand it a fresh copy (onnxlr.io.load makes one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import heapq
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
+
+from onnxlr import lowrank
+from onnxlr._version import __version__
+from onnxlr.errors import OnnxlrError
+from onnxlr.passes import LEFT_ALONE, PASSES, Context, Scheme, Skip, Target
+from onnxlr.passes.base import FLOAT_TYPES, NameGenerator
+from onnxlr.passes.conv import SCHEMES as CONV_SCHEMES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RANK_RATIO = 0.25
+ALL_OPS = tuple(PASSES)
+
+# A progress hook wraps an iterable: progress(items, description) -> items (rich bar in the CLI).
+Progress = Callable[[Sequence[Any], str], Iterable[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every knob of `onnxlr optimize`; the same names as the CLI flags."""
+
+    rank_ratio: float | None = None
+    rank: int | None = None
+    energy: float | None = None
+    param_ratio: float | None = None
+    param_budget: float | None = None
+    rank_multiple: int = 1
+    allow_no_gain: bool = False
+    min_params: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ALL_OPS
+    conv_scheme: str = "auto"
+
+    def __post_init__(self) -> None:
+        policies = self.policies()
+        if len(policies) > 1:
+            raise OnnxlrError(f"choose one rank policy, not {len(policies)}: {', '.join(policies)}")
+        if not policies:
+            object.__setattr__(self, "rank_ratio", DEFAULT_RANK_RATIO)
+        _check_fraction("rank_ratio", self.rank_ratio, closed_low=False)
+        _check_fraction("energy", self.energy, closed_low=False)
+        _check_fraction("param_ratio", self.param_ratio, closed_low=False)
+        _check_fraction("param_budget", self.param_budget, closed_low=False)
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise OnnxlrError(f"rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+            raise OnnxlrError(f"rank_multiple must be a positive integer, got {self.rank_multiple!r}")
+        if not isinstance(self.min_params, int) or self.min_params < 0:
+            raise OnnxlrError(f"min_params must be a non-negative integer, got {self.min_params!r}")
+        object.__setattr__(self, "ops", tuple(self.ops))
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        unknown = [op for op in self.ops if op not in PASSES]
+        if unknown:
+            raise OnnxlrError(f"unsupported op type(s) {', '.join(unknown)}; choose from {', '.join(PASSES)}")
+        if self.conv_scheme not in ("auto", *CONV_SCHEMES):
+            raise OnnxlrError(f"conv_scheme must be auto, {', '.join(CONV_SCHEMES)}; got {self.conv_scheme!r}")
+
+    def policies(self) -> list[str]:
+        names = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget")
+        return [name for name in names if getattr(self, name) is not None]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _check_fraction(name: str, value: float | None, closed_low: bool) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OnnxlrError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not (0 < value <= 1):
+        raise OnnxlrError(f"{name} must be in (0, 1], got {value}")
+
+
+# ----------------------------------------------------------------------------- plan data
+
+
+@dataclasses.dataclass
+class WeightGroup:
+    """Targets that read one weight the same way: factorized once, every user rewritten alike."""
+
+    targets: list[Target]
+    schemes: list[Scheme] = dataclasses.field(default_factory=list)
+    decompositions: dict[str, lowrank.Decomposition] = dataclasses.field(default_factory=dict)
+    scheme: Scheme | None = None
+    rank: int | None = None
+    reason: str = ""  # set when the group stays dense
+
+    @property
+    def lead(self) -> Target:
+        return self.targets[0]
+
+    def decomposition(self, scheme: Scheme) -> lowrank.Decomposition:
+        if scheme.name not in self.decompositions:
+            self.decompositions[scheme.name] = lowrank.svd(scheme.matrices)
+        return self.decompositions[scheme.name]
+
+
+@dataclasses.dataclass
+class SkippedNode:
+    node: ir.Node
+    reason: str
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def factorize_model(model: ir.Model, settings: Settings, progress: Progress | None = None,
+                    dry_run: bool = False) -> dict[str, Any]:
+    """Factorize `model` in place (unless `dry_run`) and return the report dict."""
+    progress = progress or (lambda items, _description: items)
+    totals_before = model_totals(model)
+    context = Context(shapes=infer_shapes(model), opset=_default_opset(model))
+    # Graph order (subgraph nodes follow their parent), taken before the rewrite removes nodes.
+    order = {id(node): index for index, node in enumerate(ir.traversal.RecursiveGraphIterator(model.graph))}
+    groups, skipped = find_targets(model, settings, context)
+    plan_ranks(groups, settings, progress)
+    if not dry_run:
+        rewrite(model, groups, progress)
+        cleanup(model, groups)
+        record_metadata(model, settings, groups)
+    return build_report(groups, skipped, settings, order, totals_before, model_totals(model) if not dry_run else None)
+
+
+def _default_opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
+
+
+def infer_shapes(model: ir.Model) -> dict[str, tuple | None]:
+    """Static shapes by value name from ONNX shape inference (unknown dims as None), all graphs included.
+
+    Inference runs on a serialized copy whose external tensors stay references, so nothing large
+    is read; a model onnx cannot infer (custom ops, say) just yields fewer shapes.
+    """
+    shapes: dict[str, tuple | None] = {}
+    try:
+        proto = ir.serde.serialize_model(model)
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as exc:  # inference is best effort: MACs become per unit of unknown dims
+        logger.info("shape inference failed: %s", exc)
+        return shapes
+    _collect_shapes(inferred.graph, shapes)
+    return shapes
+
+
+def _collect_shapes(graph: onnx.GraphProto, shapes: dict[str, tuple | None]) -> None:
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape"):
+            shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+    for init in graph.initializer:
+        shapes.setdefault(init.name, tuple(init.dims))
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                _collect_shapes(sub, shapes)
+
+
+def find_targets(model: ir.Model, settings: Settings, context: Context
+                 ) -> tuple[list[WeightGroup], list[SkippedNode]]:
+    """Ask each node's pass whether it is a target; group targets by the weight they read."""
+    handlers = {op: PASSES[op]() for op in settings.ops}
+    targets: list[Target] = []
+    skipped: list[SkippedNode] = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in LEFT_ALONE:
+            skipped.append(SkippedNode(node, LEFT_ALONE[node.op_type]))
+            continue
+        if node.op_type not in handlers:
+            continue
+        reason = _filter_reason(node, settings)
+        if reason:
+            skipped.append(SkippedNode(node, reason))
+            continue
+        try:
+            target = handlers[node.op_type].match(node, context)
+            _check_weight(target)
+        except Skip as skip:
+            skipped.append(SkippedNode(node, str(skip)))
+            continue
+        targets.append(target)
+    return _group_shared_weights(targets, skipped, settings)
+
+
+def _filter_reason(node: ir.Node, settings: Settings) -> str:
+    name = node.name or ""
+    if settings.include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in settings.include):
+        return "not matched by --include"
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in settings.exclude):
+        return "matched by --exclude"
+    return ""
+
+
+def _check_weight(target: Target) -> None:
+    if target.dtype not in FLOAT_TYPES:
+        raise Skip(f"weight dtype {target.dtype.name} is not a float type")
+    if target.array.size == 0:
+        raise Skip("weight is empty (a zero-sized dimension)")
+    if not np.all(np.isfinite(target.array.astype(np.float32, copy=False))):
+        raise Skip("weight has NaN or Inf values")
+
+
+def _group_shared_weights(targets: list[Target], skipped: list[SkippedNode], settings: Settings
+                          ) -> tuple[list[WeightGroup], list[SkippedNode]]:
+    by_weight: dict[int, list[Target]] = {}
+    for target in targets:
+        by_weight.setdefault(id(target.weight), []).append(target)
+    target_nodes = {id(t.node) for t in targets}
+    groups: list[WeightGroup] = []
+    for users in by_weight.values():
+        weight = users[0].weight
+        others = [n for n in weight.consumers() if id(n) not in target_nodes]
+        views = {t.view_key for t in users}
+        reason = ""
+        if others:
+            reason = f"weight is also read by {others[0].op_type} node {others[0].name!r}, which cannot be rewritten"
+        elif len(views) > 1:
+            reason = "weight is shared by nodes that read it differently"
+        if reason:
+            skipped.extend(SkippedNode(t.node, reason) for t in users)
+            continue
+        group = WeightGroup(targets=users)
+        if users[0].array.size < settings.min_params:
+            group.reason = f"fewer than --min-params {settings.min_params} parameters"
+        groups.append(group)
+    return groups, skipped
+
+
+# ----------------------------------------------------------------------------- rank planning
+
+
+def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress) -> None:
+    """Choose each group's scheme and rank (or leave it dense with a reason)."""
+    active = [g for g in groups if not g.reason]
+    for group in active:
+        group.schemes = group.lead.handler.schemes(group.lead)
+    if settings.param_budget is not None:
+        for group in progress(active, "SVD"):
+            group.scheme = _budget_scheme(group, settings)
+            group.decomposition(group.scheme)
+        allocate_budget(active, settings)
+    else:
+        for group in progress(active, "SVD"):
+            _plan_group(group, settings)
+    for group in active:
+        if group.rank is not None and not group.reason:
+            _apply_break_even(group, settings)
+
+
+def _budget_scheme(group: WeightGroup, settings: Settings) -> Scheme:
+    by_name = {s.name: s for s in group.schemes}
+    if settings.conv_scheme != "auto" and settings.conv_scheme in by_name:
+        return by_name[settings.conv_scheme]
+    return group.schemes[0]
+
+
+def _policy_rank(group: WeightGroup, scheme: Scheme, settings: Settings) -> int:
+    full = scheme.full_rank
+    if settings.rank_ratio is not None:
+        return lowrank.rank_for_ratio(settings.rank_ratio, full)
+    if settings.rank is not None:
+        return min(settings.rank, full)
+    if settings.energy is not None:
+        return lowrank.rank_for_energy(group.decomposition(scheme), settings.energy)
+    assert settings.param_ratio is not None
+    return lowrank.rank_for_param_ratio(settings.param_ratio, scheme.params_before, scheme.params_per_rank, full)
+
+
+def _plan_group(group: WeightGroup, settings: Settings) -> None:
+    """Rank by the policy on the reference scheme; conv picks the scheme with the fewest MACs at equal error."""
+    by_name = {s.name: s for s in group.schemes}
+    if settings.conv_scheme != "auto" and settings.conv_scheme in by_name:
+        candidates = [by_name[settings.conv_scheme]]
+    else:
+        candidates = group.schemes
+    reference = candidates[0]
+    rank = _policy_rank(group, reference, settings)
+    if len(candidates) == 1:
+        group.scheme, group.rank = reference, rank
+        return
+    # "Same error": every scheme views the same kernel, so the Frobenius error of the kernel is
+    # comparable; each other scheme gets the smallest rank that keeps at least the same energy.
+    target_energy = group.decomposition(reference).retained_energy(rank)
+    options = [(reference.macs_after(rank), 0, reference, rank)]
+    for order, scheme in enumerate(candidates[1:], start=1):
+        scheme_rank = lowrank.rank_for_energy(group.decomposition(scheme), target_energy)
+        if settings.param_ratio is not None and scheme.params_after(scheme_rank) > settings.param_ratio * scheme.params_before:
+            continue
+        options.append((scheme.macs_after(scheme_rank), order, scheme, scheme_rank))
+    _, _, group.scheme, group.rank = min(options, key=lambda o: (o[0], o[1]))
+
+
+def _apply_break_even(group: WeightGroup, settings: Settings) -> None:
+    scheme, rank = group.scheme, group.rank
+    assert scheme is not None and rank is not None
+    limit = min(scheme.break_even_rank, scheme.full_rank + 1)
+    if settings.rank_multiple > 1:
+        rank = lowrank.round_to_multiple(rank, settings.rank_multiple, limit if not settings.allow_no_gain
+                                         else scheme.full_rank + 1)
+    group.rank = rank
+    if not settings.allow_no_gain and not scheme.gains(rank):
+        group.reason = f"no gain: rank {rank} >= break-even {scheme.break_even_rank}"
+
+
+def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
+    """Global ranks so the targets together keep <= param_budget of their parameters.
+
+    Greedy on marginal value: start every layer at rank 1 (or the rank multiple), then repeatedly
+    grant the step (more rank, or going back to dense past break-even) that recovers the most
+    relative weight energy per parameter, while it fits the budget. Singular values decrease, so the
+    marginal value of each layer's steps decreases too and greedy is close to optimal.
+    """
+    assert settings.param_budget is not None
+    total_before = sum(g.scheme.params_before for g in groups)
+    budget = settings.param_budget * total_before
+    step = settings.rank_multiple
+    spent = 0
+    state: dict[int, int] = {}  # group index -> rank (0 means dense)
+    for index, group in enumerate(groups):
+        state[index] = min(step, group.scheme.full_rank)
+        spent += group.scheme.params_after(state[index])
+    if spent > budget:
+        raise OnnxlrError(
+            f"--param-budget {settings.param_budget} is too small: rank {step} in every layer already keeps "
+            f"{spent / total_before:.3f} of the parameters"
+        )
+    heap: list[tuple[float, int, int, int]] = []  # (-value per param, index, new rank, cost)
+
+    def push(index: int) -> None:
+        group, rank = groups[index], state[index]
+        scheme = group.scheme
+        decomposition = group.decomposition(scheme)
+        current_loss = 1.0 - decomposition.retained_energy(rank)
+        new_rank = min(rank + step, scheme.full_rank)
+        if new_rank == rank or not scheme.gains(new_rank):
+            new_rank, gain, cost = 0, current_loss, scheme.params_before - scheme.params_after(rank)
+        else:
+            gain = decomposition.retained_energy(new_rank) - decomposition.retained_energy(rank)
+            cost = scheme.params_after(new_rank) - scheme.params_after(rank)
+        if cost <= 0 or gain <= 0:
+            return
+        heapq.heappush(heap, (-gain / cost, index, new_rank, cost))
+
+    for index in range(len(groups)):
+        push(index)
+    while heap:
+        _, index, new_rank, cost = heapq.heappop(heap)
+        if spent + cost > budget:
+            continue  # this layer's later steps need this one first: it stops here
+        spent += cost
+        state[index] = new_rank
+        if new_rank:
+            push(index)
+    for index, group in enumerate(groups):
+        if state[index] == 0:
+            group.reason = "kept dense by the --param-budget allocation"
+        else:
+            group.rank = state[index]
+
+
+# ----------------------------------------------------------------------------- rewriting
+
+
+def rewrite(model: ir.Model, groups: list[WeightGroup], progress: Progress) -> None:
+    names = NameGenerator(model)
+    for group in progress([g for g in groups if g.rank is not None and not g.reason], "rewrite"):
+        lead = group.lead
+        a, b = group.decomposition(group.scheme).factors(group.rank)
+        first, second = lead.handler.factor_tensors(lead, group.scheme, a, b)
+        owner = _owning_graph(lead.weight, lead.node)
+        base = lead.weight.name or lead.name
+        first_value = _initializer(owner, names(f"{base}_lr_a"), first, lead.dtype)
+        second_value = _initializer(owner, names(f"{base}_lr_b"), second, lead.dtype)
+        for target in group.targets:
+            node = target.node
+            new_nodes = target.handler.rewrite(target, group.scheme, first_value, second_value, names)
+            for new_node in new_nodes:
+                new_node.metadata_props["onnxlr.source"] = node.name or ""
+            ir.convenience.replace_nodes_and_values(
+                node.graph, node, [node], new_nodes, [node.outputs[0]], [new_nodes[-1].outputs[0]]
+            )
+
+
+def _owning_graph(weight: ir.Value, node: ir.Node) -> ir.Graph:
+    """The graph that defines the weight: every user of it lives there or in a subgraph of it."""
+    if weight.graph is not None:
+        return weight.graph
+    producer = weight.producer()
+    if producer is not None and producer.graph is not None:
+        return producer.graph
+    return node.graph
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
+    tensor = ir.Tensor(np.ascontiguousarray(array.astype(dtype.numpy())), dtype=dtype, name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def cleanup(model: ir.Model, groups: list[WeightGroup]) -> None:
+    """Remove the nodes and initializers the rewrite left unused (replaced weights, folded chains)."""
+    ir_passes.RemoveUnusedNodesPass()(model)
+    for graph in model.graphs():
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+                del graph.initializers[name]
+
+
+def record_metadata(model: ir.Model, settings: Settings, groups: list[WeightGroup]) -> None:
+    ranks = {t.name: g.rank for g in groups if g.rank is not None and not g.reason for t in g.targets}
+    model.metadata_props["onnxlr.version"] = __version__
+    model.metadata_props["onnxlr.settings"] = json.dumps(settings.as_dict(), sort_keys=True)
+    model.metadata_props["onnxlr.ranks"] = json.dumps(ranks, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def model_totals(model: ir.Model) -> dict[str, int]:
+    """Parameters and bytes of every constant tensor in the model (shared tensors counted once)."""
+    params = nbytes = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                params += value.const_value.size
+                nbytes += value.const_value.nbytes
+        for node in graph:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                tensor = ir.convenience.get_const_tensor(node.outputs[0])
+                if tensor is not None:
+                    params += tensor.size
+                    nbytes += tensor.nbytes
+    return {"params": params, "bytes": nbytes}
+
+
+def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings: Settings,
+                 order: dict[int, int], before: dict[str, int], after: dict[str, int] | None) -> dict[str, Any]:
+    rows = [(order.get(id(t.node), 0), _layer_row(g, t)) for g in groups for t in g.targets]
+    rows += [(order.get(id(item.node), 0), _skipped_row(item)) for item in skipped]
+    layers = [row for _, row in sorted(rows, key=lambda pair: pair[0])]
+    if after is None:  # dry run: estimate what the rewrite would give
+        after = {"params": before["params"], "bytes": before["bytes"]}
+        for group in groups:
+            if group.rank is not None and not group.reason:
+                delta = group.scheme.params_before - group.scheme.params_after(group.rank)
+                after["params"] -= delta
+                after["bytes"] -= delta * group.lead.array.itemsize
+    totals = {
+        "params_before": before["params"],
+        "params_after": after["params"],
+        "bytes_before": before["bytes"],
+        "bytes_after": after["bytes"],
+        "macs_before": sum(row["macs_before"] or 0 for row in layers),
+        "macs_after": sum(row["macs_after"] or 0 for row in layers),
+        "factorized": sum(row["status"] == "factorized" for row in layers),
+        "skipped": sum(row["status"] == "skipped" for row in layers),
+    }
+    return {"onnxlr_version": __version__, "settings": settings.as_dict(), "totals": totals, "layers": layers}
+
+
+def _layer_row(group: WeightGroup, target: Target) -> dict[str, Any]:
+    scheme = group.scheme
+    factorized = group.rank is not None and not group.reason
+    decomposition = group.decompositions.get(scheme.name) if scheme else None
+    rank = group.rank if factorized else None
+    return {
+        "name": target.name,
+        "op_type": target.node.op_type,
+        "status": "factorized" if factorized else "skipped",
+        "reason": group.reason,
+        "weight": target.weight.name,
+        "weight_shape": list(target.array.shape),
+        "dtype": target.dtype.name,
+        "scheme": scheme.name if scheme else None,
+        "rank": rank,
+        "full_rank": scheme.full_rank if scheme else None,
+        "break_even_rank": scheme.break_even_rank if scheme else None,
+        "retained_energy": decomposition.retained_energy(rank) if (decomposition and rank) else None,
+        "params_before": scheme.params_before if scheme else int(target.array.size),
+        "params_after": scheme.params_after(rank) if (scheme and rank) else (scheme.params_before if scheme else int(target.array.size)),
+        "macs_before": scheme.macs_before if scheme else None,
+        "macs_after": scheme.macs_after(rank) if (scheme and rank) else (scheme.macs_before if scheme else None),
+        "shared_with": [t.name for t in group.targets if t is not target],
+    }
+
+
+def _skipped_row(item: SkippedNode) -> dict[str, Any]:
+    return {
+        "name": item.node.name or "?", "op_type": item.node.op_type,
+        "status": "skipped", "reason": item.reason, "weight": None, "weight_shape": None, "dtype": None,
+        "scheme": None, "rank": None, "full_rank": None, "break_even_rank": None, "retained_energy": None,
+        "params_before": None, "params_after": None, "macs_before": None, "macs_after": None, "shared_with": [],
+    }

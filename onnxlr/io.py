@@ -1,0 +1,310 @@
+"""Safe model I/O: load from any supported kind, refuse hostile external data, save atomically.
+
+Models are held as `onnx_ir.Model`. External data stays memory-mapped (onnx-ir's ExternalTensor),
+so a large model is never copied into RAM just to be loaded. Every external-data location is
+checked *before* anything is read: it must name a regular file inside the model's folder, reached
+without symbolic links, with a single hard link, and long enough for the tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from onnxlr.errors import OnnxlrError
+
+logger = logging.getLogger(__name__)
+
+# Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
+PROTOBUF_LIMIT_BYTES = 2**31 - 2**26
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model in onnx-ir form plus what we need to know about where it came from."""
+
+    model: ir.Model
+    kind: str  # "path", "proto", "ir" or "graphsurgeon": what the caller gave us
+    path: Path | None = None
+    external_files: tuple[Path, ...] = ()  # resolved external-data files the model reads
+
+    @property
+    def uses_external_data(self) -> bool:
+        return bool(self.external_files)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(source: Any) -> LoadedModel:
+    """Load a model from a path, an `onnx.ModelProto`, an `onnx_ir.Model` or a graphsurgeon `Graph`.
+
+    The caller's object is never modified: protos are deserialized into a new IR model and IR
+    models are cloned.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return _load_path(Path(source))
+    if isinstance(source, onnx.ModelProto):
+        return LoadedModel(_proto_to_ir(source, base_dir=None, what="the ModelProto"), kind="proto")
+    if isinstance(source, ir.Model):
+        return LoadedModel(source.clone(), kind="ir")
+    if _is_graphsurgeon_graph(source):
+        import onnx_graphsurgeon as gs
+
+        proto = gs.export_onnx(source)
+        return LoadedModel(_proto_to_ir(proto, base_dir=None, what="the graphsurgeon Graph"), kind="graphsurgeon")
+    raise OnnxlrError(
+        f"cannot load a model from a {type(source).__name__}: "
+        "pass a path, an onnx.ModelProto, an onnx_ir.Model or an onnx_graphsurgeon.Graph"
+    )
+
+
+def convert(model: ir.Model, kind: str) -> Any:
+    """Return `model` as the kind of object the caller gave us (see `LoadedModel.kind`)."""
+    if kind in ("ir", "path"):
+        return model
+    proto = ir.serde.serialize_model(model)
+    if kind == "proto":
+        return proto
+    if kind == "graphsurgeon":
+        import onnx_graphsurgeon as gs
+
+        return gs.import_onnx(proto)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def _is_graphsurgeon_graph(obj: Any) -> bool:
+    cls = type(obj)
+    return cls.__name__ == "Graph" and cls.__module__.startswith("onnx_graphsurgeon")
+
+
+def _load_path(path: Path) -> LoadedModel:
+    if not path.exists():
+        raise OnnxlrError(f"{path}: no such file")
+    if path.is_dir():
+        raise OnnxlrError(f"{path}: is a folder, not an ONNX model file")
+    if path.stat().st_size == 0:
+        raise OnnxlrError(f"{path}: the file is empty")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
+        raise OnnxlrError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
+    base_dir = path.resolve().parent
+    external_files = check_external_data(proto, base_dir, model_name=str(path))
+    model = _proto_to_ir(proto, base_dir=base_dir, what=str(path))
+    return LoadedModel(model, kind="path", path=path, external_files=external_files)
+
+
+def _proto_to_ir(proto: onnx.ModelProto, base_dir: Path | None, what: str) -> ir.Model:
+    if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
+        raise OnnxlrError(f"{what}: not an ONNX model (it has no graph); is it a tensor or another protobuf?")
+    if proto.ir_version <= 0:
+        raise OnnxlrError(f"{what}: not an ONNX model (ir_version is missing)")
+    if base_dir is None and any(_uses_external_data(t) for t in _iter_tensors(proto.graph)):
+        raise OnnxlrError(
+            f"{what} references external data but has no folder to read it from: pass the model's path instead"
+        )
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # onnx-ir raises several types for malformed graphs
+        raise OnnxlrError(f"{what}: the graph is malformed ({_first_line(exc)})") from exc
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+# ----------------------------------------------------------------------------- external data
+
+
+def _uses_external_data(tensor: onnx.TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in a graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _iter_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _iter_tensors(sub)
+
+
+def check_external_data(proto: onnx.ModelProto, base_dir: Path, model_name: str) -> tuple[Path, ...]:
+    """Refuse external data that escapes `base_dir`, is missing, or is too short. Returns the files used."""
+    files: dict[Path, int] = {}  # resolved file -> bytes the tensors need
+    for tensor in _iter_tensors(proto.graph):
+        if not _uses_external_data(tensor):
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{model_name}: tensor {tensor.name!r}"
+        data_file = resolve_external_location(location, base_dir, where)
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError as exc:
+            raise OnnxlrError(f"{where}: external data offset/length is not a number") from exc
+        if offset < 0 or (length is not None and length < 0):
+            raise OnnxlrError(f"{where}: external data offset/length is negative")
+        needed = _tensor_nbytes(tensor)
+        if length is not None and needed is not None and length < needed:
+            raise OnnxlrError(f"{where}: external data length {length} is shorter than the tensor's {needed} bytes")
+        end = offset + (length if length is not None else (needed or 0))
+        files[data_file] = max(files.get(data_file, 0), end)
+    for data_file, end in files.items():
+        size = data_file.stat().st_size
+        if size < end:
+            raise OnnxlrError(
+                f"{model_name}: external data file {data_file.name} is {size} bytes but the tensors need {end}: "
+                "the file is truncated or belongs to another model"
+            )
+    return tuple(sorted(files))
+
+
+def resolve_external_location(location: str, base_dir: Path, where: str) -> Path:
+    """Resolve an external-data `location` inside `base_dir`, refusing anything that could escape it."""
+    if not location:
+        raise OnnxlrError(f"{where}: external data has no location")
+    rel = Path(location)
+    if rel.is_absolute() or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        raise OnnxlrError(f"{where}: external data location {location!r} is an absolute path; only files "
+                          "inside the model's folder are read")
+    if ".." in rel.parts or "\\" in location or "\x00" in location:
+        raise OnnxlrError(f"{where}: external data location {location!r} leaves the model's folder; refused")
+    # Walk component by component so that a symlinked folder or file is refused, wherever it points.
+    current = base_dir
+    for part in rel.parts:
+        current = current / part
+        if current.is_symlink():
+            raise OnnxlrError(f"{where}: external data location {location!r} goes through a symbolic link; refused")
+    if not current.exists():
+        raise OnnxlrError(f"{where}: external data file {location!r} is missing (looked in {base_dir})")
+    info = current.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise OnnxlrError(f"{where}: external data location {location!r} is not a regular file")
+    if info.st_nlink > 1:
+        raise OnnxlrError(f"{where}: external data file {location!r} has several hard links and may belong to "
+                          "a file outside the model's folder; refused (copy it instead)")
+    resolved = current.resolve()
+    if not resolved.is_relative_to(base_dir.resolve()):
+        raise OnnxlrError(f"{where}: external data location {location!r} leaves the model's folder; refused")
+    return resolved
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    try:
+        dtype = ir.DataType(tensor.data_type)
+    except ValueError:
+        return None
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    return (count * dtype.bitwidth + 7) // 8
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def model_nbytes(model: ir.Model) -> int:
+    """Bytes of all initializers in every graph (what the file would hold)."""
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    source: LoadedModel | None = None,
+    external_data: bool | None = None,
+    external_threshold_bytes: int = PROTOBUF_LIMIT_BYTES,
+) -> Path:
+    """Save `model` to `path` atomically and return the path.
+
+    External data is used when `external_data` is True, or when it is None and either the source
+    used external data or the model is larger than `external_threshold_bytes`. The model and its
+    data file are first written to a temporary folder next to the target, then renamed into
+    place (data first, model last), so an interrupted save leaves no output behind.
+    """
+    path = Path(path)
+    _refuse_overwriting_source(path, source)
+    if external_data is None:
+        external_data = bool(source and source.uses_external_data) or model_nbytes(model) > external_threshold_bytes
+    data_name = path.name + ".data"
+    if external_data and source is not None and (path.parent.resolve() / data_name) in source.external_files:
+        raise OnnxlrError(f"{path}: its external data file {data_name} is read by the input model; "
+                          "choose another output name")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".onnxlr-tmp", dir=path.parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+        else:
+            with _tensors_in_memory(model):
+                ir.save(model, tmp_model)
+        if external_data:
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.info("saved %s%s", path, " with external data" if external_data else "")
+    return path
+
+
+def _refuse_overwriting_source(path: Path, source: LoadedModel | None) -> None:
+    if source is None or source.path is None:
+        return
+    target = path.resolve()
+    if target == source.path.resolve() or (path.exists() and path.samefile(source.path)):
+        raise OnnxlrError(f"{path}: the output is the input model; write to another file (the input is never modified)")
+    if target in source.external_files:
+        raise OnnxlrError(f"{path}: the output is an external data file of the input model; write elsewhere")
+
+
+class _tensors_in_memory:
+    """Temporarily replace memory-mapped external tensors by in-memory copies (for a single-file save)."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._model = model
+        self._saved: list[tuple[ir.Value, Any]] = []
+
+    def __enter__(self) -> None:
+        for graph in self._model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    self._saved.append((value, tensor))
+                    value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+
+    def __exit__(self, *exc: object) -> None:
+        for value, tensor in self._saved:
+            value.const_value = tensor

@@ -1,0 +1,128 @@
+"""Gemm (Y = alpha·op(A)·op(B) + beta·C) with a constant A or B.
+
+The weight's effective matrix W = op(weight) is factorized as P·Q. Both factors are stored in the
+weight's original layout (transposed when transA/transB was set) so the new Gemms keep the same
+trans flags. alpha, beta and C go on the second node, which therefore has the original output's
+shape and semantics for every allowed combination of C (absent, scalar, row, column, full).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from .base import Context, FactorizationPass, NameGenerator, Scheme, Skip, Target, attribute, make_node
+from .weights import constant_weight
+
+
+class GemmFactorization(FactorizationPass):
+    op_type = "Gemm"
+
+    def match(self, node: ir.Node, context: Context) -> Target:
+        opset = context.opset
+        if opset < 7:
+            raise Skip(f"Gemm at opset {opset} (< 7) is not rewritten")
+        a_weight, b_weight = constant_weight(node.inputs[0]), constant_weight(node.inputs[1])
+        if a_weight.array is not None and b_weight.array is not None:
+            raise Skip("both inputs are constant (fold the node instead)")
+        if b_weight.array is not None:
+            role, found, trans = "B", b_weight, attribute(node, "transB", 0)
+        elif a_weight.array is not None:
+            role, found, trans = "A", a_weight, attribute(node, "transA", 0)
+        else:
+            raise Skip(b_weight.reason or a_weight.reason or "no constant weight")
+        if found.array.ndim != 2:
+            raise Skip(f"weight has {found.array.ndim} dimensions (Gemm needs 2)")
+        value = node.inputs[1] if role == "B" else node.inputs[0]
+        return Target(node=node, weight=value, array=found.array, dtype=found.dtype, role=role,
+                      view_key=("gemm", role, int(trans)), handler=self, context=context)
+
+    def _effective(self, target: Target) -> np.ndarray:
+        trans = target.view_key[2]
+        return target.array.T if trans else target.array
+
+    def schemes(self, target: Target) -> list[Scheme]:
+        w = self._effective(target)  # B: (K, N); A: (M, K)
+        rows, cols = w.shape
+        vectors = _other_dim(target)
+        bias = target.node.inputs[2] if len(target.node.inputs) > 2 else None
+        bias_params = _const_size(bias)
+        return [Scheme(
+            name="gemm",
+            matrices=w[None],
+            params_before=rows * cols + bias_params,
+            macs_before=vectors * rows * cols,
+            params_per_rank=rows + cols,
+            macs_per_rank=vectors * (rows + cols),
+            fixed_params=bias_params,
+        )]
+
+    def factor_tensors(self, target: Target, scheme: Scheme, a: np.ndarray, b: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        # Keep the weight's layout: with trans set, each factor is stored transposed.
+        p, q = a[0], b[0]
+        if target.view_key[2]:
+            p, q = p.T, q.T
+        return p, q
+
+    def rewrite(self, target: Target, scheme: Scheme, a: ir.Value, b: ir.Value, names: NameGenerator) -> list[ir.Node]:
+        node = target.node
+        base = node.name or "Gemm"
+        trans = int(target.view_key[2])
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        tail = {"alpha": float(attribute(node, "alpha", 1.0)), "beta": float(attribute(node, "beta", 1.0))}
+        if target.role == "B":
+            # Y = alpha·(op(A)·P)·Q + beta·C
+            first_inputs = [node.inputs[0], a]
+            first_attrs = {"transA": int(attribute(node, "transA", 0)), "transB": trans}
+            second_inputs = lambda mid: [mid, b, c]  # noqa: E731
+            second_attrs = {"transB": trans, **tail}
+        else:
+            # Y = alpha·P·(Q·op(B)) + beta·C
+            first_inputs = [b, node.inputs[1]]
+            first_attrs = {"transA": trans, "transB": int(attribute(node, "transB", 0))}
+            second_inputs = lambda mid: [a, mid, c]  # noqa: E731
+            second_attrs = {"transA": trans, **tail}
+        if target.context.opset < 11:
+            # Before opset 11, C is required: give the first Gemm a zero scalar-like bias.
+            zero = ir.Value(name=names(f"{base}_lr_zero"), const_value=ir.Tensor(
+                np.zeros((1,), dtype=target.dtype.numpy()), name=None))
+            zero.const_value.name = zero.name
+            node.graph.register_initializer(zero)
+            first_inputs = [*first_inputs, zero]
+        first = make_node("Gemm", first_inputs, names(f"{base}_lr1"), names(f"{base}_lr_mid"),
+                          _drop_defaults(first_attrs))
+        second_in = second_inputs(first.outputs[0])
+        if second_in[2] is None:
+            second_in = second_in[:2]
+            if target.context.opset < 11:
+                second_in.append(first_inputs[2])
+        second = make_node("Gemm", second_in, names(f"{base}_lr2"), names(f"{base}_lr_out"),
+                           _drop_defaults(second_attrs))
+        return [first, second]
+
+
+def _drop_defaults(attrs: dict) -> dict:
+    defaults = {"transA": 0, "transB": 0, "alpha": 1.0, "beta": 1.0}
+    return {k: v for k, v in attrs.items() if defaults.get(k) != v}
+
+
+def _other_dim(target: Target) -> int:
+    """Length of the activation's free dimension (M for a B weight, N for an A weight), 1 if unknown."""
+    node = target.node
+    if target.role == "B":
+        shape = target.shapes.get(node.inputs[0].name or "")
+        index = 1 if attribute(node, "transA", 0) else 0
+    else:
+        shape = target.shapes.get(node.inputs[1].name or "")
+        index = 0 if attribute(node, "transB", 0) else 1
+    if shape and len(shape) == 2 and isinstance(shape[index], int):
+        return shape[index]
+    return 1
+
+
+def _const_size(value: ir.Value | None) -> int:
+    if value is None:
+        return 0
+    found = constant_weight(value)
+    return int(found.array.size) if found.array is not None else 0

@@ -1,0 +1,85 @@
+"""Find the constant value behind a node input, folding the small chains exporters leave.
+
+Weights reach MatMul/Gemm/Conv as initializers, as `Constant` nodes (PaddlePaddle and others keep
+every weight there), or through Identity/Transpose/Cast/Reshape of a constant. We fold those
+chains in numpy; the chain's nodes become unused and cleanup removes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+QUANTIZED_PRODUCERS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"}
+FOLDABLE = {"Identity", "Transpose", "Cast", "Reshape"}
+
+
+@dataclasses.dataclass
+class ConstantWeight:
+    array: np.ndarray | None = None
+    dtype: ir.DataType | None = None
+    reason: str = ""  # why there is no usable constant, when array is None
+    sources: tuple[ir.Value, ...] = ()  # initializers or Constant outputs the weight was folded from
+
+
+def constant_weight(value: ir.Value | None, depth: int = 0) -> ConstantWeight:
+    if value is None:
+        return ConstantWeight(reason="input is missing")
+    if value.is_graph_input():
+        return ConstantWeight(reason="weight is a graph input (it can change at run time)")
+    if value.is_graph_output():
+        return ConstantWeight(reason="weight is also a graph output")
+    if value.const_value is not None:
+        return _from_tensor(value.const_value, (value,))
+    producer = value.producer()
+    if producer is None:
+        return ConstantWeight(reason="weight is computed at run time")
+    op = producer.op_type
+    if producer.domain not in ("", "ai.onnx"):
+        return ConstantWeight(reason=f"weight comes from custom op {producer.domain}::{op}")
+    if op == "Constant":
+        tensor = ir.convenience.get_const_tensor(value)
+        if tensor is None:
+            return ConstantWeight(reason="Constant node without a tensor value")
+        return _from_tensor(tensor, (value,))
+    if op in QUANTIZED_PRODUCERS:
+        return ConstantWeight(reason=f"quantized weight ({op}): left as it is")
+    if op in FOLDABLE and depth < 16:
+        return _fold(producer, depth)
+    return ConstantWeight(reason=f"weight is computed at run time (by {op})")
+
+
+def _from_tensor(tensor: ir.TensorProtocol, sources: tuple[ir.Value, ...]) -> ConstantWeight:
+    return ConstantWeight(array=tensor.numpy(), dtype=tensor.dtype, sources=sources)
+
+
+def _fold(node: ir.Node, depth: int) -> ConstantWeight:
+    data = constant_weight(node.inputs[0], depth + 1)
+    if data.array is None:
+        return data
+    array, dtype = data.array, data.dtype
+    if node.op_type == "Transpose":
+        perm = node.attributes.get("perm")
+        array = np.transpose(array, perm.value if perm is not None else None)
+    elif node.op_type == "Cast":
+        dtype = ir.DataType(node.attributes["to"].value)
+        if not dtype.is_floating_point():
+            return ConstantWeight(reason=f"weight is cast to {dtype.name}")
+        array = array.astype(dtype.numpy())
+    elif node.op_type == "Reshape":
+        shape = constant_weight(node.inputs[1], depth + 1)
+        if shape.array is None:
+            return ConstantWeight(reason="weight is reshaped to a shape computed at run time")
+        allow_zero = node.attributes.get("allowzero")
+        array = array.reshape(_reshape_target(array.shape, shape.array, allow_zero and allow_zero.value))
+    return ConstantWeight(array=array, dtype=dtype, sources=data.sources)
+
+
+def _reshape_target(current: tuple[int, ...], requested: np.ndarray, allow_zero: bool) -> tuple[int, ...]:
+    """ONNX Reshape semantics: 0 copies the input dimension (unless allowzero), -1 is inferred by numpy."""
+    dims = [int(d) for d in requested.reshape(-1)]
+    if not allow_zero:
+        dims = [current[i] if d == 0 else d for i, d in enumerate(dims)]
+    return tuple(dims)
