@@ -254,7 +254,7 @@ def save(
     place (data first, model last), so an interrupted save leaves no output behind.
     """
     path = Path(path)
-    _refuse_overwriting_source(path, source)
+    check_output_path(path, source)
     if external_data is None:
         external_data = bool(source and source.uses_external_data) or model_nbytes(model) > external_threshold_bytes
     data_name = path.name + ".data"
@@ -280,7 +280,11 @@ def save(
     return path
 
 
-def _refuse_overwriting_source(path: Path, source: LoadedModel | None) -> None:
+def check_output_path(path: str | os.PathLike, source: LoadedModel | None) -> None:
+    """Refuse an output that is a folder, the input model, or one of the input's external data files."""
+    path = Path(path)
+    if path.is_dir():
+        raise OnnxlrError(f"{path}: is a folder; give the output model's file name")
     if source is None or source.path is None:
         return
     target = path.resolve()

@@ -1,0 +1,211 @@
+"""The `onnxlr` command line: a thin layer over the same stages as the Python API.
+
+Exit codes: 0 success; 1 a verification gate or check failed; 2 bad input or usage;
+3 an internal error (a bug: please report it with the output of -v); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import click
+from rich.console import Console
+
+from onnxlr import io
+from onnxlr._version import __version__
+from onnxlr.errors import OnnxlrError
+
+EXAMPLES_OPTIMIZE = """
+\b
+Examples:
+  onnxlr optimize model.onnx model-lr.onnx --rank-ratio 0.25
+  onnxlr optimize model.onnx out.onnx --energy 0.95 --report out.json
+  onnxlr optimize model.onnx out.onnx --param-budget 0.6 --rank-multiple 8
+  onnxlr optimize model.onnx out.onnx --ops Conv --conv-scheme spatial --dry-run
+  onnxlr optimize model.onnx out.onnx --exclude '*lm_head*' --min-params 65536
+"""
+
+
+class State:
+    """Options of the `onnxlr` group that every subcommand sees."""
+
+    def __init__(self, verbose: bool, quiet: bool) -> None:
+        self.verbose = verbose
+        self.quiet = quiet
+        self.console = Console(quiet=quiet, highlight=False)
+        if not self.console.is_terminal:
+            self.console.width = 160  # logs and CI: do not wrap the table at 80 columns
+        self.err = Console(stderr=True, highlight=False)
+
+    def progress(self, items: Sequence[Any], description: str) -> Iterable[Any]:
+        """A rich progress bar on a terminal; nothing when quiet or when stderr is not a terminal."""
+        if self.quiet or not self.err.is_terminal or len(items) < 2:
+            return items
+        from rich.progress import track
+
+        return track(items, description=description, console=self.err, transient=True)
+
+
+class OnnxlrGroup(click.Group):
+    """Turns OnnxlrError into a short message and its exit code; tracebacks only with -v."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        verbose = "-v" in sys.argv or "--verbose" in sys.argv
+        try:
+            return super().invoke(ctx)
+        except OnnxlrError as exc:
+            if verbose:
+                raise
+            click.echo(f"onnxlr: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("onnxlr: interrupted; nothing was written", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except MemoryError:
+            click.echo("onnxlr: error: out of memory", err=True)
+            ctx.exit(2)
+        except Exception as exc:  # a bug: short message, traceback with -v
+            if verbose:
+                raise
+            click.echo(f"onnxlr: internal error: {type(exc).__name__}: {exc}\n"
+                       "Run again with -v for the traceback and please report it.", err=True)
+            ctx.exit(3)
+
+
+@click.group(cls=OnnxlrGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="onnxlr")
+@click.option("-v", "--verbose", is_flag=True, help="Log each step; show tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
+    """onnxlr: make ONNX models smaller and faster with low-rank factorization.
+
+    Finds the weights of MatMul, Gemm and Conv nodes, factorizes each with an SVD and replaces the
+    node by two chained nodes. Nodes it cannot handle are left as they are, with the reason.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    ctx.obj = State(verbose=verbose, quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- shared option groups
+
+
+def _options(*decorators: Callable) -> Callable:
+    """Bundle click options so every subcommand that needs a group declares it once."""
+
+    def apply(func: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+FRACTION = click.FloatRange(0, 1, min_open=True)
+
+
+rank_policy_options = _options(
+    click.option("--rank-ratio", type=FRACTION, default=None, metavar="R",
+                 help="Rank = ceil(R x full rank), 0 < R <= 1. The default policy (0.25) when none is given."),
+    click.option("--rank", type=click.IntRange(min=1), default=None, metavar="N", help="The same rank N everywhere."),
+    click.option("--energy", type=FRACTION, default=None, metavar="E",
+                 help="Smallest rank keeping fraction E of the squared singular values."),
+    click.option("--param-ratio", type=FRACTION, default=None, metavar="P",
+                 help="Per layer: largest rank whose factor pair has <= P x the original parameters."),
+    click.option("--param-budget", type=FRACTION, default=None, metavar="P",
+                 help="Whole model: ranks chosen so the factorizable layers keep <= P of their parameters "
+                      "(some may stay dense)."),
+    click.option("--rank-multiple", type=click.IntRange(min=1), default=1, show_default=True, metavar="M",
+                 help="Round ranks up to a multiple of M (tensor cores), never past break-even."),
+    click.option("--allow-no-gain", is_flag=True,
+                 help="Emit factorizations even when they are not smaller or cheaper (e.g. to test exactness)."),
+)
+
+target_selection_options = _options(
+    click.option("--ops", default="MatMul,Gemm,Conv", show_default=True, metavar="LIST",
+                 help="Comma-separated op types to factorize."),
+    click.option("--include", multiple=True, metavar="GLOB", help="Only nodes whose name matches (repeatable)."),
+    click.option("--exclude", multiple=True, metavar="GLOB", help="Skip nodes whose name matches (repeatable)."),
+    click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+                 help="Skip weights with fewer than N parameters."),
+    click.option("--conv-scheme", type=click.Choice(["auto", "output", "input", "spatial"]), default="auto",
+                 show_default=True,
+                 help="Conv split: output (kxk then 1x1), input (1x1 then kxk), spatial (kx1 then 1xk); "
+                      "auto picks the fewest MACs at equal error."),
+)
+
+output_options = _options(
+    click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
+                 help="Write the report (settings, totals, per-layer rows) as JSON."),
+    click.option("--external-data/--no-external-data", default=None,
+                 help="Force weights into (or out of) a .data file beside the model. Default: external when the "
+                      "input used it or the model exceeds 2 GB."),
+)
+
+
+def _split_ops(text: str) -> tuple[str, ...]:
+    ops = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not ops:
+        raise OnnxlrError("--ops is empty; give op types such as MatMul,Gemm,Conv")
+    return ops
+
+
+# ----------------------------------------------------------------------------- optimize
+
+
+@cli.command(epilog=EXAMPLES_OPTIMIZE)
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=True))
+@click.argument("output_path", metavar="OUTPUT", type=click.Path(dir_okay=True), required=False)
+@rank_policy_options
+@target_selection_options
+@output_options
+@click.option("--dry-run", is_flag=True, help="Plan and print the table; write no model.")
+@click.pass_obj
+def optimize(state: State, input_path: str, output_path: str | None, report_path: str | None,
+             external_data: bool | None, dry_run: bool, ops: str, **settings: Any) -> None:
+    """Factorize INPUT's MatMul, Gemm and Conv weights and write OUTPUT.
+
+    The input is never modified; OUTPUT is written atomically (with its external data, if any),
+    so a failed or interrupted run leaves nothing behind.
+    """
+    from onnxlr.factorize import Settings, factorize_model
+    from onnxlr.report import print_report, write_json
+
+    if output_path is None and not dry_run:
+        raise OnnxlrError("missing OUTPUT: give an output path, or --dry-run to only plan")
+    config = Settings(ops=_split_ops(ops), **settings)
+    loaded = io.load(input_path)
+    if output_path is not None and not dry_run:
+        io.check_output_path(output_path, loaded)
+    report = factorize_model(loaded.model, config, progress=state.progress, dry_run=dry_run)
+    if not dry_run:
+        io.save(loaded.model, output_path, source=loaded, external_data=external_data)
+        report["output"] = str(output_path)
+    report["input"] = str(input_path)
+    if report_path:
+        write_json(report, report_path)
+    print_report(report, state.console)
+    if not dry_run:
+        state.console.print(f"wrote {output_path}")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    # SIGTERM behaves like Ctrl-C, so temporary files are cleaned up by the same `finally` blocks.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    cli.main(args=list(argv) if argv is not None else None, prog_name="onnxlr")
+
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,86 @@
+"""Render the report dict (the single source of truth) as a terminal table, and write it as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write JSON atomically (temporary file next to the target, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=2, sort_keys=True)
+            stream.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def human(count: int | float | None) -> str:
+    """1234567 -> '1.23M'; None -> '-'."""
+    if count is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.3g}{unit}"
+    return f"{count:.0f}" if isinstance(count, (int, float)) else str(count)
+
+
+def layer_table(report: dict[str, Any]) -> Table:
+    table = Table(title="onnxlr: per-layer plan", title_justify="left", show_lines=False)
+    for column, justify in (("node", "left"), ("op", "left"), ("weight", "left"), ("scheme", "left"),
+                            ("rank", "right"), ("params", "right"), ("MACs", "right"), ("energy", "right"),
+                            ("status", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for layer in report["layers"]:
+        factorized = layer["status"] == "factorized"
+        shape = "x".join(str(d) for d in layer["weight_shape"]) if layer["weight_shape"] else "-"
+        rank = f"{layer['rank']}/{layer['full_rank']}" if factorized else "-"
+        params = _before_after(layer["params_before"], layer["params_after"], factorized)
+        macs = _before_after(layer["macs_before"], layer["macs_after"], factorized)
+        energy = f"{layer['retained_energy']:.3f}" if layer["retained_energy"] is not None else "-"
+        status = "[green]factorized[/]" if factorized else f"[yellow]skipped[/]: {layer['reason']}"
+        table.add_row(layer["name"], layer["op_type"], shape, layer["scheme"] or "-", rank, params, macs,
+                      energy, status)
+    return table
+
+
+def _before_after(before: int | None, after: int | None, changed: bool) -> str:
+    if before is None:
+        return "-"
+    return f"{human(before)} -> {human(after)}" if changed else human(before)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    totals = report["totals"]
+    lines = [
+        f"layers: {totals['factorized']} factorized, {totals['skipped']} skipped",
+        f"parameters: {human(totals['params_before'])} -> {human(totals['params_after'])} "
+        f"({_ratio(totals['params_after'], totals['params_before'])} of the model)",
+        f"bytes: {human(totals['bytes_before'])}B -> {human(totals['bytes_after'])}B",
+        f"MACs (MatMul/Gemm/Conv with constant weights): {human(totals['macs_before'])} -> "
+        f"{human(totals['macs_after'])} ({_ratio(totals['macs_after'], totals['macs_before'])})",
+    ]
+    return lines
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.1%}" if before else "-"
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    console.print(layer_table(report))
+    for line in summary_lines(report):
+        console.print(line, highlight=False)
