@@ -1,0 +1,50 @@
+"""Small helpers for tests: build one-node ONNX models, run them with onnxruntime, compare."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx.helper would write the newest
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=17, value_info=()):
+    graph = helper.make_graph(nodes, "test", inputs, outputs, list(initializers), value_info=list(value_info))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+    # Outputs declared without a shape get the inferred one (the checker wants a shape field).
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    del model.graph.value_info[:]
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def tensor_input(name, shape, elem_type=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem_type, shape)
+
+
+def init(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def run(model, feeds):
+    """Run on onnxruntime's CPU provider with graph optimizations off (compare the graphs as written)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def assert_outputs_close(reference, candidate, rtol=1e-4, atol=1e-4):
+    assert len(reference) == len(candidate)
+    for ref, out in zip(reference, candidate):
+        assert ref.shape == out.shape
+        assert ref.dtype == out.dtype
+        scale = max(1.0, float(np.abs(ref.astype(np.float64)).max()))
+        np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=rtol, atol=atol * scale)
+
+
+def op_types(model):
+    return [node.op_type for node in model.graph.node]
