@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .base import Context, FactorizationPass, NameGenerator, Scheme, Skip, Target, attribute, make_node
-from .weights import constant_weight
+from .weights import constant_weight, no_weight_reason
 
 
 class GemmFactorization(FactorizationPass):
@@ -30,7 +30,7 @@ class GemmFactorization(FactorizationPass):
         elif a_weight.array is not None:
             role, found, trans = "A", a_weight, attribute(node, "transA", 0)
         else:
-            raise Skip(b_weight.reason or a_weight.reason or "no constant weight")
+            raise Skip(no_weight_reason(b_weight, a_weight))
         if found.array.ndim != 2:
             raise Skip(f"weight has {found.array.ndim} dimensions (Gemm needs 2)")
         value = node.inputs[1] if role == "B" else node.inputs[0]

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .base import Context, FactorizationPass, NameGenerator, Scheme, Skip, Target, known_product, make_node, static_shape
-from .weights import constant_weight
+from .base import (
+    Context,
+    FactorizationPass,
+    NameGenerator,
+    Scheme,
+    Skip,
+    Target,
+    known_product,
+    make_node,
+    static_shape,
+)
+from .weights import constant_weight, no_weight_reason
 
 
 class MatMulFactorization(FactorizationPass):
@@ -22,7 +32,7 @@ class MatMulFactorization(FactorizationPass):
         elif left_weight.array is not None:
             role, found = "left", left_weight
         else:
-            raise Skip(right_weight.reason or left_weight.reason or "no constant weight")
+            raise Skip(no_weight_reason(right_weight, left_weight))
         value = right if role == "right" else left
         if found.array.ndim != 2:
             raise Skip(f"weight has {found.array.ndim} dimensions (only 2-D weights are factorized)")

@@ -21,6 +21,7 @@ class ConstantWeight:
     array: np.ndarray | None = None
     dtype: ir.DataType | None = None
     reason: str = ""  # why there is no usable constant, when array is None
+    runtime: bool = False  # True when the value is simply an activation (computed at run time)
     sources: tuple[ir.Value, ...] = ()  # initializers or Constant outputs the weight was folded from
 
 
@@ -28,14 +29,16 @@ def constant_weight(value: ir.Value | None, depth: int = 0) -> ConstantWeight:
     if value is None:
         return ConstantWeight(reason="input is missing")
     if value.is_graph_input():
-        return ConstantWeight(reason="weight is a graph input (it can change at run time)")
+        if value.const_value is not None:  # an initializer listed as input: callers may override it
+            return ConstantWeight(reason="weight is a graph input (it can be overridden at run time)")
+        return ConstantWeight(reason="weight is a graph input, computed at run time", runtime=True)
     if value.is_graph_output():
         return ConstantWeight(reason="weight is also a graph output")
     if value.const_value is not None:
         return _from_tensor(value.const_value, (value,))
     producer = value.producer()
     if producer is None:
-        return ConstantWeight(reason="weight is computed at run time")
+        return ConstantWeight(reason="weight is computed at run time", runtime=True)
     op = producer.op_type
     if producer.domain not in ("", "ai.onnx"):
         return ConstantWeight(reason=f"weight comes from custom op {producer.domain}::{op}")
@@ -48,7 +51,7 @@ def constant_weight(value: ir.Value | None, depth: int = 0) -> ConstantWeight:
         return ConstantWeight(reason=f"quantized weight ({op}): left as it is")
     if op in FOLDABLE and depth < 16:
         return _fold(producer, depth)
-    return ConstantWeight(reason=f"weight is computed at run time (by {op})")
+    return ConstantWeight(reason=f"weight is computed at run time (by {op})", runtime=True)
 
 
 def _from_tensor(tensor: ir.TensorProtocol, sources: tuple[ir.Value, ...]) -> ConstantWeight:
@@ -58,7 +61,7 @@ def _from_tensor(tensor: ir.TensorProtocol, sources: tuple[ir.Value, ...]) -> Co
 def _fold(node: ir.Node, depth: int) -> ConstantWeight:
     data = constant_weight(node.inputs[0], depth + 1)
     if data.array is None:
-        return data
+        return dataclasses.replace(data, reason=f"{data.reason} (through {node.op_type})")
     array, dtype = data.array, data.dtype
     if node.op_type == "Transpose":
         perm = node.attributes.get("perm")
@@ -83,3 +86,11 @@ def _reshape_target(current: tuple[int, ...], requested: np.ndarray, allow_zero:
     if not allow_zero:
         dims = [current[i] if d == 0 else d for i, d in enumerate(dims)]
     return tuple(dims)
+
+
+def no_weight_reason(*candidates: ConstantWeight) -> str:
+    """Why a two-input op has no weight: a specific reason if any input has one, else the generic one."""
+    for candidate in candidates:
+        if not candidate.runtime and candidate.reason:
+            return candidate.reason
+    return "no constant weight: both inputs are computed at run time"
