@@ -110,6 +110,25 @@ def _options(*decorators: Callable) -> Callable:
 FRACTION = click.FloatRange(0, 1, min_open=True)
 
 
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    # -v/-q are accepted after the subcommand too (`onnxlr optimize ... -q`), as users type them.
+    if value:
+        state: State = ctx.find_object(State)
+        if param.name == "verbose":
+            state.verbose = True
+            logging.getLogger().setLevel(logging.INFO)
+        else:
+            state.quiet = True
+            state.console.quiet = True
+
+
+verbosity_options = _options(
+    click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_verbosity,
+                 help="Log each step; show tracebacks on errors."),
+    click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_verbosity,
+                 help="Print nothing but errors."),
+)
+
 rank_policy_options = _options(
     click.option("--rank-ratio", type=FRACTION, default=None, metavar="R",
                  help="Rank = ceil(R x full rank), 0 < R <= 1. The default policy (0.25) when none is given."),
@@ -166,6 +185,7 @@ def _split_ops(text: str) -> tuple[str, ...]:
 @target_selection_options
 @output_options
 @click.option("--dry-run", is_flag=True, help="Plan and print the table; write no model.")
+@verbosity_options
 @click.pass_obj
 def optimize(state: State, input_path: str, output_path: str | None, report_path: str | None,
              external_data: bool | None, dry_run: bool, ops: str, **settings: Any) -> None:
