@@ -18,10 +18,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+DIGITS := .cache/models/digits-cnn
+
 demo: $(STAMP)
 	$(BIN)/python -m models build digits-cnn
-	$(BIN)/onnxlr optimize .cache/models/digits-cnn/model.onnx out/digits-cnn-lr.onnx \
-		--rank-ratio 0.5 --report out/digits-cnn-lr.json
+	$(BIN)/onnxlr optimize $(DIGITS)/model.onnx out/digits-cnn-lr.onnx --energy 0.9 --report out/digits-cnn-lr.json
+	$(BIN)/python scripts/digits_accuracy.py $(DIGITS)/model.onnx out/digits-cnn-lr.onnx
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
