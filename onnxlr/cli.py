@@ -168,6 +168,50 @@ output_options = _options(
 )
 
 
+verification_options = _options(
+    click.option("--providers", default=None, metavar="LIST",
+                 help="Execution providers, comma-separated (cpu, cuda, ...). Default: cpu, plus cuda when "
+                      "onnxruntime-gpu is installed and a GPU is visible."),
+    click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.npz",
+                 help="Inputs keyed by input name, samples along the first axis. Default: synthesized."),
+    click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
+                 help="Shape of a synthesized input, e.g. input_ids:1x128 (repeatable)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthesized inputs."),
+    click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
+                 help="Batch dimension of synthesized inputs."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                 help="Samples per onnxruntime run."),
+    click.option("--atol", type=click.FloatRange(min=0), default=None,
+                 help="Gate: every element within atol + rtol x |reference|."),
+    click.option("--rtol", type=click.FloatRange(min=0), default=None, help="Gate: see --atol."),
+    click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
+                 help="Gate: cosine similarity of each output to the reference."),
+    click.option("--per-layer", is_flag=True, help="Also compare the output of every factorized node."),
+)
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def run_verification(reference: Any, candidate: Any, reference_model: Any, candidate_model: Any,
+                     options: dict[str, Any], state: State) -> dict[str, Any]:
+    """Inputs, providers and gates from the shared options; returns the verification dict."""
+    from onnxlr import verify as v
+
+    specs = v.input_specs(reference_model)
+    if options["inputs_path"]:
+        feeds = v.load_inputs(options["inputs_path"], specs)
+    else:
+        feeds = v.synthesize_inputs(specs, seed=options["seed"], samples=options["samples"],
+                                    shapes=v.parse_shape_overrides(options["shapes"]))
+    providers = v.parse_providers(_split_list(options["providers"]))
+    gates = v.Gates(atol=options["atol"], rtol=options["rtol"], min_cosine=options["min_cosine"])
+    per_layer = v.factorized_outputs(candidate_model) if options["per_layer"] else []
+    return v.verify(reference, candidate, feeds, providers, gates, batch_size=options["batch_size"],
+                    per_layer=per_layer)
+
+
 def _split_ops(text: str) -> tuple[str, ...]:
     ops = tuple(part.strip() for part in text.split(",") if part.strip())
     if not ops:
@@ -213,6 +257,49 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     print_report(report, state.console)
     if not dry_run:
         state.console.print(f"wrote {output_path}")
+
+
+# ----------------------------------------------------------------------------- verify
+
+EXAMPLES_VERIFY = """
+\b
+Examples:
+  onnxlr verify model.onnx model-lr.onnx
+  onnxlr verify model.onnx model-lr.onnx --inputs eval.npz --min-cosine 0.99 --json verify.json
+  onnxlr verify model.onnx model-lr.onnx --providers cpu,cuda --shape input_ids:4x128 --per-layer
+  onnxlr verify model.onnx model-lr.onnx --atol 1e-3 --rtol 1e-2
+"""
+
+VERIFY_KEYS = ("providers", "inputs_path", "shapes", "seed", "samples", "batch_size", "atol", "rtol",
+               "min_cosine", "per_layer")
+
+
+@cli.command(epilog=EXAMPLES_VERIFY)
+@click.argument("reference_path", metavar="REFERENCE", type=click.Path(dir_okay=True))
+@click.argument("candidate_path", metavar="CANDIDATE", type=click.Path(dir_okay=True))
+@verification_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
+              help="Write every metric as JSON.")
+@verbosity_options
+@click.pass_obj
+def verify(state: State, reference_path: str, candidate_path: str, json_path: str | None, **options: Any) -> None:
+    """Run REFERENCE and CANDIDATE with onnxruntime and compare their outputs.
+
+    Metrics per output and execution provider: max/mean absolute error, max relative error,
+    cosine similarity, SNR, top-1 agreement for score-like outputs, NaN/Inf counts. Exit code 1
+    when a gate (--atol/--rtol, --min-cosine, or NaN/Inf the reference does not have) fails.
+    """
+    from onnxlr.errors import GateFailed
+    from onnxlr.report import print_verification, write_json
+
+    reference = io.load(reference_path)
+    candidate = io.load(candidate_path)
+    result = run_verification(reference_path, candidate_path, reference.model, candidate.model, options, state)
+    if json_path:
+        write_json(result, json_path)
+    print_verification(result, state.console)
+    if not result["passed"]:
+        raise GateFailed("verification failed: " + "; ".join(result["failures"]))
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -400,8 +400,10 @@ def rewrite(model: ir.Model, groups: list[WeightGroup], progress: Progress) -> N
         for target in group.targets:
             node = target.node
             new_nodes = target.handler.rewrite(target, group.scheme, first_value, second_value, names)
-            for new_node in new_nodes:
+            for position, new_node in enumerate(new_nodes, start=1):
+                # Provenance, and which node ends the pair (verify --per-layer compares its output).
                 new_node.metadata_props["onnxlr.source"] = node.name or ""
+                new_node.metadata_props["onnxlr.pair"] = str(position)
             ir.convenience.replace_nodes_and_values(
                 node.graph, node, [node], new_nodes, [node.outputs[0]], [new_nodes[-1].outputs[0]]
             )
