@@ -9,12 +9,17 @@ from models.cache import ALL, BUILDERS, build, cache_root, is_up_to_date, model_
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m models", description="Build the reference models into a local cache."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a model into the cache (skipped when up to date)")
     b.add_argument("name", choices=[*BUILDERS, "all"], help=f"'all' means {', '.join(ALL)}")
-    b.add_argument("--cache", help="cache root; the model goes to CACHE/NAME/ (default: $ONNXLR_MODEL_CACHE "
-                   "or <repo>/.cache/models)")
+    b.add_argument(
+        "--cache",
+        help="cache root; the model goes to CACHE/NAME/ (default: $ONNXLR_MODEL_CACHE "
+        "or <repo>/.cache/models)",
+    )
     b.add_argument("--force", action="store_true", help="rebuild even when up to date")
     ls = sub.add_parser("list", help="list the models and whether they are built")
     ls.add_argument("--cache", help="cache root (as for build)")
