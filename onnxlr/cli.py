@@ -190,13 +190,19 @@ verification_options = _options(
 )
 
 
+VERIFY_KEYS = ("providers", "inputs_path", "shapes", "seed", "samples", "batch_size", "atol", "rtol",
+               "min_cosine", "per_layer")
+
+
 def _split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
-def run_verification(reference: Any, candidate: Any, reference_model: Any, candidate_model: Any,
-                     options: dict[str, Any], state: State) -> dict[str, Any]:
-    """Inputs, providers and gates from the shared options; returns the verification dict."""
+def run_verification(reference: Any, candidate_path: Any, reference_model: Any, options: dict[str, Any]
+                     ) -> dict[str, Any]:
+    """Inputs, providers and gates from the shared options; returns the verification dict.
+
+    `reference_model` (onnx-ir) gives the input signature; both models run from their files."""
     from onnxlr import verify as v
 
     specs = v.input_specs(reference_model)
@@ -207,8 +213,8 @@ def run_verification(reference: Any, candidate: Any, reference_model: Any, candi
                                     shapes=v.parse_shape_overrides(options["shapes"]))
     providers = v.parse_providers(_split_list(options["providers"]))
     gates = v.Gates(atol=options["atol"], rtol=options["rtol"], min_cosine=options["min_cosine"])
-    per_layer = v.factorized_outputs(candidate_model) if options["per_layer"] else []
-    return v.verify(reference, candidate, feeds, providers, gates, batch_size=options["batch_size"],
+    per_layer = v.factorized_outputs(candidate_path) if options["per_layer"] else []
+    return v.verify(reference, candidate_path, feeds, providers, gates, batch_size=options["batch_size"],
                     per_layer=per_layer)
 
 
@@ -229,34 +235,61 @@ def _split_ops(text: str) -> tuple[str, ...]:
 @target_selection_options
 @output_options
 @click.option("--dry-run", is_flag=True, help="Plan and print the table; write no model.")
+@click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
+              help="Compare the result with the input on onnxruntime before writing it.")
+@verification_options
+@click.option("--keep-failed", is_flag=True, help="Write the model even when a verification gate fails (exit 1).")
 @verbosity_options
 @click.pass_obj
 def optimize(state: State, input_path: str, output_path: str | None, report_path: str | None,
-             external_data: bool | None, dry_run: bool, ops: str, **settings: Any) -> None:
+             external_data: bool | None, dry_run: bool, run_verify: bool, keep_failed: bool, ops: str,
+             **options: Any) -> None:
     """Factorize INPUT's MatMul, Gemm and Conv weights and write OUTPUT.
 
-    The input is never modified; OUTPUT is written atomically (with its external data, if any),
-    so a failed or interrupted run leaves nothing behind.
+    The input is never modified. OUTPUT is verified against INPUT with onnxruntime (see
+    `onnxlr verify`; gates are opt-in: --atol/--rtol, --min-cosine) and written atomically with
+    its external data, if any, so a failed, gated or interrupted run leaves nothing behind.
     """
+    from onnxlr.errors import GateFailed
     from onnxlr.factorize import Settings, factorize_model
-    from onnxlr.report import print_report, write_json
 
+    verify_options = {key: options.pop(key) for key in VERIFY_KEYS}
     if output_path is None and not dry_run:
         raise OnnxlrError("missing OUTPUT: give an output path, or --dry-run to only plan")
-    config = Settings(ops=_split_ops(ops), **settings)
+    config = Settings(ops=_split_ops(ops), **options)
     loaded = io.load(input_path)
     if output_path is not None and not dry_run:
         io.check_output_path(output_path, loaded)
     report = factorize_model(loaded.model, config, progress=state.progress, dry_run=dry_run)
-    if not dry_run:
-        io.save(loaded.model, output_path, source=loaded, external_data=external_data)
-        report["output"] = str(output_path)
     report["input"] = str(input_path)
+    failure = None
+    if not dry_run:
+        with io.staged_save(loaded.model, output_path, source=loaded, external_data=external_data) as staged:
+            if run_verify:
+                result = run_verification(input_path, staged, loaded.model, verify_options)
+                report["verification"] = result
+                if not result["passed"]:
+                    failure = "verification failed: " + "; ".join(result["failures"])
+                    if not keep_failed:
+                        _finish(report, report_path, state)
+                        raise GateFailed(failure + " (nothing written; --keep-failed writes it anyway)")
+        report["output"] = str(output_path)
+    _finish(report, report_path, state)
+    if failure:
+        raise GateFailed(failure)
+
+
+def _finish(report: dict[str, Any], report_path: str | None, state: State) -> None:
+    """Write the JSON report (also for a failed gate: it says why) and print the tables."""
+    from onnxlr.report import print_report, print_verification, write_json
+
     if report_path:
         write_json(report, report_path)
     print_report(report, state.console)
-    if not dry_run:
-        state.console.print(f"wrote {output_path}")
+    if "verification" in report:
+        print_verification(report["verification"], state.console)
+    if "output" in report:
+        state.console.print(f"wrote {report['output']}")
 
 
 # ----------------------------------------------------------------------------- verify
@@ -269,10 +302,6 @@ Examples:
   onnxlr verify model.onnx model-lr.onnx --providers cpu,cuda --shape input_ids:4x128 --per-layer
   onnxlr verify model.onnx model-lr.onnx --atol 1e-3 --rtol 1e-2
 """
-
-VERIFY_KEYS = ("providers", "inputs_path", "shapes", "seed", "samples", "batch_size", "atol", "rtol",
-               "min_cosine", "per_layer")
-
 
 @cli.command(epilog=EXAMPLES_VERIFY)
 @click.argument("reference_path", metavar="REFERENCE", type=click.Path(dir_okay=True))
@@ -293,8 +322,8 @@ def verify(state: State, reference_path: str, candidate_path: str, json_path: st
     from onnxlr.report import print_verification, write_json
 
     reference = io.load(reference_path)
-    candidate = io.load(candidate_path)
-    result = run_verification(reference_path, candidate_path, reference.model, candidate.model, options, state)
+    io.load(candidate_path)  # the same safety checks (external data inside its folder) before onnxruntime reads it
+    result = run_verification(reference_path, candidate_path, reference.model, options)
     if json_path:
         write_json(result, json_path)
     print_verification(result, state.console)

@@ -8,6 +8,7 @@ without symbolic links, with a single hard link, and long enough for the tensor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -253,6 +254,26 @@ def save(
     data file are first written to a temporary folder next to the target, then renamed into
     place (data first, model last), so an interrupted save leaves no output behind.
     """
+    with staged_save(model, path, source=source, external_data=external_data,
+                     external_threshold_bytes=external_threshold_bytes):
+        pass
+    return Path(path)
+
+
+@contextlib.contextmanager
+def staged_save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    source: LoadedModel | None = None,
+    external_data: bool | None = None,
+    external_threshold_bytes: int = PROTOBUF_LIMIT_BYTES,
+) -> Iterator[Path]:
+    """Write the model to a temporary folder next to `path` and yield the temporary model's path.
+
+    When the `with` block ends normally the files are renamed into place; when it raises (a
+    failed verification gate, Ctrl-C), the temporary folder is removed and nothing is written.
+    """
     path = Path(path)
     check_output_path(path, source)
     if external_data is None:
@@ -271,13 +292,13 @@ def save(
         else:
             with _tensors_in_memory(model):
                 ir.save(model, tmp_model)
+        yield tmp_model
         if external_data:
             os.replace(tmp_dir / data_name, path.parent / data_name)
         os.replace(tmp_model, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("saved %s%s", path, " with external data" if external_data else "")
-    return path
 
 
 def check_output_path(path: str | os.PathLike, source: LoadedModel | None) -> None:

@@ -368,9 +368,12 @@ def _with_outputs(model: str | os.PathLike | bytes, names: Sequence[str]) -> byt
     return proto.SerializeToString()
 
 
-def factorized_outputs(candidate: ir.Model | onnx.ModelProto) -> list[str]:
+def factorized_outputs(candidate: str | os.PathLike | onnx.ModelProto) -> list[str]:
     """Main-graph tensors that end a factorized pair (same name as the replaced node's output)."""
-    proto = candidate if isinstance(candidate, onnx.ModelProto) else ir.serde.serialize_model(candidate)
+    if isinstance(candidate, onnx.ModelProto):
+        proto = candidate
+    else:
+        proto = onnx.load(str(candidate), load_external_data=False)
     names = []
     for node in proto.graph.node:
         if any(p.key == "onnxlr.pair" and p.value == "2" for p in node.metadata_props):
