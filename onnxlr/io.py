@@ -11,15 +11,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -96,10 +96,15 @@ def _load_path(path: Path) -> LoadedModel:
         raise OnnxlrError(f"{path}: no such file")
     if path.is_dir():
         raise OnnxlrError(f"{path}: is a folder, not an ONNX model file")
+    # A FIFO or device would report size 0 (or block on read): say what it is instead.
+    if not path.is_file():
+        raise OnnxlrError(f"{path}: not a regular file, so not an ONNX model file")
     if path.stat().st_size == 0:
         raise OnnxlrError(f"{path}: the file is empty")
     try:
         proto = onnx.load(str(path), load_external_data=False)
+    except OSError as exc:  # unreadable (permissions, I/O error): bad input, not a bug
+        raise OnnxlrError(f"{path}: cannot read it ({_first_line(exc)})") from exc
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
         raise OnnxlrError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
     base_dir = path.resolve().parent
@@ -113,7 +118,7 @@ def _proto_to_ir(proto: onnx.ModelProto, base_dir: Path | None, what: str) -> ir
         raise OnnxlrError(f"{what}: not an ONNX model (it has no graph); is it a tensor or another protobuf?")
     if proto.ir_version <= 0:
         raise OnnxlrError(f"{what}: not an ONNX model (ir_version is missing)")
-    if base_dir is None and any(_uses_external_data(t) for t in _iter_tensors(proto.graph)):
+    if base_dir is None and any(_uses_external_data(t) for t in _iter_model_tensors(proto)):
         raise OnnxlrError(
             f"{what} references external data but has no folder to read it from: pass the model's path instead"
         )
@@ -122,7 +127,10 @@ def _proto_to_ir(proto: onnx.ModelProto, base_dir: Path | None, what: str) -> ir
     except Exception as exc:  # onnx-ir raises several types for malformed graphs
         raise OnnxlrError(f"{what}: the graph is malformed ({_first_line(exc)})") from exc
     if base_dir is not None:
-        ir.external_data.set_base_dir(model.graph, base_dir)
+        # Function bodies too: set_base_dir(model.graph) does not reach them, and a tensor left
+        # without a base folder would be read relative to the current directory.
+        for graph in (model.graph, *(function.graph for function in model.functions.values())):
+            ir.external_data.set_base_dir(graph, base_dir)
     return model
 
 
@@ -138,13 +146,24 @@ def _uses_external_data(tensor: onnx.TensorProto) -> bool:
     return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
+def _iter_model_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a model: the main graph's and those in model-local function bodies."""
+    yield from _iter_tensors(proto.graph)
+    for function in proto.functions:
+        yield from _iter_node_tensors(function.node)
+
+
 def _iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every tensor stored in a graph: initializers and node attributes, subgraphs included."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
-    for node in graph.node:
+    yield from _iter_node_tensors(graph.node)
+
+
+def _iter_node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
@@ -158,7 +177,7 @@ def _iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 def check_external_data(proto: onnx.ModelProto, base_dir: Path, model_name: str) -> tuple[Path, ...]:
     """Refuse external data that escapes `base_dir`, is missing, or is too short. Returns the files used."""
     files: dict[Path, int] = {}  # resolved file -> bytes the tensors need
-    for tensor in _iter_tensors(proto.graph):
+    for tensor in _iter_model_tensors(proto):
         if not _uses_external_data(tensor):
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
@@ -173,9 +192,13 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path, model_name: str)
         if offset < 0 or (length is not None and length < 0):
             raise OnnxlrError(f"{where}: external data offset/length is negative")
         needed = _tensor_nbytes(tensor)
-        if length is not None and needed is not None and length < needed:
+        if needed is None:
+            # ONNX stores only fixed-width types externally; anything else is malformed.
+            raise OnnxlrError(f"{where}: external data for data type {tensor.data_type}, which has no fixed size; "
+                              "refused")
+        if length is not None and length < needed:
             raise OnnxlrError(f"{where}: external data length {length} is shorter than the tensor's {needed} bytes")
-        end = offset + (length if length is not None else (needed or 0))
+        end = offset + (length if length is not None else needed)
         files[data_file] = max(files.get(data_file, 0), end)
     for data_file, end in files.items():
         size = data_file.stat().st_size
@@ -218,12 +241,14 @@ def resolve_external_location(location: str, base_dir: Path, where: str) -> Path
 
 
 def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's data takes; None for a type without a fixed width (STRING, UNDEFINED, unknown)."""
     try:
-        dtype = ir.DataType(tensor.data_type)
-    except ValueError:
+        bitwidth = ir.DataType(tensor.data_type).bitwidth
+    except (ValueError, TypeError):  # TypeError: STRING and UNDEFINED have no bitwidth
         return None
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-    return (count * dtype.bitwidth + 7) // 8
+    # Python ints: np.prod would wrap around on hostile dims; negative dims count as empty.
+    count = math.prod(max(int(d), 0) for d in tensor.dims)
+    return (count * bitwidth + 7) // 8
 
 
 # ----------------------------------------------------------------------------- saving
@@ -278,24 +303,42 @@ def staged_save(
     check_output_path(path, source)
     if external_data is None:
         external_data = bool(source and source.uses_external_data) or model_nbytes(model) > external_threshold_bytes
+    if not external_data and (nbytes := model_nbytes(model)) > PROTOBUF_LIMIT_BYTES:
+        # Refuse before writing: protobuf would fail only after the whole model was serialized.
+        raise OnnxlrError(f"{path}: the weights take {nbytes} bytes, too many for a single ONNX file "
+                          "(protobuf's 2 GB limit); save with external data")
     data_name = path.name + ".data"
-    if external_data and source is not None and (path.parent.resolve() / data_name) in source.external_files:
+    # The data file is replaced in place: it must not be a file the input model reads (or the input itself).
+    input_files = (*source.external_files, source.path.resolve()) if source and source.path else ()
+    if external_data and (path.parent.resolve() / data_name) in input_files:
         raise OnnxlrError(f"{path}: its external data file {data_name} is read by the input model; "
                           "choose another output name")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".onnxlr-tmp", dir=path.parent))
+    # OSError (no space, no permission) is bad input or environment, not a bug: report it as such.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".onnxlr-tmp", dir=path.parent))
+    except OSError as exc:
+        raise OnnxlrError(f"{path}: cannot write there ({_first_line(exc)})") from exc
     try:
         tmp_model = tmp_dir / path.name
-        if external_data:
-            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
-        else:
-            with _tensors_in_memory(model):
-                ir.save(model, tmp_model)
+        try:
+            # Attribute tensors always go in memory (onnx-ir would keep them as references to the
+            # input's data file); initializers too for a single-file save.
+            with _tensors_in_memory(model, initializers=not external_data):
+                if external_data:
+                    ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+                else:
+                    ir.save(model, tmp_model)
+        except OSError as exc:
+            raise OnnxlrError(f"{path}: writing the model failed ({_first_line(exc)}); nothing was written") from exc
         yield tmp_model
-        if external_data:
-            os.replace(tmp_dir / data_name, path.parent / data_name)
-        os.replace(tmp_model, path)
+        try:
+            if external_data:
+                os.replace(tmp_dir / data_name, path.parent / data_name)
+            os.replace(tmp_model, path)
+        except OSError as exc:
+            raise OnnxlrError(f"{path}: moving the model into place failed ({_first_line(exc)})") from exc
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("saved %s%s", path, " with external data" if external_data else "")
@@ -316,20 +359,47 @@ def check_output_path(path: str | os.PathLike, source: LoadedModel | None) -> No
 
 
 class _tensors_in_memory:
-    """Temporarily replace memory-mapped external tensors by in-memory copies (for a single-file save)."""
+    """Temporarily replace memory-mapped external tensors by in-memory copies.
 
-    def __init__(self, model: ir.Model) -> None:
+    Node attributes (Constant values), in every graph and function body, always; initializers only
+    when `initializers` is True (a single-file save). onnx-ir's save moves initializers to the new
+    data file itself but writes an external attribute tensor as it found it: a reference to the
+    input's data file, which the output's folder does not have.
+    """
+
+    def __init__(self, model: ir.Model, initializers: bool) -> None:
         self._model = model
-        self._saved: list[tuple[ir.Value, Any]] = []
+        self._initializers = initializers
+        self._values: list[tuple[ir.Value, Any]] = []
+        self._attrs: list[tuple[ir.Node, ir.Attr]] = []
 
     def __enter__(self) -> None:
-        for graph in self._model.graphs():
-            for value in graph.initializers.values():
+        functions = self._model.functions.values()
+        graphs = [*self._model.graphs(), *(g for f in functions for g in (f.graph, *f.graph.subgraphs()))]
+        for graph in graphs:
+            for value in graph.initializers.values() if self._initializers else ():
                 tensor = value.const_value
                 if isinstance(tensor, ir.ExternalTensor):
-                    self._saved.append((value, tensor))
-                    value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+                    self._values.append((value, tensor))
+                    value.const_value = _in_memory(tensor)
+            for node in graph:
+                for name, attr in list(node.attributes.items()):
+                    if attr.is_ref() or attr.type not in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
+                        continue
+                    tensors = attr.value if attr.type == ir.AttributeType.TENSORS else (attr.value,)
+                    if not any(isinstance(t, ir.ExternalTensor) for t in tensors):
+                        continue
+                    loaded = [_in_memory(t) if isinstance(t, ir.ExternalTensor) else t for t in tensors]
+                    value = loaded if attr.type == ir.AttributeType.TENSORS else loaded[0]
+                    self._attrs.append((node, attr))
+                    node.attributes[name] = ir.Attr(name, attr.type, value, doc_string=attr.doc_string)
 
     def __exit__(self, *exc: object) -> None:
-        for value, tensor in self._saved:
+        for value, tensor in self._values:
             value.const_value = tensor
+        for node, attr in self._attrs:
+            node.attributes[attr.name] = attr
+
+
+def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
+    return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)

@@ -88,21 +88,23 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 def verification_table(result: dict[str, Any]) -> Table:
     table = Table(title=f"onnxlr: verification on {result['samples']} sample(s)", title_justify="left")
-    for column in ("provider", "output", "max abs", "mean abs", "max rel", "cosine", "SNR dB", "top-1", "result"):
+    for column in ("provider", "output", "max abs", "mean abs", "max rel", "cosine", "sample cos", "SNR dB", "top-1",
+                   "result"):
         table.add_column(column, justify="left" if column in ("provider", "output", "result") else "right")
     for provider, entry in result["providers"].items():
         for kind, group in (("", entry["outputs"]), ("layer ", entry.get("layers", {}))):
             for name, m in group.items():
                 if "max_abs" not in m:
-                    table.add_row(provider, kind + name, *["-"] * 6, f"[red]{m['failure']}[/]")
+                    table.add_row(provider, kind + name, *["-"] * 7, f"[red]{m['failure']}[/]")
                     continue
                 verdict = "[green]pass[/]" if m["passed"] else f"[red]FAIL[/]: {m['failure']}"
                 if kind:
                     verdict = "-"
                 top1 = f"{m['top1_agreement']:.3f}" if "top1_agreement" in m else "-"
+                sample_cos = f"{m['mean_sample_cosine']:.6f}" if "mean_sample_cosine" in m else "-"
                 snr = "-" if m["snr_db"] is None else ("inf" if m["snr_db"] == float("inf") else f"{m['snr_db']:.1f}")
                 table.add_row(provider, kind + name, f"{m['max_abs']:.3g}", f"{m['mean_abs']:.3g}",
-                              f"{m['max_rel']:.3g}", f"{m['cosine']:.6f}", snr, top1, verdict)
+                              f"{m['max_rel']:.3g}", f"{m['cosine']:.6f}", sample_cos, snr, top1, verdict)
     return table
 
 

@@ -4,6 +4,7 @@ Metrics per output (all computed in float64 over every sample):
   max_abs / mean_abs   |candidate - reference|
   max_rel              max |candidate - reference| / |reference| over elements where reference != 0
   cosine               cosine similarity of the flattened outputs
+  mean_sample_cosine   mean over samples (first axis) of each sample's cosine similarity
   snr_db               10 log10(sum reference^2 / sum (candidate - reference)^2)
   top1_agreement       share of rows whose argmax over the last axis agrees (outputs that look like scores)
   nan / inf            counts in the candidate (and in the reference)
@@ -255,6 +256,11 @@ def compare_arrays(reference: np.ndarray, candidate: np.ndarray, gates: Gates) -
         "nan": int(np.isnan(out).sum()), "inf": int(np.isinf(out).sum()),
         "reference_nan": int(np.isnan(ref).sum()), "reference_inf": int(np.isinf(ref).sum()),
     }
+    if reference.ndim >= 2 and len(reference) > 1:
+        # Mean over samples of each sample's cosine: what matters for embeddings and per-image outputs.
+        rows_ref = reference.reshape(len(reference), -1).astype(np.float64)
+        rows_out = candidate.reshape(len(candidate), -1).astype(np.float64)
+        metrics["mean_sample_cosine"] = float(np.mean([_cosine(a, b) for a, b in zip(rows_ref, rows_out)]))
     if _looks_like_scores(reference):
         metrics["top1_agreement"] = float(np.mean(np.argmax(reference, -1) == np.argmax(candidate, -1)))
     metrics["failure"] = _gate_failure(ref, out, diff, metrics, gates)
