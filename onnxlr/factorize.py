@@ -257,9 +257,9 @@ def _group_shared_weights(targets: list[Target], skipped: list[SkippedNode], set
 
 def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress) -> None:
     """Choose each group's scheme and rank (or leave it dense with a reason)."""
-    active = [g for g in groups if not g.reason]
-    for group in active:
+    for group in groups:  # costs (no SVD yet) also for groups already skipped, so the report shows their MACs
         group.schemes = group.lead.handler.schemes(group.lead)
+    active = [g for g in groups if not g.reason]
     if settings.param_budget is not None:
         for group in progress(active, "SVD"):
             group.scheme = _budget_scheme(group, settings)
@@ -488,8 +488,9 @@ def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings
 
 
 def _layer_row(group: WeightGroup, target: Target) -> dict[str, Any]:
-    scheme = group.scheme
     factorized = group.rank is not None and not group.reason
+    # A skipped group reports the costs of its first view, which are those of the original node.
+    scheme = group.scheme or (group.schemes[0] if group.schemes else None)
     decomposition = group.decompositions.get(scheme.name) if scheme else None
     rank = group.rank if factorized else None
     return {
@@ -500,7 +501,7 @@ def _layer_row(group: WeightGroup, target: Target) -> dict[str, Any]:
         "weight": target.weight.name,
         "weight_shape": list(target.array.shape),
         "dtype": target.dtype.name,
-        "scheme": scheme.name if scheme else None,
+        "scheme": scheme.name if factorized else None,
         "rank": rank,
         "full_rank": scheme.full_rank if scheme else None,
         "break_even_rank": scheme.break_even_rank if scheme else None,
