@@ -75,29 +75,27 @@ class GemmFactorization(FactorizationPass):
             # Y = alpha·(op(A)·P)·Q + beta·C
             first_inputs = [node.inputs[0], a]
             first_attrs = {"transA": int(attribute(node, "transA", 0)), "transB": trans}
-            second_inputs = lambda mid: [mid, b, c]  # noqa: E731
             second_attrs = {"transB": trans, **tail}
         else:
             # Y = alpha·P·(Q·op(B)) + beta·C
             first_inputs = [b, node.inputs[1]]
             first_attrs = {"transA": trans, "transB": int(attribute(node, "transB", 0))}
-            second_inputs = lambda mid: [a, mid, c]  # noqa: E731
             second_attrs = {"transA": trans, **tail}
+        zero = None
         if target.context.opset < 11:
-            # Before opset 11, C is required: give the first Gemm a zero scalar-like bias.
-            zero = ir.Value(name=names(f"{base}_lr_zero"), const_value=ir.Tensor(
-                np.zeros((1,), dtype=target.dtype.numpy()), name=None))
-            zero.const_value.name = zero.name
+            # Before opset 11, C is required: the first Gemm (and a C-less second) get a zero bias.
+            zero_name = names(f"{base}_lr_zero")
+            zero = ir.Value(name=zero_name, const_value=ir.Tensor(
+                np.zeros((1,), dtype=target.dtype.numpy()), dtype=target.dtype, name=zero_name))
             node.graph.register_initializer(zero)
-            first_inputs = [*first_inputs, zero]
+            first_inputs.append(zero)
         first = make_node("Gemm", first_inputs, names(f"{base}_lr1"), names(f"{base}_lr_mid"),
                           _drop_defaults(first_attrs))
-        second_in = second_inputs(first.outputs[0])
-        if second_in[2] is None:
-            second_in = second_in[:2]
-            if target.context.opset < 11:
-                second_in.append(first_inputs[2])
-        second = make_node("Gemm", second_in, names(f"{base}_lr2"), names(f"{base}_lr_out"),
+        middle = first.outputs[0]
+        second_inputs = [middle, b] if target.role == "B" else [a, middle]
+        if c is not None or zero is not None:
+            second_inputs.append(c if c is not None else zero)
+        second = make_node("Gemm", second_inputs, names(f"{base}_lr2"), names(f"{base}_lr_out"),
                            _drop_defaults(second_attrs))
         return [first, second]
 
