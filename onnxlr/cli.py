@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -54,12 +54,11 @@ class OnnxlrGroup(click.Group):
     """Turns OnnxlrError into a short message and its exit code; tracebacks only with -v."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        verbose = "-v" in sys.argv or "--verbose" in sys.argv
         try:
             return super().invoke(ctx)
         except OnnxlrError as exc:
-            if verbose:
-                raise
+            if _verbose(ctx):
+                traceback.print_exc()
             click.echo(f"onnxlr: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
@@ -71,11 +70,16 @@ class OnnxlrGroup(click.Group):
             click.echo("onnxlr: error: out of memory", err=True)
             ctx.exit(2)
         except Exception as exc:  # a bug: short message, traceback with -v
-            if verbose:
-                raise
+            if _verbose(ctx):
+                traceback.print_exc()
             click.echo(f"onnxlr: internal error: {type(exc).__name__}: {exc}\n"
                        "Run again with -v for the traceback and please report it.", err=True)
             ctx.exit(3)
+
+
+def _verbose(ctx: click.Context) -> bool:
+    # -v may come before or after the subcommand; both end up in the State object.
+    return bool(ctx.obj is not None and ctx.obj.verbose)
 
 
 @click.group(cls=OnnxlrGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
