@@ -204,3 +204,22 @@ def test_each_pass_runs_alone_on_an_ir_model():
     converted, report = ConvFactorization(rank=2).apply(model)
     assert op_types(converted) == ["Conv", "Conv", "Flatten", "MatMul"]
     assert {row["op_type"] for row in report["layers"]} == {"Conv"}
+
+
+def test_weight_used_inside_a_loop_body():
+    # v <- v · W, three times; W lives in the main graph (outer scope of the body).
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["v_in", "W"], ["v_out"], name="loop_mm")],
+        "body",
+        [tensor_input("i", [], TensorProto.INT64), tensor_input("cond_in", [], TensorProto.BOOL),
+         tensor_input("v_in", [2, 8])],
+        [tensor_input("cond_out", [], TensorProto.BOOL), tensor_input("v_out", [2, 8])])
+    nodes = [helper.make_node("Loop", ["trips", "cond", "v0"], ["v"], name="loop", body=body)]
+    model = make_model(nodes, [tensor_input("v0", [2, 8])], [tensor_input("v", [2, 8])],
+                       [init("W", weight(8, 8) / 3), init("trips", np.array(3, dtype=np.int64)),
+                        init("cond", np.array(True))])
+    new_model, report = check_exact(model, {"v0": weight(2, 8)})
+    assert layer(report, "loop_mm")["status"] == "factorized"
+    body_ops = [n.op_type for n in new_model.graph.node[0].attribute[0].g.node]
+    assert body_ops.count("MatMul") == 2
