@@ -335,6 +335,70 @@ def verify(state: State, reference_path: str, candidate_path: str, json_path: st
         raise GateFailed("verification failed: " + "; ".join(result["failures"]))
 
 
+# ----------------------------------------------------------------------------- bench
+
+EXAMPLES_BENCH = """
+\b
+Examples:
+  onnxlr bench model.onnx
+  onnxlr bench model.onnx --compare model-lr.onnx --threads 1 --runs 200
+  onnxlr bench model.onnx --compare model-lr.onnx --inputs eval.npz --samples 1 --json bench.json
+  onnxlr bench model.onnx --shape input_ids:1x128 --providers cpu,cuda
+"""
+
+
+@cli.command(epilog=EXAMPLES_BENCH)
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=True))
+@click.option("--compare", "compare_path", type=click.Path(dir_okay=True), default=None, metavar="OTHER",
+              help="Time OTHER interleaved with MODEL and report the speedup MODEL/OTHER.")
+@click.option("--providers", default="cpu", show_default=True, metavar="LIST", help="Execution providers.")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="onnxruntime intra-op threads (0: onnxruntime's default); inter-op is 1.")
+@click.option("--runs", type=click.IntRange(min=2), default=50, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--optimization-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+              show_default=True, help="onnxruntime graph optimization level (the same for both models).")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.npz",
+              help="Inputs keyed by input name; the first --samples samples are used. Default: synthesized.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS", help="Shape of a synthesized input.")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch size of each timed run.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthesized inputs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
+              help="Write every figure and the run context as JSON.")
+@verbosity_options
+@click.pass_obj
+def bench(state: State, model_path: str, compare_path: str | None, providers: str, threads: int, runs: int,
+          warmup: int, optimization_level: str, inputs_path: str | None, shapes: tuple[str, ...], samples: int,
+          seed: int, json_path: str | None) -> None:
+    """Measure MODEL's latency with onnxruntime (p50/p90/p99, mean, std), optionally against OTHER.
+
+    With --compare, the two models run interleaved in one process (A B, B A, ...) after the same
+    warm-up, and the speedup is the median of the per-run ratios, with its 10th-90th percentile spread.
+    """
+    from onnxlr import bench as b
+    from onnxlr import verify as v
+    from onnxlr.report import print_bench, write_json
+
+    loaded = io.load(model_path)
+    if compare_path:
+        io.load(compare_path)  # the same safety checks before onnxruntime reads it
+    specs = v.input_specs(loaded.model)
+    if inputs_path:
+        feeds = {name: array[:samples] for name, array in v.load_inputs(inputs_path, specs).items()}
+    else:
+        feeds = v.synthesize_inputs(specs, seed=seed, samples=samples, shapes=v.parse_shape_overrides(shapes))
+    models = [model_path] + ([compare_path] if compare_path else [])
+    results = {"providers": {}}
+    for provider in v.parse_providers(_split_list(providers)):
+        results["providers"][provider] = b.benchmark(models, feeds, provider, threads=threads, runs=runs,
+                                                     warmup=warmup, optimization_level=optimization_level,
+                                                     progress=state.progress)
+    if json_path:
+        write_json(results, json_path)
+    print_bench(results, state.console)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

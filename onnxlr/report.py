@@ -115,3 +115,22 @@ def print_verification(result: dict[str, Any], console: Console) -> None:
             console.print(f"{provider} vs cpu (reference only, provider noise) {name}: max abs "
                           f"{noise['max_abs']:.3g}, cosine {noise['cosine']:.6f}", highlight=False)
     console.print("verification: " + ("[green]passed[/]" if result["passed"] else "[red]FAILED[/]"))
+
+
+def print_bench(results: dict[str, Any], console: Console) -> None:
+    table = Table(title="onnxlr: latency (ms)", title_justify="left")
+    for column in ("provider", "model", "p50", "p90", "p99", "mean", "std", "runs"):
+        table.add_column(column, justify="left" if column in ("provider", "model") else "right")
+    for provider, result in results["providers"].items():
+        for row in result["models"]:
+            table.add_row(provider, row["model"], f"{row['p50_ms']:.3f}", f"{row['p90_ms']:.3f}",
+                          f"{row['p99_ms']:.3f}", f"{row['mean_ms']:.3f}", f"{row['std_ms']:.3f}", str(row["runs"]))
+    console.print(table)
+    for provider, result in results["providers"].items():
+        if "speedup" in result:
+            s = result["speedup"]
+            console.print(f"{provider}: speedup {s['median']:.3f}x (p10 {s['p10']:.3f}, p90 {s['p90']:.3f}; "
+                          "median of per-run ratios, interleaved)", highlight=False)
+        context = result["context"]
+        console.print(f"{provider}: {context['cpu']}, {context['intra_op_threads']} thread(s), optimization "
+                      f"{context['graph_optimization_level']}, onnxruntime {context['onnxruntime']}", highlight=False)
