@@ -179,7 +179,8 @@ verification_options = _options(
     click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.npz",
                  help="Inputs keyed by input name, samples along the first axis. Default: synthesized."),
     click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-                 help="Shape of a synthesized input, e.g. input_ids:1x128 (repeatable)."),
+                 help="Fix an input's dynamic dims, e.g. input_ids:1x128 (repeatable): for synthesized inputs "
+                      "and, in optimize, for the MAC/FLOP counts."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthesized inputs."),
     click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
                  help="Batch dimension of synthesized inputs."),
@@ -264,7 +265,10 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     loaded = io.load(input_path)
     if output_path is not None and not dry_run:
         io.check_output_path(output_path, loaded)
-    report = factorize_model(loaded.model, config, progress=state.progress, dry_run=dry_run)
+    from onnxlr.verify import parse_shape_overrides
+
+    report = factorize_model(loaded.model, config, progress=state.progress, dry_run=dry_run,
+                             input_shapes=parse_shape_overrides(verify_options["shapes"]))
     report["input"] = str(input_path)
     failure = None
     if not dry_run:

@@ -7,13 +7,14 @@ must keep their input (the API and the CLI) hand it a fresh copy (onnxlr.io.load
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import heapq
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -130,11 +131,15 @@ class SkippedNode:
 
 
 def factorize_model(model: ir.Model, settings: Settings, progress: Progress | None = None,
-                    dry_run: bool = False) -> dict[str, Any]:
+                    dry_run: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None
+                    ) -> dict[str, Any]:
     """Factorize `model` in place (unless `dry_run`) and return the report dict."""
+    from onnxlr import cost
+
     progress = progress or (lambda items, _description: items)
     totals_before = model_totals(model)
-    context = Context(shapes=infer_shapes(model), opset=_default_opset(model))
+    context = Context(shapes=infer_shapes(model, input_shapes), opset=_default_opset(model))
+    cost_before = cost.totals(cost.model_costs(model, context.shapes), model)
     # Graph order (subgraph nodes follow their parent), taken before the rewrite removes nodes.
     order = {id(node): index for index, node in enumerate(ir.traversal.RecursiveGraphIterator(model.graph))}
     groups, skipped = find_targets(model, settings, context)
@@ -143,28 +148,73 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
         rewrite(model, groups, progress)
         cleanup(model, groups)
         record_metadata(model, settings, groups)
-    return build_report(groups, skipped, settings, order, totals_before, model_totals(model) if not dry_run else None)
+    report = build_report(groups, skipped, settings, order, totals_before, model_totals(model) if not dry_run else None)
+    report["cost"] = {"before": cost_before}
+    if not dry_run:
+        report["cost"]["after"] = cost.totals(cost.model_costs(model, infer_shapes(model, input_shapes)), model)
+    return report
 
 
 def _default_opset(model: ir.Model) -> int:
     return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
 
 
-def infer_shapes(model: ir.Model) -> dict[str, tuple | None]:
+def infer_shapes(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+                 ) -> dict[str, tuple | None]:
     """Static shapes by value name from ONNX shape inference (unknown dims as None), all graphs included.
 
-    Inference runs on a serialized copy whose external tensors stay references, so nothing large
-    is read; a model onnx cannot infer (custom ops, say) just yields fewer shapes.
+    `input_shapes` fixes graph inputs' dimensions first (`--shape input_ids:1x128`). Inference runs
+    on a serialized copy in which every initializer is a data-less external reference, so no
+    weight is copied; a model onnx cannot infer (custom ops, say) just yields fewer shapes.
     """
     shapes: dict[str, tuple | None] = {}
     try:
-        proto = ir.serde.serialize_model(model)
+        with _initializers_as_references(model):
+            proto = ir.serde.serialize_model(model)
+        for graph_input in proto.graph.input:
+            if input_shapes and graph_input.name in input_shapes:
+                _set_dims(graph_input, input_shapes[graph_input.name])
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except OnnxlrError:
+        raise
     except Exception as exc:  # inference is best effort: MACs become per unit of unknown dims
         logger.info("shape inference failed: %s", exc)
         return shapes
     _collect_shapes(inferred.graph, shapes)
     return shapes
+
+
+def _set_dims(value_info: onnx.ValueInfoProto, dims: Sequence[int]) -> None:
+    shape = value_info.type.tensor_type.shape
+    if len(shape.dim) != len(dims):
+        raise OnnxlrError(f"--shape {value_info.name}: {len(dims)} dimensions given, the input has {len(shape.dim)}")
+    for dim, size in zip(shape.dim, dims):
+        if dim.HasField("dim_value") and dim.dim_value != size:
+            raise OnnxlrError(f"--shape {value_info.name}: dimension {dim.dim_value} is fixed, cannot be {size}")
+        dim.Clear()
+        dim.dim_value = int(size)
+
+
+@contextlib.contextmanager
+def _initializers_as_references(model: ir.Model) -> Iterator[None]:
+    """Swap initializer tensors for external references that are never read (shape inference needs shapes only)."""
+    swapped: list[tuple[ir.Value, Any]] = []
+    try:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                # Integer tensors (shapes, position ids) and tiny ones stay: they feed data propagation.
+                if (tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes <= 4096
+                        or not tensor.dtype.is_floating_point()):
+                    continue
+                swapped.append((value, tensor))
+                value.const_value = ir.ExternalTensor(
+                    "__shapes_only__", offset=0, length=tensor.nbytes, dtype=tensor.dtype, shape=tensor.shape,
+                    name=tensor.name, base_dir="")
+        yield
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
 def _collect_shapes(graph: onnx.GraphProto, shapes: dict[str, tuple | None]) -> None:

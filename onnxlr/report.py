@@ -73,6 +73,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"MACs (MatMul/Gemm/Conv with constant weights): {human(totals['macs_before'])} -> "
         f"{human(totals['macs_after'])} ({_ratio(totals['macs_after'], totals['macs_before'])})",
     ]
+    cost = report.get("cost", {})
+    if "after" in cost:
+        before, after = cost["before"], cost["after"]
+        per_unit = " (dims unknown to shape inference count as 1)" if before["unknown_dims"] else ""
+        lines.append(f"model FLOPs: {human(before['flops'])} -> {human(after['flops'])} "
+                     f"({_ratio(after['flops'], before['flops'])}){per_unit}")
     return lines
 
 
