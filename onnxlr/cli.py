@@ -166,6 +166,8 @@ target_selection_options = _options(
 output_options = _options(
     click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
                  help="Write the report (settings, totals, per-layer rows) as JSON."),
+    click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.md",
+                 help="Write the report as Markdown (a CI job summary or a pull-request comment)."),
     click.option("--external-data/--no-external-data", default=None,
                  help="Force weights into (or out of) a .data file beside the model. Default: external when the "
                       "input used it or the model exceeds 2 GB."),
@@ -247,7 +249,7 @@ def _split_ops(text: str) -> tuple[str, ...]:
 @verbosity_options
 @click.pass_obj
 def optimize(state: State, input_path: str, output_path: str | None, report_path: str | None,
-             external_data: bool | None, dry_run: bool, run_verify: bool, keep_failed: bool, ops: str,
+             markdown_path: str | None, external_data: bool | None, dry_run: bool, run_verify: bool, keep_failed: bool, ops: str,
              **options: Any) -> None:
     """Factorize INPUT's MatMul, Gemm and Conv weights and write OUTPUT.
 
@@ -279,20 +281,22 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
                 if not result["passed"]:
                     failure = "verification failed: " + "; ".join(result["failures"])
                     if not keep_failed:
-                        _finish(report, report_path, state)
+                        _finish(report, report_path, markdown_path, state)
                         raise GateFailed(failure + " (nothing written; --keep-failed writes it anyway)")
         report["output"] = str(output_path)
-    _finish(report, report_path, state)
+    _finish(report, report_path, markdown_path, state)
     if failure:
         raise GateFailed(failure)
 
 
-def _finish(report: dict[str, Any], report_path: str | None, state: State) -> None:
-    """Write the JSON report (also for a failed gate: it says why) and print the tables."""
-    from onnxlr.report import print_report, print_verification, write_json
+def _finish(report: dict[str, Any], report_path: str | None, markdown_path: str | None, state: State) -> None:
+    """Write the reports (also for a failed gate: they say why) and print the tables."""
+    from onnxlr.report import print_report, print_verification, render_markdown, write_json, write_text
 
     if report_path:
         write_json(report, report_path)
+    if markdown_path:
+        write_text(render_markdown(report), markdown_path)
     print_report(report, state.console)
     if "verification" in report:
         print_verification(report["verification"], state.console)

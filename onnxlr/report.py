@@ -14,18 +14,7 @@ from rich.table import Table
 
 def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write JSON atomically (temporary file next to the target, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2, sort_keys=True)
-            stream.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", path)
 
 
 def human(count: int | float | None) -> str:
@@ -140,3 +129,71 @@ def print_bench(results: dict[str, Any], console: Console) -> None:
         context = result["context"]
         console.print(f"{provider}: {context['cpu']}, {context['intra_op_threads']} thread(s), optimization "
                       f"{context['graph_optimization_level']}, onnxruntime {context['onnxruntime']}", highlight=False)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown (a CI job summary or a pull-request comment)."""
+    totals = report["totals"]
+    lines = [
+        "## onnxlr optimize",
+        "",
+        f"`{report.get('input', '?')}` -> `{report.get('output', '(not written)')}`, onnxlr {report['onnxlr_version']}",
+        "",
+        "| | before | after | ratio |",
+        "| --- | ---: | ---: | ---: |",
+        f"| parameters | {human(totals['params_before'])} | {human(totals['params_after'])} | "
+        f"{_ratio(totals['params_after'], totals['params_before'])} |",
+        f"| bytes | {human(totals['bytes_before'])}B | {human(totals['bytes_after'])}B | "
+        f"{_ratio(totals['bytes_after'], totals['bytes_before'])} |",
+        f"| MatMul/Gemm/Conv MACs | {human(totals['macs_before'])} | {human(totals['macs_after'])} | "
+        f"{_ratio(totals['macs_after'], totals['macs_before'])} |",
+    ]
+    cost = report.get("cost", {})
+    if "after" in cost:
+        lines.append(f"| model FLOPs | {human(cost['before']['flops'])} | {human(cost['after']['flops'])} | "
+                     f"{_ratio(cost['after']['flops'], cost['before']['flops'])} |")
+    lines += ["", f"{totals['factorized']} layers factorized, {totals['skipped']} skipped.", ""]
+    verification = report.get("verification")
+    if verification:
+        lines += ["### Verification " + ("passed" if verification["passed"] else "FAILED"), "",
+                  "| provider | output | max abs | cosine | SNR dB | top-1 | result |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        for provider, entry in verification["providers"].items():
+            for name, m in entry["outputs"].items():
+                if "max_abs" not in m:
+                    lines.append(f"| {provider} | {name} | - | - | - | - | {m['failure']} |")
+                    continue
+                snr = "-" if m["snr_db"] is None else f"{m['snr_db']:.1f}"
+                top1 = f"{m['top1_agreement']:.3f}" if "top1_agreement" in m else "-"
+                result = "pass" if m["passed"] else f"FAIL: {m['failure']}"
+                lines.append(f"| {provider} | `{name}` | {m['max_abs']:.3g} | {m['cosine']:.6f} | {snr} | {top1} | "
+                             f"{result} |")
+        lines.append("")
+    lines += ["### Layers", "",
+              "| node | op | weight | scheme | rank | params | MACs | energy | status |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for layer in report["layers"]:
+        factorized = layer["status"] == "factorized"
+        shape = "x".join(str(d) for d in layer["weight_shape"]) if layer["weight_shape"] else "-"
+        rank = f"{layer['rank']}/{layer['full_rank']}" if factorized else "-"
+        energy = f"{layer['retained_energy']:.3f}" if layer["retained_energy"] is not None else "-"
+        status = "factorized" if factorized else f"skipped: {layer['reason']}"
+        lines.append(f"| `{layer['name']}` | {layer['op_type']} | {shape} | {layer['scheme'] or '-'} | {rank} | "
+                     f"{_before_after(layer['params_before'], layer['params_after'], factorized)} | "
+                     f"{_before_after(layer['macs_before'], layer['macs_after'], factorized)} | {energy} | {status} |")
+    return "\n".join(lines).replace("->", "→") + "\n"
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write a text file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -123,3 +123,13 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "onnxlr"
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "onnxlr" in result.stdout
+
+
+def test_markdown_report(small_model, tmp_path):
+    markdown = tmp_path / "summary.md"
+    result = onnxlr_cli("optimize", small_model, tmp_path / "out.onnx", "--rank", "2", "--markdown", markdown, "-q")
+    assert result.returncode == 0, result.stderr
+    text = markdown.read_text()
+    assert text.startswith("## onnxlr optimize")
+    assert "| `head` | Gemm |" in text and "| `conv` | Conv |" in text
+    assert "### Verification passed" in text
