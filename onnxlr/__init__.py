@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+import onnx_ir as ir
 
 from onnxlr._version import __version__
 from onnxlr.errors import GateFailed, OnnxlrError
@@ -16,6 +19,7 @@ from onnxlr.io import LoadedModel, convert, load, save
 
 
 def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = False,
+             calibration: Any = None, calibration_samples: int | None = None,
              **settings: Any) -> tuple[Any, dict]:
     """Factorize a model's MatMul/Gemm/Conv weights; returns (new model, report).
 
@@ -23,11 +27,19 @@ def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = Fa
     the result is of the same kind (an `onnx_ir.Model` for a path). The input is never modified.
     Settings are the `onnxlr optimize` flags with underscores: rank_ratio, rank, energy,
     param_ratio, param_budget, rank_multiple, allow_no_gain, min_params, include, exclude, ops,
-    conv_scheme.
+    conv_scheme. `calibration` (an .npz, a folder of them, or an iterable of input dicts; at most
+    `calibration_samples` samples) makes the MatMul/Gemm factorization data-aware (whitened SVD).
     """
     config = Settings(**settings)
     loaded = load(model)
-    report = factorize_model(loaded.model, config, progress=progress, dry_run=dry_run)
+    statistics = None
+    if calibration is not None:
+        from onnxlr.calibration import collect_grams
+
+        # onnxruntime runs the original: its file (external data beside it) or a serialized copy.
+        source = model if isinstance(model, (str, os.PathLike)) else ir.to_proto(loaded.model).SerializeToString()
+        statistics = collect_grams(source, loaded.model, calibration, samples=calibration_samples)
+    report = factorize_model(loaded.model, config, progress=progress, dry_run=dry_run, statistics=statistics)
     return convert(loaded.model, loaded.kind), report
 
 

@@ -27,6 +27,7 @@ Examples:
   onnxlr optimize model.onnx out.onnx --param-budget 0.6 --rank-multiple 8
   onnxlr optimize model.onnx out.onnx --ops Conv --conv-scheme spatial --dry-run
   onnxlr optimize model.onnx out.onnx --exclude '*lm_head*' --min-params 65536
+  onnxlr optimize model.onnx out.onnx --calibration calib.npz --calibration-samples 256
 """
 
 
@@ -163,6 +164,15 @@ target_selection_options = _options(
                       "auto picks the fewest MACs at equal error."),
 )
 
+calibration_options = _options(
+    click.option("--calibration", "calibration_path", type=click.Path(exists=True), default=None,
+                 metavar="FILE.npz|DIR",
+                 help="Calibration inputs (an .npz keyed by input name, or a folder of them): MatMul/Gemm "
+                      "weights get the activation-whitened SVD, which keeps the outputs on this data closest."),
+    click.option("--calibration-samples", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Use at most the first N calibration samples. Default: all."),
+)
+
 output_options = _options(
     click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
                  help="Write the report (settings, totals, per-layer rows) as JSON."),
@@ -240,12 +250,16 @@ def _split_ops(text: str) -> tuple[str, ...]:
 @click.argument("output_path", metavar="OUTPUT", type=click.Path(dir_okay=True), required=False)
 @rank_policy_options
 @target_selection_options
+@calibration_options
 @output_options
 @click.option("--dry-run", is_flag=True, help="Plan and print the table; write no model.")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
               help="Compare the result with the input on onnxruntime before writing it.")
 @verification_options
 @click.option("--keep-failed", is_flag=True, help="Write the model even when a verification gate fails (exit 1).")
+@click.option("--targets", "targets_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="FILE.toml", help="Extra edge targets for the report's latency ESTIMATES (same schema as "
+                                        "onnxlr/data/devices.toml); prints the estimate table.")
 @verbosity_options
 @click.pass_obj
 def optimize(state: State, input_path: str, output_path: str | None, report_path: str | None,
@@ -261,6 +275,8 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     from onnxlr.factorize import Settings, factorize_model
 
     verify_options = {key: options.pop(key) for key in VERIFY_KEYS}
+    calibration_path, calibration_samples = options.pop("calibration_path"), options.pop("calibration_samples")
+    targets_path = options.pop("targets_path")
     if output_path is None and not dry_run:
         raise OnnxlrError("missing OUTPUT: give an output path, or --dry-run to only plan")
     config = Settings(ops=_split_ops(ops), **options)
@@ -269,9 +285,14 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
         io.check_output_path(output_path, loaded)
     from onnxlr.verify import parse_shape_overrides
 
+    edge_before = _edge_before(loaded, verify_options["shapes"], report_path, targets_path, dry_run)
     report = factorize_model(loaded.model, config, progress=state.progress, dry_run=dry_run,
-                             input_shapes=parse_shape_overrides(verify_options["shapes"]))
+                             input_shapes=parse_shape_overrides(verify_options["shapes"]),
+                             statistics=_calibrate(input_path, loaded, calibration_path, calibration_samples,
+                                                   verify_options["batch_size"]))
     report["input"] = str(input_path)
+    if edge_before:
+        report["targets"] = _edge_after(edge_before, loaded.model)
     failure = None
     if not dry_run:
         with io.staged_save(loaded.model, output_path, source=loaded, external_data=external_data) as staged:
@@ -285,8 +306,45 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
                         raise GateFailed(failure + " (nothing written; --keep-failed writes it anyway)")
         report["output"] = str(output_path)
     _finish(report, report_path, markdown_path, state)
+    if targets_path and "targets" in report:
+        from onnxlr.edge import print_estimates
+
+        print_estimates(report["targets"], state.console)
     if failure:
         raise GateFailed(failure)
+
+
+def _calibrate(input_path: str, loaded: Any, calibration_path: str | None, samples: int | None,
+               batch_size: int) -> dict | None:
+    """Activation Grams of the original model on the calibration data (before it is rewritten)."""
+    if calibration_path is None:
+        if samples is not None:
+            raise OnnxlrError("--calibration-samples needs --calibration")
+        return None
+    from onnxlr.calibration import collect_grams
+
+    return collect_grams(input_path, loaded.model, calibration_path, samples=samples, batch_size=batch_size)
+
+
+def _edge_before(loaded: Any, shapes: tuple[str, ...], report_path: str | None, targets_path: str | None,
+                 dry_run: bool) -> tuple | None:
+    """Targets and the original's per-node costs, taken before the rewrite (for report["targets"])."""
+    if dry_run or not (report_path or targets_path):
+        return None
+    from onnxlr import edge
+    from onnxlr.verify import parse_shape_overrides
+
+    input_shapes = parse_shape_overrides(shapes)
+    return (edge.load_targets(targets_path), edge.node_costs(loaded.model, input_shapes),
+            edge.model_precision(loaded.model), input_shapes)
+
+
+def _edge_after(before: tuple, model: Any) -> dict[str, Any]:
+    """Per target: roofline estimates before and after the rewrite (estimates, not measurements)."""
+    from onnxlr import edge
+
+    targets, costs, precision, input_shapes = before
+    return edge.before_after(costs, edge.node_costs(model, input_shapes), targets, precision)
 
 
 def _finish(report: dict[str, Any], report_path: str | None, markdown_path: str | None, state: State) -> None:
@@ -374,11 +432,19 @@ Examples:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthesized inputs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
               help="Write every figure and the run context as JSON.")
+@click.option("--profile", is_flag=True,
+              help="With --compare: onnxruntime's per-node profile, each factorized layer against its pair.")
+@click.option("--targets-estimate", is_flag=True,
+              help="Also ESTIMATE latency on edge targets (roofline from published peak figures, not measured).")
+@click.option("--targets", "targets_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="FILE.toml", help="Extra edge targets (same schema as onnxlr/data/devices.toml); "
+                                        "implies --targets-estimate.")
 @verbosity_options
 @click.pass_obj
 def bench(state: State, model_path: str, compare_path: str | None, providers: str, threads: int, runs: int,
           warmup: int, optimization_level: str, inputs_path: str | None, shapes: tuple[str, ...], samples: int,
-          seed: int, json_path: str | None) -> None:
+          seed: int, json_path: str | None, profile: bool, targets_estimate: bool = False,
+          targets_path: str | None = None) -> None:
     """Measure MODEL's latency with onnxruntime (p50/p90/p99, mean, std), optionally against OTHER.
 
     With --compare, the two models run interleaved in one process (A B, B A, ...) after the same
@@ -398,13 +464,78 @@ def bench(state: State, model_path: str, compare_path: str | None, providers: st
         feeds = v.synthesize_inputs(specs, seed=seed, samples=samples, shapes=v.parse_shape_overrides(shapes))
     models = [model_path] + ([compare_path] if compare_path else [])
     results = {"providers": {}}
+    if targets_estimate or targets_path:  # before timing: a bad targets file fails fast
+        from onnxlr import edge
+
+        results["targets"] = edge.for_bench(models, feeds, targets_path)
     for provider in v.parse_providers(_split_list(providers)):
         results["providers"][provider] = b.benchmark(models, feeds, provider, threads=threads, runs=runs,
                                                      warmup=warmup, optimization_level=optimization_level,
                                                      progress=state.progress)
+    if profile:
+        if not compare_path:
+            raise OnnxlrError("--profile needs --compare OTHER (it compares each layer with its factor pair)")
+        for provider, result in results["providers"].items():
+            result["profile"] = b.profile_layers(model_path, compare_path, feeds, provider, threads=threads)
     if json_path:
         write_json(results, json_path)
     print_bench(results, state.console)
+    if "targets" in results:
+        edge.print_estimates(results["targets"], state.console)
+
+
+# ----------------------------------------------------------------------------- analyze
+
+EXAMPLES_ANALYZE = """
+\b
+Examples:
+  onnxlr analyze model.onnx
+  onnxlr analyze model.onnx --energy 0.99 --json spectra.json --html spectra.html
+  onnxlr analyze model.onnx --param-budget 0.5
+  onnxlr analyze model.onnx --calibration calib.npz --html spectra.html
+"""
+
+
+@cli.command(epilog=EXAMPLES_ANALYZE)
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=True))
+@click.option("--energy", type=FRACTION, default=None, metavar="E",
+              help="Plan ranks keeping fraction E of the squared singular values (default 0.95); also the "
+                   "level at which a layer counts as compressible.")
+@click.option("--param-budget", type=FRACTION, default=None, metavar="P",
+              help="Plan ranks as optimize --param-budget P instead (the factorizable layers keep <= P of their parameters).")
+@calibration_options
+@click.option("--power-law/--no-power-law", default=True, show_default=True,
+              help="Fit the heavy-tail exponent alpha of each weight's eigenvalues (WeightWatcher-style).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
+              help="Write every statistic (spectra included) and the recommendation as JSON.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.html",
+              help="Write one self-contained page with a spectrum and an energy plot per layer.")
+@verbosity_options
+@click.pass_obj
+def analyze(state: State, model_path: str, energy: float | None, param_budget: float | None,
+            calibration_path: str | None, calibration_samples: int | None, power_law: bool,
+            json_path: str | None, html_path: str | None) -> None:
+    """Show how compressible each MatMul/Gemm/Conv weight of MODEL is, before choosing ranks.
+
+    Per layer and view: full rank, ranks keeping 90/95/99% of the energy, effective and stable
+    rank, break-even rank, the heavy-tail exponent alpha; then the `onnxlr optimize` command that
+    applies the plan for --energy (default 0.95) or --param-budget.
+    """
+    from onnxlr import analyze as a
+    from onnxlr.report import write_json
+
+    if energy is not None and param_budget is not None:
+        raise OnnxlrError("choose --energy or --param-budget, not both")
+    loaded = io.load(model_path)
+    statistics = _calibrate(model_path, loaded, calibration_path, calibration_samples, batch_size=16)
+    result = a.analyze_model(loaded.model, model_path=model_path, energy=energy, param_budget=param_budget,
+                             statistics=statistics, calibration_path=calibration_path, power_law=power_law,
+                             progress=state.progress)
+    if json_path:
+        write_json(result, json_path)
+    if html_path:
+        a.write_html(result, html_path)
+    a.print_analysis(result, state.console)
 
 
 # ----------------------------------------------------------------------------- entry point

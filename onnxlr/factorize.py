@@ -24,6 +24,7 @@ import onnx_ir.passes.common as ir_passes
 
 from onnxlr import lowrank
 from onnxlr._version import __version__
+from onnxlr.calibration import INPUT_SIDE
 from onnxlr.errors import OnnxlrError
 from onnxlr.passes import LEFT_ALONE, PASSES, Context, Scheme, Skip, Target
 from onnxlr.passes.base import FLOAT_TYPES, NameGenerator
@@ -110,6 +111,7 @@ class WeightGroup:
     scheme: Scheme | None = None
     rank: int | None = None
     reason: str = ""  # set when the group stays dense
+    gram: np.ndarray | None = None  # activation second moment (calibration): whitened SVD when set
 
     @property
     def lead(self) -> Target:
@@ -117,7 +119,11 @@ class WeightGroup:
 
     def decomposition(self, scheme: Scheme) -> lowrank.Decomposition:
         if scheme.name not in self.decompositions:
-            self.decompositions[scheme.name] = lowrank.svd(scheme.matrices)
+            if self.gram is not None:
+                side = INPUT_SIDE[self.lead.role]
+                self.decompositions[scheme.name] = lowrank.whitened_svd(scheme.matrices, self.gram, side=side)
+            else:
+                self.decompositions[scheme.name] = lowrank.svd(scheme.matrices)
         return self.decompositions[scheme.name]
 
 
@@ -131,9 +137,13 @@ class SkippedNode:
 
 
 def factorize_model(model: ir.Model, settings: Settings, progress: Progress | None = None,
-                    dry_run: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None
-                    ) -> dict[str, Any]:
-    """Factorize `model` in place (unless `dry_run`) and return the report dict."""
+                    dry_run: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                    statistics: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Factorize `model` in place (unless `dry_run`) and return the report dict.
+
+    `statistics`: Gram matrices by target output name (onnxlr.calibration.collect_grams); the
+    MatMul/Gemm targets that have one get the activation-whitened SVD.
+    """
     from onnxlr import cost
 
     progress = progress or (lambda items, _description: items)
@@ -143,6 +153,8 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     # Graph order (subgraph nodes follow their parent), taken before the rewrite removes nodes.
     order = {id(node): index for index, node in enumerate(ir.traversal.RecursiveGraphIterator(model.graph))}
     groups, skipped = find_targets(model, settings, context)
+    if statistics:
+        attach_statistics(groups, statistics)
     plan_ranks(groups, settings, progress)
     if not dry_run:
         rewrite(model, groups, progress)
@@ -300,6 +312,16 @@ def _group_shared_weights(targets: list[Target], skipped: list[SkippedNode], set
             group.reason = f"fewer than --min-params {settings.min_params} parameters"
         groups.append(group)
     return groups, skipped
+
+
+def attach_statistics(groups: list[WeightGroup], statistics: Mapping[str, np.ndarray]) -> None:
+    """Give each MatMul/Gemm group the sum of its users' Grams (users without statistics add nothing)."""
+    for group in groups:
+        if group.lead.role not in INPUT_SIDE:
+            continue  # Conv: plain SVD for now
+        grams = [statistics[key] for key in (t.node.outputs[0].name for t in group.targets) if key in statistics]
+        if grams:
+            group.gram = np.sum(grams, axis=0)
 
 
 # ----------------------------------------------------------------------------- rank planning
@@ -556,6 +578,7 @@ def _layer_row(group: WeightGroup, target: Target) -> dict[str, Any]:
         "full_rank": scheme.full_rank if scheme else None,
         "break_even_rank": scheme.break_even_rank if scheme else None,
         "retained_energy": decomposition.retained_energy(rank) if (decomposition and rank) else None,
+        "method": decomposition.method if (decomposition and rank) else None,
         "params_before": scheme.params_before if scheme else int(target.array.size),
         "params_after": scheme.params_after(rank) if (scheme and rank) else (scheme.params_before if scheme else int(target.array.size)),
         "macs_before": scheme.macs_before if scheme else None,
@@ -568,6 +591,6 @@ def _skipped_row(item: SkippedNode) -> dict[str, Any]:
     return {
         "name": item.node.name or "?", "op_type": item.node.op_type,
         "status": "skipped", "reason": item.reason, "weight": None, "weight_shape": None, "dtype": None,
-        "scheme": None, "rank": None, "full_rank": None, "break_even_rank": None, "retained_energy": None,
+        "scheme": None, "rank": None, "full_rank": None, "break_even_rank": None, "retained_energy": None, "method": None,
         "params_before": None, "params_after": None, "macs_before": None, "macs_after": None, "shared_with": [],
     }

@@ -26,6 +26,7 @@ class Decomposition:
     u: np.ndarray  # (groups, m, k)
     s: np.ndarray  # (groups, k), descending
     vt: np.ndarray  # (groups, k, n)
+    method: str = "svd"  # "whitened": s is the spectrum of the activation-weighted matrix (whitened_svd)
 
     @property
     def full_rank(self) -> int:
@@ -77,6 +78,64 @@ def svd(matrices: np.ndarray) -> Decomposition:
         parts = [scipy.linalg.svd(m, full_matrices=False, lapack_driver="gesvd") for m in work]
         u, s, vt = (np.stack(x) for x in zip(*parts))
     return Decomposition(u=u, s=s, vt=vt)
+
+
+# ----------------------------------------------------------------------------- activation-whitened SVD
+
+DEFAULT_DAMPING = 1e-6
+# Cholesky pivots spanning more than this (squared) ratio mean a root too ill-conditioned to invert safely.
+MAX_CONDITION = 1e12
+
+
+def whitened_svd(matrices: np.ndarray, gram: np.ndarray, damping: float = DEFAULT_DAMPING,
+                 side: str = "rows") -> Decomposition:
+    """SVD that minimizes the error on the calibration activations instead of on the weight (SVD-LLM).
+
+    `gram` (K, K) is the second moment sum x x^T of the vectors the weight multiplies. With
+    side="rows" the weight is applied as x^T W (K = m: MatMul right, Gemm B); with side="cols" as
+    W x (K = n: MatMul left, Gemm A). For G = S S^T, ||X (W - A B)|| = ||S^T (W - A B)||, so the
+    best rank-r pair is the truncated SVD of S^T W, un-whitened: A = S^-T U sqrt(s), B = sqrt(s) Vt.
+    The result's s is that whitened spectrum, so energy rules measure the output error.
+    """
+    if side not in ("rows", "cols"):
+        raise ValueError(f"side must be rows or cols, got {side!r}")
+    work = matrices if side == "rows" else np.swapaxes(matrices, 1, 2)
+    size = work.shape[1]
+    if gram.shape != (size, size):
+        raise ValueError(f"gram of shape {gram.shape} does not fit the weight's input side {size}")
+    gram = np.asarray(gram, dtype=np.float64)
+    scale = float(np.mean(np.diag(gram))) if size else 0.0
+    if not np.isfinite(scale) or scale <= 0.0:
+        return svd(matrices)  # all-zero activations carry no information
+    root, inverse_t = _gram_root(gram, damping * scale)
+    inner = svd(root.T @ np.asarray(work, dtype=np.float64))
+    u = inverse_t @ inner.u  # un-whiten: A = S^-T U (the sqrt(s) split stays in factors())
+    if side == "rows":
+        return Decomposition(u=u, s=inner.s, vt=inner.vt, method="whitened")
+    # W^T ~= (S^-T U) diag(s) Vt, hence W ~= V diag(s) (S^-T U)^T.
+    return Decomposition(u=np.swapaxes(inner.vt, 1, 2), s=inner.s, vt=np.swapaxes(u, 1, 2), method="whitened")
+
+
+def _gram_root(gram: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """S with S S^T = G + damping I, and S^-T: Cholesky, or eigenvalues clipped when that is unsafe."""
+    import scipy.linalg
+
+    size = gram.shape[0]
+    identity = np.eye(size)
+    try:
+        lower = np.linalg.cholesky(gram + damping * identity)
+        pivots = np.diag(lower)
+        if np.all(np.isfinite(lower)) and pivots.min() > 0 and (pivots.max() / pivots.min()) ** 2 <= MAX_CONDITION:
+            inverse = scipy.linalg.solve_triangular(lower, identity, lower=True)
+            return lower, inverse.T
+    except np.linalg.LinAlgError:
+        pass
+    logger.info("Gram matrix is ill-conditioned; whitening with clipped eigenvalues")
+    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+    # Clip at the damping, and at a floor relative to the largest eigenvalue so S stays invertible.
+    floor = max(damping, float(values.max()) / MAX_CONDITION, np.finfo(np.float64).tiny)
+    roots = np.sqrt(np.clip(values, floor, None))
+    return vectors * roots[None, :], vectors / roots[None, :]
 
 
 # ----------------------------------------------------------------------------- rank rules

@@ -126,6 +126,8 @@ def print_bench(results: dict[str, Any], console: Console) -> None:
             s = result["speedup"]
             console.print(f"{provider}: speedup {s['median']:.3f}x (p10 {s['p10']:.3f}, p90 {s['p90']:.3f}; "
                           "median of per-run ratios, interleaved)", highlight=False)
+        if "profile" in result:
+            console.print(profile_table(provider, result["profile"]))
         context = result["context"]
         console.print(f"{provider}: {context['cpu']}, {context['intra_op_threads']} thread(s), optimization "
                       f"{context['graph_optimization_level']}, onnxruntime {context['onnxruntime']}", highlight=False)
@@ -197,3 +199,21 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def profile_table(provider: str, profile: dict[str, Any]) -> Table:
+    table = Table(title=f"{provider}: per-layer kernel time (onnxruntime profiler, {profile['optimization_level']} "
+                        "optimizations)", title_justify="left")
+    for column in ("layer", "original us", "pair us", "speedup"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for row in profile["layers"]:
+        original = "-" if row["original_us"] is None else f"{row['original_us']:.1f}"
+        pair = "-" if row["pair_us"] is None else f"{row['pair_us']:.1f}"
+        if row["speedup"] is None:
+            speedup = "-"
+        elif row["speedup"] >= 1:
+            speedup = f"[green]{row['speedup']:.2f}x[/]"
+        else:  # fewer MACs but slower: exactly what a user must see
+            speedup = f"[red]{row['speedup']:.2f}x (slower)[/]"
+        table.add_row(row["name"], original, pair, speedup)
+    return table

@@ -78,8 +78,11 @@ def parse_providers(names: Sequence[str] | None) -> list[str]:
 
 
 def make_session(model: str | os.PathLike | bytes, provider: str, threads: int = 0,
-                 optimization_level: str = "all"):
-    """An onnxruntime session that really runs on `provider` (a silent fallback to CPU is an error)."""
+                 optimization_level: str = "all", external_data_folder: str | os.PathLike | None = None,
+                 profile_prefix: str | None = None):
+    """An onnxruntime session that really runs on `provider` (a silent fallback to CPU is an error).
+
+    `external_data_folder`: where a model given as bytes finds its external data (its file's folder)."""
     import onnxruntime as ort
 
     wanted = PROVIDERS[provider]
@@ -90,12 +93,18 @@ def make_session(model: str | os.PathLike | bytes, provider: str, threads: int =
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if profile_prefix:  # onnxruntime's per-node profiler (bench --profile)
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization_level]
+    if external_data_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(external_data_folder))
     source = model if isinstance(model, bytes) else str(model)
     try:
         session = ort.InferenceSession(source, options, providers=[wanted])

@@ -49,3 +49,28 @@ def test_bench_cli_compares_two_models(tmp_path):
     assert context["intra_op_threads"] == 1 and context["inter_op_threads"] == 1
     assert context["onnxruntime"] and context["cpu"]
     assert data["session_providers"][0] == "CPUExecutionProvider"
+
+
+def test_profile_attributes_kernel_time_to_each_factorized_layer(tmp_path):
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "V"], ["y"], name="fc2")]
+    model = make_model(nodes, [tensor_input("x", ["batch", 128])], [tensor_input("y", ["batch", 64])],
+                       [init("W", rng.standard_normal((128, 256)).astype(np.float32)),
+                        init("V", rng.standard_normal((256, 64)).astype(np.float32))])
+    onnx.save(model, tmp_path / "a.onnx")
+    run = [sys.executable, "-m", "onnxlr"]
+    subprocess.run([*run, "optimize", tmp_path / "a.onnx", tmp_path / "b.onnx", "--rank", "8", "-q"], check=True,
+                   timeout=120)
+    result = subprocess.run([*run, "bench", tmp_path / "a.onnx", "--compare", tmp_path / "b.onnx", "--runs", "5",
+                             "--profile", "--json", tmp_path / "bench.json"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    profile = json.loads((tmp_path / "bench.json").read_text())["providers"]["cpu"]["profile"]
+    assert [row["name"] for row in profile["layers"]] == ["fc1", "fc2"]
+    for row in profile["layers"]:
+        assert row["original_us"] > 0 and row["pair_us"] > 0 and row["speedup"] > 0
+    result = subprocess.run([*run, "bench", tmp_path / "a.onnx", "--profile"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "--compare" in result.stderr
