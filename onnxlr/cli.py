@@ -285,14 +285,18 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
         io.check_output_path(output_path, loaded)
     from onnxlr.verify import parse_shape_overrides
 
-    edge_before = _edge_before(loaded, verify_options["shapes"], report_path, targets_path, dry_run)
+    edge_targets = _edge_targets(loaded, report_path, targets_path, dry_run)
+    node_costs: dict[str, list] = {}
     report = factorize_model(loaded.model, config, progress=state.progress, dry_run=dry_run,
                              input_shapes=parse_shape_overrides(verify_options["shapes"]),
                              statistics=_calibrate(input_path, loaded, calibration_path, calibration_samples,
-                                                   verify_options["batch_size"]))
+                                                   verify_options["batch_size"]), node_costs=node_costs)
     report["input"] = str(input_path)
-    if edge_before:
-        report["targets"] = _edge_after(edge_before, loaded.model)
+    if edge_targets:
+        from onnxlr import edge
+
+        targets, precision = edge_targets
+        report["targets"] = edge.before_after(node_costs["before"], node_costs["after"], targets, precision)
     failure = None
     if not dry_run:
         with io.staged_save(loaded.model, output_path, source=loaded, external_data=external_data) as staged:
@@ -326,25 +330,14 @@ def _calibrate(input_path: str, loaded: Any, calibration_path: str | None, sampl
     return collect_grams(input_path, loaded.model, calibration_path, samples=samples, batch_size=batch_size)
 
 
-def _edge_before(loaded: Any, shapes: tuple[str, ...], report_path: str | None, targets_path: str | None,
-                 dry_run: bool) -> tuple | None:
-    """Targets and the original's per-node costs, taken before the rewrite (for report["targets"])."""
+def _edge_targets(loaded: Any, report_path: str | None, targets_path: str | None, dry_run: bool) -> tuple | None:
+    """Edge targets and the original's precision, when a report or --targets asks for estimates."""
     if dry_run or not (report_path or targets_path):
         return None
     from onnxlr import edge
-    from onnxlr.verify import parse_shape_overrides
 
-    input_shapes = parse_shape_overrides(shapes)
-    return (edge.load_targets(targets_path), edge.node_costs(loaded.model, input_shapes),
-            edge.model_precision(loaded.model), input_shapes)
-
-
-def _edge_after(before: tuple, model: Any) -> dict[str, Any]:
-    """Per target: roofline estimates before and after the rewrite (estimates, not measurements)."""
-    from onnxlr import edge
-
-    targets, costs, precision, input_shapes = before
-    return edge.before_after(costs, edge.node_costs(model, input_shapes), targets, precision)
+    # Precision is read before the rewrite: the original's weights decide it.
+    return edge.load_targets(targets_path), edge.model_precision(loaded.model)
 
 
 def _finish(report: dict[str, Any], report_path: str | None, markdown_path: str | None, state: State) -> None:

@@ -138,7 +138,7 @@ class SkippedNode:
 
 def factorize_model(model: ir.Model, settings: Settings, progress: Progress | None = None,
                     dry_run: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None,
-                    statistics: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+                    statistics: Mapping[str, np.ndarray] | None = None, node_costs: dict[str, list] | None = None) -> dict[str, Any]:
     """Factorize `model` in place (unless `dry_run`) and return the report dict.
 
     `statistics`: Gram matrices by target output name (onnxlr.calibration.collect_grams); the
@@ -149,7 +149,8 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     progress = progress or (lambda items, _description: items)
     totals_before = model_totals(model)
     context = Context(shapes=infer_shapes(model, input_shapes), opset=_default_opset(model))
-    cost_before = cost.totals(cost.model_costs(model, context.shapes), model)
+    nodes_before = cost.model_costs(model, context.shapes)
+    cost_before = cost.totals(nodes_before, model)
     # Graph order (subgraph nodes follow their parent), taken before the rewrite removes nodes.
     order = {id(node): index for index, node in enumerate(ir.traversal.RecursiveGraphIterator(model.graph))}
     groups, skipped = find_targets(model, settings, context)
@@ -163,7 +164,12 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     report = build_report(groups, skipped, settings, order, totals_before, model_totals(model) if not dry_run else None)
     report["cost"] = {"before": cost_before}
     if not dry_run:
-        report["cost"]["after"] = cost.totals(cost.model_costs(model, infer_shapes(model, input_shapes)), model)
+        nodes_after = cost.model_costs(model, infer_shapes(model, input_shapes))
+        report["cost"]["after"] = cost.totals(nodes_after, model)
+    if node_costs is not None:  # per-node figures for callers that need more than totals (edge estimates)
+        node_costs["before"] = nodes_before
+        if not dry_run:
+            node_costs["after"] = nodes_after
     return report
 
 
