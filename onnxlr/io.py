@@ -13,9 +13,11 @@ import dataclasses
 import logging
 import math
 import os
+import secrets
 import shutil
+import signal
 import stat
-import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -317,10 +319,17 @@ def staged_save(
     # OSError (no space, no permission) is bad input or environment, not a bug: report it as such.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".onnxlr-tmp", dir=path.parent))
     except OSError as exc:
         raise OnnxlrError(f"{path}: cannot write there ({_first_line(exc)})") from exc
+    # The name is chosen before the folder exists, so an interrupt that lands just after mkdir
+    # (or inside it) still reaches the `finally` below that removes it.
+    tmp_dir = path.parent / f".{path.name}.{secrets.token_hex(8)}.onnxlr-tmp"
     try:
+        with _signals_deferred():
+            try:
+                tmp_dir.mkdir(mode=0o700)
+            except OSError as exc:
+                raise OnnxlrError(f"{path}: cannot write there ({_first_line(exc)})") from exc
         tmp_model = tmp_dir / path.name
         try:
             # Attribute tensors always go in memory (onnx-ir would keep them as references to the
@@ -333,15 +342,35 @@ def staged_save(
         except OSError as exc:
             raise OnnxlrError(f"{path}: writing the model failed ({_first_line(exc)}); nothing was written") from exc
         yield tmp_model
-        try:
-            if external_data:
-                os.replace(tmp_dir / data_name, path.parent / data_name)
-            os.replace(tmp_model, path)
-        except OSError as exc:
-            raise OnnxlrError(f"{path}: moving the model into place failed ({_first_line(exc)})") from exc
+        # Ctrl-C between the two renames would leave a new data file beside the old model.
+        with _signals_deferred():
+            try:
+                if external_data:
+                    os.replace(tmp_dir / data_name, path.parent / data_name)
+                os.replace(tmp_model, path)
+            except OSError as exc:
+                raise OnnxlrError(f"{path}: moving the model into place failed ({_first_line(exc)})") from exc
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        with _signals_deferred():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("saved %s%s", path, " with external data" if external_data else "")
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, so a short critical step is never cut in half.
+
+    The signal is delivered (and its Python handler runs) as soon as the mask is restored.
+    """
+    deferrable = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if not deferrable:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def check_output_path(path: str | os.PathLike, source: LoadedModel | None) -> None:
