@@ -19,27 +19,33 @@ from onnxlr.io import LoadedModel, convert, load, save
 
 
 def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = False,
-             calibration: Any = None, calibration_samples: int | None = None,
+             calibration: Any = None, calibration_samples: int | None = None, heldout: Any = None,
              **settings: Any) -> tuple[Any, dict]:
     """Factorize a model's MatMul/Gemm/Conv weights; returns (new model, report).
 
     `model` is a path, an `onnx.ModelProto`, an `onnx_ir.Model` or an onnx-graphsurgeon `Graph`;
     the result is of the same kind (an `onnx_ir.Model` for a path). The input is never modified.
     Settings are the `onnxlr optimize` flags with underscores: rank_ratio, rank, energy,
-    param_ratio, param_budget, rank_multiple, allow_no_gain, min_params, include, exclude, ops,
-    conv_scheme. `calibration` (an .npz, a folder of them, or an iterable of input dicts; at most
-    `calibration_samples` samples) makes the MatMul/Gemm factorization data-aware (whitened SVD).
+    param_ratio, param_budget, target_cosine, rank_multiple, allow_no_gain, min_params, include,
+    exclude, ops, conv_scheme, compensate. `calibration` (an .npz, a folder of them, or an iterable
+    of input dicts; at most `calibration_samples` samples) makes the factorization data-aware
+    (whitened SVD; with param_budget, allocation by measured sensitivity); `heldout` (same kinds)
+    is what target_cosine is measured on.
     """
     config = Settings(**settings)
     loaded = load(model)
-    statistics = None
+    data = None
     if calibration is not None:
-        from onnxlr.calibration import collect_grams
+        from onnxlr.calibration import load_batches
+        from onnxlr.datafit import CalibrationData
 
         # onnxruntime runs the original: its file (external data beside it) or a serialized copy.
         source = model if isinstance(model, (str, os.PathLike)) else ir.to_proto(loaded.model).SerializeToString()
-        statistics = collect_grams(source, loaded.model, calibration, samples=calibration_samples)
-    report = factorize_model(loaded.model, config, progress=progress, dry_run=dry_run, statistics=statistics)
+        data = CalibrationData(source=source, batches=load_batches(loaded.model, calibration, calibration_samples),
+                               heldout=load_batches(loaded.model, heldout) if heldout is not None else None)
+    elif heldout is not None:
+        raise OnnxlrError("heldout samples are only used with calibration data (target_cosine)")
+    report = factorize_model(loaded.model, config, progress=progress, dry_run=dry_run, calibration_data=data)
     return convert(loaded.model, loaded.kind), report
 
 

@@ -28,6 +28,8 @@ Examples:
   onnxlr optimize model.onnx out.onnx --ops Conv --conv-scheme spatial --dry-run
   onnxlr optimize model.onnx out.onnx --exclude '*lm_head*' --min-params 65536
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --calibration-samples 256
+  onnxlr optimize model.onnx out.onnx --calibration calib.npz --param-budget 0.7 --compensate
+  onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --target-cosine 0.99
 """
 
 
@@ -167,8 +169,9 @@ target_selection_options = _options(
 calibration_options = _options(
     click.option("--calibration", "calibration_path", type=click.Path(exists=True), default=None,
                  metavar="FILE.npz|DIR",
-                 help="Calibration inputs (an .npz keyed by input name, or a folder of them): MatMul/Gemm "
-                      "weights get the activation-whitened SVD, which keeps the outputs on this data closest."),
+                 help="Calibration inputs (an .npz keyed by input name, or a folder of them): weights get the "
+                      "activation-whitened SVD, which keeps each layer's outputs on this data closest "
+                      "(for Conv, the output scheme on the patches it sees)."),
     click.option("--calibration-samples", type=click.IntRange(min=1), default=None, metavar="N",
                  help="Use at most the first N calibration samples. Default: all."),
 )
@@ -251,6 +254,12 @@ def _split_ops(text: str) -> tuple[str, ...]:
 @rank_policy_options
 @target_selection_options
 @calibration_options
+@click.option("--compensate", is_flag=True,
+              help="With --calibration: refit layer by layer on the inputs of the partially factorized model, "
+                   "so later layers correct what earlier ones lost (one calibration pass per stage).")
+@click.option("--target-cosine", type=FRACTION, default=None, metavar="C",
+              help="Rank policy, with --calibration and held-out --inputs: the smallest parameter budget whose "
+                   "outputs keep cosine >= C on the held-out inputs (bisection, allocation by sensitivity).")
 @output_options
 @click.option("--dry-run", is_flag=True, help="Plan and print the table; write no model.")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
@@ -287,10 +296,10 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
 
     edge_targets = _edge_targets(loaded, report_path, targets_path, dry_run)
     node_costs: dict[str, list] = {}
+    data = _calibration_data(input_path, loaded, calibration_path, calibration_samples, verify_options)
     report = factorize_model(loaded.model, config, progress=state.progress, dry_run=dry_run,
                              input_shapes=parse_shape_overrides(verify_options["shapes"]),
-                             statistics=_calibrate(input_path, loaded, calibration_path, calibration_samples,
-                                                   verify_options["batch_size"]), node_costs=node_costs)
+                             calibration_data=data, node_costs=node_costs)
     report["input"] = str(input_path)
     if edge_targets:
         from onnxlr import edge
@@ -328,6 +337,26 @@ def _calibrate(input_path: str, loaded: Any, calibration_path: str | None, sampl
     from onnxlr.calibration import collect_grams
 
     return collect_grams(input_path, loaded.model, calibration_path, samples=samples, batch_size=batch_size)
+
+
+def _calibration_data(input_path: str, loaded: Any, calibration_path: str | None, samples: int | None,
+                      verify_options: dict[str, Any]) -> Any:
+    """Calibration batches (and held-out --inputs for --target-cosine), read before the model is rewritten."""
+    if calibration_path is None:
+        if samples is not None:
+            raise OnnxlrError("--calibration-samples needs --calibration")
+        return None
+    from onnxlr.calibration import load_batches
+    from onnxlr.datafit import CalibrationData
+    from onnxlr.verify import input_specs, load_inputs
+
+    batch_size = verify_options["batch_size"]
+    heldout = None
+    if verify_options["inputs_path"]:
+        heldout = load_batches(loaded.model, load_inputs(verify_options["inputs_path"], input_specs(loaded.model)),
+                               batch_size=batch_size)
+    return CalibrationData(source=input_path, batches=load_batches(loaded.model, calibration_path, samples, batch_size),
+                           heldout=heldout)
 
 
 def _edge_targets(loaded: Any, report_path: str | None, targets_path: str | None, dry_run: bool) -> tuple | None:

@@ -22,9 +22,9 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
-from onnxlr import lowrank
+from onnxlr import datafit, lowrank
 from onnxlr._version import __version__
-from onnxlr.calibration import INPUT_SIDE
+from onnxlr.calibration import CONV_WHITENED_SCHEME, INPUT_SIDE
 from onnxlr.errors import OnnxlrError
 from onnxlr.passes import LEFT_ALONE, PASSES, Context, Scheme, Skip, Target
 from onnxlr.passes.base import FLOAT_TYPES, NameGenerator
@@ -48,6 +48,7 @@ class Settings:
     energy: float | None = None
     param_ratio: float | None = None
     param_budget: float | None = None
+    target_cosine: float | None = None
     rank_multiple: int = 1
     allow_no_gain: bool = False
     min_params: int = 0
@@ -55,6 +56,7 @@ class Settings:
     exclude: tuple[str, ...] = ()
     ops: tuple[str, ...] = ALL_OPS
     conv_scheme: str = "auto"
+    compensate: bool = False
 
     def __post_init__(self) -> None:
         policies = self.policies()
@@ -66,6 +68,7 @@ class Settings:
         _check_fraction("energy", self.energy, closed_low=False)
         _check_fraction("param_ratio", self.param_ratio, closed_low=False)
         _check_fraction("param_budget", self.param_budget, closed_low=False)
+        _check_fraction("target_cosine", self.target_cosine, closed_low=False)
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise OnnxlrError(f"rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
@@ -82,7 +85,7 @@ class Settings:
             raise OnnxlrError(f"conv_scheme must be auto, {', '.join(CONV_SCHEMES)}; got {self.conv_scheme!r}")
 
     def policies(self) -> list[str]:
-        names = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget")
+        names = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "target_cosine")
         return [name for name in names if getattr(self, name) is not None]
 
     def as_dict(self) -> dict[str, Any]:
@@ -112,19 +115,33 @@ class WeightGroup:
     rank: int | None = None
     reason: str = ""  # set when the group stays dense
     gram: np.ndarray | None = None  # activation second moment (calibration): whitened SVD when set
+    cross: np.ndarray | None = None  # error compensation: sum x_c x_o^T (gram is then that of x_c)
+    sensitivity: float | None = None  # end-to-end output error per unit of lost (whitened) energy
+    slot: int | None = None  # this weight's feed in the calibration runner (datafit)
 
     @property
     def lead(self) -> Target:
         return self.targets[0]
 
+    def whitens(self, scheme: Scheme) -> bool:
+        """Calibration statistics apply to this view (for Conv, only the view that multiplies patches)."""
+        return self.gram is not None and (self.lead.role != "kernel" or scheme.name == CONV_WHITENED_SCHEME)
+
     def decomposition(self, scheme: Scheme) -> lowrank.Decomposition:
         if scheme.name not in self.decompositions:
-            if self.gram is not None:
+            if self.whitens(scheme):
                 side = INPUT_SIDE[self.lead.role]
-                self.decompositions[scheme.name] = lowrank.whitened_svd(scheme.matrices, self.gram, side=side)
+                self.decompositions[scheme.name] = lowrank.whitened_svd(scheme.matrices, self.gram, side=side,
+                                                                        cross=self.cross)
             else:
                 self.decompositions[scheme.name] = lowrank.svd(scheme.matrices)
         return self.decompositions[scheme.name]
+
+    def dense_weight(self, scheme: Scheme, rank: int) -> np.ndarray:
+        """The product of the rank-`rank` factors, as the weight the nodes read (for calibration feeds)."""
+        a, b = self.decomposition(scheme).factors(rank)
+        dense = self.lead.handler.dense_weight(self.lead, scheme, np.matmul(a, b))
+        return np.ascontiguousarray(dense.astype(self.lead.array.dtype))
 
 
 @dataclasses.dataclass
@@ -138,11 +155,14 @@ class SkippedNode:
 
 def factorize_model(model: ir.Model, settings: Settings, progress: Progress | None = None,
                     dry_run: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None,
-                    statistics: Mapping[str, np.ndarray] | None = None, node_costs: dict[str, list] | None = None) -> dict[str, Any]:
+                    statistics: Mapping[str, np.ndarray] | None = None, node_costs: dict[str, list] | None = None,
+                    calibration_data: datafit.CalibrationData | None = None) -> dict[str, Any]:
     """Factorize `model` in place (unless `dry_run`) and return the report dict.
 
-    `statistics`: Gram matrices by target output name (onnxlr.calibration.collect_grams); the
-    MatMul/Gemm targets that have one get the activation-whitened SVD.
+    `calibration_data`: the original model's source and calibration batches (onnxlr.datafit); the
+    targets then get the activation-whitened SVD, `--param-budget` allocates by measured
+    sensitivity, and `compensate` / `target_cosine` become available. `statistics` (Gram matrices
+    by target output name, onnxlr.calibration.collect_grams) gives the whitened SVD alone.
     """
     from onnxlr import cost
 
@@ -154,14 +174,20 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     # Graph order (subgraph nodes follow their parent), taken before the rewrite removes nodes.
     order = {id(node): index for index, node in enumerate(ir.traversal.RecursiveGraphIterator(model.graph))}
     groups, skipped = find_targets(model, settings, context)
-    if statistics:
+    runner = None
+    if calibration_data is not None:
+        runner = datafit.prepare(model, groups, calibration_data, progress)
+    elif statistics:
         attach_statistics(groups, statistics)
-    plan_ranks(groups, settings, progress)
+    _check_data_needs(settings, runner, calibration_data)
+    calibration_report = plan_with_data(model, groups, settings, progress, runner, calibration_data)
     if not dry_run:
         rewrite(model, groups, progress)
         cleanup(model, groups)
         record_metadata(model, settings, groups)
     report = build_report(groups, skipped, settings, order, totals_before, model_totals(model) if not dry_run else None)
+    if calibration_report is not None:
+        report["calibration"] = calibration_report
     report["cost"] = {"before": cost_before}
     if not dry_run:
         nodes_after = cost.model_costs(model, infer_shapes(model, input_shapes))
@@ -171,6 +197,46 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
         if not dry_run:
             node_costs["after"] = nodes_after
     return report
+
+
+def _check_data_needs(settings: Settings, runner: Any, data: datafit.CalibrationData | None) -> None:
+    for flag, wanted in (("--target-cosine", settings.target_cosine is not None), ("--compensate", settings.compensate)):
+        if wanted and data is None:
+            raise OnnxlrError(f"{flag} needs calibration data (--calibration FILE.npz)")
+        if wanted and runner is None:
+            raise OnnxlrError(f"{flag}: no factorizable layer of the main graph can be calibrated")
+
+
+def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Settings, progress: Progress,
+                   runner: Any, data: datafit.CalibrationData | None) -> dict[str, Any] | None:
+    """Plan ranks; with calibration, also measure sensitivity, search the budget and compensate."""
+    prepare_schemes(groups)
+    if runner is None:
+        plan_ranks(groups, settings, progress)
+        return None
+    assert data is not None
+    result: dict[str, Any] = {"samples": data.samples, "compensate": settings.compensate}
+    if settings.param_budget is not None or settings.target_cosine is not None:
+        datafit.measure_sensitivity(groups, runner, data, lambda g: _budget_scheme(g, settings), progress)
+    if settings.target_cosine is not None:
+        initial = {id(g): g.reason for g in groups}
+        quiet = lambda items, _description: items  # noqa: E731 (each trial re-plans: no bars)
+
+        def plan(budget: float | None) -> None:
+            for group in groups:
+                group.reason, group.rank, group.scheme = initial[id(group)], None, None
+            if budget is None:
+                for group in groups:
+                    group.reason = group.reason or f"kept dense: no budget reaches --target-cosine {settings.target_cosine}"
+                return
+            plan_ranks(groups, dataclasses.replace(settings, target_cosine=None, param_budget=budget), quiet)
+
+        result["search"] = datafit.search_budget(groups, settings.target_cosine, runner, data, plan, progress)
+    else:
+        plan_ranks(groups, settings, progress)
+    if settings.compensate:
+        result["refitted"] = datafit.compensate(model, groups, runner, data, progress)
+    return result
 
 
 def _default_opset(model: ir.Model) -> int:
@@ -321,10 +387,8 @@ def _group_shared_weights(targets: list[Target], skipped: list[SkippedNode], set
 
 
 def attach_statistics(groups: list[WeightGroup], statistics: Mapping[str, np.ndarray]) -> None:
-    """Give each MatMul/Gemm group the sum of its users' Grams (users without statistics add nothing)."""
+    """Give each group the sum of its users' Grams (users without statistics add nothing)."""
     for group in groups:
-        if group.lead.role not in INPUT_SIDE:
-            continue  # Conv: plain SVD for now
         grams = [statistics[key] for key in (t.node.outputs[0].name for t in group.targets) if key in statistics]
         if grams:
             group.gram = np.sum(grams, axis=0)
@@ -333,10 +397,16 @@ def attach_statistics(groups: list[WeightGroup], statistics: Mapping[str, np.nda
 # ----------------------------------------------------------------------------- rank planning
 
 
+def prepare_schemes(groups: list[WeightGroup]) -> None:
+    """Each group's matrix views and costs (no SVD yet), also for skipped groups: the report shows their MACs."""
+    for group in groups:
+        if not group.schemes:
+            group.schemes = group.lead.handler.schemes(group.lead)
+
+
 def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress) -> None:
     """Choose each group's scheme and rank (or leave it dense with a reason)."""
-    for group in groups:  # costs (no SVD yet) also for groups already skipped, so the report shows their MACs
-        group.schemes = group.lead.handler.schemes(group.lead)
+    prepare_schemes(groups)
     active = [g for g in groups if not g.reason]
     if settings.param_budget is not None:
         for group in progress(active, "SVD"):
@@ -355,6 +425,8 @@ def _budget_scheme(group: WeightGroup, settings: Settings) -> Scheme:
     by_name = {s.name: s for s in group.schemes}
     if settings.conv_scheme != "auto" and settings.conv_scheme in by_name:
         return by_name[settings.conv_scheme]
+    if group.gram is not None and CONV_WHITENED_SCHEME in by_name:
+        return by_name[CONV_WHITENED_SCHEME]
     return group.schemes[0]
 
 
@@ -375,6 +447,9 @@ def _plan_group(group: WeightGroup, settings: Settings) -> None:
     by_name = {s.name: s for s in group.schemes}
     if settings.conv_scheme != "auto" and settings.conv_scheme in by_name:
         candidates = [by_name[settings.conv_scheme]]
+    elif group.gram is not None and CONV_WHITENED_SCHEME in by_name:
+        # Whitened and plain energies are not comparable: a calibrated conv keeps the whitened view.
+        candidates = [by_name[CONV_WHITENED_SCHEME]]
     else:
         candidates = group.schemes
     reference = candidates[0]
@@ -411,7 +486,8 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
 
     Greedy on marginal value: start every layer at rank 1 (or the rank multiple), then repeatedly
     grant the step (more rank, or going back to dense past break-even) that recovers the most
-    relative weight energy per parameter, while it fits the budget. Singular values decrease, so the
+    relative energy per parameter, while it fits the budget; with measured sensitivities, energy
+    is weighted by how much each layer's loss moves the model's outputs. Singular values decrease, so the
     marginal value of each layer's steps decreases too and greedy is close to optimal.
     """
     assert settings.param_budget is not None
@@ -441,6 +517,8 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
         else:
             gain = decomposition.retained_energy(new_rank) - decomposition.retained_energy(rank)
             cost = scheme.params_after(new_rank) - scheme.params_after(rank)
+        if group.sensitivity is not None:  # measured: energy counts by how much it moves the outputs
+            gain *= group.sensitivity
         if cost <= 0 or gain <= 0:
             return
         heapq.heappush(heap, (-gain / cost, index, new_rank, cost))
@@ -518,6 +596,9 @@ def record_metadata(model: ir.Model, settings: Settings, groups: list[WeightGrou
     model.metadata_props["onnxlr.version"] = __version__
     model.metadata_props["onnxlr.settings"] = json.dumps(settings.as_dict(), sort_keys=True)
     model.metadata_props["onnxlr.ranks"] = json.dumps(ranks, sort_keys=True)
+    methods = sorted({g.decompositions[g.scheme.name].method for g in groups
+                      if g.rank is not None and not g.reason and g.scheme.name in g.decompositions})
+    model.metadata_props["onnxlr.methods"] = ",".join(methods)
 
 
 # ----------------------------------------------------------------------------- report
@@ -585,6 +666,7 @@ def _layer_row(group: WeightGroup, target: Target) -> dict[str, Any]:
         "break_even_rank": scheme.break_even_rank if scheme else None,
         "retained_energy": decomposition.retained_energy(rank) if (decomposition and rank) else None,
         "method": decomposition.method if (decomposition and rank) else None,
+        "sensitivity": group.sensitivity,
         "params_before": scheme.params_before if scheme else int(target.array.size),
         "params_after": scheme.params_after(rank) if (scheme and rank) else (scheme.params_before if scheme else int(target.array.size)),
         "macs_before": scheme.macs_before if scheme else None,
@@ -598,5 +680,6 @@ def _skipped_row(item: SkippedNode) -> dict[str, Any]:
         "name": item.node.name or "?", "op_type": item.node.op_type,
         "status": "skipped", "reason": item.reason, "weight": None, "weight_shape": None, "dtype": None,
         "scheme": None, "rank": None, "full_rank": None, "break_even_rank": None, "retained_energy": None, "method": None,
+        "sensitivity": None,
         "params_before": None, "params_after": None, "macs_before": None, "macs_after": None, "shared_with": [],
     }

@@ -26,7 +26,7 @@ class Decomposition:
     u: np.ndarray  # (groups, m, k)
     s: np.ndarray  # (groups, k), descending
     vt: np.ndarray  # (groups, k, n)
-    method: str = "svd"  # "whitened": s is the spectrum of the activation-weighted matrix (whitened_svd)
+    method: str = "svd"  # "whitened" / "compensated": s is the spectrum of the activation-weighted matrix
 
     @property
     def full_rank(self) -> int:
@@ -88,32 +88,60 @@ MAX_CONDITION = 1e12
 
 
 def whitened_svd(matrices: np.ndarray, gram: np.ndarray, damping: float = DEFAULT_DAMPING,
-                 side: str = "rows") -> Decomposition:
+                 side: str = "rows", cross: np.ndarray | None = None) -> Decomposition:
     """SVD that minimizes the error on the calibration activations instead of on the weight (SVD-LLM).
 
-    `gram` (K, K) is the second moment sum x x^T of the vectors the weight multiplies. With
-    side="rows" the weight is applied as x^T W (K = m: MatMul right, Gemm B); with side="cols" as
-    W x (K = n: MatMul left, Gemm A). For G = S S^T, ||X (W - A B)|| = ||S^T (W - A B)||, so the
-    best rank-r pair is the truncated SVD of S^T W, un-whitened: A = S^-T U sqrt(s), B = sqrt(s) Vt.
-    The result's s is that whitened spectrum, so energy rules measure the output error.
+    `gram` (K, K), or (groups, K, K) with one per matrix, is the second moment sum x x^T of the
+    vectors the weight multiplies. With side="rows" the weight is applied as x^T W (K = m: MatMul
+    right, Gemm B); with side="cols" as W x (K = n: MatMul left, Gemm A, Conv patches). For
+    G = S S^T, ||X (W - A B)|| = ||S^T (W - A B)||, so the best rank-r pair is the truncated SVD
+    of S^T W, un-whitened: A = S^-T U sqrt(s), B = sqrt(s) Vt. The result's s is that whitened
+    spectrum, so energy rules measure the output error.
+
+    Error compensation: with `cross` C = sum x_c x_o^T, where x_c is the input the layer sees in the
+    partially compressed model and x_o the original input, the pair minimizes ||X_c A B - X_o W||
+    instead (G is then the Gram of x_c): the truncated SVD of S^-1 C W, un-whitened the same way.
     """
     if side not in ("rows", "cols"):
         raise ValueError(f"side must be rows or cols, got {side!r}")
     work = matrices if side == "rows" else np.swapaxes(matrices, 1, 2)
-    size = work.shape[1]
-    if gram.shape != (size, size):
-        raise ValueError(f"gram of shape {gram.shape} does not fit the weight's input side {size}")
-    gram = np.asarray(gram, dtype=np.float64)
-    scale = float(np.mean(np.diag(gram))) if size else 0.0
-    if not np.isfinite(scale) or scale <= 0.0:
-        return svd(matrices)  # all-zero activations carry no information
-    root, inverse_t = _gram_root(gram, damping * scale)
-    inner = svd(root.T @ np.asarray(work, dtype=np.float64))
-    u = inverse_t @ inner.u  # un-whiten: A = S^-T U (the sqrt(s) split stays in factors())
+    groups, size = work.shape[0], work.shape[1]
+    grams = _per_group(gram, groups, size, "gram")
+    crosses = _per_group(cross, groups, size, "cross") if cross is not None else None
+    us, ss, vts = [], [], []
+    for index in range(groups):
+        g = np.asarray(grams[index], dtype=np.float64)
+        scale = float(np.mean(np.diag(g))) if size else 0.0
+        weight = np.asarray(work[index], dtype=np.float64)
+        if not np.isfinite(scale) or scale <= 0.0:  # all-zero activations carry no information
+            inner = svd(weight[None])
+            us.append(inner.u[0]), ss.append(inner.s[0]), vts.append(inner.vt[0])
+            continue
+        root, inverse_t = _gram_root(g, damping * scale)
+        if crosses is None:
+            target = root.T @ weight
+        else:  # S^-1 C W, with S^-1 = (S^-T)^T
+            target = inverse_t.T @ (np.asarray(crosses[index], dtype=np.float64) @ weight)
+        inner = svd(target[None])
+        us.append(inverse_t @ inner.u[0])  # un-whiten: A = S^-T U (the sqrt(s) split stays in factors())
+        ss.append(inner.s[0])
+        vts.append(inner.vt[0])
+    u, s, vt = np.stack(us), np.stack(ss), np.stack(vts)
+    method = "whitened" if cross is None else "compensated"
     if side == "rows":
-        return Decomposition(u=u, s=inner.s, vt=inner.vt, method="whitened")
+        return Decomposition(u=u, s=s, vt=vt, method=method)
     # W^T ~= (S^-T U) diag(s) Vt, hence W ~= V diag(s) (S^-T U)^T.
-    return Decomposition(u=np.swapaxes(inner.vt, 1, 2), s=inner.s, vt=np.swapaxes(u, 1, 2), method="whitened")
+    return Decomposition(u=np.swapaxes(vt, 1, 2), s=s, vt=np.swapaxes(u, 1, 2), method=method)
+
+
+def _per_group(matrix: np.ndarray, groups: int, size: int, what: str) -> np.ndarray:
+    """A (K, K) matrix shared by every group, or one (groups, K, K) stack, as a stack."""
+    matrix = np.asarray(matrix)
+    stack = matrix[None] if matrix.ndim == 2 else matrix
+    if stack.shape[1:] != (size, size) or len(stack) not in (1, groups):
+        raise ValueError(f"{what} of shape {matrix.shape} does not fit the weight's input side {size} "
+                         f"({groups} group(s))")
+    return np.broadcast_to(stack, (groups, size, size))
 
 
 def _gram_root(gram: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:

@@ -136,6 +136,13 @@ class FactorizationPass(ir.passes.InPlacePass):
         """Turn factor stacks into the two weight tensors the new nodes read (default: 2-D)."""
         return a[0], b[0]
 
+    def dense_weight(self, target: Target, scheme: Scheme, matrices: np.ndarray) -> np.ndarray:
+        """The inverse of the scheme's view: (groups, m, n) matrices back to the weight as the node reads it.
+
+        Calibration feeds the product A @ B this way to measure a factorization without rewriting
+        the graph (default: the 2-D weight itself)."""
+        return matrices[0]
+
 
 # ----------------------------------------------------------------------------- helpers for passes
 

@@ -101,6 +101,21 @@ class ConvFactorization(FactorizationPass):
             second = b.reshape(group, rank, cout_g, kw).transpose(0, 2, 1, 3).reshape(cout, rank, 1, kw)
         return np.ascontiguousarray(first), np.ascontiguousarray(second)
 
+    def dense_weight(self, target: Target, scheme: Scheme, matrices: np.ndarray) -> np.ndarray:
+        """Undo the reshapes and transposes of schemes(): a kernel (Cout, Cin/g, k1, ..., kd)."""
+        shape = target.array.shape
+        group = target.view_key[1]
+        cout, cin_g, spatial = shape[0], shape[1], shape[2:]
+        cout_g, k = cout // group, int(np.prod(spatial))
+        if scheme.name == "output":
+            kernel = matrices.reshape(group, cout_g, cin_g, k)
+        elif scheme.name == "input":
+            kernel = matrices.reshape(group, cout_g, k, cin_g).transpose(0, 1, 3, 2)
+        else:  # spatial: (g, cin_g*kh, cout_g*kw)
+            kh, kw = spatial
+            kernel = matrices.reshape(group, cin_g, kh, cout_g, kw).transpose(0, 3, 1, 2, 4)
+        return np.ascontiguousarray(kernel.reshape(shape))
+
     def rewrite(self, target: Target, scheme: Scheme, a: ir.Value, b: ir.Value, names: NameGenerator) -> list[ir.Node]:
         node = target.node
         base = node.name or "Conv"

@@ -65,6 +65,9 @@ class GemmFactorization(FactorizationPass):
             p, q = p.T, q.T
         return p, q
 
+    def dense_weight(self, target: Target, scheme: Scheme, matrices: np.ndarray) -> np.ndarray:
+        return matrices[0].T if target.view_key[2] else matrices[0]
+
     def rewrite(self, target: Target, scheme: Scheme, a: ir.Value, b: ir.Value, names: NameGenerator) -> list[ir.Node]:
         node = target.node
         base = node.name or "Gemm"

@@ -224,7 +224,7 @@ def test_cli_writes_json_and_html_and_its_command_runs(tmp_path):
         assert (rows[name]["status"] == "factorized") == (rank is not None)
 
 
-def test_cli_calibration_whitens_matmul_spectra(tmp_path):
+def test_cli_calibration_whitens_matmul_and_conv_spectra(tmp_path):
     path = build_model(tmp_path)
     calibration = tmp_path / "calib.npz"
     np.savez(calibration, img=np.random.default_rng(1).standard_normal((16, 8, 6, 6)).astype(np.float32))
@@ -232,7 +232,7 @@ def test_cli_calibration_whitens_matmul_spectra(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "a.json").read_text())
     methods = {layer["name"]: layer["method"] for layer in data["layers"]}
-    assert methods == {"conv": "svd", "proj": "whitened", "head": "whitened"}
+    assert methods == {"conv": "whitened", "proj": "whitened", "head": "whitened"}  # conv: its patches
     assert f"--calibration {calibration}" in data["recommendation"]["command"]
 
 

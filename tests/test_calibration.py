@@ -138,7 +138,7 @@ def test_accumulator_streams_batches():
     for start in range(0, 50, 8):
         accumulator.add(vectors[start:start + 8])
     assert accumulator.count == 50
-    np.testing.assert_allclose(accumulator.gram, vectors.T @ vectors, rtol=1e-12)
+    np.testing.assert_allclose(accumulator.result(), vectors.T @ vectors, rtol=1e-12)
 
 
 def test_calibration_samples_caps_the_data():

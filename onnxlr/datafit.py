@@ -1,0 +1,235 @@
+"""Data-aware steps of the optimize pipeline: statistics, sensitivity, error compensation, target search.
+
+All of them run the ORIGINAL model through one onnxruntime session (onnxlr.calibration.Runner)
+in which every factorizable weight can be replaced by a feed. Feeding A @ B in a weight's place
+computes exactly what the rewritten pair computes (up to float rounding), so a factorization is
+measured without rewriting or reloading the graph:
+
+- statistics: the Gram of each target's input on the calibration data (whitened SVD);
+- sensitivity: how far the model's outputs move per unit of a layer's lost whitened energy,
+  measured by factorizing that layer alone; `--param-budget` allocates ranks with it;
+- compensation: layer by layer in dependency order, the statistics of the model whose earlier
+  layers are already factorized, and each pair refitted by least squares to the original layer's
+  outputs (lowrank.whitened_svd with `cross`), so later layers correct what earlier ones lost;
+- `--target-cosine`: bisection on the parameter budget for the smallest model whose outputs keep
+  the cosine on held-out samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxlr import calibration, lowrank
+from onnxlr.errors import OnnxlrError
+
+logger = logging.getLogger(__name__)
+
+# Sensitivity is measured on the first batches of the calibration data: enough to rank layers.
+SENSITIVITY_SAMPLES = 64
+# Each layer is probed at the rank that keeps this fraction of its parameters.
+SENSITIVITY_PARAM_RATIO = 0.5
+SEARCH_STEPS = 8
+
+
+@dataclasses.dataclass
+class CalibrationData:
+    """What the data-aware steps need: the original model's file (or bytes) and the data batches."""
+
+    source: str | os.PathLike | bytes  # onnxruntime reads the original here (external data beside it)
+    batches: list[dict[str, np.ndarray]]  # calibration samples
+    heldout: list[dict[str, np.ndarray]] | None = None  # samples --target-cosine is measured on
+
+    @property
+    def samples(self) -> int:
+        return sum(_batch_size(batch) for batch in self.batches)
+
+
+def _batch_size(batch: Mapping[str, np.ndarray]) -> int:
+    return min((len(a) for a in batch.values() if a.ndim), default=1)
+
+
+def prepare(model: ir.Model, groups: Sequence[Any], data: CalibrationData, progress) -> calibration.Runner | None:
+    """Gram of every active main-graph group's input; returns the runner later steps reuse.
+
+    Each such group gets `slot` (its weight's feed index in the runner) and `gram`.
+    """
+    keyed = [g for g in groups if not g.reason and all(t.node.graph is model.graph for t in g.targets)]
+    keys = {t.node.outputs[0].name for g in keyed for t in g.targets}
+    found = [probe for probe in calibration.probes(model) if probe.key in keys]
+    if not found:
+        return None
+    probed = {probe.key for probe in found}
+    keyed = [g for g in keyed if all(t.node.outputs[0].name in probed for t in g.targets)]
+    slots = [calibration.Slot(keys=[t.node.outputs[0].name for t in g.targets],
+                              weight_input=_weight_input(g.lead), array=g.lead.array) for g in keyed]
+    runner = calibration.Runner(data.source, model, found, slots)
+    statistics = calibration.grams(runner, progress(data.batches, "calibration"))
+    for index, group in enumerate(keyed):
+        group.slot = index
+        grams = [statistics[t.node.outputs[0].name] for t in group.targets if t.node.outputs[0].name in statistics]
+        if grams:
+            group.gram = np.sum(grams, axis=0)
+    return runner
+
+
+def _weight_input(target: Any) -> int:
+    return next(i for i, value in enumerate(target.node.inputs) if value is target.weight)
+
+
+# ----------------------------------------------------------------------------- measuring a factorization
+
+
+def relative_error(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:
+    """Sum over float outputs of ||Y' - Y||^2 / ||Y||^2: additive over small independent perturbations."""
+    total = 0.0
+    for name, ref in reference.items():
+        if ref.dtype.kind != "f":
+            continue
+        ref64, out64 = ref.astype(np.float64), candidate[name].astype(np.float64)
+        total += float(np.sum((out64 - ref64) ** 2) / max(np.sum(ref64**2), np.finfo(np.float64).tiny))
+    return total
+
+
+def min_cosine(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:
+    """The smallest cosine over float outputs (flattened), as `verify --min-cosine` measures it."""
+    from onnxlr.verify import Gates, compare_arrays
+
+    cosines = [compare_arrays(ref, candidate[name], Gates())["cosine"]
+               for name, ref in reference.items() if ref.dtype.kind == "f"]
+    return min(cosines, default=1.0)
+
+
+def factorized_overrides(groups: Iterable[Any]) -> dict[int, np.ndarray]:
+    """Feeds that replace every factorized group's weight by its low-rank product."""
+    return {g.slot: g.dense_weight(g.scheme, g.rank) for g in groups
+            if getattr(g, "slot", None) is not None and g.rank is not None and not g.reason}
+
+
+def measure_sensitivity(groups: Sequence[Any], runner: calibration.Runner, data: CalibrationData,
+                        choose_scheme, progress) -> None:
+    """Each group's sensitivity: the model's relative output error per unit of the layer's lost energy.
+
+    The layer alone is factorized at the rank that keeps SENSITIVITY_PARAM_RATIO of its parameters.
+    """
+    batches = _first_samples(data.batches, SENSITIVITY_SAMPLES)
+    reference = calibration.model_outputs(runner, batches)
+    measurable = [g for g in groups if not g.reason and getattr(g, "slot", None) is not None]
+    for group in progress(measurable, "sensitivity"):
+        scheme = choose_scheme(group)
+        rank = lowrank.rank_for_param_ratio(SENSITIVITY_PARAM_RATIO, scheme.params_before, scheme.params_per_rank,
+                                            scheme.full_rank)
+        lost = 1.0 - group.decomposition(scheme).retained_energy(rank)
+        if lost <= 0:
+            group.sensitivity = 0.0
+            continue
+        outputs = calibration.model_outputs(runner, batches, {group.slot: group.dense_weight(scheme, rank)})
+        group.sensitivity = relative_error(reference, outputs) / lost
+
+
+def _first_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
+    taken, count = [], 0
+    for batch in batches:
+        if count >= samples:
+            break
+        taken.append(batch)
+        count += _batch_size(batch)
+    return taken
+
+
+# ----------------------------------------------------------------------------- error compensation
+
+
+def compensate(model: ir.Model, groups: Sequence[Any], runner: calibration.Runner, data: CalibrationData,
+               progress) -> int:
+    """Refit the factorized groups stage by stage on the inputs of the partially factorized model.
+
+    Stage s holds the groups with s factorized layers on the longest path before them; a stage's
+    statistics are taken with every earlier stage's weights replaced by their (refitted) products.
+    Returns the number of groups refitted.
+    """
+    factorized = [g for g in groups if g.rank is not None and not g.reason and getattr(g, "slot", None) is not None]
+    overrides: dict[int, np.ndarray] = {}
+    refitted = 0
+    for stage in progress(dependency_stages(model, factorized), "compensation"):
+        whitened = [g for g in stage if g.whitens(g.scheme)]
+        if overrides and whitened:  # the first stage sees the original inputs: nothing to correct
+            keys = [t.node.outputs[0].name for g in whitened for t in g.targets]
+            statistics = calibration.compensation_statistics(runner, data.batches, keys, overrides)
+            for group in whitened:
+                pairs = [statistics[t.node.outputs[0].name] for t in group.targets]
+                group.gram = np.sum([gram for gram, _ in pairs], axis=0)
+                group.cross = np.sum([cross for _, cross in pairs], axis=0)
+                group.decompositions.pop(group.scheme.name, None)
+                refitted += 1
+        for group in stage:
+            overrides[group.slot] = group.dense_weight(group.scheme, group.rank)
+    return refitted
+
+
+def dependency_stages(model: ir.Model, groups: Sequence[Any]) -> list[list[Any]]:
+    """Groups by the number of their fellow groups' nodes on the longest path before them (graph order)."""
+    group_of = {id(t.node): g for g in groups for t in g.targets}
+    level: dict[int, int] = {}  # id(value) -> factorized layers on the longest path that produced it
+    stage: dict[int, int] = {}  # id(group) -> stage
+    for node in model.graph:  # topologically sorted
+        depth = max((level.get(id(v), 0) for v in node.inputs if v is not None), default=0)
+        group = group_of.get(id(node))
+        if group is not None:
+            stage[id(group)] = max(stage.get(id(group), 0), depth)
+            depth += 1
+        for value in node.outputs:
+            level[id(value)] = depth
+    ordered: dict[int, list[Any]] = {}
+    for group in groups:
+        ordered.setdefault(stage.get(id(group), 0), []).append(group)
+    return [ordered[key] for key in sorted(ordered)]
+
+
+# ----------------------------------------------------------------------------- --target-cosine
+
+
+def search_budget(groups: Sequence[Any], target: float, runner: calibration.Runner, data: CalibrationData,
+                  plan, progress) -> list[dict[str, float]]:
+    """Bisection on the parameter budget for the smallest plan whose held-out cosine is >= target.
+
+    `plan(budget)` plans every group for that budget (raising OnnxlrError when it is infeasible).
+    Ends with the groups planned at the best budget found (all dense if none meets the target).
+    Returns the trace: one {budget, cosine} per measured plan.
+    """
+    if not data.heldout:
+        raise OnnxlrError("--target-cosine needs held-out samples to measure on: give --inputs FILE.npz")
+    reference = calibration.model_outputs(runner, data.heldout)
+    trace: list[dict[str, float]] = []
+
+    def cosine_at(budget: float) -> float | None:
+        try:
+            plan(budget)
+        except OnnxlrError:  # rank 1 everywhere is already over this budget
+            return None
+        value = min_cosine(reference, calibration.model_outputs(runner, data.heldout, factorized_overrides(groups)))
+        trace.append({"budget": budget, "cosine": value})
+        return value
+
+    low, high, best = 0.0, 1.0, None
+    for _ in progress(range(SEARCH_STEPS), "target search"):
+        middle = (low + high) / 2
+        value = cosine_at(middle)
+        if value is not None and value >= target:
+            high, best = middle, middle
+        else:
+            low = middle
+    if best is None:
+        value = cosine_at(1.0)
+        best = 1.0 if value is not None and value >= target else None
+    if best is None:
+        plan(None)
+    else:
+        plan(best)
+    return trace
