@@ -34,6 +34,7 @@ from onnxlr.factorize import (
     infer_shapes,
     plan_ranks,
 )
+from onnxlr.html_report import BASE_CSS, page, pyplot, stat, svg
 from onnxlr.passes import Context, Scheme
 
 ENERGY_LEVELS = (0.9, 0.95, 0.99)
@@ -327,25 +328,13 @@ def print_analysis(result: dict[str, Any], console: Any) -> None:
 
 # ----------------------------------------------------------------------------- HTML
 
-CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; background: #f4f5f7;
-       color: #1f2328; line-height: 1.45; }
-main { max-width: 1180px; margin: 0 auto; padding: 24px; }
-h1 { font-size: 1.6em; margin: 0 0 4px; } h2 { font-size: 1.15em; margin: 0 0 8px; }
-.muted { color: #656d76; font-size: 0.92em; }
-.card { background: #fff; border: 1px solid #d0d7de; border-radius: 8px; padding: 16px 20px; margin: 16px 0; }
-.stats { display: flex; flex-wrap: wrap; gap: 12px; margin: 12px 0; }
-.stat { background: #f6f8fa; border-radius: 6px; padding: 8px 14px; min-width: 120px; }
-.stat b { display: block; font-size: 1.3em; }
-pre { background: #1f2328; color: #f6f8fa; padding: 12px; border-radius: 6px; overflow-x: auto;
-      white-space: pre-wrap; word-break: break-all; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 8px 0; }
-th, td { padding: 4px 10px; border-bottom: 1px solid #eaeef2; text-align: right; }
+# The shared page style, plus what only this page has: right-aligned figures, verdict colors, badges.
+CSS = BASE_CSS + """
+th, td { text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 .yes { color: #1a7f37; font-weight: 600; } .no { color: #9a6700; font-weight: 600; }
 .badge { display: inline-block; border-radius: 10px; padding: 1px 9px; font-size: 0.8em; margin-left: 8px; }
 .badge.yes { background: #dafbe1; } .badge.no { background: #fff8c5; }
-figure { margin: 8px 0 0; } figure svg { width: 100%; height: auto; }
 """
 
 HELP_TEXT = (
@@ -362,18 +351,15 @@ def render_html(result: dict[str, Any]) -> str:
     summary = result["summary"]
     energy = _key(result["energy"])
     parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>onnxlr analyze: {html.escape(Path(result['model']).name)}</title>",
-        f"<style>{CSS}</style></head><body><main>",
         f"<h1>onnxlr analyze: {html.escape(result['model'])}</h1>",
         f"<div class='muted'>onnxlr {html.escape(result['onnxlr_version'])}; spectra "
         f"{'whitened by calibration data ' + html.escape(str(result['calibration'])) if result['calibration'] else 'of the weights (no calibration data)'}</div>",
         "<section class='card'><h2>Summary</h2><div class='stats'>",
-        _stat("layers", summary["layers"]),
-        _stat(f"compressible at {energy}", summary["compressible"]),
-        _stat("factorized by the plan", summary["factorized_by_recommendation"]),
-        _stat("parameters kept", f"{summary['param_ratio']:.1%}"),
-        _stat("MACs kept", f"{summary['mac_ratio']:.1%}"),
+        stat("layers", summary["layers"]),
+        stat(f"compressible at {energy}", summary["compressible"]),
+        stat("factorized by the plan", summary["factorized_by_recommendation"]),
+        stat("parameters kept", f"{summary['param_ratio']:.1%}"),
+        stat("MACs kept", f"{summary['mac_ratio']:.1%}"),
         "</div><div>Recommended command:</div>",
         f"<pre>{html.escape(result['recommendation']['command'])}</pre>",
         f"<figure class='overview-figure'>{overview_svg(result)}</figure>",
@@ -386,12 +372,7 @@ def render_html(result: dict[str, Any]) -> str:
                        f"<td style='text-align:left'>{html.escape(s['reason'])}</td></tr>" for s in result["skipped"])
         parts.append(f"<section class='card'><h2>Not analyzed</h2><table><tr><th>node</th><th>op</th>"
                      f"<th style='text-align:left'>reason</th></tr>{rows}</table></section>")
-    parts.append("</main></body></html>\n")
-    return "\n".join(parts)
-
-
-def _stat(label: str, value: Any) -> str:
-    return f"<div class='stat'><b>{html.escape(str(value))}</b>{html.escape(label)}</div>"
+    return page(f"onnxlr analyze: {Path(result['model']).name}", parts, CSS)
 
 
 def _layer_card(layer: dict[str, Any], energy: str, index: int) -> str:
@@ -422,18 +403,8 @@ def _layer_card(layer: dict[str, Any], energy: str, index: int) -> str:
     )
 
 
-def _pyplot() -> Any:
-    """matplotlib with the file-only Agg backend, imported on first use (only --html needs it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def layer_svg(layer: dict[str, Any], index: int) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     figure, (spectrum, energy) = plt.subplots(1, 2, figsize=(10, 3.2))
     for color, view in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], layer["views"]):
         s = np.asarray(view["singular_values"])
@@ -451,12 +422,12 @@ def layer_svg(layer: dict[str, Any], index: int) -> str:
     energy.set(title="energy kept", xlabel="rank", ylabel="fraction of sum s^2", ylim=(0, 1.02))
     if len(layer["views"]) > 1:
         energy.legend(loc="lower right", fontsize="small")
-    return _svg(figure, f"layer{index}")
+    return svg(figure, f"layer{index}")
 
 
 def overview_svg(result: dict[str, Any]) -> str:
     """Per layer: r(E) / full rank of the headline view (bar) against its break-even / full rank (tick)."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = result["layers"]
     energy = _key(result["energy"])
     names = [layer["name"] for layer in layers]
@@ -472,27 +443,7 @@ def overview_svg(result: dict[str, Any]) -> str:
     axes.set(xlim=(0, 1.1), xlabel=f"rank keeping {float(energy):.0%} energy / full rank",
              title="compressible layers (green): bar left of the break-even tick")
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: never over a bar
-    return _svg(figure, "overview")
-
-
-def _svg(figure: Any, salt: str) -> str:
-    """The figure as an inline <svg> element with no URLs (namespaces, DOCTYPE and metadata dropped)."""
-    import io
-
-    import matplotlib
-
-    plt = _pyplot()
-    buffer = io.StringIO()
-    # Text stays text (page fonts, smaller); a fixed salt gives stable, per-figure unique ids.
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"onnxlr-{salt}"}):
-        figure.tight_layout()
-        figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
-    plt.close(figure)
-    text = buffer.getvalue()
-    text = text[text.index("<svg"):]
-    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
-    # HTML5 knows the svg and xlink namespaces without declarations, which carry URLs.
-    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", text)
+    return svg(figure, "overview")
 
 
 def write_html(result: dict[str, Any], path: str) -> Path:

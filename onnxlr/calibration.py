@@ -195,14 +195,23 @@ def _feed_sets(source: Any, specs: Mapping[str, Any]) -> Iterator[dict[str, np.n
             if not files:
                 raise OnnxlrError(f"{path}: no .npz files in the calibration folder")
             for file in files:
-                yield load_inputs(file, specs)
+                yield _finite(load_inputs(file, specs), str(file))
         else:
-            yield load_inputs(path, specs)
+            yield _finite(load_inputs(path, specs), str(path))
         return
     if isinstance(source, Mapping):
         source = [source]
     for index, feeds in enumerate(source):
-        yield _checked(feeds, specs, f"calibration item {index}")
+        where = f"calibration item {index}"
+        yield _finite(_checked(feeds, specs, where), where)
+
+
+def _finite(feeds: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """Refuse NaN/Inf in calibration inputs: they would poison every second-moment statistic."""
+    for name, array in feeds.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise OnnxlrError(f"{where}: input {name!r} holds NaN or Inf values; calibration data must be finite")
+    return feeds
 
 
 def _checked(feeds: Any, specs: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
@@ -293,7 +302,8 @@ def _probe_model(source: str | os.PathLike | bytes, found: list[Probe], slots: l
         if probe.activation not in existing:
             graph.output.append(onnx.ValueInfoProto(name=probe.activation))
             existing.add(probe.activation)
-    return proto.SerializeToString(), folder, [_expose_slot(graph, slot, index) for index, slot in enumerate(slots)]
+    slot_inputs = [_expose_slot(graph, slot, index) for index, slot in enumerate(slots)]
+    return proto.SerializeToString(), folder, slot_inputs
 
 
 def _add_unfold(graph: onnx.GraphProto, probe: Probe) -> None:

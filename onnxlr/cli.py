@@ -181,6 +181,8 @@ output_options = _options(
                  help="Write the report (settings, totals, per-layer rows) as JSON."),
     click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.md",
                  help="Write the report as Markdown (a CI job summary or a pull-request comment)."),
+    click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.html",
+                 help="Write the report as one self-contained HTML page with plots (no network references)."),
     click.option("--external-data/--no-external-data", default=None,
                  help="Force weights into (or out of) a .data file beside the model. Default: external when the "
                       "input used it or the model exceeds 2 GB."),
@@ -272,7 +274,7 @@ def _split_ops(text: str) -> tuple[str, ...]:
 @verbosity_options
 @click.pass_obj
 def optimize(state: State, input_path: str, output_path: str | None, report_path: str | None,
-             markdown_path: str | None, external_data: bool | None, dry_run: bool, run_verify: bool, keep_failed: bool, ops: str,
+             markdown_path: str | None, html_path: str | None, external_data: bool | None, dry_run: bool, run_verify: bool, keep_failed: bool, ops: str,
              **options: Any) -> None:
     """Factorize INPUT's MatMul, Gemm and Conv weights and write OUTPUT.
 
@@ -294,7 +296,7 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
         io.check_output_path(output_path, loaded)
     from onnxlr.verify import parse_shape_overrides
 
-    edge_targets = _edge_targets(loaded, report_path, targets_path, dry_run)
+    edge_targets = _edge_targets(loaded, report_path or html_path, targets_path, dry_run)
     node_costs: dict[str, list] = {}
     data = _calibration_data(input_path, loaded, calibration_path, calibration_samples, verify_options)
     report = factorize_model(loaded.model, config, progress=state.progress, dry_run=dry_run,
@@ -315,10 +317,10 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
                 if not result["passed"]:
                     failure = "verification failed: " + "; ".join(result["failures"])
                     if not keep_failed:
-                        _finish(report, report_path, markdown_path, state)
+                        _finish(report, report_path, markdown_path, html_path, state)
                         raise GateFailed(failure + " (nothing written; --keep-failed writes it anyway)")
         report["output"] = str(output_path)
-    _finish(report, report_path, markdown_path, state)
+    _finish(report, report_path, markdown_path, html_path, state)
     if targets_path and "targets" in report:
         from onnxlr.edge import print_estimates
 
@@ -369,14 +371,22 @@ def _edge_targets(loaded: Any, report_path: str | None, targets_path: str | None
     return edge.load_targets(targets_path), edge.model_precision(loaded.model)
 
 
-def _finish(report: dict[str, Any], report_path: str | None, markdown_path: str | None, state: State) -> None:
+def _finish(report: dict[str, Any], report_path: str | None, markdown_path: str | None, html_path: str | None,
+            state: State) -> None:
     """Write the reports (also for a failed gate: they say why) and print the tables."""
     from onnxlr.report import print_report, print_verification, render_markdown, write_json, write_text
 
+    page = None
+    if html_path:  # rendered first: a plotting error then leaves no report half-written
+        from onnxlr.html_report import render_html
+
+        page = render_html(report)
     if report_path:
         write_json(report, report_path)
     if markdown_path:
         write_text(render_markdown(report), markdown_path)
+    if page is not None:
+        write_text(page, html_path)
     print_report(report, state.console)
     if "verification" in report:
         print_verification(report["verification"], state.console)

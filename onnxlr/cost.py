@@ -63,7 +63,11 @@ def _bytes(value: ir.Value | None, shapes: Mapping[str, tuple | None]) -> int:
     dims = _dims(shapes, value)
     if dims is None:
         return 0
-    return (_count(dims[0]) * value.type.dtype.bitwidth + 7) // 8
+    try:
+        bitwidth = value.type.dtype.bitwidth
+    except TypeError:  # STRING has no fixed width: not counted (onnxlr never rewrites string paths)
+        return 0
+    return (_count(dims[0]) * bitwidth + 7) // 8
 
 
 def _is_constant(value: ir.Value | None) -> bool:

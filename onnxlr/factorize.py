@@ -497,12 +497,14 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
     spent = 0
     state: dict[int, int] = {}  # group index -> rank (0 means dense)
     for index, group in enumerate(groups):
-        state[index] = min(step, group.scheme.full_rank)
-        spent += group.scheme.params_after(state[index])
+        rank = min(step, group.scheme.full_rank)
+        # A layer with no gaining rank at all (a 64x1 weight: rank 1 keeps 65 of 64) can only stay dense.
+        state[index] = rank if group.scheme.gains(rank) else 0
+        spent += group.scheme.params_after(rank) if state[index] else group.scheme.params_before
     if spent > budget:
         raise OnnxlrError(
-            f"--param-budget {settings.param_budget} is too small: rank {step} in every layer already keeps "
-            f"{spent / total_before:.3f} of the parameters"
+            f"--param-budget {settings.param_budget} is too small: rank {step} in every layer that can be "
+            f"factorized already keeps {spent / total_before:.3f} of the parameters"
         )
     heap: list[tuple[float, int, int, int]] = []  # (-value per param, index, new rank, cost)
 

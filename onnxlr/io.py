@@ -120,6 +120,10 @@ def _proto_to_ir(proto: onnx.ModelProto, base_dir: Path | None, what: str) -> ir
         raise OnnxlrError(f"{what}: not an ONNX model (it has no graph); is it a tensor or another protobuf?")
     if proto.ir_version <= 0:
         raise OnnxlrError(f"{what}: not an ONNX model (ir_version is missing)")
+    default_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    check_graph_structure(proto.graph, what, default_opset)
+    for tensor in _iter_model_tensors(proto):
+        _check_tensor_data(tensor, what)
     if base_dir is None and any(_uses_external_data(t) for t in _iter_model_tensors(proto)):
         raise OnnxlrError(
             f"{what} references external data but has no folder to read it from: pass the model's path instead"
@@ -134,6 +138,122 @@ def _proto_to_ir(proto: onnx.ModelProto, base_dir: Path | None, what: str) -> ir
         for graph in (model.graph, *(function.graph for function in model.functions.values())):
             ir.external_data.set_base_dir(graph, base_dir)
     return model
+
+
+def check_graph_structure(graph: onnx.GraphProto, what: str, opset: int | None = None,
+                          outer: frozenset[str] = frozenset()) -> None:
+    """Refuse a graph no runtime can execute, before the passes trip on it: a value defined twice, a
+    node or graph output reading a value that nothing defines, a cycle, a standard op with the wrong
+    number of inputs or an attribute of the wrong type (a STRING `group`).
+
+    Subgraphs (If/Loop/Scan bodies) are checked too; they may read every value of the scopes around
+    them. Node order is not required to be topological, only possible (Kahn's algorithm).
+    """
+    inputs = [v.name for v in graph.input]
+    if len(set(inputs)) < len(inputs):
+        twice = next(name for name in inputs if inputs.count(name) > 1)
+        raise OnnxlrError(f"{what}: graph input {twice!r} is declared twice; the model is malformed")
+    defined = set(outer) | set(inputs) | {t.name for t in graph.initializer}
+    defined |= {s.values.name for s in graph.sparse_initializer}
+    produced = {name for node in graph.node for name in node.output if name}
+
+    def label(index: int) -> str:
+        node = graph.node[index]
+        return repr(node.name) if node.name else f"#{index} ({node.op_type or 'no op type'})"
+
+    waiting: dict[str, list[int]] = {}
+    pending: list[int] = []
+    for index, node in enumerate(graph.node):
+        missing = [name for name in node.input if name and name not in defined and name not in produced]
+        if missing:
+            raise OnnxlrError(f"{what}: node {label(index)} reads {missing[0]!r}, which is not a graph input, an "
+                              "initializer or the output of any node; the model is malformed")
+        shadowed = [name for name in node.output if name in defined and name not in outer]
+        if shadowed:
+            raise OnnxlrError(f"{what}: node {label(index)} writes {shadowed[0]!r}, which is already a graph input "
+                              "or an initializer; the model is malformed")
+        _check_node_schema(node, opset, f"{what}: node {label(index)}")
+        needs = {name for name in node.input if name and name not in defined}
+        pending.append(len(needs))
+        for name in needs:
+            waiting.setdefault(name, []).append(index)
+    for value in graph.output:
+        if value.name not in defined and value.name not in produced:
+            raise OnnxlrError(f"{what}: graph output {value.name!r} is not produced by any node; the model is "
+                              "malformed")
+    ready = [index for index, count in enumerate(pending) if count == 0]
+    done = 0
+    while ready:
+        node = graph.node[ready.pop()]
+        done += 1
+        for name in node.output:
+            for index in waiting.pop(name, ()):
+                pending[index] -= 1
+                if pending[index] == 0:
+                    ready.append(index)
+    if done < len(graph.node):
+        stuck = next(index for index, count in enumerate(pending) if count > 0)
+        raise OnnxlrError(f"{what}: the graph has a cycle (through node {label(stuck)}); not a valid ONNX model")
+    scope = frozenset(defined | produced)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                check_graph_structure(sub, what, opset, scope)
+
+
+def _check_node_schema(node: onnx.NodeProto, opset: int | None, where: str) -> None:
+    """A standard op's input count and attribute types, from its ONNX schema at the model's opset."""
+    if not node.op_type:
+        raise OnnxlrError(f"{where} has no op type; the model is malformed")
+    if opset is None or node.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:  # an op onnx does not know: onnxruntime will say so
+        return
+    if not schema.min_input <= len(node.input) <= schema.max_input:
+        expected = (str(schema.min_input) if schema.min_input == schema.max_input
+                    else f"{schema.min_input} to {schema.max_input}")
+        raise OnnxlrError(f"{where}: {node.op_type} takes {expected} inputs, the node has {len(node.input)}; "
+                          "the model is malformed")
+    for attr in node.attribute:
+        expected = schema.attributes.get(attr.name)
+        if expected is None or attr.type == onnx.AttributeProto.UNDEFINED or attr.type == expected.type.value:
+            continue
+        names = onnx.AttributeProto.AttributeType.Name
+        raise OnnxlrError(f"{where}: attribute {attr.name!r} is {names(attr.type)} but {node.op_type} takes "
+                          f"{names(expected.type.value)}; the model is malformed")
+
+
+# Where a tensor keeps its values when raw_data is not used (one entry per element), by data type.
+_TYPED_FIELDS = {
+    onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
+    onnx.TensorProto.INT64: "int64_data", onnx.TensorProto.UINT32: "uint64_data",
+    onnx.TensorProto.UINT64: "uint64_data", onnx.TensorProto.STRING: "string_data",
+    **dict.fromkeys((onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+                     onnx.TensorProto.UINT8, onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT16,
+                     onnx.TensorProto.BFLOAT16), "int32_data"),
+}
+
+
+def _check_tensor_data(tensor: onnx.TensorProto, what: str) -> None:
+    """Refuse a stored tensor whose data does not fill its dims (it could never be read back)."""
+    where = f"{what}: tensor {tensor.name!r}"
+    if any(d < 0 for d in tensor.dims):
+        raise OnnxlrError(f"{where} has a negative dimension {list(tensor.dims)}; the model is malformed")
+    if tensor.data_type == onnx.TensorProto.UNDEFINED:
+        raise OnnxlrError(f"{where} has no data type; the model is malformed")
+    if _uses_external_data(tensor) or tensor.HasField("segment"):
+        return  # external data: checked against its file by check_external_data
+    if tensor.raw_data:
+        have, need, unit = len(tensor.raw_data), _tensor_nbytes(tensor), "bytes"
+    elif tensor.data_type in _TYPED_FIELDS:
+        have, need, unit = len(getattr(tensor, _TYPED_FIELDS[tensor.data_type])), math.prod(tensor.dims), "values"
+    else:
+        return
+    if need is not None and have != need:
+        raise OnnxlrError(f"{where} holds {have} {unit} of data but its dims {list(tensor.dims)} need {need}; "
+                          "the model is malformed")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -92,7 +92,7 @@ def make_session(model: str | os.PathLike | bytes, provider: str, threads: int =
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach the caller as exceptions (one short message), not as log lines
     if profile_prefix:  # onnxruntime's per-node profiler (bench --profile)
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -143,6 +143,10 @@ def load_inputs(path: str | os.PathLike, input_specs: Mapping[str, Any]) -> dict
     if len(counts) > 1:
         raise OnnxlrError(f"{path}: inputs have different sample counts {sorted(counts)}")
     return feeds
+
+
+# A synthesized input larger than this is refused (a huge or hostile declared dim), not allocated.
+MAX_SYNTHESIZED_BYTES = 2**31
 
 
 @dataclasses.dataclass
@@ -214,6 +218,13 @@ def synthesize_inputs(specs: Mapping[str, InputSpec], seed: int = 0, samples: in
                 raise OnnxlrError(f"--shape {name}:{'x'.join(map(str, shape))} does not fit the input's shape {spec.shape}")
         else:
             shape = tuple(d if d is not None else (samples if i == 0 else default_dim) for i, d in enumerate(spec.shape))
+        if any(d < 0 for d in shape):
+            raise OnnxlrError(f"input {name!r} declares a negative dimension {spec.shape}: not a valid ONNX model")
+        nbytes = math.prod(shape) * spec.dtype.itemsize
+        if nbytes > MAX_SYNTHESIZED_BYTES:
+            hint = f"--shape {name}:DIMS or " if None in spec.shape else ""
+            raise OnnxlrError(f"input {name!r} of shape {'x'.join(map(str, shape))} would take {nbytes} bytes to "
+                              f"synthesize; pass {hint}--inputs FILE.npz")
         feeds[name] = _random_array(name, spec, shape, rng)
     return feeds
 
@@ -232,12 +243,14 @@ def _random_array(name: str, spec: InputSpec, shape: tuple[int, ...], rng: np.ra
             return np.zeros(shape, dtype=spec.dtype)
         high = spec.high or 2
         return rng.integers(0, high, shape).astype(spec.dtype)
+    if kind in "OUS":  # strings: short random numerals
+        return rng.integers(0, 100, shape).astype(str).astype(object)
     raise OnnxlrError(f"cannot synthesize input {name!r} of dtype {spec.dtype}; pass --inputs FILE.npz")
 
 
 def batches(feeds: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     count = min(len(a) for a in feeds.values() if a.ndim) if any(a.ndim for a in feeds.values()) else 1
-    for start in range(0, count, batch_size):
+    for start in range(0, max(count, 1), batch_size):  # zero samples (a 0-sized first dim): one empty run
         yield {name: (a[start:start + batch_size] if a.ndim else a) for name, a in feeds.items()}
 
 
@@ -247,6 +260,22 @@ def batches(feeds: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[s
 def compare_arrays(reference: np.ndarray, candidate: np.ndarray, gates: Gates) -> dict[str, Any]:
     if reference.shape != candidate.shape:
         return {"passed": False, "failure": f"shape {candidate.shape} != reference {reference.shape}"}
+    if reference.dtype.kind not in "biufc" or candidate.dtype.kind not in "biufc":
+        return _compare_exact(reference, candidate)
+    with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf where both have it: counted, not warned about
+        return _compare(reference, candidate, gates)
+
+
+def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    """Outputs without a numeric distance (strings): equal element by element, or failed."""
+    differ = int(np.count_nonzero(reference != candidate))
+    failure = f"{differ} of {reference.size} elements differ" if differ else None
+    return {"shape": list(reference.shape), "max_abs": 0.0, "mean_abs": 0.0, "max_rel": 0.0,
+            "cosine": 0.0 if differ else 1.0, "snr_db": None, "nan": 0, "inf": 0, "reference_nan": 0,
+            "reference_inf": 0, "mismatched": differ, "failure": failure, "passed": failure is None}
+
+
+def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates) -> dict[str, Any]:
     ref = reference.astype(np.float64).reshape(-1)
     out = candidate.astype(np.float64).reshape(-1)
     finite = np.isfinite(ref) & np.isfinite(out)
@@ -270,7 +299,7 @@ def compare_arrays(reference: np.ndarray, candidate: np.ndarray, gates: Gates) -
         rows_ref = reference.reshape(len(reference), -1).astype(np.float64)
         rows_out = candidate.reshape(len(candidate), -1).astype(np.float64)
         metrics["mean_sample_cosine"] = float(np.mean([_cosine(a, b) for a, b in zip(rows_ref, rows_out)]))
-    if _looks_like_scores(reference):
+    if _looks_like_scores(reference) and reference.size:
         metrics["top1_agreement"] = float(np.mean(np.argmax(reference, -1) == np.argmax(candidate, -1)))
     metrics["failure"] = _gate_failure(ref, out, diff, metrics, gates)
     metrics["passed"] = metrics["failure"] is None
@@ -310,6 +339,10 @@ def _gate_failure(ref, out, diff, metrics, gates: Gates) -> str | None:
 def run_all(session, feeds: Mapping[str, np.ndarray], batch_size: int, output_names: Sequence[str]) -> dict[str, np.ndarray]:
     """Run every batch and concatenate each output along the first axis."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
+    # Inputs whose first dim is static take exactly that many samples per run (a batch-1 model, one by one).
+    firsts = [i.shape[0] if i.shape else None for i in session.get_inputs() if i.name in feeds and feeds[i.name].ndim]
+    if firsts and len(set(firsts)) == 1 and isinstance(firsts[0], int) and firsts[0] > 0:
+        batch_size = firsts[0]
     for batch in batches(feeds, batch_size):
         for name, value in zip(output_names, session.run(list(output_names), batch)):
             parts[name].append(np.asarray(value))
@@ -336,7 +369,13 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
         cand_names = {o.name for o in cand_session.get_outputs()}
         if not set(names) <= cand_names:
             raise OnnxlrError(f"the candidate lacks output(s) {', '.join(sorted(set(names) - cand_names))}")
-        ref_out = run_all(ref_session, feeds, batch_size, names)
+        try:
+            ref_out = run_all(ref_session, feeds, batch_size, names)
+        except MemoryError:
+            raise
+        except Exception as exc:  # the input model itself fails (bad attributes, shapes): bad input, not a bug
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+            raise OnnxlrError(f"onnxruntime cannot run the reference model on {provider}: {reason}") from exc
         cand_out = run_all(cand_session, feeds, batch_size, names)
         model_outputs = [n for n in names if n not in per_layer]
         entry: dict[str, Any] = {"session_providers": cand_session.get_providers(), "outputs": {}, "layers": {}}
