@@ -147,6 +147,9 @@ rank_policy_options = _options(
     click.option("--param-budget", type=FRACTION, default=None, metavar="P",
                  help="Whole model: ranks chosen so the factorizable layers keep <= P of their parameters "
                       "(some may stay dense)."),
+    click.option("--mac-budget", type=FRACTION, default=None, metavar="P",
+                 help="Whole model: ranks chosen so the factorizable layers keep <= P of their MACs "
+                      "(some may stay dense)."),
     click.option("--rank-multiple", type=click.IntRange(min=1), default=1, show_default=True, metavar="M",
                  help="Round ranks up to a multiple of M (tensor cores), never past break-even."),
     click.option("--allow-no-gain", is_flag=True,

@@ -48,6 +48,7 @@ class Settings:
     energy: float | None = None
     param_ratio: float | None = None
     param_budget: float | None = None
+    mac_budget: float | None = None
     target_cosine: float | None = None
     rank_multiple: int = 1
     allow_no_gain: bool = False
@@ -68,6 +69,7 @@ class Settings:
         _check_fraction("energy", self.energy, closed_low=False)
         _check_fraction("param_ratio", self.param_ratio, closed_low=False)
         _check_fraction("param_budget", self.param_budget, closed_low=False)
+        _check_fraction("mac_budget", self.mac_budget, closed_low=False)
         _check_fraction("target_cosine", self.target_cosine, closed_low=False)
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise OnnxlrError(f"rank must be a positive integer, got {self.rank!r}")
@@ -85,8 +87,17 @@ class Settings:
             raise OnnxlrError(f"conv_scheme must be auto, {', '.join(CONV_SCHEMES)}; got {self.conv_scheme!r}")
 
     def policies(self) -> list[str]:
-        names = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "target_cosine")
+        names = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine")
         return [name for name in names if getattr(self, name) is not None]
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """The whole-model budget, ("params" or "macs", fraction kept), when one is the policy."""
+        if self.param_budget is not None:
+            return "params", self.param_budget
+        if self.mac_budget is not None:
+            return "macs", self.mac_budget
+        return None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -216,7 +227,7 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
         return None
     assert data is not None
     result: dict[str, Any] = {"samples": data.samples, "compensate": settings.compensate}
-    if settings.param_budget is not None or settings.target_cosine is not None:
+    if settings.budget is not None or settings.target_cosine is not None:
         datafit.measure_sensitivity(groups, runner, data, lambda g: _budget_scheme(g, settings), progress)
     if settings.target_cosine is not None:
         initial = {id(g): g.reason for g in groups}
@@ -408,7 +419,7 @@ def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress
     """Choose each group's scheme and rank (or leave it dense with a reason)."""
     prepare_schemes(groups)
     active = [g for g in groups if not g.reason]
-    if settings.param_budget is not None:
+    if settings.budget is not None:
         for group in progress(active, "SVD"):
             group.scheme = _budget_scheme(group, settings)
             group.decomposition(group.scheme)
@@ -482,17 +493,26 @@ def _apply_break_even(group: WeightGroup, settings: Settings) -> None:
 
 
 def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
-    """Global ranks so the targets together keep <= param_budget of their parameters.
+    """Global ranks so the targets together keep <= the budget of their parameters (or MACs).
 
     Greedy on marginal value: start every layer at rank 1 (or the rank multiple), then repeatedly
     grant the step (more rank, or going back to dense past break-even) that recovers the most
-    relative energy per parameter, while it fits the budget; with measured sensitivities, energy
-    is weighted by how much each layer's loss moves the model's outputs. Singular values decrease, so the
-    marginal value of each layer's steps decreases too and greedy is close to optimal.
+    relative energy per parameter (or MAC), while it fits the budget; with measured sensitivities,
+    energy is weighted by how much each layer's loss moves the model's outputs. Singular values
+    decrease, so the marginal value of each layer's steps decreases too and greedy is close to optimal.
     """
-    assert settings.param_budget is not None
-    total_before = sum(g.scheme.params_before for g in groups)
-    budget = settings.param_budget * total_before
+    assert settings.budget is not None
+    measure, fraction = settings.budget
+    flag = "--param-budget" if measure == "params" else "--mac-budget"
+
+    def before(scheme: Scheme) -> int:
+        return scheme.params_before if measure == "params" else scheme.macs_before
+
+    def after(scheme: Scheme, rank: int) -> int:
+        return scheme.params_after(rank) if measure == "params" else scheme.macs_after(rank)
+
+    total_before = sum(before(g.scheme) for g in groups)
+    budget = fraction * total_before
     step = settings.rank_multiple
     spent = 0
     state: dict[int, int] = {}  # group index -> rank (0 means dense)
@@ -500,11 +520,11 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
         rank = min(step, group.scheme.full_rank)
         # A layer with no gaining rank at all (a 64x1 weight: rank 1 keeps 65 of 64) can only stay dense.
         state[index] = rank if group.scheme.gains(rank) else 0
-        spent += group.scheme.params_after(rank) if state[index] else group.scheme.params_before
+        spent += after(group.scheme, rank) if state[index] else before(group.scheme)
     if spent > budget:
         raise OnnxlrError(
-            f"--param-budget {settings.param_budget} is too small: rank {step} in every layer that can be "
-            f"factorized already keeps {spent / total_before:.3f} of the parameters"
+            f"{flag} {fraction} is too small: rank {step} in every layer that can be "
+            f"factorized already keeps {spent / max(total_before, 1):.3f} of the {measure}"
         )
     heap: list[tuple[float, int, int, int]] = []  # (-value per param, index, new rank, cost)
 
@@ -515,10 +535,10 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
         current_loss = 1.0 - decomposition.retained_energy(rank)
         new_rank = min(rank + step, scheme.full_rank)
         if new_rank == rank or not scheme.gains(new_rank):
-            new_rank, gain, cost = 0, current_loss, scheme.params_before - scheme.params_after(rank)
+            new_rank, gain, cost = 0, current_loss, before(scheme) - after(scheme, rank)
         else:
             gain = decomposition.retained_energy(new_rank) - decomposition.retained_energy(rank)
-            cost = scheme.params_after(new_rank) - scheme.params_after(rank)
+            cost = after(scheme, new_rank) - after(scheme, rank)
         if group.sensitivity is not None:  # measured: energy counts by how much it moves the outputs
             gain *= group.sensitivity
         if cost <= 0 or gain <= 0:
@@ -537,7 +557,7 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
             push(index)
     for index, group in enumerate(groups):
         if state[index] == 0:
-            group.reason = "kept dense by the --param-budget allocation"
+            group.reason = f"kept dense by the {flag} allocation"
         else:
             group.rank = state[index]
 

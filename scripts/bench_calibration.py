@@ -11,7 +11,8 @@ digits (digits-cnn, Conv and Gemm weights): held-out accuracy for each fraction 
 Methods, each at the same F:
   plain       plain SVD, every layer at the same fraction (--param-ratio F; digits: MACs ratio)
   whitened    activation-whitened SVD, the same uniform ranks
-  full        whitened + global allocation by measured sensitivity (--param-budget F) + --compensate
+  full        whitened + global allocation by measured sensitivity + --compensate
+              (minilm: --param-budget F; digits: --mac-budget F)
 The speedup is onnxruntime's CPU latency of the original over the candidate, interleaved A/B runs in
 this process (median of pairwise ratios; 1 thread), on one batch of held-out inputs.
 Models are built with `python -m models build minilm|digits-cnn`; nothing is downloaded.
@@ -38,7 +39,7 @@ from onnxlr import bench  # noqa: E402
 from onnxlr.verify import input_specs, load_inputs  # noqa: E402
 
 METHODS = ("plain", "whitened", "full")
-DEFAULT_FRACTIONS = (1.0, 0.8, 0.7, 0.6, 0.5)
+DEFAULT_FRACTIONS = (1.0, 0.8, 0.7, 0.6, 0.5)  # the grid; add lower ones with --fractions
 
 
 def run_model(model: ir.Model | Path, feeds: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
@@ -68,10 +69,11 @@ def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.mean(dot / norms))
 
 
-def settings_for(method: str, fraction: float, base: dict) -> dict:
-    if method == "full":
-        return {**base, "param_budget": fraction, "compensate": True}
-    return {**base, "param_ratio": fraction}
+def settings_for(name: str, method: str, fraction: float, base: dict) -> dict:
+    if method == "full":  # minilm: a parameter budget; digits: its figure of merit is MACs
+        budget = "param_budget" if name == "minilm" else "mac_budget"
+        return {**base, budget: fraction, "compensate": True}
+    return {**base, "param_ratio": fraction}  # a conv pair's MACs scale with its parameters
 
 
 def speedup(original: Path, candidate: ir.Model, feeds: dict[str, np.ndarray], runs: int) -> float:
@@ -98,7 +100,7 @@ def evaluate(name: str, fractions: list[float], methods: list[str], runs: int) -
     rows = []
     for fraction in fractions:
         for method in methods:
-            settings = settings_for(method, fraction, base)
+            settings = settings_for(name, method, fraction, base)
             start = time.perf_counter()
             calibration = None if method == "plain" else str(calib)
             try:
