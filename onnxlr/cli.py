@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 a verification gate or check failed; 2 bad input or usa
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -31,6 +32,21 @@ Examples:
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --param-budget 0.7 --compensate
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --target-cosine 0.99
 """
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: 1000000, 500MB, 1.5GiB (kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+
+    name = "size"
+    UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in self.UNITS:
+            self.fail(f"{value!r} is not a size such as 1000000, 500MB or 1.5GiB", param, ctx)
+        return int(float(match.group(1)) * self.UNITS[match.group(2).lower()])
 
 
 class State:
@@ -188,7 +204,22 @@ output_options = _options(
                  help="Write the report as one self-contained HTML page with plots (no network references)."),
     click.option("--external-data/--no-external-data", default=None,
                  help="Force weights into (or out of) a .data file beside the model. Default: external when the "
-                      "input used it or the model exceeds 2 GB."),
+                      "input used it or the input model exceeds --external-data-threshold."),
+    click.option("--external-data-threshold", type=ByteSize(), default=io.PROTOBUF_LIMIT_BYTES, metavar="SIZE",
+                 help="Without --external-data/--no-external-data: write external data when the input's weights "
+                      "exceed SIZE (bytes, or e.g. 500MB, 1.5GiB). Default: just under protobuf's 2 GB limit."),
+)
+
+scale_options = _options(
+    click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+                 help="exact: LAPACK (gesdd, gesvd fallback). randomized: randomized range finder for the leading "
+                      "triplets when the rank is known before the SVD. auto: randomized only for large matrices "
+                      "at a small rank (checked against the exact tail where affordable), exact otherwise."),
+    click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                 help="Where the SVDs run; cuda needs PyTorch with CUDA (the `torch` extra)."),
+    click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+                 help="Factorize up to N layers at once (threads, within a memory budget); the output is "
+                      "identical to --jobs 1."),
 )
 
 
@@ -266,6 +297,7 @@ def _split_ops(text: str) -> tuple[str, ...]:
               help="Rank policy, with --calibration and held-out --inputs: the smallest parameter budget whose "
                    "outputs keep cosine >= C on the held-out inputs (bisection, allocation by sensitivity).")
 @output_options
+@scale_options
 @click.option("--dry-run", is_flag=True, help="Plan and print the table; write no model.")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
               help="Compare the result with the input on onnxruntime before writing it.")
@@ -291,6 +323,7 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     verify_options = {key: options.pop(key) for key in VERIFY_KEYS}
     calibration_path, calibration_samples = options.pop("calibration_path"), options.pop("calibration_samples")
     targets_path = options.pop("targets_path")
+    external_data_threshold = options.pop("external_data_threshold")
     if output_path is None and not dry_run:
         raise OnnxlrError("missing OUTPUT: give an output path, or --dry-run to only plan")
     config = Settings(ops=_split_ops(ops), **options)
@@ -302,18 +335,29 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     edge_targets = _edge_targets(loaded, report_path or html_path, targets_path, dry_run)
     node_costs: dict[str, list] = {}
     data = _calibration_data(input_path, loaded, calibration_path, calibration_samples, verify_options)
-    report = factorize_model(loaded.model, config, progress=state.progress, dry_run=dry_run,
-                             input_shapes=parse_shape_overrides(verify_options["shapes"]),
-                             calibration_data=data, node_costs=node_costs)
-    report["input"] = str(input_path)
-    if edge_targets:
-        from onnxlr import edge
 
-        targets, precision = edge_targets
-        report["targets"] = edge.before_after(node_costs["before"], node_costs["after"], targets, precision)
+    def factorize(sink: Any) -> dict[str, Any]:
+        report = factorize_model(loaded.model, config, progress=state.progress, dry_run=dry_run,
+                                 input_shapes=parse_shape_overrides(verify_options["shapes"]),
+                                 calibration_data=data, node_costs=node_costs, sink=sink)
+        report["input"] = str(input_path)
+        if edge_targets:
+            from onnxlr import edge
+
+            targets, precision = edge_targets
+            report["targets"] = edge.before_after(node_costs["before"], node_costs["after"], targets, precision)
+        return report
+
     failure = None
-    if not dry_run:
-        with io.staged_save(loaded.model, output_path, source=loaded, external_data=external_data) as staged:
+    if dry_run:
+        report = factorize(sink=None)
+    else:
+        external = io.use_external_data(loaded.model, loaded, external_data, external_data_threshold)
+        # The temporary output exists before the rewrite: with external data each layer's factors are
+        # written there as soon as they are computed (memory stays near one layer's working set).
+        with io.staging(output_path, source=loaded, external_data=external) as stage:
+            report = factorize(sink=stage.data)
+            staged = stage.write_model(loaded.model)
             if run_verify:
                 result = run_verification(input_path, staged, loaded.model, verify_options)
                 report["verification"] = result

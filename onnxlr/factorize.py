@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
-from onnxlr import datafit, lowrank
+from onnxlr import datafit, lowrank, parallel
 from onnxlr._version import __version__
 from onnxlr.calibration import CONV_WHITENED_SCHEME, INPUT_SIDE
 from onnxlr.errors import OnnxlrError
@@ -58,6 +58,9 @@ class Settings:
     ops: tuple[str, ...] = ALL_OPS
     conv_scheme: str = "auto"
     compensate: bool = False
+    svd: str = "auto"
+    device: str = "cpu"
+    jobs: int = 1
 
     def __post_init__(self) -> None:
         policies = self.policies()
@@ -85,6 +88,13 @@ class Settings:
             raise OnnxlrError(f"unsupported op type(s) {', '.join(unknown)}; choose from {', '.join(PASSES)}")
         if self.conv_scheme not in ("auto", *CONV_SCHEMES):
             raise OnnxlrError(f"conv_scheme must be auto, {', '.join(CONV_SCHEMES)}; got {self.conv_scheme!r}")
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
+            raise OnnxlrError(f"jobs must be a positive integer, got {self.jobs!r}")
+        lowrank.check_device(self.solver.device)  # validates svd and device first
+
+    @property
+    def solver(self) -> lowrank.Solver:
+        return lowrank.Solver(svd=self.svd, device=self.device)
 
     def policies(self) -> list[str]:
         names = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine")
@@ -129,6 +139,7 @@ class WeightGroup:
     cross: np.ndarray | None = None  # error compensation: sum x_c x_o^T (gram is then that of x_c)
     sensitivity: float | None = None  # end-to-end output error per unit of lost (whitened) energy
     slot: int | None = None  # this weight's feed in the calibration runner (datafit)
+    solver: lowrank.Solver = dataclasses.field(default_factory=lowrank.Solver)  # --svd / --device
 
     @property
     def lead(self) -> Target:
@@ -138,15 +149,23 @@ class WeightGroup:
         """Calibration statistics apply to this view (for Conv, only the view that multiplies patches)."""
         return self.gram is not None and (self.lead.role != "kernel" or scheme.name == CONV_WHITENED_SCHEME)
 
-    def decomposition(self, scheme: Scheme) -> lowrank.Decomposition:
-        if scheme.name not in self.decompositions:
-            if self.whitens(scheme):
-                side = INPUT_SIDE[self.lead.role]
-                self.decompositions[scheme.name] = lowrank.whitened_svd(scheme.matrices, self.gram, side=side,
-                                                                        cross=self.cross)
-            else:
-                self.decompositions[scheme.name] = lowrank.svd(scheme.matrices)
-        return self.decompositions[scheme.name]
+    def decomposition(self, scheme: Scheme, rank: int | None = None) -> lowrank.Decomposition:
+        """The SVD of a view; with `rank`, only the leading `rank` triplets are needed (randomized may do)."""
+        cached = self.decompositions.get(scheme.name)
+        if cached is not None and (not cached.partial or (rank is not None and rank <= cached.full_rank)):
+            return cached
+        if self.whitens(scheme):
+            side = INPUT_SIDE[self.lead.role]
+            result = lowrank.whitened_svd(scheme.matrices, self.gram, side=side, cross=self.cross)
+        else:
+            result = lowrank.decompose(scheme.matrices, rank, self.solver)
+        self.decompositions[scheme.name] = result
+        return result
+
+    def drop_vectors(self) -> None:
+        """Free the singular vectors once the factors are out; spectra stay for the report."""
+        for decomposition in self.decompositions.values():
+            decomposition.drop_vectors()
 
     def dense_weight(self, scheme: Scheme, rank: int) -> np.ndarray:
         """The product of the rank-`rank` factors, as the weight the nodes read (for calibration feeds)."""
@@ -167,8 +186,11 @@ class SkippedNode:
 def factorize_model(model: ir.Model, settings: Settings, progress: Progress | None = None,
                     dry_run: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None,
                     statistics: Mapping[str, np.ndarray] | None = None, node_costs: dict[str, list] | None = None,
-                    calibration_data: datafit.CalibrationData | None = None) -> dict[str, Any]:
+                    calibration_data: datafit.CalibrationData | None = None, sink: Any = None) -> dict[str, Any]:
     """Factorize `model` in place (unless `dry_run`) and return the report dict.
+
+    `sink` (onnxlr.io.DataFile): the output's external-data file; each layer's factors are written
+    there as soon as they exist, so they never accumulate in memory.
 
     `calibration_data`: the original model's source and calibration batches (onnxlr.datafit); the
     targets then get the activation-whitened SVD, `--param-budget` allocates by measured
@@ -191,9 +213,17 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     elif statistics:
         attach_statistics(groups, statistics)
     _check_data_needs(settings, runner, calibration_data)
-    calibration_report = plan_with_data(model, groups, settings, progress, runner, calibration_data)
+    # Per-layer policies plan each layer on its own, inside the streaming loop; whole-model budgets
+    # and calibration runs plan every layer first.
+    per_layer = runner is None and settings.budget is None
+    calibration_report = None
+    with lowrank.one_blas_thread():  # the same factors whatever --jobs and the core count
+        if per_layer:
+            prepare_schemes(groups)
+        else:
+            calibration_report = plan_with_data(model, groups, settings, progress, runner, calibration_data)
+        factorize_groups(model, groups, settings, progress, plan=per_layer, dry_run=dry_run, sink=sink)
     if not dry_run:
-        rewrite(model, groups, progress)
         cleanup(model, groups)
         record_metadata(model, settings, groups)
     report = build_report(groups, skipped, settings, order, totals_before, model_totals(model) if not dry_run else None)
@@ -390,7 +420,7 @@ def _group_shared_weights(targets: list[Target], skipped: list[SkippedNode], set
         if reason:
             skipped.extend(SkippedNode(t.node, reason) for t in users)
             continue
-        group = WeightGroup(targets=users)
+        group = WeightGroup(targets=users, solver=settings.solver)
         if users[0].array.size < settings.min_params:
             group.reason = f"fewer than --min-params {settings.min_params} parameters"
         groups.append(group)
@@ -424,12 +454,19 @@ def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress
             group.scheme = _budget_scheme(group, settings)
             group.decomposition(group.scheme)
         allocate_budget(active, settings)
+        for group in active:
+            if group.rank is not None and not group.reason:
+                _apply_break_even(group, settings)
     else:
         for group in progress(active, "SVD"):
-            _plan_group(group, settings)
-    for group in active:
-        if group.rank is not None and not group.reason:
-            _apply_break_even(group, settings)
+            plan_layer(group, settings)
+
+
+def plan_layer(group: WeightGroup, settings: Settings) -> None:
+    """A per-layer policy's scheme and final rank for one group (an SVD only where the policy needs a spectrum)."""
+    _plan_group(group, settings)
+    if group.rank is not None and not group.reason:
+        _apply_break_even(group, settings)
 
 
 def _budget_scheme(group: WeightGroup, settings: Settings) -> Scheme:
@@ -565,26 +602,63 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
 # ----------------------------------------------------------------------------- rewriting
 
 
-def rewrite(model: ir.Model, groups: list[WeightGroup], progress: Progress) -> None:
+def factorize_groups(model: ir.Model, groups: list[WeightGroup], settings: Settings, progress: Progress,
+                     plan: bool, dry_run: bool = False, sink: Any = None) -> None:
+    """SVD, factors and rewrite, one group at a time in graph order (up to --jobs SVDs at once).
+
+    Each group's factors go into the model (written to `sink` right away when there is one) and its
+    singular vectors are freed before later groups are taken, so memory holds a few layers' working
+    sets, not the model's. `plan`: choose each group's scheme and rank here too (per-layer policies).
+    Graph edits stay on this thread, in group order, so names and file layout do not depend on --jobs.
+    """
+    active = [g for g in groups if not g.reason]
     names = NameGenerator(model)
-    for group in progress([g for g in groups if g.rank is not None and not g.reason], "rewrite"):
-        lead = group.lead
-        a, b = group.decomposition(group.scheme).factors(group.rank)
-        first, second = lead.handler.factor_tensors(lead, group.scheme, a, b)
-        owner = _owning_graph(lead.weight, lead.node)
-        base = lead.weight.name or lead.name
-        first_value = _initializer(owner, names(f"{base}_lr_a"), first, lead.dtype)
-        second_value = _initializer(owner, names(f"{base}_lr_b"), second, lead.dtype)
-        for target in group.targets:
-            node = target.node
-            new_nodes = target.handler.rewrite(target, group.scheme, first_value, second_value, names)
-            for position, new_node in enumerate(new_nodes, start=1):
-                # Provenance, and which node ends the pair (verify --per-layer compares its output).
-                new_node.metadata_props["onnxlr.source"] = node.name or ""
-                new_node.metadata_props["onnxlr.pair"] = str(position)
-            ir.convenience.replace_nodes_and_values(
-                node.graph, node, [node], new_nodes, [node.outputs[0]], [new_nodes[-1].outputs[0]]
-            )
+
+    def work(group: WeightGroup) -> tuple[np.ndarray, np.ndarray] | None:
+        if plan:
+            plan_layer(group, settings)
+        if dry_run or group.reason or group.rank is None:
+            return None
+        a, b = group.decomposition(group.scheme, group.rank).factors(group.rank)
+        first, second = group.lead.handler.factor_tensors(group.lead, group.scheme, a, b)
+        dtype = group.lead.dtype.numpy()
+        return np.ascontiguousarray(first.astype(dtype)), np.ascontiguousarray(second.astype(dtype))
+
+    results = parallel.ordered_map(work, active, jobs=settings.jobs, cost=lambda g: _working_set(g, settings))
+    with contextlib.closing(results):
+        for group in progress(active, "SVD"):
+            factors = next(results)
+            if factors is not None:
+                _rewrite_group(group, factors, names, sink)
+            group.drop_vectors()
+
+
+def _working_set(group: WeightGroup, settings: Settings) -> int:
+    """Rough upper estimate of one group's SVD memory, for --jobs scheduling."""
+    scheme = group.scheme or group.schemes[0]
+    known_rank = group.rank
+    if known_rank is None and settings.budget is None and settings.energy is None and len(group.schemes) == 1:
+        known_rank = _policy_rank(group, scheme, settings)
+    return lowrank.working_set_bytes(scheme.matrices.shape, known_rank, settings.svd) * len(group.schemes)
+
+
+def _rewrite_group(group: WeightGroup, factors: tuple[np.ndarray, np.ndarray], names: NameGenerator,
+                   sink: Any) -> None:
+    lead = group.lead
+    owner = _owning_graph(lead.weight, lead.node)
+    base = lead.weight.name or lead.name
+    first_value = _initializer(owner, names(f"{base}_lr_a"), factors[0], lead.dtype, sink)
+    second_value = _initializer(owner, names(f"{base}_lr_b"), factors[1], lead.dtype, sink)
+    for target in group.targets:
+        node = target.node
+        new_nodes = target.handler.rewrite(target, group.scheme, first_value, second_value, names)
+        for position, new_node in enumerate(new_nodes, start=1):
+            # Provenance, and which node ends the pair (verify --per-layer compares its output).
+            new_node.metadata_props["onnxlr.source"] = node.name or ""
+            new_node.metadata_props["onnxlr.pair"] = str(position)
+        ir.convenience.replace_nodes_and_values(
+            node.graph, node, [node], new_nodes, [node.outputs[0]], [new_nodes[-1].outputs[0]]
+        )
 
 
 def _owning_graph(weight: ir.Value, node: ir.Node) -> ir.Graph:
@@ -597,8 +671,10 @@ def _owning_graph(weight: ir.Value, node: ir.Node) -> ir.Graph:
     return node.graph
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-    tensor = ir.Tensor(np.ascontiguousarray(array.astype(dtype.numpy())), dtype=dtype, name=name)
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType, sink: Any = None) -> ir.Value:
+    tensor: Any = ir.Tensor(np.ascontiguousarray(array.astype(dtype.numpy())), dtype=dtype, name=name)
+    if sink is not None:  # straight to the output's data file; the model keeps a reference to it
+        tensor = sink.append(tensor)
     value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(dtype))
     graph.register_initializer(value)
     return value
@@ -616,7 +692,9 @@ def cleanup(model: ir.Model, groups: list[WeightGroup]) -> None:
 def record_metadata(model: ir.Model, settings: Settings, groups: list[WeightGroup]) -> None:
     ranks = {t.name: g.rank for g in groups if g.rank is not None and not g.reason for t in g.targets}
     model.metadata_props["onnxlr.version"] = __version__
-    model.metadata_props["onnxlr.settings"] = json.dumps(settings.as_dict(), sort_keys=True)
+    # --jobs changes how fast, not what: it stays out of the file so outputs are identical.
+    recorded = {k: v for k, v in settings.as_dict().items() if k != "jobs"}
+    model.metadata_props["onnxlr.settings"] = json.dumps(recorded, sort_keys=True)
     model.metadata_props["onnxlr.ranks"] = json.dumps(ranks, sort_keys=True)
     methods = sorted({g.decompositions[g.scheme.name].method for g in groups
                       if g.rank is not None and not g.reason and g.scheme.name in g.decompositions})
@@ -688,6 +766,8 @@ def _layer_row(group: WeightGroup, target: Target) -> dict[str, Any]:
         "break_even_rank": scheme.break_even_rank if scheme else None,
         "retained_energy": decomposition.retained_energy(rank) if (decomposition and rank) else None,
         "method": decomposition.method if (decomposition and rank) else None,
+        "svd": decomposition.solver if (decomposition and rank) else None,
+        "svd_tail_excess": decomposition.tail_excess if (decomposition and rank) else None,
         "sensitivity": group.sensitivity,
         "params_before": scheme.params_before if scheme else int(target.array.size),
         "params_after": scheme.params_after(rank) if (scheme and rank) else (scheme.params_before if scheme else int(target.array.size)),
@@ -702,6 +782,7 @@ def _skipped_row(item: SkippedNode) -> dict[str, Any]:
         "name": item.node.name or "?", "op_type": item.node.op_type,
         "status": "skipped", "reason": item.reason, "weight": None, "weight_shape": None, "dtype": None,
         "scheme": None, "rank": None, "full_rank": None, "break_even_rank": None, "retained_energy": None, "method": None,
+        "svd": None, "svd_tail_excess": None,
         "sensitivity": None,
         "params_before": None, "params_after": None, "macs_before": None, "macs_after": None, "shared_with": [],
     }

@@ -7,34 +7,73 @@ A (groups, m, r) and B (groups, r, n) with A @ B ~= W.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+
+from onnxlr.errors import OnnxlrError
 
 logger = logging.getLogger(__name__)
 
 # Above this many elements per matrix the SVD runs in float32 to bound time and memory.
 FLOAT64_MAX_ELEMENTS = 1 << 24
 
+SVD_METHODS = ("auto", "exact", "randomized")
+DEVICES = ("cpu", "cuda")
+# --svd auto takes the randomized SVD only for matrices whose smaller side is at least this long
+# (below it LAPACK is fast anyway) and when rank + oversampling is at most this fraction of that side
+# (a larger rank gains little time and would no longer be close to exact).
+AUTO_MIN_SIDE = 512
+AUTO_MAX_RANK_FRACTION = 0.5
+# Subspace (power) iterations of the randomized SVD: each one costs two products with the matrix and
+# sharpens the leading singular vectors where the spectrum decays slowly (Halko et al. 2011, sec. 4.5).
+POWER_ITERATIONS = 2
+RANDOMIZED_SEED = 0  # the Gaussian test matrix is seeded: the same input gives the same factors
+# The tail check computes the exact singular values (no vectors) of matrices up to this many elements.
+CHECK_MAX_ELEMENTS = 1 << 20
+# --svd auto falls back to the exact SVD when the randomized residual energy exceeds the optimal
+# residual (the exact tail) by more than this fraction.
+MAX_TAIL_EXCESS = 0.01
+# A residual below this fraction of the matrix energy counts as zero (float rounding, not an error).
+RESIDUAL_FLOOR = 1e-6
+
 
 @dataclasses.dataclass
 class Decomposition:
     """SVD of a stack of matrices: W[g] = U[g] @ diag(S[g]) @ Vt[g]."""
 
-    u: np.ndarray  # (groups, m, k)
+    u: np.ndarray | None  # (groups, m, k); None once the factors were taken (drop_vectors)
     s: np.ndarray  # (groups, k), descending
-    vt: np.ndarray  # (groups, k, n)
+    vt: np.ndarray | None  # (groups, k, n)
     method: str = "svd"  # "whitened" / "compensated": s is the spectrum of the activation-weighted matrix
+    # Energy (sum of squares) of the whole matrix stack when s holds only the leading values (randomized).
+    total: float | None = None
+    solver: str = "exact"  # "exact", "randomized", or "exact (fallback)" after a failed tail check
+    tail_excess: float | None = None  # randomized residual energy / exact tail - 1, when checked
 
     @property
     def full_rank(self) -> int:
         return self.s.shape[1]
 
     @property
+    def partial(self) -> bool:
+        """True when only the leading singular values are known (the spectrum's tail is not)."""
+        return self.total is not None
+
+    @property
     def total_energy(self) -> float:
+        if self.total is not None:
+            return self.total
         return float(np.sum(self.s.astype(np.float64) ** 2))
+
+    def drop_vectors(self) -> None:
+        """Free U and Vt once the factors were written; the spectrum stays for the report."""
+        self.u = self.vt = None
 
     def retained_energy(self, rank: int) -> float:
         """Fraction of the squared singular values kept at `rank` (1.0 for a zero matrix)."""
@@ -53,6 +92,10 @@ class Decomposition:
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """Balanced factors A = U sqrt(S), B = sqrt(S) Vt, truncated to `rank`."""
+        if self.u is None or self.vt is None:
+            raise ValueError("the singular vectors were dropped; factors are no longer available")
+        if rank > self.full_rank:
+            raise ValueError(f"rank {rank} exceeds the {self.full_rank} singular triplets computed")
         root = np.sqrt(self.s[:, :rank])
         a = self.u[:, :, :rank] * root[:, None, :]
         b = root[:, :, None] * self.vt[:, :rank, :]
@@ -79,6 +122,262 @@ def svd(matrices: np.ndarray) -> Decomposition:
         u, s, vt = (np.stack(x) for x in zip(*parts))
     return Decomposition(u=u, s=s, vt=vt)
 
+
+# ----------------------------------------------------------------------------- SVD backends
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver:
+    """Which SVD to run (`--svd`) and where (`--device`)."""
+
+    svd: str = "exact"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.svd not in SVD_METHODS:
+            raise OnnxlrError(f"svd must be one of {', '.join(SVD_METHODS)}; got {self.svd!r}")
+        if self.device not in DEVICES:
+            raise OnnxlrError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS and LAPACK on one thread while the SVDs run.
+
+    OpenBLAS's results depend on its thread count (even sgemm's), so pinning it makes the factors
+    independent of --jobs and of the machine's core count; --jobs brings the parallelism back, one
+    layer per thread. Small LAPACK calls (Cholesky, eigh) also run much faster without thread sync.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # a dependency; without it the BLAS library's default applies
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def check_device(device: str) -> None:
+    """Refuse --device cuda early, with one line, when torch or a CUDA GPU is missing."""
+    if device != "cuda":
+        return
+    try:
+        import torch
+    except ImportError:
+        raise OnnxlrError("--device cuda needs PyTorch with CUDA: pip install 'onnxlr[torch]' "
+                          "(a CUDA build of torch) on a machine with an NVIDIA GPU") from None
+    if not torch.cuda.is_available():
+        raise OnnxlrError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU "
+                          "(a CPU-only build, or no driver); use --device cpu")
+
+
+def oversampling(rank: int) -> int:
+    """Extra columns of the randomized sketch beyond the rank (Halko et al. recommend 5-10 at least)."""
+    return max(10, math.ceil(0.1 * rank))
+
+
+def choose_solver(shape: tuple[int, ...], rank: int | None, svd: str) -> str:
+    """"exact" or "randomized" for a (groups, m, n) stack truncated to `rank` (None: whole spectrum)."""
+    side = min(shape[-2], shape[-1])
+    if svd == "exact" or rank is None:
+        return "exact"
+    sketch = rank + oversampling(rank)
+    if svd == "randomized":
+        return "randomized" if sketch < side else "exact"  # the sketch would be the whole matrix
+    return "randomized" if side >= AUTO_MIN_SIDE and sketch <= AUTO_MAX_RANK_FRACTION * side else "exact"
+
+
+def working_set_bytes(shape: tuple[int, ...], rank: int | None, svd_method: str) -> int:
+    """Rough upper estimate of the memory one decomposition of a (groups, m, n) stack takes (for --jobs)."""
+    groups, m, n = shape
+    if rank is not None and choose_solver(shape, rank, svd_method) == "randomized":
+        sketch = rank + oversampling(rank)
+        return groups * 4 * (m * n + 4 * sketch * (m + n))  # a float32 copy at most, and the sketches
+    itemsize = 8 if m * n <= FLOAT64_MAX_ELEMENTS else 4
+    return groups * itemsize * 3 * m * n  # the working copy, U and Vt, LAPACK's workspace
+
+
+def decompose(matrices: np.ndarray, rank: int | None = None, solver: Solver = Solver()) -> Decomposition:
+    """SVD of a (groups, m, n) stack by the solver's rules; with `rank`, only that many triplets may be kept.
+
+    The randomized result is checked against the exact tail where that is affordable; under
+    --svd auto a result more than MAX_TAIL_EXCESS off is replaced by the exact SVD.
+    """
+    if matrices.ndim != 3:
+        raise ValueError(f"expected a (groups, m, n) stack, got shape {matrices.shape}")
+    if choose_solver(matrices.shape, rank, solver.svd) == "exact":
+        return svd(matrices) if solver.device == "cpu" else _exact_torch(matrices, solver.device)
+    assert rank is not None
+    result = randomized_svd(matrices, rank, device=solver.device)
+    if matrices.shape[1] * matrices.shape[2] <= CHECK_MAX_ELEMENTS:
+        result.tail_excess = tail_excess(matrices, result, rank)
+        if solver.svd == "auto" and result.tail_excess > MAX_TAIL_EXCESS:
+            logger.info("randomized SVD residual %.1f%% above the exact tail; using the exact SVD",
+                        100 * result.tail_excess)
+            exact = svd(matrices) if solver.device == "cpu" else _exact_torch(matrices, solver.device)
+            exact.solver = "exact (fallback)"
+            return exact
+    return result
+
+
+def randomized_svd(matrices: np.ndarray, rank: int, device: str = "cpu", seed: int = RANDOMIZED_SEED,
+                   power_iterations: int = POWER_ITERATIONS) -> Decomposition:
+    """Leading `rank` singular triplets of each matrix by randomized range finding (Halko et al. 2011).
+
+    Work is in float32 (float64 for float64 weights): the factors are cast to the weight's dtype
+    anyway. The residual energy of the result is exact: total - sum(s^2), since U U^T W is a projection.
+    """
+    dtype = np.float64 if matrices.dtype == np.float64 else np.float32
+    ops = _NumpyOps() if device == "cpu" else _TorchOps(device)
+    sketch = min(rank + oversampling(rank), min(matrices.shape[1:]))
+    us, ss, vts, total = [], [], [], 0.0
+    for matrix in matrices:
+        work = np.asarray(matrix, dtype=dtype)  # no copy for float32 weights (a view of the mapped file)
+        u, s, vt = _randomized_one(ops, work, rank, sketch, seed, power_iterations)
+        us.append(u), ss.append(s), vts.append(vt)
+        total += frobenius_energy(work)
+    return Decomposition(u=np.stack(us), s=np.stack(ss), vt=np.stack(vts), total=total, solver="randomized")
+
+
+def _randomized_one(ops: Any, matrix: np.ndarray, rank: int, sketch: int, seed: int, power_iterations: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # The test matrix comes from numpy on every device, so CPU and GPU runs start from the same sketch.
+    omega = np.random.default_rng(seed).standard_normal((matrix.shape[1], sketch), dtype=np.float32)
+    w, omega = ops.asarray(matrix), ops.asarray(omega.astype(matrix.dtype, copy=False))
+    y = w @ omega
+    for _ in range(power_iterations):
+        # Re-normalizing between products keeps the small singular directions from underflowing.
+        y = w @ ops.normalize(w.T @ ops.normalize(y))
+    q = ops.orthonormalize(y)
+    u_small, s, vt = ops.svd_wide(q.T @ w)
+    u = q @ u_small[:, :rank]
+    return ops.numpy(u), ops.numpy(s[:rank]), ops.numpy(vt[:rank])
+
+
+def frobenius_energy(matrix: np.ndarray) -> float:
+    """Sum of squares of a matrix, accumulated in float64 a block of rows at a time (no float64 copy)."""
+    total = 0.0
+    for rows in np.array_split(matrix, max(1, matrix.size // (1 << 22)), axis=0):
+        total += float(np.einsum("ij,ij->", rows, rows, dtype=np.float64))
+    return total
+
+
+def tail_excess(matrices: np.ndarray, decomposition: Decomposition, rank: int) -> float:
+    """How much more residual energy the rank-`rank` result leaves than the exact truncation: achieved / optimal - 1."""
+    exact = np.linalg.svd(np.asarray(matrices, dtype=np.float64), compute_uv=False)
+    total = float(np.sum(exact**2))
+    floor = RESIDUAL_FLOOR * total
+    optimal = max(total - float(np.sum(exact[:, :rank] ** 2)), floor)
+    achieved = max(decomposition.total_energy - float(np.sum(decomposition.s[:, :rank].astype(np.float64) ** 2)),
+                   floor)
+    return max(0.0, achieved / optimal - 1.0)
+
+
+class _NumpyOps:
+    """The randomized steps on the CPU, built from matrix products wherever possible.
+
+    Householder QR and triangular solves are slow next to products (and under load OpenBLAS's
+    threaded QR ran 10-20x slower still); Cholesky QR gets the same basis from two products and a
+    small k x k factorization, with Householder QR as the fallback when the sketch is too
+    ill-conditioned for it (a matrix of lower rank than the sketch).
+    """
+
+    @staticmethod
+    def asarray(array: np.ndarray) -> np.ndarray:
+        return array
+
+    @staticmethod
+    def numpy(array: np.ndarray) -> np.ndarray:
+        return array
+
+    @staticmethod
+    def normalize(y: np.ndarray) -> np.ndarray:
+        """Well-conditioned columns spanning the same space (between power iterations)."""
+        q = _cholesky_qr(y)
+        return q if q is not None else _householder_q(y)
+
+    @staticmethod
+    def orthonormalize(y: np.ndarray) -> np.ndarray:
+        """An orthonormal basis of y's columns: Cholesky QR twice (CholeskyQR2)."""
+        q = _cholesky_qr(y)
+        q = _cholesky_qr(q) if q is not None else None
+        return q if q is not None else _householder_q(y)
+
+    @staticmethod
+    def svd_wide(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SVD of a short, wide k x n matrix from the eigenvectors of b b^T (k x k, eigh in float64).
+
+        b = U S Vt with U the eigenvectors and S the roots of the eigenvalues, so Vt = S^-1 U^T b; the
+        product U S Vt is then U U^T b = b, even where a tiny singular value makes a row of Vt
+        inaccurate (that row carries a tiny weight in the factors).
+        """
+        values, vectors = np.linalg.eigh((b @ b.T).astype(np.float64))
+        values, vectors = np.clip(values[::-1], 0.0, None), vectors[:, ::-1]  # descending
+        s = np.sqrt(values)
+        keep = s > (s[0] if len(s) else 0.0) * 1e-6  # rows for (numerically) zero values stay zero
+        scale = np.where(keep, 1.0 / np.where(keep, s, 1.0), 0.0)
+        u = vectors.astype(b.dtype)
+        vt = (u.T @ b) * scale[:, None].astype(b.dtype)
+        return u, s.astype(b.dtype), vt
+
+
+def _cholesky_qr(y: np.ndarray) -> np.ndarray | None:
+    """Q = y R^-1 with R^T R = y^T y, or None when y is too ill-conditioned for the Gram matrix."""
+    import scipy.linalg
+
+    gram = (y.T @ y).astype(np.float64)  # k x k: the product in y's precision, the factorization in float64
+    try:
+        lower = np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:
+        return None
+    pivots = np.diag(lower)  # about the singular values of y
+    # Past this spread the Gram matrix (condition squared) has lost y's smallest directions.
+    if not np.all(np.isfinite(pivots)) or pivots.min() <= pivots.max() * 10 * np.sqrt(np.finfo(y.dtype).eps):
+        return None
+    inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
+    if info != 0:
+        return None
+    return y @ inverse.T.astype(y.dtype)  # y L^-T: a product, much faster than a triangular solve on y
+
+
+def _householder_q(y: np.ndarray) -> np.ndarray:
+    import scipy.linalg
+
+    return scipy.linalg.qr(y, mode="economic", check_finite=False)[0]
+
+
+class _TorchOps:
+    """The same steps with torch on a GPU (QR throughout: cheap there)."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.torch, self.device = torch, device
+
+    def asarray(self, array: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def numpy(self, tensor: Any) -> np.ndarray:
+        return tensor.cpu().numpy()
+
+    def normalize(self, y: Any) -> Any:
+        return self.torch.linalg.qr(y).Q
+
+    def orthonormalize(self, y: Any) -> Any:
+        return self.torch.linalg.qr(y).Q
+
+    def svd_wide(self, b: Any) -> tuple[Any, Any, Any]:
+        return self.torch.linalg.svd(b, full_matrices=False)
+
+
+def _exact_torch(matrices: np.ndarray, device: str) -> Decomposition:
+    """torch.linalg.svd on the GPU, with the same float64 / float32 rule as the CPU path."""
+    import torch
+
+    compute_dtype = np.float64 if matrices.shape[1] * matrices.shape[2] <= FLOAT64_MAX_ELEMENTS else np.float32
+    work = torch.from_numpy(np.ascontiguousarray(matrices, dtype=compute_dtype)).to(device)
+    u, s, vt = torch.linalg.svd(work, full_matrices=False)
+    return Decomposition(u=u.cpu().numpy(), s=s.cpu().numpy(), vt=vt.cpu().numpy())
 
 # ----------------------------------------------------------------------------- activation-whitened SVD
 

@@ -1,0 +1,205 @@
+"""Wall time and peak anonymous memory of `onnxlr optimize` next to the I/O floor, measured in one run.
+
+    python scripts/bench_scale.py --json out/bench-scale.json
+    python scripts/bench_scale.py --models llm-1b --onnxlr-args "--jobs 2"
+
+For each model (built or reused with `python -m models build NAME` into the git-ignored .cache/):
+
+  floor   a fresh Python process loads the model with onnx (external data included) and saves it
+          again with onnx (external data when the input had it): the least any rewriting tool pays
+          to read and write the same bytes.
+  onnxlr  `onnxlr optimize MODEL OUT --rank-ratio 0.25 --no-verify -q` (plus --onnxlr-args) in its
+          own process.
+
+Both are timed as whole processes (interpreter start-up and imports included) after one warm-up
+read of the model's files, so both see the same page cache. Peak anonymous memory is the largest
+RssAnon of /proc/PID/status sampled every --interval seconds (heap, not the memory-mapped weights);
+VmHWM (all resident memory, mapped files included) is reported too. Targets (issue 8): onnxlr's
+wall time <= 3x the floor and peak anonymous memory <= 1 GB on the >= 0.8B-parameter model.
+Outputs go to --work (removed afterwards unless --keep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "models"
+DEFAULT_MODELS = ("llm-1b", "digits-cnn", "minilm")
+WALL_TARGET = 3.0  # x the floor
+ANON_TARGET_BYTES = 10**9  # 1 GB
+
+FLOOR_CODE = """
+import sys, onnx
+source, target, external = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+model = onnx.load(source)  # reads the external data into memory
+if external:
+    onnx.save_model(model, target, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=target.rsplit("/", 1)[-1] + ".data")
+else:
+    onnx.save_model(model, target)
+"""
+
+
+def ensure_built(name: str) -> Path:
+    subprocess.run([sys.executable, "-m", "models", "build", name], cwd=ROOT, check=True)
+    return CACHE / name / "model.onnx"
+
+
+def data_files(model: Path) -> list[Path]:
+    return sorted(p for p in model.parent.iterdir() if p.name.startswith(model.name))
+
+
+def warm_up(model: Path) -> None:
+    """Read every file of the model once, so the floor and onnxlr both start from a warm page cache."""
+    for path in data_files(model):
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
+def _status(pid: int) -> dict[str, int]:
+    """RssAnon and VmHWM of a live process, in bytes (empty once it has exited)."""
+    fields: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "VmHWM"):
+                    fields[key] = int(value.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return fields
+
+
+def measure(command: list[str], interval: float) -> dict:
+    """Run `command`; wall time, exit code, and peak RssAnon / VmHWM sampled every `interval` seconds."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak_anon = peak_hwm = 0
+    while process.poll() is None:
+        fields = _status(process.pid)
+        peak_anon = max(peak_anon, fields.get("RssAnon", 0))
+        peak_hwm = max(peak_hwm, fields.get("VmHWM", 0))
+        time.sleep(interval)
+    wall = time.perf_counter() - start
+    output = process.stdout.read() if process.stdout else ""
+    if process.returncode != 0:
+        raise SystemExit(f"command failed ({process.returncode}): {shlex.join(command)}\n{output}")
+    return {"wall_s": round(wall, 2), "peak_anon_bytes": peak_anon, "peak_rss_bytes": peak_hwm,
+            "command": shlex.join(command)}
+
+
+def model_facts(model: Path) -> dict:
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    params = 0
+    for tensor in proto.graph.initializer:
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        params += count
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    return {"params": params, "bytes_on_disk": sum(p.stat().st_size for p in data_files(model)),
+            "external_data": external}
+
+
+def onnxlr_command() -> list[str]:
+    script = Path(sys.executable).parent / "onnxlr"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "onnxlr"]
+
+
+def bench_model(name: str, work: Path, extra: list[str], interval: float) -> dict:
+    model = ensure_built(name)
+    facts = model_facts(model)
+    out_dir = work / name
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    warm_up(model)
+    floor = measure([sys.executable, "-c", FLOOR_CODE, str(model), str(out_dir / "floor.onnx"),
+                     "1" if facts["external_data"] else "0"], interval)
+    for path in data_files(out_dir / "floor.onnx"):
+        path.unlink()  # free the disk (and the page cache) before onnxlr runs
+    report = out_dir / "report.json"
+    command = [*onnxlr_command(), "optimize", str(model), str(out_dir / "model-lr.onnx"), "--rank-ratio", "0.25",
+               "--no-verify", "-q", "--report", str(report), *extra]
+    run = measure(command, interval)
+    layers = json.loads(report.read_text())["layers"]
+    solvers: dict[str, int] = {}
+    for layer in layers:
+        if layer["status"] == "factorized":
+            solvers[layer["svd"]] = solvers.get(layer["svd"], 0) + 1
+    output_bytes = sum(p.stat().st_size for p in data_files(out_dir / "model-lr.onnx"))
+    ratio = run["wall_s"] / floor["wall_s"]
+    return {"model": name, **facts, "floor": floor, "onnxlr": run, "output_bytes": output_bytes,
+            "solvers": solvers, "wall_ratio": round(ratio, 2),
+            "wall_target_met": ratio <= WALL_TARGET,
+            "anon_target_met": run["peak_anon_bytes"] <= ANON_TARGET_BYTES}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal")), 0)
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "python": platform.python_version(),
+            "date": datetime.date.today().isoformat(), "load_average_at_start": os.getloadavg()}
+
+
+def gb(value: int) -> str:
+    return f"{value / 1e9:.2f} GB"
+
+
+def print_table(results: list[dict]) -> None:
+    header = (f"{'model':<11} {'params':>8} {'on disk':>9} {'floor s':>8} {'onnxlr s':>9} {'x floor':>8} "
+              f"{'floor anon':>11} {'onnxlr anon':>12} {'onnxlr rss':>11}  svd")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['model']:<11} {r['params'] / 1e9:>7.3f}B {gb(r['bytes_on_disk']):>9} {r['floor']['wall_s']:>8.1f} "
+              f"{r['onnxlr']['wall_s']:>9.1f} {r['wall_ratio']:>8.2f} {gb(r['floor']['peak_anon_bytes']):>11} "
+              f"{gb(r['onnxlr']['peak_anon_bytes']):>12} {gb(r['onnxlr']['peak_rss_bytes']):>11}  "
+              f"{', '.join(f'{k} {v}' for k, v in sorted(r['solvers'].items()))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated reference models (default: {','.join(DEFAULT_MODELS)})")
+    parser.add_argument("--onnxlr-args", default="", help="extra optimize flags, e.g. \"--jobs 2 --svd exact\"")
+    parser.add_argument("--json", type=Path, help="write every figure and the machine facts here")
+    parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-scale",
+                        help="folder for the outputs (default: .cache/bench-scale)")
+    parser.add_argument("--interval", type=float, default=0.02, help="memory sampling interval in seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the written models")
+    args = parser.parse_args(argv)
+    extra = shlex.split(args.onnxlr_args)
+    results = []
+    try:
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            results.append(bench_model(name, args.work, extra, args.interval))
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.work, ignore_errors=True)
+    print_table(results)
+    summary = {"machine": machine(), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+               "targets": {"wall_x_floor": WALL_TARGET, "peak_anon_bytes": ANON_TARGET_BYTES}, "results": results}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
