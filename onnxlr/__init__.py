@@ -26,12 +26,12 @@ def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = Fa
     `model` is a path, an `onnx.ModelProto`, an `onnx_ir.Model` or an onnx-graphsurgeon `Graph`;
     the result is of the same kind (an `onnx_ir.Model` for a path). The input is never modified.
     Settings are the `onnxlr optimize` flags with underscores: rank_ratio, rank, energy,
-    param_ratio, param_budget, mac_budget, target_cosine, rank_multiple, allow_no_gain, min_params, include,
+    param_ratio, param_budget, mac_budget, target_cosine, target_error, rank_multiple, allow_no_gain, min_params, include,
     exclude, ops, conv_scheme, compensate, svd ("auto", "exact", "randomized"), device ("cpu",
     "cuda"), jobs. `calibration` (an .npz, a folder of them, or an iterable
     of input dicts; at most `calibration_samples` samples) makes the factorization data-aware
     (whitened SVD; with param_budget or mac_budget, allocation by measured sensitivity); `heldout` (same kinds)
-    is what target_cosine is measured on.
+    is what target_cosine / target_error are measured on.
     """
     config = Settings(**settings)
     loaded = load(model)

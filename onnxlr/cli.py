@@ -296,6 +296,9 @@ def _split_ops(text: str) -> tuple[str, ...]:
 @click.option("--target-cosine", type=FRACTION, default=None, metavar="C",
               help="Rank policy, with --calibration and held-out --inputs: the smallest parameter budget whose "
                    "outputs keep cosine >= C on the held-out inputs (bisection, allocation by sensitivity).")
+@click.option("--target-error", type=click.FloatRange(min=0, min_open=True), default=None, metavar="E",
+              help="Rank policy, like --target-cosine: the smallest parameter budget whose outputs stay within "
+                   "relative error ||Y'-Y||/||Y|| <= E on the held-out inputs.")
 @output_options
 @scale_options
 @click.option("--dry-run", is_flag=True, help="Plan and print the table; write no model.")

@@ -11,8 +11,8 @@ measured without rewriting or reloading the graph:
 - compensation: layer by layer in dependency order, the statistics of the model whose earlier
   layers are already factorized, and each pair refitted by least squares to the original layer's
   outputs (lowrank.whitened_svd with `cross`), so later layers correct what earlier ones lost;
-- `--target-cosine`: bisection on the parameter budget for the smallest model whose outputs keep
-  the cosine on held-out samples.
+- `--target-cosine` / `--target-error`: bisection on the parameter budget for the smallest model
+  whose outputs keep the cosine (or stay within the relative error) on held-out samples.
 """
 
 from __future__ import annotations
@@ -106,6 +106,37 @@ def min_cosine(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.n
     return min(cosines, default=1.0)
 
 
+def max_relative_error(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:
+    """The largest ||Y' - Y|| / ||Y|| over float outputs (flattened)."""
+    errors = [np.sqrt(relative_error({name: ref}, candidate)) for name, ref in reference.items() if ref.dtype.kind == "f"]
+    return float(max(errors, default=0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Goal:
+    """An end-to-end target on held-out outputs: cosine >= value, or relative error <= value."""
+
+    metric: str  # "cosine" or "error"
+    value: float
+
+    @classmethod
+    def of(cls, settings: Any) -> Goal | None:
+        if settings.target_cosine is not None:
+            return cls("cosine", settings.target_cosine)
+        if settings.target_error is not None:
+            return cls("error", settings.target_error)
+        return None
+
+    def measure(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:
+        return min_cosine(reference, candidate) if self.metric == "cosine" else max_relative_error(reference, candidate)
+
+    def met(self, measured: float) -> bool:
+        return measured >= self.value if self.metric == "cosine" else measured <= self.value
+
+    def __str__(self) -> str:
+        return f"--target-{self.metric} {self.value:g}"
+
+
 def factorized_overrides(groups: Iterable[Any]) -> dict[int, np.ndarray]:
     """Feeds that replace every factorized group's weight by its low-rank product."""
     return {g.slot: g.dense_weight(g.scheme, g.rank) for g in groups
@@ -192,19 +223,19 @@ def dependency_stages(model: ir.Model, groups: Sequence[Any]) -> list[list[Any]]
     return [ordered[key] for key in sorted(ordered)]
 
 
-# ----------------------------------------------------------------------------- --target-cosine
+# ----------------------------------------------------------------------------- --target-cosine / --target-error
 
 
-def search_budget(groups: Sequence[Any], target: float, runner: calibration.Runner, data: CalibrationData,
+def search_budget(groups: Sequence[Any], goal: Goal, runner: calibration.Runner, data: CalibrationData,
                   plan, progress) -> list[dict[str, float]]:
-    """Bisection on the parameter budget for the smallest plan whose held-out cosine is >= target.
+    """Bisection on the parameter budget for the smallest plan whose held-out outputs meet `goal`.
 
     `plan(budget)` plans every group for that budget (raising OnnxlrError when it is infeasible).
     Ends with the groups planned at the best budget found (all dense if none meets the target).
-    Returns the trace: one {budget, cosine} per measured plan.
+    Returns the trace: one {budget, cosine or error} per measured plan.
     """
     if not data.heldout:
-        raise OnnxlrError("--target-cosine needs held-out samples to measure on: give --inputs FILE.npz")
+        raise OnnxlrError(f"--target-{goal.metric} needs held-out samples to measure on: give --inputs FILE.npz")
     reference = calibration.model_outputs(runner, data.heldout)
     trace: list[dict[str, float]] = []
 
@@ -213,21 +244,21 @@ def search_budget(groups: Sequence[Any], target: float, runner: calibration.Runn
             plan(budget)
         except OnnxlrError:  # rank 1 everywhere is already over this budget
             return None
-        value = min_cosine(reference, calibration.model_outputs(runner, data.heldout, factorized_overrides(groups)))
-        trace.append({"budget": budget, "cosine": value})
+        value = goal.measure(reference, calibration.model_outputs(runner, data.heldout, factorized_overrides(groups)))
+        trace.append({"budget": budget, goal.metric: value})
         return value
 
     low, high, best = 0.0, 1.0, None
     for _ in progress(range(SEARCH_STEPS), "target search"):
         middle = (low + high) / 2
         value = cosine_at(middle)
-        if value is not None and value >= target:
+        if value is not None and goal.met(value):
             high, best = middle, middle
         else:
             low = middle
     if best is None:
         value = cosine_at(1.0)
-        best = 1.0 if value is not None and value >= target else None
+        best = 1.0 if value is not None and goal.met(value) else None
     if best is None:
         plan(None)
     else:

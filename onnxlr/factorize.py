@@ -50,6 +50,7 @@ class Settings:
     param_budget: float | None = None
     mac_budget: float | None = None
     target_cosine: float | None = None
+    target_error: float | None = None
     rank_multiple: int = 1
     allow_no_gain: bool = False
     min_params: int = 0
@@ -74,6 +75,10 @@ class Settings:
         _check_fraction("param_budget", self.param_budget, closed_low=False)
         _check_fraction("mac_budget", self.mac_budget, closed_low=False)
         _check_fraction("target_cosine", self.target_cosine, closed_low=False)
+        if self.target_error is not None and (isinstance(self.target_error, bool)
+                                              or not isinstance(self.target_error, (int, float))
+                                              or not math.isfinite(self.target_error) or self.target_error <= 0):
+            raise OnnxlrError(f"target_error must be a positive number, got {self.target_error!r}")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise OnnxlrError(f"rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
@@ -97,7 +102,8 @@ class Settings:
         return lowrank.Solver(svd=self.svd, device=self.device)
 
     def policies(self) -> list[str]:
-        names = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine")
+        names = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine",
+                 "target_error")
         return [name for name in names if getattr(self, name) is not None]
 
     @property
@@ -241,7 +247,8 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
 
 
 def _check_data_needs(settings: Settings, runner: Any, data: datafit.CalibrationData | None) -> None:
-    for flag, wanted in (("--target-cosine", settings.target_cosine is not None), ("--compensate", settings.compensate)):
+    for flag, wanted in (("--target-cosine", settings.target_cosine is not None),
+                         ("--target-error", settings.target_error is not None), ("--compensate", settings.compensate)):
         if wanted and data is None:
             raise OnnxlrError(f"{flag} needs calibration data (--calibration FILE.npz)")
         if wanted and runner is None:
@@ -257,9 +264,10 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
         return None
     assert data is not None
     result: dict[str, Any] = {"samples": data.samples, "compensate": settings.compensate}
-    if settings.budget is not None or settings.target_cosine is not None:
+    goal = datafit.Goal.of(settings)
+    if settings.budget is not None or goal is not None:
         datafit.measure_sensitivity(groups, runner, data, lambda g: _budget_scheme(g, settings), progress)
-    if settings.target_cosine is not None:
+    if goal is not None:
         initial = {id(g): g.reason for g in groups}
         quiet = lambda items, _description: items  # noqa: E731 (each trial re-plans: no bars)
 
@@ -268,11 +276,12 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
                 group.reason, group.rank, group.scheme = initial[id(group)], None, None
             if budget is None:
                 for group in groups:
-                    group.reason = group.reason or f"kept dense: no budget reaches --target-cosine {settings.target_cosine}"
+                    group.reason = group.reason or f"kept dense: no budget reaches {goal}"
                 return
-            plan_ranks(groups, dataclasses.replace(settings, target_cosine=None, param_budget=budget), quiet)
+            plan_ranks(groups, dataclasses.replace(settings, target_cosine=None, target_error=None,
+                                                   param_budget=budget), quiet)
 
-        result["search"] = datafit.search_budget(groups, settings.target_cosine, runner, data, plan, progress)
+        result["search"] = datafit.search_budget(groups, goal, runner, data, plan, progress)
     else:
         plan_ranks(groups, settings, progress)
     if settings.compensate:

@@ -133,3 +133,14 @@ def test_mac_budget_on_convs_counts_macs_not_parameters():
     assert rows["conv"]["status"] == "factorized"  # only the conv can pay for half the MACs
     with pytest.raises(OnnxlrError, match="choose one rank policy"):
         onnxlr.optimize(model, mac_budget=0.5, param_budget=0.5)
+
+
+def test_target_error_is_met_on_the_held_out_samples():
+    model = deep_mlp()
+    calib, held_out = feeds(256, seed=1), feeds(128, seed=2)
+    candidate, report = onnxlr.optimize(model, target_error=0.05, calibration=[calib], heldout=[held_out])
+    assert output_error(model, candidate, held_out) <= 0.05 + 1e-4
+    assert all("error" in step for step in report["calibration"]["search"])
+    assert report["totals"]["params_after"] < report["totals"]["params_before"]
+    with pytest.raises(OnnxlrError, match="target_error must be a positive number"):
+        onnxlr.optimize(model, target_error=-1.0, calibration=[calib], heldout=[held_out])
