@@ -381,6 +381,12 @@ CASES: dict[str, Case] = {
     "rank-negative": Case(good, ("--rank", "-3"), message="Invalid value for '--rank'"),
     "rank-text": Case(good, ("--rank", "many"), message="Invalid value for '--rank'"),
     "rank-ratio-inf": Case(good, ("--rank-ratio", "inf"), message="Invalid value for '--rank-ratio'"),
+    **{f"rank-ratio-{label}": Case(good, ("--rank-ratio", value), message="rank.ratio")
+       for label, value in (("zero", "0"), ("negative", "-0.25"), ("above-one", "1.5"), ("nan", "nan"),
+                            ("text", "quarter"))},
+    "mac-budget-zero": Case(good, ("--mac-budget", "0"), message="Invalid value for '--mac-budget'"),
+    "target-error-negative": Case(good, ("--target-error", "-1"), message="Invalid value for '--target-error'"),
+    "two-rank-policies": Case(good, ("--rank", "4", "--energy", "0.9"), message="choose one rank policy"),
     "energy-zero": Case(good, ("--energy", "0"), message="Invalid value for '--energy'"),
     "energy-above-one": Case(good, ("--energy", "1.5"), message="Invalid value for '--energy'"),
     "param-ratio-zero": Case(good, ("--param-ratio", "0"), message="Invalid value for '--param-ratio'"),
