@@ -1,15 +1,15 @@
 """Wall time and peak anonymous memory of `onnxlr optimize` next to the I/O floor, measured in one run.
 
     python scripts/bench_scale.py --json out/bench-scale.json
-    python scripts/bench_scale.py --models llm-1b --onnxlr-args "--jobs 2"
+    python scripts/bench_scale.py --models llm-1b --jobs 2 --onnxlr-args "--svd exact"
 
 For each model (built or reused with `python -m models build NAME` into the git-ignored .cache/):
 
   floor   a fresh Python process loads the model with onnx (external data included) and saves it
           again with onnx (external data when the input had it): the least any rewriting tool pays
           to read and write the same bytes.
-  onnxlr  `onnxlr optimize MODEL OUT --rank-ratio 0.25 --no-verify -q` (plus --onnxlr-args) in its
-          own process.
+  onnxlr  `onnxlr optimize MODEL OUT --rank-ratio 0.25 --no-verify -q --jobs N` (plus --onnxlr-args)
+          in its own process, once for each N of --jobs.
 
 Both are timed as whole processes (interpreter start-up and imports included) after one warm-up
 read of the model's files, so both see the same page cache. Peak anonymous memory is the largest
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -58,6 +59,16 @@ def ensure_built(name: str) -> Path:
 
 def data_files(model: Path) -> list[Path]:
     return sorted(p for p in model.parent.iterdir() if p.name.startswith(model.name))
+
+
+def digest(model: Path) -> str:
+    """sha256 over the model file and its data file: the --jobs runs must give the same bytes."""
+    hasher = hashlib.sha256()
+    for path in data_files(model):
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def warm_up(model: Path) -> None:
@@ -120,7 +131,7 @@ def onnxlr_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "onnxlr"]
 
 
-def bench_model(name: str, work: Path, extra: list[str], interval: float) -> dict:
+def bench_model(name: str, work: Path, jobs: list[int], extra: list[str], interval: float) -> list[dict]:
     model = ensure_built(name)
     facts = model_facts(model)
     out_dir = work / name
@@ -131,21 +142,29 @@ def bench_model(name: str, work: Path, extra: list[str], interval: float) -> dic
                      "1" if facts["external_data"] else "0"], interval)
     for path in data_files(out_dir / "floor.onnx"):
         path.unlink()  # free the disk (and the page cache) before onnxlr runs
-    report = out_dir / "report.json"
-    command = [*onnxlr_command(), "optimize", str(model), str(out_dir / "model-lr.onnx"), "--rank-ratio", "0.25",
-               "--no-verify", "-q", "--report", str(report), *extra]
-    run = measure(command, interval)
-    layers = json.loads(report.read_text())["layers"]
-    solvers: dict[str, int] = {}
-    for layer in layers:
-        if layer["status"] == "factorized":
-            solvers[layer["svd"]] = solvers.get(layer["svd"], 0) + 1
-    output_bytes = sum(p.stat().st_size for p in data_files(out_dir / "model-lr.onnx"))
-    ratio = run["wall_s"] / floor["wall_s"]
-    return {"model": name, **facts, "floor": floor, "onnxlr": run, "output_bytes": output_bytes,
-            "solvers": solvers, "wall_ratio": round(ratio, 2),
-            "wall_target_met": ratio <= WALL_TARGET,
-            "anon_target_met": run["peak_anon_bytes"] <= ANON_TARGET_BYTES}
+    results = []
+    for count in jobs:
+        report = out_dir / "report.json"
+        output = out_dir / "model-lr.onnx"
+        command = [*onnxlr_command(), "optimize", str(model), str(output), "--rank-ratio", "0.25",
+                   "--no-verify", "-q", "--jobs", str(count), "--report", str(report), *extra]
+        run = measure(command, interval)
+        solvers: dict[str, int] = {}
+        for layer in json.loads(report.read_text())["layers"]:
+            if layer["status"] == "factorized":
+                solvers[layer["svd"]] = solvers.get(layer["svd"], 0) + 1
+        output_bytes = sum(p.stat().st_size for p in data_files(output))
+        sha256 = digest(output)
+        for path in data_files(output):
+            path.unlink()
+        ratio = run["wall_s"] / floor["wall_s"]
+        results.append({"model": name, "jobs": count, **facts, "floor": floor, "onnxlr": run,
+                        "output_bytes": output_bytes, "output_sha256": sha256,
+                        "same_output_as_first_jobs": sha256 == (results[0]["output_sha256"] if results else sha256),
+                        "solvers": solvers, "wall_ratio": round(ratio, 2),
+                        "wall_target_met": ratio <= WALL_TARGET,
+                        "anon_target_met": run["peak_anon_bytes"] <= ANON_TARGET_BYTES})
+    return results
 
 
 def machine() -> dict:
@@ -162,22 +181,24 @@ def gb(value: int) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    header = (f"{'model':<11} {'params':>8} {'on disk':>9} {'floor s':>8} {'onnxlr s':>9} {'x floor':>8} "
+    header = (f"{'model':<11} {'jobs':>4} {'params':>8} {'on disk':>9} {'floor s':>8} {'onnxlr s':>9} {'x floor':>8} "
               f"{'floor anon':>11} {'onnxlr anon':>12} {'onnxlr rss':>11}  svd")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['model']:<11} {r['params'] / 1e9:>7.3f}B {gb(r['bytes_on_disk']):>9} {r['floor']['wall_s']:>8.1f} "
+        print(f"{r['model']:<11} {r['jobs']:>4} {r['params'] / 1e9:>7.3f}B {gb(r['bytes_on_disk']):>9} {r['floor']['wall_s']:>8.1f} "
               f"{r['onnxlr']['wall_s']:>9.1f} {r['wall_ratio']:>8.2f} {gb(r['floor']['peak_anon_bytes']):>11} "
               f"{gb(r['onnxlr']['peak_anon_bytes']):>12} {gb(r['onnxlr']['peak_rss_bytes']):>11}  "
-              f"{', '.join(f'{k} {v}' for k, v in sorted(r['solvers'].items()))}")
+              f"{', '.join(f'{k} {v}' for k, v in sorted(r['solvers'].items()))}"
+              f"{'' if r['same_output_as_first_jobs'] else '  OUTPUT DIFFERS FROM THE FIRST --jobs RUN'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help=f"comma-separated reference models (default: {','.join(DEFAULT_MODELS)})")
-    parser.add_argument("--onnxlr-args", default="", help="extra optimize flags, e.g. \"--jobs 2 --svd exact\"")
+    parser.add_argument("--jobs", default="1,2", help="comma-separated --jobs values, one onnxlr run each (default: 1,2)")
+    parser.add_argument("--onnxlr-args", default="", help="extra optimize flags, e.g. \"--svd exact\"")
     parser.add_argument("--json", type=Path, help="write every figure and the machine facts here")
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-scale",
                         help="folder for the outputs (default: .cache/bench-scale)")
@@ -185,15 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the written models")
     args = parser.parse_args(argv)
     extra = shlex.split(args.onnxlr_args)
+    jobs = [int(j) for j in args.jobs.split(",") if j.strip()]
+    facts = machine()  # before the runs: the load average says whether the machine was quiet
     results = []
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-            results.append(bench_model(name, args.work, extra, args.interval))
+            results.extend(bench_model(name, args.work, jobs, extra, args.interval))
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
     print_table(results)
-    summary = {"machine": machine(), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+    summary = {"machine": facts, "command": shlex.join([Path(sys.executable).name, *sys.argv]),
                "targets": {"wall_x_floor": WALL_TARGET, "peak_anon_bytes": ANON_TARGET_BYTES}, "results": results}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

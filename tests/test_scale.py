@@ -114,6 +114,19 @@ def test_randomized_is_deterministic_and_works_per_group():
         np.testing.assert_allclose(first.s[group], 0.9 ** np.arange(32), rtol=1e-3)
 
 
+def test_torch_backend_agrees_with_numpy():
+    """The --device cuda code path, run by torch on the CPU (no GPU needed to check its algebra)."""
+    pytest.importorskip("torch")
+    weight = known_spectrum(520, 700, 0.9 ** np.arange(520)).astype(np.float32)[None]
+    with_torch = lowrank._randomized_one(lowrank._TorchOps("cpu"), weight[0], 32, 48, 0, 2)
+    with_numpy = lowrank.randomized_svd(weight, 32)
+    np.testing.assert_allclose(with_torch[1], with_numpy.s[0], rtol=1e-4)
+    np.testing.assert_allclose(with_torch[0] * with_torch[1] @ with_torch[2],
+                               with_numpy.u[0] * with_numpy.s[0] @ with_numpy.vt[0], atol=1e-4)
+    exact = lowrank._exact_torch(weight, "cpu")
+    np.testing.assert_allclose(exact.s, lowrank.svd(weight).s, rtol=1e-6, atol=1e-9)
+
+
 # ----------------------------------------------------------------------------- models
 
 
