@@ -265,6 +265,13 @@ def test_jobs_give_byte_identical_output(scale_model, tmp_path):
 # ----------------------------------------------------------------------------- bad values on the CLI
 
 
+def test_help_lists_the_scale_flags():
+    result = subprocess.run([*ONNXLR, "optimize", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for flag in ("--svd", "--device", "--jobs", "--external-data-threshold"):
+        assert flag in result.stdout, flag
+
+
 def _has_cuda() -> bool:
     try:
         import torch
