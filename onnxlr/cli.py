@@ -217,9 +217,9 @@ scale_options = _options(
                       "at a small rank (checked against the exact tail where affordable), exact otherwise."),
     click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                  help="Where the SVDs run; cuda needs PyTorch with CUDA (the `torch` extra)."),
-    click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+    click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N",
                  help="Factorize up to N layers at once (threads, within a memory budget); the output is "
-                      "identical to --jobs 1."),
+                      "identical to --jobs 1. Default: one per available core, up to 8."),
 )
 
 

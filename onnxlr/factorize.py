@@ -14,6 +14,7 @@ import heapq
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,6 +40,18 @@ ALL_OPS = tuple(PASSES)
 Progress = Callable[[Sequence[Any], str], Iterable[Any]]
 
 
+MAX_DEFAULT_JOBS = 8
+
+
+def default_jobs() -> int:
+    """One SVD thread per core this process may use (SVDs run on one BLAS thread each, for identical output)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_JOBS))
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Every knob of `onnxlr optimize`; the same names as the CLI flags."""
@@ -61,9 +74,11 @@ class Settings:
     compensate: bool = False
     svd: str = "auto"
     device: str = "cpu"
-    jobs: int = 1
+    jobs: int | None = None  # None: one per available core (up to MAX_DEFAULT_JOBS); never changes the output
 
     def __post_init__(self) -> None:
+        if self.jobs is None:
+            object.__setattr__(self, "jobs", default_jobs())
         policies = self.policies()
         if len(policies) > 1:
             raise OnnxlrError(f"choose one rank policy, not {len(policies)}: {', '.join(policies)}")
