@@ -183,6 +183,14 @@ class WeightGroup:
         self.decompositions[scheme.name] = result
         return result
 
+    def factors(self, scheme: Scheme, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rank-`rank` factor pair of a view, computing the SVD again if planning freed its vectors."""
+        decomposition = self.decomposition(scheme, rank)
+        if decomposition.u is None:  # freed after planning (budgets): the same SVD again, the same result
+            del self.decompositions[scheme.name]
+            decomposition = self.decomposition(scheme, None if decomposition.solver != "randomized" else rank)
+        return decomposition.factors(rank)
+
     def drop_vectors(self) -> None:
         """Free the singular vectors once the factors are out; spectra stay for the report."""
         for decomposition in self.decompositions.values():
@@ -190,7 +198,7 @@ class WeightGroup:
 
     def dense_weight(self, scheme: Scheme, rank: int) -> np.ndarray:
         """The product of the rank-`rank` factors, as the weight the nodes read (for calibration feeds)."""
-        a, b = self.decomposition(scheme).factors(rank)
+        a, b = self.factors(scheme, rank)
         dense = self.lead.handler.dense_weight(self.lead, scheme, np.matmul(a, b))
         return np.ascontiguousarray(dense.astype(self.lead.array.dtype))
 
@@ -474,9 +482,18 @@ def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress
     prepare_schemes(groups)
     active = [g for g in groups if not g.reason]
     if settings.budget is not None:
+        held = 0
         for group in progress(active, "SVD"):
             group.scheme = _budget_scheme(group, settings)
-            group.decomposition(group.scheme)
+            decomposition = group.decomposition(group.scheme)
+            held += _vector_bytes(decomposition)
+            if group.gram is None and held > PLANNING_VECTOR_BYTES:
+                # Allocation needs every spectrum, not the vectors: past the limit, free them so a large
+                # model's planning holds one layer's SVD at a time (the rewrite computes it again, with
+                # the same result). Calibrated groups keep theirs: sensitivity, compensation and the
+                # target search feed their products many times.
+                held -= _vector_bytes(decomposition)
+                group.drop_vectors()
         allocate_budget(active, settings)
         for group in active:
             if group.rank is not None and not group.reason:
@@ -484,6 +501,14 @@ def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress
     else:
         for group in progress(active, "SVD"):
             plan_layer(group, settings)
+
+
+# Singular vectors that whole-model planning may keep for the rewrite; beyond, they are recomputed.
+PLANNING_VECTOR_BYTES = 256 << 20
+
+
+def _vector_bytes(decomposition: lowrank.Decomposition) -> int:
+    return sum(v.nbytes for v in (decomposition.u, decomposition.vt) if v is not None)
 
 
 def plan_layer(group: WeightGroup, settings: Settings) -> None:
@@ -643,7 +668,7 @@ def factorize_groups(model: ir.Model, groups: list[WeightGroup], settings: Setti
             plan_layer(group, settings)
         if dry_run or group.reason or group.rank is None:
             return None
-        a, b = group.decomposition(group.scheme, group.rank).factors(group.rank)
+        a, b = group.factors(group.scheme, group.rank)
         first, second = group.lead.handler.factor_tensors(group.lead, group.scheme, a, b)
         dtype = group.lead.dtype.numpy()
         return np.ascontiguousarray(first.astype(dtype)), np.ascontiguousarray(second.astype(dtype))

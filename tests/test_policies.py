@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 import pytest
 from graphs import init, make_model, tensor_input
 from hypothesis import given, settings
@@ -169,3 +170,35 @@ def test_report_totals_are_consistent():
     assert totals["bytes_after"] == 4 * totals["params_after"]
     assert totals["factorized"] == 2
     assert sum(t.dims[0] * t.dims[1] for t in new_model.graph.initializer) == totals["params_after"]
+
+
+def test_param_budget_frees_vectors_while_planning_and_still_writes_optimal_factors(monkeypatch):
+    """Past PLANNING_VECTOR_BYTES, budget planning keeps only spectra (one layer's SVD at a time); the
+    rewrite computes the SVD again, and each written pair is still the best rank-r approximation."""
+    from onnxlr import factorize
+
+    kept_vectors = []
+    allocate = factorize.allocate_budget
+
+    def spy(groups, settings):
+        kept_vectors.extend(d.u is not None for g in groups for d in g.decompositions.values())
+        return allocate(groups, settings)
+
+    monkeypatch.setattr(factorize, "allocate_budget", spy)
+    monkeypatch.setattr(factorize, "PLANNING_VECTOR_BYTES", 0)  # as for a model too large to keep them
+    spectra = [np.linspace(3.0, 0.1, 32), 0.7 ** np.arange(32)]
+    model = mlp([32, 32, 32], spectra=spectra)
+    new_model, report = onnxlr.optimize(model, param_budget=0.5)
+    assert kept_vectors and not any(kept_vectors)
+    assert report["totals"]["factorized"] >= 1
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    written = {t.name: onnx.numpy_helper.to_array(t) for t in new_model.graph.initializer}
+    for index, row in enumerate(report["layers"]):
+        if row["status"] != "factorized":
+            continue
+        product = written[f"W{index}_lr_a"].astype(np.float64) @ written[f"W{index}_lr_b"]
+        u, s, vt = np.linalg.svd(weights[f"W{index}"].astype(np.float64))
+        best = (u[:, :row["rank"]] * s[:row["rank"]]) @ vt[:row["rank"]]
+        np.testing.assert_allclose(product, best, atol=1e-4)
+    monkeypatch.setattr(factorize, "PLANNING_VECTOR_BYTES", 1 << 40)  # everything kept: the same bytes
+    assert onnxlr.optimize(model, param_budget=0.5)[0].SerializeToString() == new_model.SerializeToString()
