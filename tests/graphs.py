@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+ONNXLR = [sys.executable, "-m", "onnxlr"]  # the CLI in a process of its own, as a user runs it
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx.helper would write the newest
 
 
@@ -48,3 +52,8 @@ def assert_outputs_close(reference, candidate, rtol=1e-4, atol=1e-4):
 
 def op_types(model):
     return [node.op_type for node in model.graph.node]
+
+
+def onnxlr_cli(*args, cwd=None, timeout=180):
+    """Run `python -m onnxlr ARGS` and return the CompletedProcess (stdout and stderr as text)."""
+    return subprocess.run([*ONNXLR, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)

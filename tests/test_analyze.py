@@ -7,13 +7,12 @@ import math
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from graphs import init, make_model, tensor_input
+from graphs import ONNXLR, init, make_model, onnxlr_cli, tensor_input
 from onnx import helper
 from onnxlr.passes import Scheme
 
@@ -28,12 +27,6 @@ from onnxlr.analyze import (
     view_statistics,
 )
 from onnxlr.io import load
-
-ONNXLR = [sys.executable, "-m", "onnxlr"]
-
-
-def onnxlr_cli(*args):
-    return subprocess.run([*ONNXLR, *map(str, args)], capture_output=True, text=True, timeout=180)
 
 
 def matmul_scheme(matrix: np.ndarray) -> Scheme:

@@ -7,20 +7,17 @@ spends its rank on directions the data never excites and whitening wins.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
-from graphs import assert_outputs_close, init, make_model, run, tensor_input
+from graphs import assert_outputs_close, init, make_model, onnxlr_cli, run, tensor_input
 from onnx import helper
 
 import onnxlr
 from onnxlr import calibration, lowrank
 
 K = 16
-ONNXLR = [sys.executable, "-m", "onnxlr"]
 
 
 def anisotropic(count: int, seed: int) -> np.ndarray:
@@ -181,10 +178,6 @@ def test_whitened_svd_columns_side_matches_rows_side():
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def onnxlr_cli(*args):
-    return subprocess.run([*ONNXLR, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture()

@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from graphs import init, make_model, tensor_input
+from graphs import ONNXLR, init, make_model, tensor_input
 from onnx import helper
 
-ONNXLR = [sys.executable, "-m", "onnxlr"]
 # Keys that may differ between two runs of the same settings: where the output went, and any timing.
 VOLATILE = {"output", "time", "seconds", "elapsed", "duration", "started", "finished", "timestamp"}
 

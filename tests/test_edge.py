@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
-from graphs import init, make_model, tensor_input
+from graphs import init, make_model, onnxlr_cli, tensor_input
 from onnx import helper
 
 from onnxlr import edge
@@ -119,11 +117,6 @@ def test_malformed_user_file_is_refused(tmp_path, text, message):
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def onnxlr_cli(*args):
-    return subprocess.run([sys.executable, "-m", "onnxlr", *map(str, args)], capture_output=True, text=True,
-                          timeout=180)
 
 
 @pytest.fixture

@@ -10,21 +10,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graphs import init, make_model, tensor_input
+from graphs import ONNXLR, init, make_model, tensor_input
 from onnx import helper, numpy_helper
 
 import onnxlr
 from onnxlr import io, lowrank
 from onnxlr.errors import OnnxlrError
-
-ONNXLR = [sys.executable, "-m", "onnxlr"]
 
 
 def known_spectrum(m: int, n: int, s: np.ndarray, seed: int = 0) -> np.ndarray:
