@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxlr.verify import make_session
+from onnxlr.runtime import make_session
 
 
 def summarize(seconds: Sequence[float]) -> dict[str, float]:

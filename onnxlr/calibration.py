@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,11 @@ import onnx
 import onnx_ir as ir
 
 from onnxlr.errors import OnnxlrError
-from onnxlr.passes import PASSES, Context, Skip
-from onnxlr.passes.base import attribute
+from onnxlr.inputs import input_specs, load_batches
+from onnxlr.passes import RULES, Activation, Context, Skip
+from onnxlr.runtime import make_session
+from onnxlr.shapes import default_opset
 
-# Which side of the matrix view the activation vectors enter (see lowrank.whitened_svd).
-INPUT_SIDE = {"right": "rows", "B": "rows", "left": "cols", "A": "cols", "kernel": "cols"}
-CALIBRATED_OPS = ("MatMul", "Gemm", "Conv")
-# The Conv scheme whose matrix view multiplies the patches: the only one calibration can whiten.
-CONV_WHITENED_SCHEME = "output"
 MASK_INPUT_NAME = "attention_mask"
 
 
@@ -105,50 +102,35 @@ def _as_stack(vectors: np.ndarray) -> np.ndarray:
 
 
 def probes(model: ir.Model) -> list[Probe]:
-    """The main-graph MatMul/Gemm/Conv nodes with a constant weight, and how their activations are read."""
-    context = Context(shapes={}, opset=int(model.opset_imports.get("", 1)))
+    """The main-graph targets with a constant weight, and how their activations are read (the rules say)."""
+    context = Context(shapes={}, opset=default_opset(model))
     found = []
     for node in model.graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in CALIBRATED_OPS:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
             continue
         try:
-            target = PASSES[node.op_type]().match(node, context)
+            target = RULES[node.op_type]().match(node, context)
         except Skip:
             continue
         if not node.outputs[0].name:
             continue
-        if target.role == "kernel":
-            found.append(_conv_probe(node, target.array, target.dtype, len(found)))
-            continue
-        activation, layout = _activation(node, target.role)
-        if activation.name:
-            found.append(Probe(key=node.outputs[0].name, activation=activation.name, layout=layout))
+        activation = target.rule.activation(target)
+        if activation.layout == "patches":
+            found.append(_patch_probe(node, activation, target.array, target.dtype, len(found)))
+        elif activation.value.name:
+            found.append(Probe(key=node.outputs[0].name, activation=activation.value.name, layout=activation.layout))
     return found
 
 
-def _conv_probe(node: ir.Node, kernel: np.ndarray, dtype: ir.DataType, index: int) -> Probe:
-    group = int(attribute(node, "group", 1))
-    cin, spatial = kernel.shape[1] * group, kernel.shape[2:]
+def _patch_probe(node: ir.Node, activation: Activation, kernel: np.ndarray, dtype: ir.DataType, index: int) -> Probe:
+    """A conv's patches: read by a one-hot depthwise conv with the node's own patch attributes."""
+    cin, spatial = kernel.shape[1] * activation.groups, kernel.shape[2:]
     attrs = {"kernel_shape": list(spatial), "group": cin}
-    for name in ("strides", "dilations", "pads", "auto_pad"):
-        if name in node.attributes:
-            value = node.attributes[name].value
-            attrs[name] = value.decode() if isinstance(value, bytes) else value
-    unfold = {"input": node.inputs[0].name, "channels": cin, "spatial": tuple(spatial),
+    attrs.update({name: value for name, value in activation.patches.items() if name != "kernel_shape"})
+    unfold = {"input": activation.value.name, "channels": cin, "spatial": tuple(spatial),
               "dtype": dtype.numpy(), "attributes": attrs}
     return Probe(key=node.outputs[0].name, activation=f"onnxlr_calibration_patches_{index}", layout="patches",
-                 groups=group, unfold=unfold)
-
-
-def _activation(node: ir.Node, role: str) -> tuple[ir.Value, str]:
-    if role == "right":
-        return node.inputs[0], "rows"
-    if role == "left":
-        return node.inputs[1], "cols"
-    if role == "B":  # rows of op(A): A's columns when transA is set
-        return node.inputs[0], "cols" if attribute(node, "transA", 0) else "rows"
-    # role A: columns of op(B), i.e. B's rows when transB is set
-    return node.inputs[1], "rows" if attribute(node, "transB", 0) else "cols"
+                 groups=activation.groups, unfold=unfold)
 
 
 def vectors(array: np.ndarray, layout: str, groups: int = 1, keep: np.ndarray | None = None) -> np.ndarray:
@@ -168,66 +150,6 @@ def vectors(array: np.ndarray, layout: str, groups: int = 1, keep: np.ndarray | 
 
 
 # ----------------------------------------------------------------------------- calibration data
-
-
-def feed_batches(source: Any, specs: Mapping[str, Any], batch_size: int, samples: int | None
-                 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of input feeds from an .npz, a folder of .npz files or an iterable of dicts, up to `samples`."""
-    left = samples
-    for feeds in _feed_sets(source, specs):
-        count = min((len(a) for a in feeds.values() if a.ndim), default=1)
-        for start in range(0, count, batch_size):
-            take = min(batch_size, count - start) if left is None else min(batch_size, count - start, left)
-            if take <= 0:
-                return
-            yield {name: (a[start:start + take] if a.ndim else a) for name, a in feeds.items()}
-            if left is not None:
-                left -= take
-
-
-def _feed_sets(source: Any, specs: Mapping[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-    from onnxlr.verify import load_inputs
-
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            files = sorted(path.glob("*.npz"))
-            if not files:
-                raise OnnxlrError(f"{path}: no .npz files in the calibration folder")
-            for file in files:
-                yield _finite(load_inputs(file, specs), str(file))
-        else:
-            yield _finite(load_inputs(path, specs), str(path))
-        return
-    if isinstance(source, Mapping):
-        source = [source]
-    for index, feeds in enumerate(source):
-        where = f"calibration item {index}"
-        yield _finite(_checked(feeds, specs, where), where)
-
-
-def _finite(feeds: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-    """Refuse NaN/Inf in calibration inputs: they would poison every second-moment statistic."""
-    for name, array in feeds.items():
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            raise OnnxlrError(f"{where}: input {name!r} holds NaN or Inf values; calibration data must be finite")
-    return feeds
-
-
-def _checked(feeds: Any, specs: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
-    if not isinstance(feeds, Mapping):
-        raise OnnxlrError(f"{where}: expected a dict of arrays keyed by input name, got {type(feeds).__name__}")
-    missing = [name for name in specs if name not in feeds]
-    if missing:
-        raise OnnxlrError(f"{where}: no array for model input(s) {', '.join(missing)}")
-    checked = {}
-    for name, spec in specs.items():
-        array = np.asarray(feeds[name])
-        if array.dtype != spec.dtype or array.ndim != len(spec.shape):
-            raise OnnxlrError(f"{where}: input {name!r} is {array.dtype} with {array.ndim} dimensions, "
-                              f"the model expects {spec.dtype} with {len(spec.shape)}")
-        checked[name] = array
-    return checked
 
 
 # ----------------------------------------------------------------------------- the probe model
@@ -251,8 +173,6 @@ class Runner:
 
     def __init__(self, model_source: str | os.PathLike | bytes, model: ir.Model, found: list[Probe],
                  slots: list[Slot] = ()):
-        from onnxlr.verify import input_specs, make_session
-
         self.specs = input_specs(model)
         self.outputs = [value.name for value in model.graph.outputs]
         self.probes = {probe.key: probe for probe in found}
@@ -337,19 +257,6 @@ def _expose_slot(graph: onnx.GraphProto, slot: Slot, index: int) -> str:
 
 
 # ----------------------------------------------------------------------------- collection
-
-
-def load_batches(model: ir.Model, data: Any, samples: int | None = None, batch_size: int = 16
-                 ) -> list[dict[str, np.ndarray]]:
-    """The calibration data as a list of batches (several passes read it), checked against the model."""
-    from onnxlr.verify import input_specs
-
-    if samples is not None and samples < 1:
-        raise OnnxlrError(f"calibration samples must be a positive integer, got {samples!r}")
-    batches = list(feed_batches(data, input_specs(model), batch_size, samples))
-    if not batches:
-        raise OnnxlrError("the calibration data holds no samples")
-    return batches
 
 
 def collect_grams(model_source: str | os.PathLike | bytes, model: ir.Model, data: Any,

@@ -7,18 +7,32 @@ Exit codes: 0 success; 1 a verification gate or check failed; 2 bad input or usa
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import click
-from rich.console import Console
 
 from onnxlr import io
 from onnxlr._version import __version__
+from onnxlr.cli_options import (
+    FRACTION,
+    VERIFY_KEYS,
+    State,
+    calibration_options,
+    output_options,
+    rank_policy_options,
+    run_verification,
+    scale_options,
+    split_list,
+    split_ops,
+    target_selection_options,
+    verbosity_options,
+    verification_options,
+)
 from onnxlr.errors import OnnxlrError
+from onnxlr.save import check_output_path, staging, use_external_data
 
 EXAMPLES_OPTIMIZE = """
 \b
@@ -33,42 +47,6 @@ Examples:
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --target-cosine 0.99
 """
 
-
-class ByteSize(click.ParamType):
-    """A size in bytes: 1000000, 500MB, 1.5GiB (kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
-
-    name = "size"
-    UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in self.UNITS:
-            self.fail(f"{value!r} is not a size such as 1000000, 500MB or 1.5GiB", param, ctx)
-        return int(float(match.group(1)) * self.UNITS[match.group(2).lower()])
-
-
-class State:
-    """Options of the `onnxlr` group that every subcommand sees."""
-
-    def __init__(self, verbose: bool, quiet: bool) -> None:
-        self.verbose = verbose
-        self.quiet = quiet
-        self.console = Console(quiet=quiet, highlight=False)
-        if not self.console.is_terminal:
-            self.console.width = 160  # logs and CI: do not wrap the table at 80 columns
-        self.err = Console(stderr=True, highlight=False)
-
-    def progress(self, items: Sequence[Any], description: str) -> Iterable[Any]:
-        """A rich progress bar on a terminal; nothing when quiet or when stderr is not a terminal."""
-        if self.quiet or not self.err.is_terminal or len(items) < 2:
-            return items
-        from rich.progress import track
-
-        return track(items, description=description, console=self.err, transient=True)
-
-
 class OnnxlrGroup(click.Group):
     """Turns OnnxlrError into a short message and its exit code; tracebacks only with -v."""
 
@@ -78,7 +56,7 @@ class OnnxlrGroup(click.Group):
         except OnnxlrError as exc:
             if _verbose(ctx):
                 traceback.print_exc()
-            click.echo(f"onnxlr: error: {exc}", err=True)
+            click.echo(f"onnxlr: error: {exc.cli_message()}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("onnxlr: interrupted; nothing was written", err=True)
@@ -114,171 +92,6 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     ctx.obj = State(verbose=verbose, quiet=quiet)
-
-
-# ----------------------------------------------------------------------------- shared option groups
-
-
-def _options(*decorators: Callable) -> Callable:
-    """Bundle click options so every subcommand that needs a group declares it once."""
-
-    def apply(func: Callable) -> Callable:
-        for decorator in reversed(decorators):
-            func = decorator(func)
-        return func
-
-    return apply
-
-
-FRACTION = click.FloatRange(0, 1, min_open=True)
-
-
-def _set_verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    # -v/-q are accepted after the subcommand too (`onnxlr optimize ... -q`), as users type them.
-    if value:
-        state: State = ctx.find_object(State)
-        if param.name == "verbose":
-            state.verbose = True
-            logging.getLogger().setLevel(logging.INFO)
-        else:
-            state.quiet = True
-            state.console.quiet = True
-
-
-verbosity_options = _options(
-    click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_verbosity,
-                 help="Log each step; show tracebacks on errors."),
-    click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_verbosity,
-                 help="Print nothing but errors."),
-)
-
-rank_policy_options = _options(
-    click.option("--rank-ratio", type=FRACTION, default=None, metavar="R",
-                 help="Rank = ceil(R x full rank), 0 < R <= 1. The default policy (0.25) when none is given."),
-    click.option("--rank", type=click.IntRange(min=1), default=None, metavar="N", help="The same rank N everywhere."),
-    click.option("--energy", type=FRACTION, default=None, metavar="E",
-                 help="Smallest rank keeping fraction E of the squared singular values."),
-    click.option("--param-ratio", type=FRACTION, default=None, metavar="P",
-                 help="Per layer: largest rank whose factor pair has <= P x the original parameters."),
-    click.option("--param-budget", type=FRACTION, default=None, metavar="P",
-                 help="Whole model: ranks chosen so the factorizable layers keep <= P of their parameters "
-                      "(some may stay dense)."),
-    click.option("--mac-budget", type=FRACTION, default=None, metavar="P",
-                 help="Whole model: ranks chosen so the factorizable layers keep <= P of their MACs "
-                      "(some may stay dense)."),
-    click.option("--rank-multiple", type=click.IntRange(min=1), default=1, show_default=True, metavar="M",
-                 help="Round ranks up to a multiple of M (tensor cores), never past break-even."),
-    click.option("--allow-no-gain", is_flag=True,
-                 help="Emit factorizations even when they are not smaller or cheaper (e.g. to test exactness)."),
-)
-
-target_selection_options = _options(
-    click.option("--ops", default="MatMul,Gemm,Conv", show_default=True, metavar="LIST",
-                 help="Comma-separated op types to factorize."),
-    click.option("--include", multiple=True, metavar="GLOB", help="Only nodes whose name matches (repeatable)."),
-    click.option("--exclude", multiple=True, metavar="GLOB", help="Skip nodes whose name matches (repeatable)."),
-    click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
-                 help="Skip weights with fewer than N parameters."),
-    click.option("--conv-scheme", type=click.Choice(["auto", "output", "input", "spatial"]), default="auto",
-                 show_default=True,
-                 help="Conv split: output (kxk then 1x1), input (1x1 then kxk), spatial (kx1 then 1xk); "
-                      "auto picks the fewest MACs at equal error."),
-)
-
-calibration_options = _options(
-    click.option("--calibration", "calibration_path", type=click.Path(exists=True), default=None,
-                 metavar="FILE.npz|DIR",
-                 help="Calibration inputs (an .npz keyed by input name, or a folder of them): weights get the "
-                      "activation-whitened SVD, which keeps each layer's outputs on this data closest "
-                      "(for Conv, the output scheme on the patches it sees)."),
-    click.option("--calibration-samples", type=click.IntRange(min=1), default=None, metavar="N",
-                 help="Use at most the first N calibration samples. Default: all."),
-)
-
-output_options = _options(
-    click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
-                 help="Write the report (settings, totals, per-layer rows) as JSON."),
-    click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.md",
-                 help="Write the report as Markdown (a CI job summary or a pull-request comment)."),
-    click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.html",
-                 help="Write the report as one self-contained HTML page with plots (no network references)."),
-    click.option("--external-data/--no-external-data", default=None,
-                 help="Force weights into (or out of) a .data file beside the model. Default: external when the "
-                      "input used it or the input model exceeds --external-data-threshold."),
-    click.option("--external-data-threshold", type=ByteSize(), default=io.PROTOBUF_LIMIT_BYTES, metavar="SIZE",
-                 help="Without --external-data/--no-external-data: write external data when the input's weights "
-                      "exceed SIZE (bytes, or e.g. 500MB, 1.5GiB). Default: just under protobuf's 2 GB limit."),
-)
-
-scale_options = _options(
-    click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
-                 help="exact: LAPACK (gesdd, gesvd fallback). randomized: randomized range finder for the leading "
-                      "triplets when the rank is known before the SVD. auto: randomized only for large matrices "
-                      "at a small rank (checked against the exact tail where affordable), exact otherwise."),
-    click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                 help="Where the SVDs run; cuda needs PyTorch with CUDA (the `torch` extra)."),
-    click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N",
-                 help="Factorize up to N layers at once (threads, within a memory budget); the output is "
-                      "identical to --jobs 1. Default: one per available core, up to 8."),
-)
-
-
-verification_options = _options(
-    click.option("--providers", default=None, metavar="LIST",
-                 help="Execution providers, comma-separated (cpu, cuda, ...). Default: cpu, plus cuda when "
-                      "onnxruntime-gpu is installed and a GPU is visible."),
-    click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.npz",
-                 help="Inputs keyed by input name, samples along the first axis. Default: synthesized."),
-    click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-                 help="Fix an input's dynamic dims, e.g. input_ids:1x128 (repeatable): for synthesized inputs "
-                      "and, in optimize, for the MAC/FLOP counts."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthesized inputs."),
-    click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
-                 help="Batch dimension of synthesized inputs."),
-    click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-                 help="Samples per onnxruntime run."),
-    click.option("--atol", type=click.FloatRange(min=0), default=None,
-                 help="Gate: every element within atol + rtol x |reference|."),
-    click.option("--rtol", type=click.FloatRange(min=0), default=None, help="Gate: see --atol."),
-    click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
-                 help="Gate: cosine similarity of each output to the reference."),
-    click.option("--per-layer", is_flag=True, help="Also compare the output of every factorized node."),
-)
-
-
-VERIFY_KEYS = ("providers", "inputs_path", "shapes", "seed", "samples", "batch_size", "atol", "rtol",
-               "min_cosine", "per_layer")
-
-
-def _split_list(text: str | None) -> list[str] | None:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None
-
-
-def run_verification(reference: Any, candidate_path: Any, reference_model: Any, options: dict[str, Any]
-                     ) -> dict[str, Any]:
-    """Inputs, providers and gates from the shared options; returns the verification dict.
-
-    `reference_model` (onnx-ir) gives the input signature; both models run from their files."""
-    from onnxlr import verify as v
-
-    specs = v.input_specs(reference_model)
-    if options["inputs_path"]:
-        feeds = v.load_inputs(options["inputs_path"], specs)
-    else:
-        feeds = v.synthesize_inputs(specs, seed=options["seed"], samples=options["samples"],
-                                    shapes=v.parse_shape_overrides(options["shapes"]))
-    providers = v.parse_providers(_split_list(options["providers"]))
-    gates = v.Gates(atol=options["atol"], rtol=options["rtol"], min_cosine=options["min_cosine"])
-    per_layer = v.factorized_outputs(candidate_path) if options["per_layer"] else []
-    return v.verify(reference, candidate_path, feeds, providers, gates, batch_size=options["batch_size"],
-                    per_layer=per_layer)
-
-
-def _split_ops(text: str) -> tuple[str, ...]:
-    ops = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not ops:
-        raise OnnxlrError("--ops is empty; give op types such as MatMul,Gemm,Conv")
-    return ops
 
 
 # ----------------------------------------------------------------------------- optimize
@@ -321,7 +134,9 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     its external data, if any, so a failed, gated or interrupted run leaves nothing behind.
     """
     from onnxlr.errors import GateFailed
-    from onnxlr.factorize import Settings, factorize_model
+    from onnxlr.inputs import parse_shape_overrides
+    from onnxlr.pipeline import optimize_loaded
+    from onnxlr.settings import Settings
 
     verify_options = {key: options.pop(key) for key in VERIFY_KEYS}
     calibration_path, calibration_samples = options.pop("calibration_path"), options.pop("calibration_samples")
@@ -329,52 +144,52 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     external_data_threshold = options.pop("external_data_threshold")
     if output_path is None and not dry_run:
         raise OnnxlrError("missing OUTPUT: give an output path, or --dry-run to only plan")
-    config = Settings(ops=_split_ops(ops), **options)
+    config = Settings(ops=split_ops(ops), **options)
     loaded = io.load(input_path)
     if output_path is not None and not dry_run:
-        io.check_output_path(output_path, loaded)
-    from onnxlr.verify import parse_shape_overrides
-
+        check_output_path(output_path, loaded)
     edge_targets = _edge_targets(loaded, report_path or html_path, targets_path, dry_run)
-    node_costs: dict[str, list] = {}
-    data = _calibration_data(input_path, loaded, calibration_path, calibration_samples, verify_options)
 
-    def factorize(sink: Any) -> dict[str, Any]:
-        report = factorize_model(loaded.model, config, progress=state.progress, dry_run=dry_run,
-                                 input_shapes=parse_shape_overrides(verify_options["shapes"]),
-                                 calibration_data=data, node_costs=node_costs, sink=sink)
-        report["input"] = str(input_path)
+    def factorize(sink: Any) -> Any:
+        # The same function as onnxlr.optimize(); held-out --inputs serve --target-cosine/--target-error.
+        result = optimize_loaded(loaded, config, source=input_path, calibration=calibration_path,
+                                 calibration_samples=calibration_samples,
+                                 heldout=verify_options["inputs_path"] if calibration_path else None,
+                                 batch_size=verify_options["batch_size"], progress=state.progress, dry_run=dry_run,
+                                 input_shapes=parse_shape_overrides(verify_options["shapes"]), sink=sink)
+        report = result.report
+        report.input = str(input_path)
         if edge_targets:
             from onnxlr import edge
 
             targets, precision = edge_targets
-            report["targets"] = edge.before_after(node_costs["before"], node_costs["after"], targets, precision)
+            report.targets = edge.before_after(result.costs_before, result.costs_after, targets, precision)
         return report
 
     failure = None
     if dry_run:
         report = factorize(sink=None)
     else:
-        external = io.use_external_data(loaded.model, loaded, external_data, external_data_threshold)
+        external = use_external_data(loaded.model, loaded, external_data, external_data_threshold)
         # The temporary output exists before the rewrite: with external data each layer's factors are
         # written there as soon as they are computed (memory stays near one layer's working set).
-        with io.staging(output_path, source=loaded, external_data=external) as stage:
+        with staging(output_path, source=loaded, external_data=external) as stage:
             report = factorize(sink=stage.data)
             staged = stage.write_model(loaded.model)
             if run_verify:
-                result = run_verification(input_path, staged, loaded.model, verify_options)
-                report["verification"] = result
-                if not result["passed"]:
-                    failure = "verification failed: " + "; ".join(result["failures"])
+                verification = run_verification(input_path, staged, loaded.model, verify_options)
+                report.verification = verification
+                if not verification.passed:
+                    failure = "verification failed: " + "; ".join(verification.failures)
                     if not keep_failed:
-                        _finish(report, report_path, markdown_path, html_path, state)
+                        _finish(report.to_json(), report_path, markdown_path, html_path, state)
                         raise GateFailed(failure + " (nothing written; --keep-failed writes it anyway)")
-        report["output"] = str(output_path)
-    _finish(report, report_path, markdown_path, html_path, state)
-    if targets_path and "targets" in report:
-        from onnxlr.edge import print_estimates
+        report.output = str(output_path)
+    _finish(report.to_json(), report_path, markdown_path, html_path, state)
+    if targets_path and report.targets is not None:
+        from onnxlr.report import print_estimates
 
-        print_estimates(report["targets"], state.console)
+        print_estimates(report.targets, state.console)
     if failure:
         raise GateFailed(failure)
 
@@ -389,26 +204,6 @@ def _calibrate(input_path: str, loaded: Any, calibration_path: str | None, sampl
     from onnxlr.calibration import collect_grams
 
     return collect_grams(input_path, loaded.model, calibration_path, samples=samples, batch_size=batch_size)
-
-
-def _calibration_data(input_path: str, loaded: Any, calibration_path: str | None, samples: int | None,
-                      verify_options: dict[str, Any]) -> Any:
-    """Calibration batches (and held-out --inputs for --target-cosine), read before the model is rewritten."""
-    if calibration_path is None:
-        if samples is not None:
-            raise OnnxlrError("--calibration-samples needs --calibration")
-        return None
-    from onnxlr.calibration import load_batches
-    from onnxlr.datafit import CalibrationData
-    from onnxlr.verify import input_specs, load_inputs
-
-    batch_size = verify_options["batch_size"]
-    heldout = None
-    if verify_options["inputs_path"]:
-        heldout = load_batches(loaded.model, load_inputs(verify_options["inputs_path"], input_specs(loaded.model)),
-                               batch_size=batch_size)
-    return CalibrationData(source=input_path, batches=load_batches(loaded.model, calibration_path, samples, batch_size),
-                           heldout=heldout)
 
 
 def _edge_targets(loaded: Any, report_path: str | None, targets_path: str | None, dry_run: bool) -> tuple | None:
@@ -477,10 +272,10 @@ def verify(state: State, reference_path: str, candidate_path: str, json_path: st
     io.load(candidate_path)  # the same safety checks (external data inside its folder) before onnxruntime reads it
     result = run_verification(reference_path, candidate_path, reference.model, options)
     if json_path:
-        write_json(result, json_path)
-    print_verification(result, state.console)
-    if not result["passed"]:
-        raise GateFailed("verification failed: " + "; ".join(result["failures"]))
+        write_json(result.to_json(), json_path)
+    print_verification(result.to_json(), state.console)
+    if not result.passed:
+        raise GateFailed("verification failed: " + "; ".join(result.failures))
 
 
 # ----------------------------------------------------------------------------- bench
@@ -533,24 +328,25 @@ def bench(state: State, model_path: str, compare_path: str | None, providers: st
     warm-up, and the speedup is the median of the per-run ratios, with its 10th-90th percentile spread.
     """
     from onnxlr import bench as b
-    from onnxlr import verify as v
-    from onnxlr.report import print_bench, write_json
+    from onnxlr import inputs, runtime
+    from onnxlr.report import print_bench, print_estimates, write_json
 
     loaded = io.load(model_path)
     if compare_path:
         io.load(compare_path)  # the same safety checks before onnxruntime reads it
-    specs = v.input_specs(loaded.model)
+    specs = inputs.input_specs(loaded.model)
     if inputs_path:
-        feeds = {name: array[:samples] for name, array in v.load_inputs(inputs_path, specs).items()}
+        feeds = {name: array[:samples] for name, array in inputs.load_inputs(inputs_path, specs).items()}
     else:
-        feeds = v.synthesize_inputs(specs, seed=seed, samples=samples, shapes=v.parse_shape_overrides(shapes))
+        feeds = inputs.synthesize_inputs(specs, seed=seed, samples=samples,
+                                         shapes=inputs.parse_shape_overrides(shapes))
     models = [model_path] + ([compare_path] if compare_path else [])
     results = {"providers": {}}
     if targets_estimate or targets_path:  # before timing: a bad targets file fails fast
         from onnxlr import edge
 
         results["targets"] = edge.for_bench(models, feeds, targets_path)
-    for provider in v.parse_providers(_split_list(providers)):
+    for provider in runtime.parse_providers(split_list(providers)):
         results["providers"][provider] = b.benchmark(models, feeds, provider, threads=threads, runs=runs,
                                                      warmup=warmup, optimization_level=optimization_level,
                                                      progress=state.progress)
@@ -563,7 +359,7 @@ def bench(state: State, model_path: str, compare_path: str | None, providers: st
         write_json(results, json_path)
     print_bench(results, state.console)
     if "targets" in results:
-        edge.print_estimates(results["targets"], state.console)
+        print_estimates(results["targets"], state.console)
 
 
 # ----------------------------------------------------------------------------- analyze
@@ -604,7 +400,8 @@ def analyze(state: State, model_path: str, energy: float | None, param_budget: f
     applies the plan for --energy (default 0.95) or --param-budget.
     """
     from onnxlr import analyze as a
-    from onnxlr.report import write_json
+    from onnxlr.html_analyze import write_html
+    from onnxlr.report import print_analysis, write_json
 
     if energy is not None and param_budget is not None:
         raise OnnxlrError("choose --energy or --param-budget, not both")
@@ -616,8 +413,8 @@ def analyze(state: State, model_path: str, energy: float | None, param_budget: f
     if json_path:
         write_json(result, json_path)
     if html_path:
-        a.write_html(result, html_path)
-    a.print_analysis(result, state.console)
+        write_html(result, html_path)
+    print_analysis(result, state.console)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -1,6 +1,6 @@
 """Cost model: parameters, bytes, MACs, FLOPs and activation bytes per node and in total.
 
-Shapes come from ONNX shape inference (onnxlr.factorize.infer_shapes), with `--shape NAME:DIMS`
+Shapes come from ONNX shape inference (onnxlr.shapes.infer_shapes), with `--shape NAME:DIMS`
 fixing dynamic input dimensions first. A dimension that stays unknown counts as 1, so figures
 are then "per unit" of it (per token, per batch item); `unknown_dims` says when that happened.
 
@@ -128,9 +128,24 @@ def model_costs(model: ir.Model, shapes: Mapping[str, tuple | None]) -> list[Nod
     return [node_cost(node, shapes) for node in model.graph if node.op_type != "Constant"]
 
 
-def totals(costs: list[NodeCost], model: ir.Model) -> dict[str, Any]:
-    from onnxlr.factorize import model_totals
+def model_totals(model: ir.Model) -> dict[str, int]:
+    """Parameters and bytes of every constant tensor in the model (shared tensors counted once)."""
+    params = nbytes = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                params += value.const_value.size
+                nbytes += value.const_value.nbytes
+        for node in graph:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                tensor = ir.convenience.get_const_tensor(node.outputs[0])
+                if tensor is not None:
+                    params += tensor.size
+                    nbytes += tensor.nbytes
+    return {"params": params, "bytes": nbytes}
 
+
+def totals(costs: list[NodeCost], model: ir.Model) -> dict[str, Any]:
     constants = model_totals(model)
     return {
         "params": constants["params"],

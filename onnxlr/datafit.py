@@ -28,6 +28,8 @@ import onnx_ir as ir
 
 from onnxlr import calibration, lowrank
 from onnxlr.errors import OnnxlrError
+from onnxlr.groups import WeightGroup
+from onnxlr.verify import Gates, compare_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def _batch_size(batch: Mapping[str, np.ndarray]) -> int:
     return min((len(a) for a in batch.values() if a.ndim), default=1)
 
 
-def prepare(model: ir.Model, groups: Sequence[Any], data: CalibrationData, progress) -> calibration.Runner | None:
+def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationData, progress) -> calibration.Runner | None:
     """Gram of every active main-graph group's input; returns the runner later steps reuse.
 
     Each such group gets `slot` (its weight's feed index in the runner) and `gram`.
@@ -68,7 +70,7 @@ def prepare(model: ir.Model, groups: Sequence[Any], data: CalibrationData, progr
     probed = {probe.key for probe in found}
     keyed = [g for g in keyed if all(t.node.outputs[0].name in probed for t in g.targets)]
     slots = [calibration.Slot(keys=[t.node.outputs[0].name for t in g.targets],
-                              weight_input=_weight_input(g.lead), array=g.lead.array) for g in keyed]
+                              weight_input=g.lead.weight_input, array=g.lead.array) for g in keyed]
     runner = calibration.Runner(data.source, model, found, slots)
     statistics = calibration.grams(runner, progress(data.batches, "calibration"))
     for index, group in enumerate(keyed):
@@ -77,10 +79,6 @@ def prepare(model: ir.Model, groups: Sequence[Any], data: CalibrationData, progr
         if grams:
             group.gram = np.sum(grams, axis=0)
     return runner
-
-
-def _weight_input(target: Any) -> int:
-    return next(i for i, value in enumerate(target.node.inputs) if value is target.weight)
 
 
 # ----------------------------------------------------------------------------- measuring a factorization
@@ -99,8 +97,6 @@ def relative_error(reference: Mapping[str, np.ndarray], candidate: Mapping[str, 
 
 def min_cosine(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:
     """The smallest cosine over float outputs (flattened), as `verify --min-cosine` measures it."""
-    from onnxlr.verify import Gates, compare_arrays
-
     cosines = [compare_arrays(ref, candidate[name], Gates())["cosine"]
                for name, ref in reference.items() if ref.dtype.kind == "f"]
     return min(cosines, default=1.0)
@@ -137,13 +133,13 @@ class Goal:
         return f"--target-{self.metric} {self.value:g}"
 
 
-def factorized_overrides(groups: Iterable[Any]) -> dict[int, np.ndarray]:
+def factorized_overrides(groups: Iterable[WeightGroup]) -> dict[int, np.ndarray]:
     """Feeds that replace every factorized group's weight by its low-rank product."""
     return {g.slot: g.dense_weight(g.scheme, g.rank) for g in groups
-            if getattr(g, "slot", None) is not None and g.rank is not None and not g.reason}
+            if g.slot is not None and g.factorized}
 
 
-def measure_sensitivity(groups: Sequence[Any], runner: calibration.Runner, data: CalibrationData,
+def measure_sensitivity(groups: Sequence[WeightGroup], runner: calibration.Runner, data: CalibrationData,
                         choose_scheme, progress) -> None:
     """Each group's sensitivity: the model's relative output error per unit of the layer's lost energy.
 
@@ -151,7 +147,7 @@ def measure_sensitivity(groups: Sequence[Any], runner: calibration.Runner, data:
     """
     batches = _first_samples(data.batches, SENSITIVITY_SAMPLES)
     reference = calibration.model_outputs(runner, batches)
-    measurable = [g for g in groups if not g.reason and getattr(g, "slot", None) is not None]
+    measurable = [g for g in groups if not g.reason and g.slot is not None]
     for group in progress(measurable, "sensitivity"):
         scheme = choose_scheme(group)
         rank = lowrank.rank_for_param_ratio(SENSITIVITY_PARAM_RATIO, scheme.params_before, scheme.params_per_rank,
@@ -177,7 +173,7 @@ def _first_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[d
 # ----------------------------------------------------------------------------- error compensation
 
 
-def compensate(model: ir.Model, groups: Sequence[Any], runner: calibration.Runner, data: CalibrationData,
+def compensate(model: ir.Model, groups: Sequence[WeightGroup], runner: calibration.Runner, data: CalibrationData,
                progress) -> int:
     """Refit the factorized groups stage by stage on the inputs of the partially factorized model.
 
@@ -185,7 +181,7 @@ def compensate(model: ir.Model, groups: Sequence[Any], runner: calibration.Runne
     statistics are taken with every earlier stage's weights replaced by their (refitted) products.
     Returns the number of groups refitted.
     """
-    factorized = [g for g in groups if g.rank is not None and not g.reason and getattr(g, "slot", None) is not None]
+    factorized = [g for g in groups if g.factorized and g.slot is not None]
     overrides: dict[int, np.ndarray] = {}
     refitted = 0
     for stage in progress(dependency_stages(model, factorized), "compensation"):
@@ -204,7 +200,7 @@ def compensate(model: ir.Model, groups: Sequence[Any], runner: calibration.Runne
     return refitted
 
 
-def dependency_stages(model: ir.Model, groups: Sequence[Any]) -> list[list[Any]]:
+def dependency_stages(model: ir.Model, groups: Sequence[WeightGroup]) -> list[list[WeightGroup]]:
     """Groups by the number of their fellow groups' nodes on the longest path before them (graph order)."""
     group_of = {id(t.node): g for g in groups for t in g.targets}
     level: dict[int, int] = {}  # id(value) -> factorized layers on the longest path that produced it
@@ -217,7 +213,7 @@ def dependency_stages(model: ir.Model, groups: Sequence[Any]) -> list[list[Any]]
             depth += 1
         for value in node.outputs:
             level[id(value)] = depth
-    ordered: dict[int, list[Any]] = {}
+    ordered: dict[int, list[WeightGroup]] = {}
     for group in groups:
         ordered.setdefault(stage.get(id(group), 0), []).append(group)
     return [ordered[key] for key in sorted(ordered)]
@@ -226,7 +222,7 @@ def dependency_stages(model: ir.Model, groups: Sequence[Any]) -> list[list[Any]]
 # ----------------------------------------------------------------------------- --target-cosine / --target-error
 
 
-def search_budget(groups: Sequence[Any], goal: Goal, runner: calibration.Runner, data: CalibrationData,
+def search_budget(groups: Sequence[WeightGroup], goal: Goal, runner: calibration.Runner, data: CalibrationData,
                   plan, progress) -> list[dict[str, float]]:
     """Bisection on the parameter budget for the smallest plan whose held-out outputs meet `goal`.
 
@@ -235,7 +231,8 @@ def search_budget(groups: Sequence[Any], goal: Goal, runner: calibration.Runner,
     Returns the trace: one {budget, cosine or error} per measured plan.
     """
     if not data.heldout:
-        raise OnnxlrError(f"--target-{goal.metric} needs held-out samples to measure on: give --inputs FILE.npz")
+        raise OnnxlrError("{0} needs held-out samples to measure on: give {1} (e.g. FILE.npz)",
+                          f"target_{goal.metric}", "heldout")
     reference = calibration.model_outputs(runner, data.heldout)
     trace: list[dict[str, float]] = []
 

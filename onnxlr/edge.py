@@ -18,8 +18,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from onnxlr.cost import NodeCost
+from onnxlr.cost import NodeCost, model_costs
 from onnxlr.errors import OnnxlrError
+from onnxlr.shapes import infer_shapes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -228,31 +229,7 @@ def model_precision(model: Any) -> str:
 
 def node_costs(model: Any, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[NodeCost]:
     """The cost model's per-node figures for an onnx-ir model (shapes from ONNX inference)."""
-    from onnxlr.cost import model_costs
-    from onnxlr.factorize import infer_shapes
-
     return model_costs(model, infer_shapes(model, input_shapes))
-
-
-def print_estimates(targets: Mapping[str, dict[str, Any]], console: Any) -> None:
-    """A small table clearly labelled as an estimate (bench: per model; optimize: before/after)."""
-    from rich.table import Table
-
-    table = Table(title="onnxlr: edge latency ESTIMATE (roofline from peak figures, not measured; ms)",
-                  title_justify="left")
-    for column in ("target", "precision", "model", "estimate ms", "speedup est."):
-        table.add_column(column, justify="left" if column in ("target", "precision", "model") else "right")
-    for key, entry in targets.items():
-        rows = entry["models"] if "models" in entry else [
-            {"model": "before", **entry["before"]}, {"model": "after", **entry["after"]}]
-        speedup = entry.get("speedup_estimate")
-        for index, row in enumerate(rows):
-            last = index == len(rows) - 1
-            table.add_row(key if index == 0 else "", row["precision"], str(row["model"]), f"{row['estimate_ms']:.3f}",
-                          f"{speedup:.2f}x" if last and speedup is not None else "")
-    console.print(table)
-    console.print("figures and their sources: the JSON's targets.*.figures; built-in profiles: " + BUILTIN,
-                  highlight=False)
 
 
 def for_bench(model_paths: Sequence[str], feeds: Mapping[str, Any], user_file: str | None) -> dict[str, Any]:

@@ -164,11 +164,11 @@ def check_device(device: str) -> None:
     try:
         import torch
     except ImportError:
-        raise OnnxlrError("--device cuda needs PyTorch with CUDA: pip install 'onnxlr[torch]' "
-                          "(a CUDA build of torch) on a machine with an NVIDIA GPU") from None
+        raise OnnxlrError("{0} cuda needs PyTorch with CUDA: pip install 'onnxlr[torch]' "
+                          "(a CUDA build of torch) on a machine with an NVIDIA GPU", "device") from None
     if not torch.cuda.is_available():
-        raise OnnxlrError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU "
-                          "(a CPU-only build, or no driver); use --device cpu")
+        raise OnnxlrError(f"{{0}} cuda: torch {torch.__version__} sees no CUDA GPU "
+                          "(a CPU-only build, or no driver); use {0} cpu", "device")
 
 
 def oversampling(rank: int) -> int:

@@ -1,15 +1,23 @@
-"""Render the report dict (the single source of truth) as a terminal table, and write it as JSON."""
+"""Render the report dict (the single source of truth) as a terminal table, and write it as JSON.
+
+Also the terminal tables of `onnxlr analyze` (its analysis dict) and of the edge latency estimates
+(`onnxlr.edge`), which optimize and bench print.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from onnxlr.analyze import _key
+from onnxlr.edge import BUILTIN
 
 
 def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -217,3 +225,76 @@ def profile_table(provider: str, profile: dict[str, Any]) -> Table:
             speedup = f"[red]{row['speedup']:.2f}x (slower)[/]"
         table.add_row(row["name"], original, pair, speedup)
     return table
+
+
+# ----------------------------------------------------------------------------- analyze
+
+
+def analysis_table(result: dict[str, Any]) -> Table:
+    energy = _key(result["energy"])
+    title = "onnxlr analyze: spectra of the factorizable weights" + (
+        " (whitened by calibration data)" if result["calibration"] else "")
+    table = Table(title=title, title_justify="left")
+    columns = ["layer", "op", "shape", "scheme", "full", "r90", "r95", "r99", "eff. rank", "stable rank",
+               "break-even", "alpha", f"compressible @{energy}"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("layer", "op", "shape", "scheme") else "right",
+                         overflow="fold")
+    for layer in result["layers"]:
+        for index, view in enumerate(layer["views"]):
+            first = index == 0
+            ranks = view["energy_ranks"]
+            fit = view["power_law"]
+            table.add_row(
+                layer["name"] if first else "", layer["op_type"] if first else "",
+                "x".join(map(str, layer["weight_shape"])) if first else "", view["scheme"],
+                str(view["full_rank"]), str(ranks["0.9"]), str(ranks["0.95"]), str(ranks["0.99"]),
+                f"{view['effective_rank']:.1f}", f"{view['stable_rank']:.2f}", str(view["break_even_rank"]),
+                f"{fit['alpha']:.2f}" if fit else "-",
+                "[green]yes[/]" if view["compressible"] else "[yellow]no[/]",
+            )
+    return table
+
+
+def analysis_summary_lines(result: dict[str, Any]) -> list[str]:
+    summary = result["summary"]
+    policy = f"--param-budget {result['param_budget']:g}" if result["param_budget"] else f"--energy {result['energy']:g}"
+    lines = [
+        f"layers: {summary['layers']}, compressible at energy {result['energy']:g}: {summary['compressible']}",
+        f"with {policy}: {summary['factorized_by_recommendation']} factorized, parameters "
+        f"{human(summary['params_before'])} -> {human(summary['params_after'])} ({summary['param_ratio']:.1%}), "
+        f"MACs {human(summary['macs_before'])} -> {human(summary['macs_after'])} ({summary['mac_ratio']:.1%})",
+    ]
+    if result["skipped"]:
+        lines.append(f"not analyzed: {len(result['skipped'])} node(s) (see --json for the reasons)")
+    return lines
+
+
+def print_analysis(result: dict[str, Any], console: Any) -> None:
+    console.print(analysis_table(result))
+    for line in analysis_summary_lines(result):
+        console.print(line)
+    console.print("recommended:")
+    console.print(result["recommendation"]["command"], markup=False, soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------- edge estimates
+
+
+def print_estimates(targets: Mapping[str, dict[str, Any]], console: Any) -> None:
+    """A small table clearly labelled as an estimate (bench: per model; optimize: before/after)."""
+    table = Table(title="onnxlr: edge latency ESTIMATE (roofline from peak figures, not measured; ms)",
+                  title_justify="left")
+    for column in ("target", "precision", "model", "estimate ms", "speedup est."):
+        table.add_column(column, justify="left" if column in ("target", "precision", "model") else "right")
+    for key, entry in targets.items():
+        rows = entry["models"] if "models" in entry else [
+            {"model": "before", **entry["before"]}, {"model": "after", **entry["after"]}]
+        speedup = entry.get("speedup_estimate")
+        for index, row in enumerate(rows):
+            last = index == len(rows) - 1
+            table.add_row(key if index == 0 else "", row["precision"], str(row["model"]), f"{row['estimate_ms']:.3f}",
+                          f"{speedup:.2f}x" if last and speedup is not None else "")
+    console.print(table)
+    console.print("figures and their sources: the JSON's targets.*.figures; built-in profiles: " + BUILTIN,
+                  highlight=False)

@@ -20,27 +20,17 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from onnxlr.errors import OnnxlrError
+from onnxlr.runtime import make_session, run_all
 
 logger = logging.getLogger(__name__)
-
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Gates:
@@ -49,212 +39,18 @@ class Gates:
     min_cosine: float | None = None
 
 
-# ----------------------------------------------------------------------------- providers and sessions
-
-
-def default_providers() -> list[str]:
-    """cpu, plus cuda when onnxruntime-gpu is installed and a GPU is visible."""
-    import onnxruntime as ort
-
-    names = ["cpu"]
-    if PROVIDERS["cuda"] in ort.get_available_providers() and _gpu_visible():
-        names.append("cuda")
-    return names
-
-
-def _gpu_visible() -> bool:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return any(Path("/dev").glob("nvidia[0-9]*"))
-
-
-def parse_providers(names: Sequence[str] | None) -> list[str]:
-    if not names:
-        return default_providers()
-    unknown = [n for n in names if n.lower() not in PROVIDERS]
-    if unknown:
-        raise OnnxlrError(f"unknown execution provider {', '.join(unknown)}; choose from {', '.join(PROVIDERS)}")
-    return [n.lower() for n in names]
-
-
-def make_session(model: str | os.PathLike | bytes, provider: str, threads: int = 0,
-                 optimization_level: str = "all", external_data_folder: str | os.PathLike | None = None,
-                 profile_prefix: str | None = None):
-    """An onnxruntime session that really runs on `provider` (a silent fallback to CPU is an error).
-
-    `external_data_folder`: where a model given as bytes finds its external data (its file's folder)."""
-    import onnxruntime as ort
-
-    wanted = PROVIDERS[provider]
-    if wanted not in ort.get_available_providers():
-        hint = " (pip uninstall onnxruntime; pip install 'onnxlr[gpu]')" if provider == "cuda" else ""
-        raise OnnxlrError(f"execution provider {provider} is not available in this onnxruntime{hint}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4  # errors reach the caller as exceptions (one short message), not as log lines
-    if profile_prefix:  # onnxruntime's per-node profiler (bench --profile)
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    options.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization_level]
-    if external_data_folder is not None:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                         str(external_data_folder))
-    source = model if isinstance(model, bytes) else str(model)
-    try:
-        session = ort.InferenceSession(source, options, providers=[wanted])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise OnnxlrError(f"onnxruntime cannot load the model on {provider}: {str(exc).splitlines()[0][:300]}") from exc
-    if session.get_providers()[0] != wanted:
-        raise OnnxlrError(f"asked for {provider} but onnxruntime runs the model on {session.get_providers()[0]}")
-    return session
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def load_inputs(path: str | os.PathLike, input_specs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Arrays keyed by input name from an .npz file (samples along the first axis), checked against the model."""
-    path = Path(path)
-    if not path.is_file():
-        raise OnnxlrError(f"{path}: no such input file (expected an .npz of arrays keyed by input name)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except Exception as exc:
-        raise OnnxlrError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0][:200]})") from exc
-    missing = [name for name in input_specs if name not in arrays]
-    if missing:
-        raise OnnxlrError(f"{path}: no array for model input(s) {', '.join(missing)} (has {', '.join(arrays)})")
-    feeds = {}
-    for name, spec in input_specs.items():
-        array = arrays[name]
-        if array.dtype != spec.dtype:
-            raise OnnxlrError(f"{path}: input {name!r} is {array.dtype} but the model expects {spec.dtype}")
-        if array.ndim != len(spec.shape):
-            raise OnnxlrError(f"{path}: input {name!r} has {array.ndim} dimensions, the model expects {len(spec.shape)}")
-        feeds[name] = array
-    counts = {len(a) for a in feeds.values() if a.ndim}
-    if len(counts) > 1:
-        raise OnnxlrError(f"{path}: inputs have different sample counts {sorted(counts)}")
-    return feeds
-
-
-# A synthesized input larger than this is refused (a huge or hostile declared dim), not allocated.
-MAX_SYNTHESIZED_BYTES = 2**31
-
-
 @dataclasses.dataclass
-class InputSpec:
-    dtype: np.dtype
-    shape: tuple  # ints or None/str for dynamic
-    high: int | None = None  # exclusive upper bound for integer ids (from an embedding table)
+class VerificationResult:
+    """Per provider, the metrics of every output (and compared layer); passed when every gate holds."""
 
+    passed: bool
+    providers: dict[str, Any]  # provider -> {"session_providers", "outputs", "layers"[, "reference_vs_cpu"]}
+    gates: dict[str, Any]
+    samples: int
+    failures: list[str]  # one sentence per failed output and provider
 
-def input_specs(model: ir.Model) -> dict[str, InputSpec]:
-    """The graph inputs a caller must feed (initializers listed as inputs excluded)."""
-    specs = {}
-    for value in model.graph.inputs:
-        if value.const_value is not None:
-            continue
-        if value.type is None or not hasattr(value.type, "dtype"):
-            raise OnnxlrError(f"input {value.name!r} is not a tensor; onnxlr can only feed tensors")
-        shape = tuple(d if isinstance(d, int) else None for d in (value.shape or []))
-        specs[value.name] = InputSpec(dtype=np.dtype(value.type.dtype.numpy()), shape=shape,
-                                      high=_embedding_rows(value))
-    return specs
-
-
-def _embedding_rows(value: ir.Value, depth: int = 0) -> int | None:
-    """If the value (through casts/reshapes) indexes a constant Gather table, that table's size."""
-    for node in value.consumers():
-        if node.op_type == "Gather" and len(node.inputs) > 1 and node.inputs[1] is value:
-            table = node.inputs[0]
-            if table is not None and table.const_value is not None:
-                axis = node.attributes.get("axis")
-                return int(table.const_value.shape[axis.value if axis else 0])
-        if node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity") and depth < 4:
-            found = _embedding_rows(node.outputs[0], depth + 1)
-            if found:
-                return found
-    return None
-
-
-def parse_shape_overrides(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
-    """`--shape name:1x128` -> {"name": (1, 128)}."""
-    shapes = {}
-    for item in items:
-        name, sep, dims = item.rpartition(":")
-        try:
-            parsed = tuple(int(d) for d in dims.lower().split("x")) if sep and name else None
-        except ValueError:
-            parsed = None
-        if not parsed or any(d < 0 for d in parsed):
-            raise OnnxlrError(f"--shape {item!r}: expected NAME:DIMxDIM..., e.g. input_ids:1x128")
-        shapes[name] = parsed
-    return shapes
-
-
-def synthesize_inputs(specs: Mapping[str, InputSpec], seed: int = 0, samples: int = 2,
-                      shapes: Mapping[str, tuple[int, ...]] | None = None,
-                      default_dim: int = 16) -> dict[str, np.ndarray]:
-    """Random inputs from the model's signature: floats ~ N(0, 1), ids inside the embedding table,
-    masks all ones, booleans random. Dynamic dims: the first is `samples`, the others `default_dim`."""
-    rng = np.random.default_rng(seed)
-    shapes = dict(shapes or {})
-    unknown = [name for name in shapes if name not in specs]
-    if unknown:
-        raise OnnxlrError(f"--shape names unknown input(s) {', '.join(unknown)}; inputs are {', '.join(specs)}")
-    feeds = {}
-    for name, spec in specs.items():
-        if name in shapes:
-            shape = shapes[name]
-            if len(shape) != len(spec.shape) or any(s is not None and s != d for s, d in zip(spec.shape, shape)):
-                raise OnnxlrError(f"--shape {name}:{'x'.join(map(str, shape))} does not fit the input's shape {spec.shape}")
-        else:
-            shape = tuple(d if d is not None else (samples if i == 0 else default_dim) for i, d in enumerate(spec.shape))
-        if any(d < 0 for d in shape):
-            raise OnnxlrError(f"input {name!r} declares a negative dimension {spec.shape}: not a valid ONNX model")
-        nbytes = math.prod(shape) * spec.dtype.itemsize
-        if nbytes > MAX_SYNTHESIZED_BYTES:
-            hint = f"--shape {name}:DIMS or " if None in spec.shape else ""
-            raise OnnxlrError(f"input {name!r} of shape {'x'.join(map(str, shape))} would take {nbytes} bytes to "
-                              f"synthesize; pass {hint}--inputs FILE.npz")
-        feeds[name] = _random_array(name, spec, shape, rng)
-    return feeds
-
-
-def _random_array(name: str, spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    kind = spec.dtype.kind
-    if kind == "f":
-        return rng.standard_normal(shape).astype(spec.dtype)
-    if kind == "b":
-        return rng.integers(0, 2, shape).astype(bool)
-    if kind in "iu":
-        lowered = name.lower()
-        if "mask" in lowered:
-            return np.ones(shape, dtype=spec.dtype)
-        if "type" in lowered or "segment" in lowered:
-            return np.zeros(shape, dtype=spec.dtype)
-        high = spec.high or 2
-        return rng.integers(0, high, shape).astype(spec.dtype)
-    if kind in "OUS":  # strings: short random numerals
-        return rng.integers(0, 100, shape).astype(str).astype(object)
-    raise OnnxlrError(f"cannot synthesize input {name!r} of dtype {spec.dtype}; pass --inputs FILE.npz")
-
-
-def batches(feeds: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    count = min(len(a) for a in feeds.values() if a.ndim) if any(a.ndim for a in feeds.values()) else 1
-    for start in range(0, max(count, 1), batch_size):  # zero samples (a 0-sized first dim): one empty run
-        yield {name: (a[start:start + batch_size] if a.ndim else a) for name, a in feeds.items()}
-
-
-# ----------------------------------------------------------------------------- metrics
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def compare_arrays(reference: np.ndarray, candidate: np.ndarray, gates: Gates) -> dict[str, Any]:
@@ -333,34 +129,18 @@ def _gate_failure(ref, out, diff, metrics, gates: Gates) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- running and comparing
-
-
-def run_all(session, feeds: Mapping[str, np.ndarray], batch_size: int, output_names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Run every batch and concatenate each output along the first axis."""
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
-    # Inputs whose first dim is static take exactly that many samples per run (a batch-1 model, one by one).
-    firsts = [i.shape[0] if i.shape else None for i in session.get_inputs() if i.name in feeds and feeds[i.name].ndim]
-    if firsts and len(set(firsts)) == 1 and isinstance(firsts[0], int) and firsts[0] > 0:
-        batch_size = firsts[0]
-    for batch in batches(feeds, batch_size):
-        for name, value in zip(output_names, session.run(list(output_names), batch)):
-            parts[name].append(np.asarray(value))
-    return {name: (np.concatenate(v) if v[0].ndim and len(v) > 1 else v[0]) for name, v in parts.items()}
-
-
 def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | bytes,
            feeds: Mapping[str, np.ndarray], providers: Sequence[str], gates: Gates,
-           batch_size: int = 16, per_layer: Sequence[str] = (), threads: int = 0) -> dict[str, Any]:
-    """Run both models on each provider and compare; returns the verification dict (see module doc).
+           batch_size: int = 16, per_layer: Sequence[str] = (), threads: int = 0) -> VerificationResult:
+    """Run both models on each provider and compare (metrics: see the module doc).
 
     `per_layer` names intermediate tensors present in both models (the outputs of factorized
     nodes); they are exposed as extra outputs and compared too.
     """
     reference_bytes = _with_outputs(reference, per_layer) if per_layer else reference
     candidate_bytes = _with_outputs(candidate, per_layer) if per_layer else candidate
-    result: dict[str, Any] = {"passed": True, "providers": {}, "gates": dataclasses.asdict(gates),
-                              "samples": _sample_count(feeds), "failures": []}
+    result = VerificationResult(passed=True, providers={}, gates=dataclasses.asdict(gates),
+                                samples=_sample_count(feeds), failures=[])
     cpu_reference: dict[str, np.ndarray] | None = None
     for provider in providers:
         ref_session = make_session(reference_bytes, provider, threads)
@@ -383,14 +163,14 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             metrics = compare_arrays(ref_out[name], cand_out[name], gates if name in model_outputs else Gates())
             (entry["outputs"] if name in model_outputs else entry["layers"])[name] = metrics
             if name in model_outputs and not metrics["passed"]:
-                result["passed"] = False
-                result["failures"].append(f"output {name!r} on {provider}: {metrics['failure']}")
+                result.passed = False
+                result.failures.append(f"output {name!r} on {provider}: {metrics['failure']}")
         if provider == "cpu":
             cpu_reference = ref_out
         elif cpu_reference is not None:
             # Provider noise, separate from factorization error: this provider's reference vs the CPU's.
             entry["reference_vs_cpu"] = {n: _noise(cpu_reference[n], ref_out[n]) for n in model_outputs}
-        result["providers"][provider] = entry
+        result.providers[provider] = entry
     return result
 
 

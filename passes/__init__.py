@@ -1,26 +1,37 @@
-"""Graph passes of onnxlr, one module per op family (installed as `onnxlr.passes`)."""
+"""Factorization rules of onnxlr, one module per op family (installed as `onnxlr.passes`).
 
-from .base import Context, FactorizationPass, Scheme, Skip, Target
-from .conv import ConvFactorization
-from .gemm import GemmFactorization
-from .matmul import MatMulFactorization
+Each rule answers match / schemes / activation / rewrite for one op type (passes.base); the
+onnx-ir pass that applies the rule set to a model is `onnxlr.pipeline.FactorizationPass`.
+"""
 
-# op_type -> pass class; the pipeline asks each node's pass whether it is a target.
-PASSES: dict[str, type[FactorizationPass]] = {
-    cls.op_type: cls for cls in (MatMulFactorization, GemmFactorization, ConvFactorization)
-}
+from .base import (
+    REASON_CODES,
+    Activation,
+    Context,
+    FactorizationRule,
+    NameGenerator,
+    Scheme,
+    Skip,
+    Target,
+)
+from .conv import ConvRule, ConvView
+from .gemm import GemmRule, GemmView
+from .matmul import MatMulRule, MatMulView
 
-# Ops that are low-rank candidates in spirit but must be left alone; listed in reports with the reason.
+# op_type -> rule class; the target finder asks each node's rule whether it is a target.
+RULES: dict[str, type[FactorizationRule]] = {cls.op_type: cls for cls in (MatMulRule, GemmRule, ConvRule)}
+
+# Ops that are low-rank candidates in spirit but must be left alone: (reason code, sentence) for reports.
 LEFT_ALONE = {
-    "ConvTranspose": "ConvTranspose is not factorized (yet)",
-    "QLinearMatMul": "quantized op: left as it is",
-    "QLinearConv": "quantized op: left as it is",
-    "MatMulInteger": "quantized op: left as it is",
-    "ConvInteger": "quantized op: left as it is",
-    "MatMulNBits": "quantized op: left as it is",
+    "ConvTranspose": ("unsupported_op", "ConvTranspose is not factorized (yet)"),
+    "QLinearMatMul": ("quantized_op", "quantized op: left as it is"),
+    "QLinearConv": ("quantized_op", "quantized op: left as it is"),
+    "MatMulInteger": ("quantized_op", "quantized op: left as it is"),
+    "ConvInteger": ("quantized_op", "quantized op: left as it is"),
+    "MatMulNBits": ("quantized_op", "quantized op: left as it is"),
 }
 
 __all__ = [
-    "PASSES", "LEFT_ALONE", "Context", "FactorizationPass", "Scheme", "Skip", "Target",
-    "ConvFactorization", "GemmFactorization", "MatMulFactorization",
+    "RULES", "LEFT_ALONE", "REASON_CODES", "Activation", "Context", "FactorizationRule", "NameGenerator", "Scheme",
+    "Skip", "Target", "ConvRule", "ConvView", "GemmRule", "GemmView", "MatMulRule", "MatMulView",
 ]

@@ -1,11 +1,16 @@
-"""What every factorization pass shares: targets, schemes, and the pass wrapper.
+"""What every factorization rule shares: targets, schemes, skip reasons, and the rule protocol.
 
-A pass (one module per op family) answers three questions about a node:
-- `match`: is this node a target, and which input is its constant weight? If not, why not.
-- `schemes`: which matrix views of the weight can be factorized, and what does each cost?
-- `rewrite`: given two factor stacks A (groups, m, r) and B (groups, r, n) with A @ B ~= matrix view,
-  which two nodes replace the original?
-It knows nothing about SVD or ranks; onnxlr.factorize does the planning and calls it.
+A rule (one module per op family, after onnxscript's rewriter: match / schemes / rewrite) answers
+questions about one node:
+- `match`: is this node a target, and which input is its constant weight? If not, `Skip` with a
+  stable reason code and a sentence.
+- `schemes`: which matrix views of the weight can be factorized, what does each cost, and which
+  side of the view the activation enters (the views calibration can whiten)?
+- `activation`: which input the weight multiplies, and how calibration reads its vectors.
+- `rewrite`: given two factor tensors, which two nodes replace the original?
+A rule knows nothing about SVD or ranks; the planner (onnxlr.plan) and the rewrite stage
+(onnxlr.rewrite) call it. `onnxlr.pipeline.FactorizationPass` is the onnx-ir pass that applies
+the rule set to a model.
 """
 
 from __future__ import annotations
@@ -19,14 +24,52 @@ import onnx_ir as ir
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
+# Every reason a node or a weight is left as it is: the code is stable (reports carry it as
+# `reason_code`, scripts and tests match it); the sentence beside it in a report says the details.
+REASON_CODES = {
+    "missing_input": "the node's weight input is missing",
+    "graph_input": "the weight is a graph input (it can be overridden at run time)",
+    "graph_output": "the weight is also a graph output",
+    "runtime_weight": "the weight is computed at run time",
+    "custom_op_weight": "the weight comes from a custom-domain op",
+    "constant_without_value": "a Constant node without a tensor value",
+    "quantized_weight": "the weight comes from a quantize/dequantize op",
+    "non_float_cast": "the weight is cast to a non-float type",
+    "runtime_reshape": "the weight is reshaped to a shape computed at run time",
+    "both_constant": "both inputs are constant (fold the node instead)",
+    "weight_rank": "the weight has a number of dimensions the op's rewrite does not take",
+    "old_opset": "the op's opset is older than the rewrite supports",
+    "bad_group": "the conv's group does not divide its output channels",
+    "depthwise": "depthwise conv: one input channel per group, nothing to factorize",
+    "unsupported_op": "an op type onnxlr does not factorize (yet)",
+    "quantized_op": "a quantized op, left as it is",
+    "dtype": "the weight's dtype is not a float type",
+    "empty_weight": "the weight has a zero-sized dimension",
+    "non_finite_weight": "the weight has NaN or Inf values",
+    "not_included": "the node's name matches no --include pattern",
+    "excluded": "the node's name matches an --exclude pattern",
+    "shared_with_other_op": "the weight is also read by a node that cannot be rewritten",
+    "shared_differently": "the weight is shared by nodes that read it differently",
+    "min_params": "the weight has fewer than --min-params parameters",
+    "no_gain": "the factor pair at the planned rank is not smaller and cheaper (break-even)",
+    "kept_dense_by_budget": "the whole-model budget allocation left the layer dense",
+    "target_not_reached": "no budget reaches the --target-cosine/--target-error goal",
+}
+
 
 class Skip(Exception):
-    """Raised by `match` when a node cannot be factorized; the message is the user-facing reason."""
+    """Raised by `match` when a node cannot be factorized: a stable code and a user-facing sentence."""
+
+    def __init__(self, code: str, message: str) -> None:
+        assert code in REASON_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @dataclasses.dataclass
 class Context:
-    """Model-wide facts a pass may need: inferred shapes (by value name) and the default-domain opset."""
+    """Model-wide facts a rule may need: inferred shapes (by value name) and the default-domain opset."""
 
     shapes: Mapping[str, tuple | None]
     opset: int
@@ -34,15 +77,16 @@ class Context:
 
 @dataclasses.dataclass
 class Target:
-    """A node with a constant weight that a pass can factorize."""
+    """A node with a constant weight that a rule can factorize."""
 
     node: ir.Node
     weight: ir.Value  # the node input that carries the weight
     array: np.ndarray  # the weight's value (constant chains already folded)
     dtype: ir.DataType
-    role: str  # which side the weight is on, e.g. "right", "left", "B", "A", "kernel"
-    view_key: tuple  # users of one weight share a factorization only if their view_key is equal
-    handler: FactorizationPass
+    # How the node reads its weight (a frozen dataclass of the rule: MatMulView, GemmView, ConvView).
+    # Users of one weight share a factorization only if their views are equal.
+    view: Any
+    rule: FactorizationRule
     context: Context
 
     @property
@@ -52,6 +96,11 @@ class Target:
     @property
     def name(self) -> str:
         return self.node.name or self.node.outputs[0].name or "?"
+
+    @property
+    def weight_input(self) -> int:
+        """The index of the node input that carries the weight."""
+        return next(i for i, value in enumerate(self.node.inputs) if value is self.weight)
 
 
 @dataclasses.dataclass
@@ -65,6 +114,9 @@ class Scheme:
     params_per_rank: int  # parameters of the factor pair per unit of rank (all groups)
     macs_per_rank: int
     fixed_params: int = 0  # parameters kept as they are (the bias)
+    # Which side of the (m, n) view the activation vectors enter: "rows" (x·W) or "cols" (W·x), as
+    # lowrank.whitened_svd takes it; None when calibration statistics do not apply to this view.
+    whiten_side: str | None = None
 
     @property
     def full_rank(self) -> int:
@@ -89,40 +141,34 @@ class Scheme:
         return rank
 
 
-class FactorizationPass(ir.passes.InPlacePass):
-    """Base class; subclasses set `op_type` and implement match / schemes / rewrite.
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """The input a target's weight multiplies, and how calibration turns it into vectors.
 
-    Used alone, a pass runs the whole onnxlr pipeline restricted to its op type:
-    `MatMulFactorization(rank_ratio=0.25)(ir_model)` (onnx-ir pass protocol), or
-    `MatMulFactorization(rank_ratio=0.25).apply(model)` for a path, ModelProto or graphsurgeon Graph.
+    layout "rows": the vectors lie along the last axis; "cols": along the second-to-last;
+    "patches": a conv's input, whose vectors are the patches its kernel sees (`patches` holds the
+    conv attributes that decide them: kernel_shape, strides, dilations, pads or auto_pad).
     """
+
+    value: ir.Value
+    layout: str
+    groups: int = 1
+    patches: Mapping[str, Any] | None = None
+
+
+class FactorizationRule:
+    """Base class; subclasses set `op_type` and implement match / schemes / activation / rewrite."""
 
     op_type: str = ""
 
-    def __init__(self, **settings: Any) -> None:
-        super().__init__()
-        self.settings = settings
-        self.report: dict | None = None
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxlr.factorize import Settings, factorize_model
-
-        report = factorize_model(model, Settings(**{**self.settings, "ops": (self.op_type,)}))
-        self.report = report
-        modified = any(layer["status"] == "factorized" for layer in report["layers"])
-        return ir.passes.PassResult(model, modified=modified)
-
-    def apply(self, model: Any) -> tuple[Any, dict]:
-        """Factorize any supported model kind; returns (model of the same kind, report)."""
-        import onnxlr
-
-        return onnxlr.optimize(model, **{**self.settings, "ops": (self.op_type,)})
-
-    # --- the three questions; subclasses answer them
     def match(self, node: ir.Node, context: Context) -> Target:
         raise NotImplementedError
 
     def schemes(self, target: Target) -> list[Scheme]:
+        raise NotImplementedError
+
+    def activation(self, target: Target) -> Activation:
+        """What calibration reads for this target (the input the weight multiplies)."""
         raise NotImplementedError
 
     def rewrite(
@@ -144,9 +190,7 @@ class FactorizationPass(ir.passes.InPlacePass):
         return matrices[0]
 
 
-# ----------------------------------------------------------------------------- helpers for passes
-
-
+# ----------------------------------------------------------------------------- helpers for rules
 class NameGenerator:
     """Unique names for new values and nodes, never clashing with any name in the model."""
 

@@ -11,12 +11,15 @@ takes the pads, strides and dilations of its own axis.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 
 from .base import (
+    Activation,
     Context,
-    FactorizationPass,
+    FactorizationRule,
     NameGenerator,
     Scheme,
     Skip,
@@ -29,30 +32,39 @@ from .base import (
 from .weights import constant_weight
 
 SCHEMES = ("output", "input", "spatial")
+# The attributes that decide which input patches the kernel sees (calibration reads them exactly).
+PATCH_ATTRIBUTES = ("strides", "dilations", "pads", "auto_pad")
 
 
-class ConvFactorization(FactorizationPass):
+@dataclasses.dataclass(frozen=True)
+class ConvView:
+    """How a Conv reads its kernel: in `groups` groups (factorized per group, the same rank in each)."""
+
+    groups: int
+
+
+class ConvRule(FactorizationRule):
     op_type = "Conv"
 
     def match(self, node: ir.Node, context: Context) -> Target:
         found = constant_weight(node.inputs[1])
         if found.array is None:
-            raise Skip(found.reason)
+            raise found.skip()
         kernel = found.array
         if kernel.ndim < 3:
-            raise Skip(f"kernel has {kernel.ndim} dimensions")
+            raise Skip("weight_rank", f"kernel has {kernel.ndim} dimensions")
         group = int(attribute(node, "group", 1))
         cout, cin_per_group = kernel.shape[0], kernel.shape[1]
         if group < 1 or cout % group:
-            raise Skip(f"group={group} does not divide the {cout} output channels")
+            raise Skip("bad_group", f"group={group} does not divide the {cout} output channels")
         if group > 1 and cin_per_group == 1:
-            raise Skip("depthwise conv (one input channel per group): nothing to factorize")
-        return Target(node=node, weight=node.inputs[1], array=kernel, dtype=found.dtype, role="kernel",
-                      view_key=("conv", group), handler=self, context=context)
+            raise Skip("depthwise", "depthwise conv (one input channel per group): nothing to factorize")
+        return Target(node=node, weight=node.inputs[1], array=kernel, dtype=found.dtype, view=ConvView(group),
+                      rule=self, context=context)
 
     def schemes(self, target: Target) -> list[Scheme]:
         kernel = target.array
-        group = target.view_key[1]
+        group = target.view.groups
         cout, cin_g = kernel.shape[:2]
         spatial = kernel.shape[2:]
         cin, cout_g, k = cin_g * group, cout // group, int(np.prod(spatial))
@@ -65,8 +77,10 @@ class ConvFactorization(FactorizationPass):
         grouped = kernel.reshape(group, cout_g, cin_g, k)
         common = {"params_before": params_before, "macs_before": macs_before, "fixed_params": bias_params}
         result = [
+            # The only view whose first factor multiplies the patches: calibration can whiten it.
             Scheme(name="output", matrices=grouped.reshape(group, cout_g, cin_g * k),
-                   params_per_rank=cin * k + cout, macs_per_rank=out_positions * (cin * k + cout), **common),
+                   params_per_rank=cin * k + cout, macs_per_rank=out_positions * (cin * k + cout),
+                   whiten_side="cols", **common),
             Scheme(name="input", matrices=grouped.transpose(0, 1, 3, 2).reshape(group, cout_g * k, cin_g),
                    params_per_rank=cin + cout * k,
                    macs_per_rank=in_positions * cin + out_positions * cout * k, **common),
@@ -81,11 +95,20 @@ class ConvFactorization(FactorizationPass):
                 macs_per_rank=mid_positions * cin * kh + out_positions * cout * kw, **common))
         return result
 
+    def activation(self, target: Target) -> Activation:
+        node = target.node
+        patches = {"kernel_shape": list(target.array.shape[2:])}
+        for name in PATCH_ATTRIBUTES:
+            if name in node.attributes:
+                value = node.attributes[name].value
+                patches[name] = value.decode() if isinstance(value, bytes) else value
+        return Activation(node.inputs[0], "patches", groups=target.view.groups, patches=patches)
+
     def factor_tensors(self, target: Target, scheme: Scheme, a: np.ndarray, b: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Return (first conv's kernel, second conv's kernel) from the factor stacks."""
         kernel = target.array
-        group = target.view_key[1]
+        group = target.view.groups
         cout, cin_g = kernel.shape[:2]
         spatial = kernel.shape[2:]
         cout_g, rank, ones = cout // group, a.shape[2], (1,) * len(spatial)
@@ -104,7 +127,7 @@ class ConvFactorization(FactorizationPass):
     def dense_weight(self, target: Target, scheme: Scheme, matrices: np.ndarray) -> np.ndarray:
         """Undo the reshapes and transposes of schemes(): a kernel (Cout, Cin/g, k1, ..., kd)."""
         shape = target.array.shape
-        group = target.view_key[1]
+        group = target.view.groups
         cout, cin_g, spatial = shape[0], shape[1], shape[2:]
         cout_g, k = cout // group, int(np.prod(spatial))
         if scheme.name == "output":

@@ -8,38 +8,57 @@ shape and semantics for every allowed combination of C (absent, scalar, row, col
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 
-from .base import Context, FactorizationPass, NameGenerator, Scheme, Skip, Target, attribute, make_node
-from .weights import constant_weight, no_weight_reason
+from .base import (
+    Activation,
+    Context,
+    FactorizationRule,
+    NameGenerator,
+    Scheme,
+    Skip,
+    Target,
+    attribute,
+    make_node,
+)
+from .weights import constant_weight, no_weight_skip
 
 
-class GemmFactorization(FactorizationPass):
+@dataclasses.dataclass(frozen=True)
+class GemmView:
+    """How a Gemm reads its weight: as operand "A" or "B", and whether its trans flag is set."""
+
+    operand: str
+    transposed: bool
+
+
+class GemmRule(FactorizationRule):
     op_type = "Gemm"
 
     def match(self, node: ir.Node, context: Context) -> Target:
         opset = context.opset
         if opset < 7:
-            raise Skip(f"Gemm at opset {opset} (< 7) is not rewritten")
+            raise Skip("old_opset", f"Gemm at opset {opset} (< 7) is not rewritten")
         a_weight, b_weight = constant_weight(node.inputs[0]), constant_weight(node.inputs[1])
         if a_weight.array is not None and b_weight.array is not None:
-            raise Skip("both inputs are constant (fold the node instead)")
+            raise Skip("both_constant", "both inputs are constant (fold the node instead)")
         if b_weight.array is not None:
-            role, found, trans = "B", b_weight, attribute(node, "transB", 0)
+            view, found = GemmView("B", bool(attribute(node, "transB", 0))), b_weight
         elif a_weight.array is not None:
-            role, found, trans = "A", a_weight, attribute(node, "transA", 0)
+            view, found = GemmView("A", bool(attribute(node, "transA", 0))), a_weight
         else:
-            raise Skip(no_weight_reason(b_weight, a_weight))
+            raise no_weight_skip(b_weight, a_weight)
         if found.array.ndim != 2:
-            raise Skip(f"weight has {found.array.ndim} dimensions (Gemm needs 2)")
-        value = node.inputs[1] if role == "B" else node.inputs[0]
-        return Target(node=node, weight=value, array=found.array, dtype=found.dtype, role=role,
-                      view_key=("gemm", role, int(trans)), handler=self, context=context)
+            raise Skip("weight_rank", f"weight has {found.array.ndim} dimensions (Gemm needs 2)")
+        value = node.inputs[1] if view.operand == "B" else node.inputs[0]
+        return Target(node=node, weight=value, array=found.array, dtype=found.dtype, view=view, rule=self,
+                      context=context)
 
     def _effective(self, target: Target) -> np.ndarray:
-        trans = target.view_key[2]
-        return target.array.T if trans else target.array
+        return target.array.T if target.view.transposed else target.array
 
     def schemes(self, target: Target) -> list[Scheme]:
         w = self._effective(target)  # B: (K, N); A: (M, K)
@@ -55,26 +74,35 @@ class GemmFactorization(FactorizationPass):
             params_per_rank=rows + cols,
             macs_per_rank=vectors * (rows + cols),
             fixed_params=bias_params,
+            # op(A)·W: the rows of op(A) enter a B weight; W·op(B): the columns of op(B) enter an A weight.
+            whiten_side="rows" if target.view.operand == "B" else "cols",
         )]
+
+    def activation(self, target: Target) -> Activation:
+        node = target.node
+        if target.view.operand == "B":  # rows of op(A): A's columns when transA is set
+            return Activation(node.inputs[0], "cols" if attribute(node, "transA", 0) else "rows")
+        # operand A: columns of op(B), i.e. B's rows when transB is set
+        return Activation(node.inputs[1], "rows" if attribute(node, "transB", 0) else "cols")
 
     def factor_tensors(self, target: Target, scheme: Scheme, a: np.ndarray, b: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
         # Keep the weight's layout: with trans set, each factor is stored transposed.
         p, q = a[0], b[0]
-        if target.view_key[2]:
+        if target.view.transposed:
             p, q = p.T, q.T
         return p, q
 
     def dense_weight(self, target: Target, scheme: Scheme, matrices: np.ndarray) -> np.ndarray:
-        return matrices[0].T if target.view_key[2] else matrices[0]
+        return matrices[0].T if target.view.transposed else matrices[0]
 
     def rewrite(self, target: Target, scheme: Scheme, a: ir.Value, b: ir.Value, names: NameGenerator) -> list[ir.Node]:
         node = target.node
         base = node.name or "Gemm"
-        trans = int(target.view_key[2])
+        trans = int(target.view.transposed)
         c = node.inputs[2] if len(node.inputs) > 2 else None
         tail = {"alpha": float(attribute(node, "alpha", 1.0)), "beta": float(attribute(node, "beta", 1.0))}
-        if target.role == "B":
+        if target.view.operand == "B":
             # Y = alpha·(op(A)·P)·Q + beta·C
             first_inputs = [node.inputs[0], a]
             first_attrs = {"transA": int(attribute(node, "transA", 0)), "transB": trans}
@@ -95,7 +123,7 @@ class GemmFactorization(FactorizationPass):
         first = make_node("Gemm", first_inputs, names(f"{base}_lr1"), names(f"{base}_lr_mid"),
                           _drop_defaults(first_attrs))
         middle = first.outputs[0]
-        second_inputs = [middle, b] if target.role == "B" else [a, middle]
+        second_inputs = [middle, b] if target.view.operand == "B" else [a, middle]
         if c is not None or zero is not None:
             second_inputs.append(c if c is not None else zero)
         second = make_node("Gemm", second_inputs, names(f"{base}_lr2"), names(f"{base}_lr_out"),
@@ -111,7 +139,7 @@ def _drop_defaults(attrs: dict) -> dict:
 def _other_dim(target: Target) -> int:
     """Length of the activation's free dimension (M for a B weight, N for an A weight), 1 if unknown."""
     node = target.node
-    if target.role == "B":
+    if target.view.operand == "B":
         shape = target.shapes.get(node.inputs[0].name or "")
         index = 1 if attribute(node, "transA", 0) else 0
     else:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx_ir as ir
 
 from .base import (
+    Activation,
     Context,
-    FactorizationPass,
+    FactorizationRule,
     NameGenerator,
     Scheme,
     Skip,
@@ -15,10 +18,21 @@ from .base import (
     make_node,
     static_shape,
 )
-from .weights import constant_weight, no_weight_reason
+from .weights import constant_weight, no_weight_skip
 
 
-class MatMulFactorization(FactorizationPass):
+@dataclasses.dataclass(frozen=True)
+class MatMulView:
+    """How a MatMul reads its weight: "right" (X·W) or "left" (W·X)."""
+
+    side: str
+
+    @property
+    def activation_index(self) -> int:
+        return 0 if self.side == "right" else 1
+
+
+class MatMulRule(FactorizationRule):
     op_type = "MatMul"
 
     def match(self, node: ir.Node, context: Context) -> Target:
@@ -26,24 +40,23 @@ class MatMulFactorization(FactorizationPass):
         right_weight = constant_weight(right)
         left_weight = constant_weight(left)
         if right_weight.array is not None and left_weight.array is not None:
-            raise Skip("both inputs are constant (fold the node instead)")
+            raise Skip("both_constant", "both inputs are constant (fold the node instead)")
         if right_weight.array is not None:
-            role, found = "right", right_weight
+            view, found, value = MatMulView("right"), right_weight, right
         elif left_weight.array is not None:
-            role, found = "left", left_weight
+            view, found, value = MatMulView("left"), left_weight, left
         else:
-            raise Skip(no_weight_reason(right_weight, left_weight))
-        value = right if role == "right" else left
+            raise no_weight_skip(right_weight, left_weight)
         if found.array.ndim != 2:
-            raise Skip(f"weight has {found.array.ndim} dimensions (only 2-D weights are factorized)")
-        return Target(node=node, weight=value, array=found.array, dtype=found.dtype, role=role,
-                      view_key=("matmul",), handler=self, context=context)
+            raise Skip("weight_rank", f"weight has {found.array.ndim} dimensions (only 2-D weights are factorized)")
+        return Target(node=node, weight=value, array=found.array, dtype=found.dtype, view=view, rule=self,
+                      context=context)
 
     def schemes(self, target: Target) -> list[Scheme]:
         rows, cols = target.array.shape
-        activation = target.node.inputs[0 if target.role == "right" else 1]
-        shape = static_shape(target.shapes, activation)
-        if target.role == "right":
+        view: MatMulView = target.view
+        shape = static_shape(target.shapes, target.node.inputs[view.activation_index])
+        if view.side == "right":
             # X (..., rows) · W (rows, cols): every leading element of X is one vector product.
             vectors = known_product(shape[:-1]) if shape else 1
         else:
@@ -56,17 +69,21 @@ class MatMulFactorization(FactorizationPass):
             macs_before=vectors * rows * cols,
             params_per_rank=rows + cols,
             macs_per_rank=vectors * (rows + cols),
+            whiten_side="rows" if view.side == "right" else "cols",
         )]
+
+    def activation(self, target: Target) -> Activation:
+        view: MatMulView = target.view
+        return Activation(target.node.inputs[view.activation_index], "rows" if view.side == "right" else "cols")
 
     def rewrite(self, target: Target, scheme: Scheme, a: ir.Value, b: ir.Value, names: NameGenerator) -> list[ir.Node]:
         node = target.node
         base = node.name or "MatMul"
-        x = node.inputs[0] if target.role == "right" else node.inputs[1]
-        if target.role == "right":
+        x = node.inputs[target.view.activation_index]
+        if target.view.side == "right":
             first = make_node("MatMul", [x, a], names(f"{base}_lr1"), names(f"{base}_lr_mid"))
             second = make_node("MatMul", [first.outputs[0], b], names(f"{base}_lr2"), names(f"{base}_lr_out"))
         else:
             first = make_node("MatMul", [b, x], names(f"{base}_lr1"), names(f"{base}_lr_mid"))
             second = make_node("MatMul", [a, first.outputs[0]], names(f"{base}_lr2"), names(f"{base}_lr_out"))
         return [first, second]
-

@@ -12,6 +12,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from .base import Skip
+
 QUANTIZED_PRODUCERS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"}
 FOLDABLE = {"Identity", "Transpose", "Cast", "Reshape"}
 
@@ -21,37 +23,43 @@ class ConstantWeight:
     array: np.ndarray | None = None
     dtype: ir.DataType | None = None
     reason: str = ""  # why there is no usable constant, when array is None
+    code: str = ""  # the reason's stable code (passes.base.REASON_CODES)
     runtime: bool = False  # True when the value is simply an activation (computed at run time)
     sources: tuple[ir.Value, ...] = ()  # initializers or Constant outputs the weight was folded from
+
+    def skip(self) -> Skip:
+        """Why this input is no weight, as the Skip a rule raises."""
+        return Skip(self.code, self.reason)
 
 
 def constant_weight(value: ir.Value | None, depth: int = 0) -> ConstantWeight:
     if value is None:
-        return ConstantWeight(reason="input is missing")
+        return ConstantWeight(reason="input is missing", code="missing_input")
     if value.is_graph_input():
         if value.const_value is not None:  # an initializer listed as input: callers may override it
-            return ConstantWeight(reason="weight is a graph input (it can be overridden at run time)")
-        return ConstantWeight(reason="weight is a graph input, computed at run time", runtime=True)
+            return ConstantWeight(reason="weight is a graph input (it can be overridden at run time)", code="graph_input")
+        return ConstantWeight(reason="weight is a graph input, computed at run time", code="runtime_weight",
+                              runtime=True)
     if value.is_graph_output():
-        return ConstantWeight(reason="weight is also a graph output")
+        return ConstantWeight(reason="weight is also a graph output", code="graph_output")
     if value.const_value is not None:
         return _from_tensor(value.const_value, (value,))
     producer = value.producer()
     if producer is None:
-        return ConstantWeight(reason="weight is computed at run time", runtime=True)
+        return ConstantWeight(reason="weight is computed at run time", code="runtime_weight", runtime=True)
     op = producer.op_type
     if producer.domain not in ("", "ai.onnx"):
-        return ConstantWeight(reason=f"weight comes from custom op {producer.domain}::{op}")
+        return ConstantWeight(reason=f"weight comes from custom op {producer.domain}::{op}", code="custom_op_weight")
     if op == "Constant":
         tensor = ir.convenience.get_const_tensor(value)
         if tensor is None:
-            return ConstantWeight(reason="Constant node without a tensor value")
+            return ConstantWeight(reason="Constant node without a tensor value", code="constant_without_value")
         return _from_tensor(tensor, (value,))
     if op in QUANTIZED_PRODUCERS:
-        return ConstantWeight(reason=f"quantized weight ({op}): left as it is")
+        return ConstantWeight(reason=f"quantized weight ({op}): left as it is", code="quantized_weight")
     if op in FOLDABLE and depth < 16:
         return _fold(producer, depth)
-    return ConstantWeight(reason=f"weight is computed at run time (by {op})", runtime=True)
+    return ConstantWeight(reason=f"weight is computed at run time (by {op})", code="runtime_weight", runtime=True)
 
 
 def _from_tensor(tensor: ir.TensorProtocol, sources: tuple[ir.Value, ...]) -> ConstantWeight:
@@ -69,12 +77,12 @@ def _fold(node: ir.Node, depth: int) -> ConstantWeight:
     elif node.op_type == "Cast":
         dtype = ir.DataType(node.attributes["to"].value)
         if not dtype.is_floating_point():
-            return ConstantWeight(reason=f"weight is cast to {dtype.name}")
+            return ConstantWeight(reason=f"weight is cast to {dtype.name}", code="non_float_cast")
         array = array.astype(dtype.numpy())
     elif node.op_type == "Reshape":
         shape = constant_weight(node.inputs[1], depth + 1)
         if shape.array is None:
-            return ConstantWeight(reason="weight is reshaped to a shape computed at run time")
+            return ConstantWeight(reason="weight is reshaped to a shape computed at run time", code="runtime_reshape")
         allow_zero = node.attributes.get("allowzero")
         array = array.reshape(_reshape_target(array.shape, shape.array, allow_zero and allow_zero.value))
     return ConstantWeight(array=array, dtype=dtype, sources=data.sources)
@@ -88,9 +96,9 @@ def _reshape_target(current: tuple[int, ...], requested: np.ndarray, allow_zero:
     return tuple(dims)
 
 
-def no_weight_reason(*candidates: ConstantWeight) -> str:
+def no_weight_skip(*candidates: ConstantWeight) -> Skip:
     """Why a two-input op has no weight: a specific reason if any input has one, else the generic one."""
     for candidate in candidates:
         if not candidate.runtime and candidate.reason:
-            return candidate.reason
-    return "no constant weight: both inputs are computed at run time"
+            return candidate.skip()
+    return Skip("runtime_weight", "no constant weight: both inputs are computed at run time")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import onnxlr  # noqa: E402
 from onnxlr import bench  # noqa: E402
-from onnxlr.verify import input_specs, load_inputs  # noqa: E402
+from onnxlr.inputs import input_specs, load_inputs  # noqa: E402
 
 METHODS = ("plain", "whitened", "full")
 DEFAULT_FRACTIONS = (1.0, 0.8, 0.7, 0.6, 0.5)  # the grid; add lower ones with --fractions

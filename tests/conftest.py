@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from graphs import init, make_model, tensor_input
+from model_files import matmul_model, save_external
 from onnx import helper
 
 
@@ -28,3 +29,9 @@ def small_model(tmp_path) -> Path:
     path = tmp_path / "model.onnx"
     onnx.save(model, path)
     return path
+
+
+@pytest.fixture
+def ext_model(tmp_path: Path) -> Path:
+    """tmp_path/in/model.onnx with its 64x64 weight in tmp_path/in/w.data (model_files.matmul_model)."""
+    return save_external(matmul_model(), tmp_path / "in" / "model.onnx")

@@ -1,4 +1,4 @@
-"""Small helpers for tests: build one-node ONNX models, run them with onnxruntime, compare."""
+"""Small helpers for tests: build one-node ONNX models, run them with onnxruntime, compare; calibration-like inputs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 ONNXLR = [sys.executable, "-m", "onnxlr"]  # the CLI in a process of its own, as a user runs it
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx.helper would write the newest
+ANISOTROPIC_WIDTH = 16  # the width of anisotropic()'s vectors (K in the calibration tests)
 
 
 def make_model(nodes, inputs, outputs, initializers=(), opset=17, value_info=()):
@@ -57,3 +58,20 @@ def op_types(model):
 def onnxlr_cli(*args, cwd=None, timeout=180):
     """Run `python -m onnxlr ARGS` and return the CompletedProcess (stdout and stderr as text)."""
     return subprocess.run([*ONNXLR, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def anisotropic(count: int, seed: int) -> np.ndarray:
+    """(count, K) vectors from one fixed correlated, shifted distribution (the seed picks the samples)."""
+    K = ANISOTROPIC_WIDTH
+    mixing_rng = np.random.default_rng(1234)
+    scales = np.geomspace(10.0, 0.01, K)
+    mixing = np.linalg.qr(mixing_rng.standard_normal((K, K)))[0] * scales[:, None]
+    mean = mixing_rng.standard_normal(K) * 3.0
+    z = np.random.default_rng(seed).standard_normal((count, K))
+    return (z @ mixing + mean).astype(np.float32)
+
+
+def output_error(model: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict) -> float:
+    reference, = run(model, feeds)
+    out, = run(candidate, feeds)
+    return float(np.linalg.norm(out.astype(np.float64) - reference) / np.linalg.norm(reference))

@@ -22,10 +22,10 @@ from onnxlr.analyze import (
     combined_singular_values,
     effective_rank,
     fit_power_law,
-    render_html,
     stable_rank,
     view_statistics,
 )
+from onnxlr.html_analyze import render_html
 from onnxlr.io import load
 
 

@@ -11,23 +11,23 @@ import json
 import numpy as np
 import onnx
 import pytest
-from graphs import assert_outputs_close, init, make_model, onnxlr_cli, run, tensor_input
+from graphs import (
+    ANISOTROPIC_WIDTH,
+    anisotropic,
+    assert_outputs_close,
+    init,
+    make_model,
+    onnxlr_cli,
+    output_error,
+    run,
+    tensor_input,
+)
 from onnx import helper
 
 import onnxlr
 from onnxlr import calibration, lowrank
 
-K = 16
-
-
-def anisotropic(count: int, seed: int) -> np.ndarray:
-    """(count, K) vectors from one fixed correlated, shifted distribution (the seed picks the samples)."""
-    mixing_rng = np.random.default_rng(1234)
-    scales = np.geomspace(10.0, 0.01, K)
-    mixing = np.linalg.qr(mixing_rng.standard_normal((K, K)))[0] * scales[:, None]
-    mean = mixing_rng.standard_normal(K) * 3.0
-    z = np.random.default_rng(seed).standard_normal((count, K))
-    return (z @ mixing + mean).astype(np.float32)
+K = ANISOTROPIC_WIDTH
 
 
 def weight(rows: int, cols: int) -> np.ndarray:
@@ -89,12 +89,6 @@ def mlp():
 
 CASES = {"matmul_right": matmul_right, "matmul_left": matmul_left, "gemm_b_transposed": gemm_b_transposed,
          "gemm_a": gemm_a, "gemm_a_transposed": gemm_a_transposed, "mlp": mlp}
-
-
-def output_error(model: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict) -> float:
-    reference, = run(model, feeds)
-    out, = run(candidate, feeds)
-    return float(np.linalg.norm(out.astype(np.float64) - reference) / np.linalg.norm(reference))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

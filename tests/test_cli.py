@@ -67,7 +67,7 @@ def test_dry_run_writes_nothing(small_model, tmp_path):
     (["--rank-ratio", "0"], "rank-ratio"),
     (["--rank-ratio", "-1"], "rank-ratio"),
     (["--rank-ratio", "1.5"], "rank-ratio"),
-    (["--rank-ratio", "nan"], "rank_ratio"),
+    (["--rank-ratio", "nan"], "--rank-ratio must be a number"),  # the flag, not the keyword
     (["--rank-ratio", "half"], "rank-ratio"),
     (["--rank-ratio", "0.5", "--energy", "0.9"], "one rank policy"),
     (["--ops", "Softmax"], "unsupported op"),

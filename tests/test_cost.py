@@ -10,7 +10,7 @@ from onnx import helper
 
 import onnxlr
 from onnxlr import cost
-from onnxlr.factorize import infer_shapes
+from onnxlr.shapes import infer_shapes
 
 RNG = np.random.default_rng(5)
 

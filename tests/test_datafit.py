@@ -8,14 +8,22 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from graphs import init, make_model, run, tensor_input
+from graphs import (
+    ANISOTROPIC_WIDTH,
+    anisotropic,
+    init,
+    make_model,
+    onnxlr_cli,
+    output_error,
+    run,
+    tensor_input,
+)
 from onnx import helper
-from test_calibration import anisotropic, output_error
 
 import onnxlr
 from onnxlr import OnnxlrError
 
-K = 16
+K = ANISOTROPIC_WIDTH
 
 
 def deep_mlp(widths=(K, 32, 32, 32, 8), seed=11) -> onnx.ModelProto:
@@ -41,7 +49,7 @@ def feeds(count: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def factorized_fraction(report: dict, measure: str) -> tuple[int, int]:
-    rows = [row for row in report["layers"] if row["status"] == "factorized" or "allocation" in row["reason"]]
+    rows = [row for row in report["layers"] if row["status"] == "factorized" or row["reason_code"] == "kept_dense_by_budget"]
     return sum(r[f"{measure}_after"] for r in rows), sum(r[f"{measure}_before"] for r in rows)
 
 
@@ -109,11 +117,17 @@ def test_target_cosine_is_met_on_the_held_out_samples():
     assert report["totals"]["params_after"] < report["totals"]["params_before"]
 
 
-def test_target_cosine_and_compensate_need_calibration():
-    with pytest.raises(OnnxlrError, match="--target-cosine needs calibration data"):
+def test_target_cosine_and_compensate_need_calibration(tmp_path):
+    # The Python API names its keywords, the CLI its flags.
+    with pytest.raises(OnnxlrError, match=r"^target_cosine needs calibration data \(calibration\)"):
         onnxlr.optimize(deep_mlp(), target_cosine=0.99)
-    with pytest.raises(OnnxlrError, match="--compensate needs calibration data"):
+    with pytest.raises(OnnxlrError, match=r"^compensate needs calibration data \(calibration\)"):
         onnxlr.optimize(deep_mlp(), rank=4, compensate=True)
+    onnx.save(deep_mlp(), tmp_path / "m.onnx")
+    result = onnxlr_cli("optimize", str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"), "--rank", "4", "--compensate")
+    assert result.returncode == 2
+    assert "onnxlr: error: --compensate needs calibration data (--calibration)" in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def test_mac_budget_on_convs_counts_macs_not_parameters():

@@ -26,6 +26,7 @@ from graphs import assert_outputs_close, init, make_model, run, tensor_input
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from onnx import helper
+from onnxlr.passes import REASON_CODES
 
 import onnxlr
 
@@ -283,6 +284,8 @@ def test_random_rank_chain_is_valid_and_runs(case, policy, conv_scheme, allow_no
     for layer in report["layers"]:
         if layer["status"] == "factorized":
             assert 1 <= layer["rank"] <= layer["full_rank"], layer
+        # Every skipped row says why with a stable code; a factorized row has none.
+        assert (layer["reason_code"] in REASON_CODES) == (layer["status"] == "skipped"), layer
     reference = run(model, feeds)
     options = ort.SessionOptions()  # the default optimization level too: what a user would run
     options.intra_op_num_threads = 1

@@ -7,9 +7,10 @@ output and its report are written.
 
 The CLI runs in process (click's CliRunner: the same group, error handling and exit codes as the
 console script; test_cli.py covers the entry point with subprocesses). The io-level refusals of
-the same inputs are in test_io.py (NOT_A_MODEL, HOSTILE): their setups are reused here for the CLI.
-Bad --rank-ratio values (0, -1, 1.5, nan, text) are covered by test_cli.py::test_bad_flags_...;
-the output-is-input refusals (spelled differently, symlinks, hard links, external data) by test_io.py.
+the same inputs are in test_io.py; their setups (NOT_A_MODEL, HOSTILE in model_files.py) are reused
+here for the CLI. Bad --rank-ratio values (0, -1, 1.5, nan, text) are covered by
+test_cli.py::test_bad_flags_...; the output-is-input refusals (spelled differently, symlinks, hard
+links, external data) by test_save.py.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from graphs import IR_VERSION
+from model_files import HOSTILE, NOT_A_MODEL, matmul_model, save_external, snapshot
 from onnx import TensorProto, helper, numpy_helper
-from test_io import HOSTILE, NOT_A_MODEL, save_external, snapshot
-from test_io import make_model as matmul_model
 
 from onnxlr.cli import cli
 
@@ -217,7 +217,7 @@ def _weight_from_custom_op() -> onnx.ModelProto:
 
 
 def _external(case: str) -> Callable[[Path], Path]:
-    """test_io's hostile external-data setups (its tmp_path is our input folder's parent)."""
+    """model_files' hostile external-data setups (their tmp_path is our input folder's parent)."""
 
     def make(folder: Path) -> Path:
         path = save_external(matmul_model(), folder / "model.onnx")
@@ -274,7 +274,7 @@ def _not_a_model(case: str) -> Callable[[Path], Path]:
 
 
 CASES: dict[str, Case] = {
-    # Not a model at all (test_io.NOT_A_MODEL, through the CLI).
+    # Not a model at all (model_files.NOT_A_MODEL, through the CLI).
     **{f"not-a-model-{case}": Case(_not_a_model(case), message=NOT_A_MODEL[case][1]) for case in NOT_A_MODEL},
     "no-ir-version": Case(_raw(_no_ir_version), message="ir_version is missing"),
     # Malformed graphs: refused at load, so also without verification.
@@ -362,7 +362,7 @@ CASES: dict[str, Case] = {
                                    exit_code=0, layers={"mm": "factorized"}),
     "negative-input-dim": Case(_raw(lambda: _matmul(in_shape=[-5, 64], out_shape=[-5, 64])),
                                message=r"input 'x' declares a negative dimension"),
-    # External data escaping its folder or not matching (test_io.HOSTILE, through the CLI).
+    # External data escaping its folder or not matching (model_files.HOSTILE, through the CLI).
     **{f"external-data-{case}": Case(_external(case), message=HOSTILE[case][1])
        for case in ("dotdot", "absolute", "symlinked-file", "symlinked-folder", "hard-link", "missing", "truncated",
                     "length-short")},
@@ -390,7 +390,7 @@ CASES: dict[str, Case] = {
     "energy-zero": Case(good, ("--energy", "0"), message="Invalid value for '--energy'"),
     "energy-above-one": Case(good, ("--energy", "1.5"), message="Invalid value for '--energy'"),
     "param-ratio-zero": Case(good, ("--param-ratio", "0"), message="Invalid value for '--param-ratio'"),
-    "param-budget-nan": Case(good, ("--param-budget", "nan"), message="param_budget"),
+    "param-budget-nan": Case(good, ("--param-budget", "nan"), message="--param-budget must be"),
     "rank-multiple-zero": Case(good, ("--rank-multiple", "0"), message="Invalid value for '--rank-multiple'"),
     "min-params-negative": Case(good, ("--min-params", "-1"), message="Invalid value for '--min-params'"),
     "ops-empty": Case(good, ("--ops", ","), message="--ops is empty"),
@@ -423,7 +423,7 @@ CASES: dict[str, Case] = {
                             CALIB, message="NaN|Inf|finite"),
     "calibration-folder-without-npz": Case(_calibration_folder_without_npz, ("--calibration", "{in}/calib"),
                                            message="no .npz files in the calibration folder"),
-    # Output path equal to the input (a single-file model; the other spellings: test_io.py).
+    # Output path equal to the input (a single-file model; the other spellings: test_save.py).
     "output-is-input": Case(good, output="{in}/model.onnx", message="the output is the input model"),
 }
 
@@ -506,14 +506,14 @@ def test_hostile_input(tmp_path, name):
 def test_verification_feeds_and_compares_string_tensors():
     """String inputs are synthesized and string outputs compared for equality (no float metrics to take);
     onnxlr itself never rewrites string paths, so they must come out equal."""
-    from onnxlr import io, verify
+    from onnxlr import inputs, io, verify
 
     model = _model([helper.make_node("Identity", ["labels"], ["out"])], [_value("labels", ["n"], TensorProto.STRING)],
                    [_value("out", ["n"], TensorProto.STRING)])
-    feeds = verify.synthesize_inputs(verify.input_specs(io.load(model).model), samples=3)
+    feeds = inputs.synthesize_inputs(inputs.input_specs(io.load(model).model), samples=3)
     assert feeds["labels"].dtype == object and feeds["labels"].shape == (3,)
     data = model.SerializeToString()
     result = verify.verify(data, data, feeds, ["cpu"], verify.Gates(atol=0.0))
-    assert result["passed"] and result["providers"]["cpu"]["outputs"]["out"]["mismatched"] == 0
+    assert result.passed and result.providers["cpu"]["outputs"]["out"]["mismatched"] == 0
     other = np.array(["x", *feeds["labels"][1:]], dtype=object)
     assert verify.compare_arrays(feeds["labels"], other, verify.Gates())["failure"] == "1 of 3 elements differ"

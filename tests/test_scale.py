@@ -20,8 +20,9 @@ from graphs import ONNXLR, init, make_model, tensor_input
 from onnx import helper, numpy_helper
 
 import onnxlr
-from onnxlr import io, lowrank
+from onnxlr import lowrank
 from onnxlr.errors import OnnxlrError
+from onnxlr.save import DATA_ALIGNMENT
 
 
 def known_spectrum(m: int, n: int, s: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -201,7 +202,7 @@ def test_model_above_the_threshold_is_streamed_to_external_data_and_reloads_iden
     offsets = {name: int(e.get("offset", 0)) for name, e in entries.items()}
     factors = [o for name, o in offsets.items() if "_lr_" in name]
     assert len(factors) == 6 and max(factors) < offsets["small"]
-    assert all(offset % io.DATA_ALIGNMENT == 0 for offset in offsets.values())
+    assert all(offset % DATA_ALIGNMENT == 0 for offset in offsets.values())
     # It reloads to the same graph and the same tensors as the single-file output.
     ext_proto, one_proto = onnx.load(str(streamed)), onnx.load(str(single))
     assert [n.SerializeToString() for n in ext_proto.graph.node] == [n.SerializeToString() for n in one_proto.graph.node]

@@ -13,6 +13,7 @@ import pytest
 from graphs import init, make_model, tensor_input
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxlr import inputs, runtime
 from onnxlr import verify as v
 from onnxlr.errors import OnnxlrError
 
@@ -98,39 +99,39 @@ def test_synthesized_token_ids_stay_inside_the_embedding_table():
                                tensor_input("attention_mask", ["batch", "seq"], TensorProto.INT64)],
                        [tensor_input("y", ["batch", "seq", 8])],
                        [init("E", table), init("axes", np.array([2], dtype=np.int64))])
-    specs = v.input_specs(ir.serde.deserialize_model(model))
+    specs = inputs.input_specs(ir.serde.deserialize_model(model))
     assert specs["input_ids"].high == 50
-    feeds = v.synthesize_inputs(specs, seed=1, samples=4, shapes={"input_ids": (4, 300)})
+    feeds = inputs.synthesize_inputs(specs, seed=1, samples=4, shapes={"input_ids": (4, 300)})
     assert feeds["input_ids"].shape == (4, 300) and feeds["input_ids"].max() < 50
     assert feeds["attention_mask"].shape == (4, 16) and np.all(feeds["attention_mask"] == 1)
 
 
 def test_input_files_are_checked(tmp_path, paths):
     reference, _ = paths
-    specs = v.input_specs(ir.load(reference))
+    specs = inputs.input_specs(ir.load(reference))
     np.savez(tmp_path / "ok.npz", x=RNG.standard_normal((5, 32)).astype(np.float32))
-    assert v.load_inputs(tmp_path / "ok.npz", specs)["x"].shape == (5, 32)
+    assert inputs.load_inputs(tmp_path / "ok.npz", specs)["x"].shape == (5, 32)
     np.savez(tmp_path / "wrong_name.npz", y=np.zeros((5, 32), np.float32))
     np.savez(tmp_path / "wrong_dtype.npz", x=np.zeros((5, 32), np.float64))
     (tmp_path / "not.npz").write_text("hello")
     for name, message in (("wrong_name", "no array for model input"), ("wrong_dtype", "float64"),
                           ("not", "not a readable .npz"), ("missing", "no such input file")):
         with pytest.raises(OnnxlrError, match=message):
-            v.load_inputs(tmp_path / f"{name}.npz", specs)
+            inputs.load_inputs(tmp_path / f"{name}.npz", specs)
     result = cli("verify", reference, reference, "--inputs", tmp_path / "wrong_name.npz")
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
 def test_shape_overrides_parse_and_refuse():
-    assert v.parse_shape_overrides(["input_ids:1x128", "a:b:3"]) == {"input_ids": (1, 128), "a:b": (3,)}
+    assert inputs.parse_shape_overrides(["input_ids:1x128", "a:b:3"]) == {"input_ids": (1, 128), "a:b": (3,)}
     for bad in ("input_ids", "x:1xq", ":3", "x:-1"):
         with pytest.raises(OnnxlrError):
-            v.parse_shape_overrides([bad])
+            inputs.parse_shape_overrides([bad])
 
 
 def test_unknown_provider_is_refused():
     with pytest.raises(OnnxlrError, match="unknown execution provider"):
-        v.parse_providers(["tpu"])
+        runtime.parse_providers(["tpu"])
 
 
 def test_per_layer_errors_name_each_factorized_node(tmp_path, paths):
@@ -167,7 +168,7 @@ def test_optimize_records_verification_in_report(tmp_path, paths):
     assert verification["passed"] and set(verification["providers"]["cpu"]["outputs"]) == {"scores", "pooled"}
 
 
-@pytest.mark.skipif("cuda" not in v.default_providers(), reason="needs onnxruntime-gpu and a visible GPU")
+@pytest.mark.skipif("cuda" not in runtime.default_providers(), reason="needs onnxruntime-gpu and a visible GPU")
 def test_cuda_provider_runs_and_reports_noise_against_cpu(paths, tmp_path):
     reference, _ = paths
     result = cli("verify", reference, reference, "--providers", "cpu,cuda", "--json", tmp_path / "v.json")

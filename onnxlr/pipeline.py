@@ -1,0 +1,231 @@
+"""The optimize pipeline: find targets -> plan -> rewrite -> clean up, on an in-memory onnx-ir model.
+
+`optimize` (the Python API, `onnxlr.optimize`) and `onnxlr optimize` (the CLI) both go through
+`optimize_loaded`, the one place that reads calibration data; `factorize_model` runs the stages
+and returns a typed result (`Factorization`: the report and the per-node costs). With calibration
+data it also runs the data-aware steps of onnxlr.datafit (statistics, sensitivity, target search,
+compensation) between planning and the rewrite.
+
+`FactorizationPass` is the same pipeline as an onnx-ir pass (in place).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxlr import cost, datafit, lowrank, plan, rewrite
+from onnxlr.errors import OnnxlrError
+from onnxlr.groups import WeightGroup
+from onnxlr.inputs import load_batches
+from onnxlr.io import LoadedModel, convert, load
+from onnxlr.passes import Context
+from onnxlr.results import Report, build_report
+from onnxlr.settings import Progress, Settings, no_progress
+from onnxlr.shapes import default_opset, infer_shapes
+from onnxlr.targets import attach_statistics, find_targets
+
+
+@dataclasses.dataclass
+class Factorization:
+    """What factorize_model returns: the report, and the cost model's per-node figures (edge estimates)."""
+
+    report: Report
+    costs_before: list[cost.NodeCost]
+    costs_after: list[cost.NodeCost] | None  # None for a dry run
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = False,
+             calibration: Any = None, calibration_samples: int | None = None, heldout: Any = None,
+             **settings: Any) -> tuple[Any, dict]:
+    """Factorize a model's MatMul/Gemm/Conv weights; returns (new model, report as JSON-ready dict).
+
+    `model` is a path, an `onnx.ModelProto`, an `onnx_ir.Model` or an onnx-graphsurgeon `Graph`;
+    the result is of the same kind (an `onnx_ir.Model` for a path). The input is never modified.
+    Settings are the `onnxlr optimize` flags with underscores: rank_ratio, rank, energy,
+    param_ratio, param_budget, mac_budget, target_cosine, target_error, rank_multiple, allow_no_gain,
+    min_params, include, exclude, ops, conv_scheme, compensate, svd ("auto", "exact", "randomized"),
+    device ("cpu", "cuda"), jobs. `calibration` (an .npz, a folder of them, or an iterable of input
+    dicts; at most `calibration_samples` samples) makes the factorization data-aware (whitened SVD;
+    with param_budget or mac_budget, allocation by measured sensitivity); `heldout` (same kinds) is
+    what target_cosine / target_error are measured on.
+    """
+    config = Settings(**settings)
+    loaded = load(model)
+    if heldout is not None and calibration is None:
+        raise OnnxlrError("{0} samples are only used with {1} data (target_cosine)", "heldout", "calibration")
+    result = optimize_loaded(loaded, config, source=model, calibration=calibration,
+                             calibration_samples=calibration_samples, heldout=heldout, progress=progress,
+                             dry_run=dry_run)
+    return convert(loaded.model, loaded.kind), result.report.to_json()
+
+
+def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, calibration: Any = None,
+                    calibration_samples: int | None = None, heldout: Any = None, batch_size: int = 16,
+                    progress: Progress | None = None, dry_run: bool = False,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None, sink: Any = None) -> Factorization:
+    """Read the calibration data (if any) against the original, then factorize `loaded.model` in place.
+
+    `source` is what the caller loaded (a path, or an in-memory model): onnxruntime runs the
+    original from its file, so external data is read beside it, or from a serialized copy.
+    """
+    data = calibration_data(loaded, source, calibration, calibration_samples, heldout, batch_size)
+    return factorize_model(loaded.model, settings, progress=progress, dry_run=dry_run, input_shapes=input_shapes,
+                           calibration_data=data, sink=sink)
+
+
+def calibration_data(loaded: LoadedModel, source: Any, calibration: Any, samples: int | None, heldout: Any,
+                     batch_size: int = 16) -> datafit.CalibrationData | None:
+    """Calibration batches (and held-out batches for the target search), read before the model is rewritten."""
+    if calibration is None:
+        if samples is not None:
+            raise OnnxlrError("{0} needs {1}", "calibration_samples", "calibration")
+        return None
+    if isinstance(source, (str, os.PathLike)):
+        model_source: str | os.PathLike | bytes = source
+    else:
+        model_source = ir.to_proto(loaded.model).SerializeToString()
+    return datafit.CalibrationData(
+        source=model_source,
+        batches=load_batches(loaded.model, calibration, samples, batch_size),
+        heldout=load_batches(loaded.model, heldout, batch_size=batch_size) if heldout is not None else None,
+    )
+
+
+class FactorizationPass(ir.passes.InPlacePass):
+    """The pipeline as an onnx-ir pass: `FactorizationPass(rank_ratio=0.25)(ir_model)` rewrites in place.
+
+    Settings are `optimize`'s keywords; `report` holds the last run's report. `apply` takes any
+    model kind (a path, a ModelProto, a graphsurgeon Graph) and returns (model of that kind, report).
+    """
+
+    ops: tuple[str, ...] | None = None  # subclasses for one op family set it
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__()
+        self.settings = {**settings, "ops": self.ops} if self.ops else settings
+        self.report: dict | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = factorize_model(model, Settings(**self.settings))
+        self.report = result.report.to_json()
+        return ir.passes.PassResult(model, modified=result.report.modified)
+
+    def apply(self, model: Any) -> tuple[Any, dict]:
+        return optimize(model, **self.settings)
+
+
+class MatMulFactorization(FactorizationPass):
+    ops = ("MatMul",)
+
+
+class GemmFactorization(FactorizationPass):
+    ops = ("Gemm",)
+
+
+class ConvFactorization(FactorizationPass):
+    ops = ("Conv",)
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def factorize_model(model: ir.Model, settings: Settings, progress: Progress | None = None,
+                    dry_run: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                    statistics: Mapping[str, np.ndarray] | None = None,
+                    calibration_data: datafit.CalibrationData | None = None, sink: Any = None) -> Factorization:
+    """Factorize `model` in place (unless `dry_run`): find targets, plan, rewrite, clean up.
+
+    `sink` (onnxlr.save.DataFile): the output's external-data file; each layer's factors are written
+    there as soon as they exist, so they never accumulate in memory.
+
+    `calibration_data`: the original model's source and calibration batches (onnxlr.datafit); the
+    targets then get the activation-whitened SVD, `--param-budget` allocates by measured
+    sensitivity, and `compensate` / `target_cosine` become available. `statistics` (Gram matrices
+    by target output name, onnxlr.calibration.collect_grams) gives the whitened SVD alone.
+    """
+    progress = progress or no_progress
+    totals_before = cost.model_totals(model)
+    context = Context(shapes=infer_shapes(model, input_shapes), opset=default_opset(model))
+    costs_before = cost.model_costs(model, context.shapes)
+    cost_report = {"before": cost.totals(costs_before, model)}
+    # Graph order (subgraph nodes follow their parent), taken before the rewrite removes nodes.
+    order = {id(node): index for index, node in enumerate(ir.traversal.RecursiveGraphIterator(model.graph))}
+    groups, skipped = find_targets(model, settings, context)
+    runner = None
+    if calibration_data is not None:
+        runner = datafit.prepare(model, groups, calibration_data, progress)
+    elif statistics:
+        attach_statistics(groups, statistics)
+    _check_data_needs(settings, runner, calibration_data)
+    # Per-layer policies plan each layer on its own, inside the streaming loop; whole-model budgets
+    # and calibration runs plan every layer first.
+    per_layer = runner is None and settings.budget is None
+    calibration_report = None
+    with lowrank.one_blas_thread():  # the same factors whatever --jobs and the core count
+        if per_layer:
+            plan.prepare_schemes(groups)
+        else:
+            calibration_report = plan_with_data(model, groups, settings, progress, runner, calibration_data)
+        rewrite.factorize_groups(model, groups, settings, progress, plan_here=per_layer, dry_run=dry_run, sink=sink)
+    costs_after = None
+    if not dry_run:
+        rewrite.cleanup(model, groups)
+        rewrite.record_metadata(model, settings, groups)
+        costs_after = cost.model_costs(model, infer_shapes(model, input_shapes))
+        cost_report["after"] = cost.totals(costs_after, model)
+    report = build_report(groups, skipped, settings.as_dict(), order, totals_before,
+                          cost.model_totals(model) if not dry_run else None, cost_report, calibration_report)
+    return Factorization(report=report, costs_before=costs_before, costs_after=costs_after)
+
+
+def _check_data_needs(settings: Settings, runner: Any, data: datafit.CalibrationData | None) -> None:
+    for name, wanted in (("target_cosine", settings.target_cosine is not None),
+                         ("target_error", settings.target_error is not None), ("compensate", settings.compensate)):
+        if wanted and data is None:
+            raise OnnxlrError("{0} needs calibration data ({1})", name, "calibration")
+        if wanted and runner is None:
+            raise OnnxlrError("{0}: no factorizable layer of the main graph can be calibrated", name)
+
+
+def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Settings, progress: Progress,
+                   runner: Any, data: datafit.CalibrationData | None) -> dict[str, Any] | None:
+    """Plan ranks; with calibration, also measure sensitivity, search the budget and compensate."""
+    plan.prepare_schemes(groups)
+    if runner is None:
+        plan.plan_ranks(groups, settings, progress)
+        return None
+    assert data is not None
+    result: dict[str, Any] = {"samples": data.samples, "compensate": settings.compensate}
+    goal = datafit.Goal.of(settings)
+    if settings.budget is not None or goal is not None:
+        datafit.measure_sensitivity(groups, runner, data, lambda g: plan.candidate_schemes(g, settings)[0], progress)
+    if goal is not None:
+        initial = {id(g): (g.reason_code, g.reason) for g in groups}
+
+        def plan_for(budget: float | None) -> None:
+            for group in groups:
+                group.reason_code, group.reason = initial[id(group)]
+                group.rank, group.scheme = None, None
+            if budget is None:
+                for group in groups:
+                    if not group.reason:
+                        group.keep_dense("target_not_reached", f"kept dense: no budget reaches {goal}")
+                return
+            plan.plan_ranks(groups, dataclasses.replace(settings, target_cosine=None, target_error=None,
+                                                        param_budget=budget), no_progress)  # each trial: no bars
+
+        result["search"] = datafit.search_budget(groups, goal, runner, data, plan_for, progress)
+    else:
+        plan.plan_ranks(groups, settings, progress)
+    if settings.compensate:
+        result["refitted"] = datafit.compensate(model, groups, runner, data, progress)
+    return result

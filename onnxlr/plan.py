@@ -1,0 +1,196 @@
+"""Plan ranks: for each weight group, the scheme (matrix view) and rank the rank policy gives, or dense.
+
+Per-layer policies (--rank-ratio, --rank, --energy, --param-ratio) plan each group on its own;
+whole-model budgets (--param-budget, --mac-budget) allocate ranks across all groups greedily on
+retained energy per parameter (or MAC), weighted by measured sensitivity when calibration ran.
+A plan whose factor pair is not smaller and cheaper than the original stays dense (break-even).
+The planner asks each scheme what it costs and whether calibration can whiten it; it never asks
+which op a group came from.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from onnxlr import lowrank
+from onnxlr.errors import OnnxlrError
+from onnxlr.groups import WeightGroup
+from onnxlr.passes import Scheme
+from onnxlr.settings import Progress, Settings
+
+
+def prepare_schemes(groups: list[WeightGroup]) -> None:
+    """Each group's matrix views and costs (no SVD yet), also for skipped groups: the report shows their MACs."""
+    for group in groups:
+        group.prepare_schemes()
+
+
+def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress) -> None:
+    """Choose each group's scheme and rank (or leave it dense with a reason)."""
+    prepare_schemes(groups)
+    active = [g for g in groups if not g.reason]
+    if settings.budget is not None:
+        held = 0
+        for group in progress(active, "SVD"):
+            group.scheme = candidate_schemes(group, settings)[0]
+            decomposition = group.decomposition(group.scheme)
+            held += _vector_bytes(decomposition)
+            if group.gram is None and held > PLANNING_VECTOR_BYTES:
+                # Allocation needs every spectrum, not the vectors: past the limit, free them so a large
+                # model's planning holds one layer's SVD at a time (the rewrite computes it again, with
+                # the same result). Calibrated groups keep theirs: sensitivity, compensation and the
+                # target search feed their products many times.
+                held -= _vector_bytes(decomposition)
+                group.drop_vectors()
+        allocate_budget(active, settings)
+        for group in active:
+            if group.factorized:
+                _apply_break_even(group, settings)
+    else:
+        for group in progress(active, "SVD"):
+            plan_layer(group, settings)
+
+
+# Singular vectors that whole-model planning may keep for the rewrite; beyond, they are recomputed.
+PLANNING_VECTOR_BYTES = 256 << 20
+
+
+def _vector_bytes(decomposition: lowrank.Decomposition) -> int:
+    return sum(v.nbytes for v in (decomposition.u, decomposition.vt) if v is not None)
+
+
+def plan_layer(group: WeightGroup, settings: Settings) -> None:
+    """A per-layer policy's scheme and final rank for one group (an SVD only where the policy needs a spectrum)."""
+    _plan_group(group, settings)
+    if group.factorized:
+        _apply_break_even(group, settings)
+
+
+def candidate_schemes(group: WeightGroup, settings: Settings) -> list[Scheme]:
+    """The views a plan may choose from; the first is the reference the policy's rank is taken on.
+
+    A forced --conv-scheme is the only candidate. With calibration statistics only the views that
+    can be whitened compete: whitened and plain energies are not comparable.
+    """
+    by_name = {s.name: s for s in group.schemes}
+    if settings.conv_scheme != "auto" and settings.conv_scheme in by_name:
+        return [by_name[settings.conv_scheme]]
+    whitenable = [s for s in group.schemes if s.whiten_side is not None]
+    if group.gram is not None and whitenable:
+        return whitenable[:1]
+    return group.schemes
+
+
+def policy_rank(group: WeightGroup, scheme: Scheme, settings: Settings) -> int:
+    """The rank a per-layer policy gives one view (before rounding and the break-even guard)."""
+    full = scheme.full_rank
+    if settings.rank_ratio is not None:
+        return lowrank.rank_for_ratio(settings.rank_ratio, full)
+    if settings.rank is not None:
+        return min(settings.rank, full)
+    if settings.energy is not None:
+        return lowrank.rank_for_energy(group.decomposition(scheme), settings.energy)
+    assert settings.param_ratio is not None
+    return lowrank.rank_for_param_ratio(settings.param_ratio, scheme.params_before, scheme.params_per_rank, full)
+
+
+def _plan_group(group: WeightGroup, settings: Settings) -> None:
+    """Rank by the policy on the reference scheme; several candidates: the fewest MACs at equal error."""
+    candidates = candidate_schemes(group, settings)
+    reference = candidates[0]
+    rank = policy_rank(group, reference, settings)
+    if len(candidates) == 1:
+        group.scheme, group.rank = reference, rank
+        return
+    # "Same error": every scheme views the same kernel, so the Frobenius error of the kernel is
+    # comparable; each other scheme gets the smallest rank that keeps at least the same energy.
+    target_energy = group.decomposition(reference).retained_energy(rank)
+    options = [(reference.macs_after(rank), 0, reference, rank)]
+    for order, scheme in enumerate(candidates[1:], start=1):
+        scheme_rank = lowrank.rank_for_energy(group.decomposition(scheme), target_energy)
+        if settings.param_ratio is not None and scheme.params_after(scheme_rank) > settings.param_ratio * scheme.params_before:
+            continue
+        options.append((scheme.macs_after(scheme_rank), order, scheme, scheme_rank))
+    _, _, group.scheme, group.rank = min(options, key=lambda o: (o[0], o[1]))
+
+
+def _apply_break_even(group: WeightGroup, settings: Settings) -> None:
+    scheme, rank = group.scheme, group.rank
+    assert scheme is not None and rank is not None
+    limit = min(scheme.break_even_rank, scheme.full_rank + 1)
+    if settings.rank_multiple > 1:
+        rank = lowrank.round_to_multiple(rank, settings.rank_multiple, limit if not settings.allow_no_gain
+                                         else scheme.full_rank + 1)
+    group.rank = rank
+    if not settings.allow_no_gain and not scheme.gains(rank):
+        group.keep_dense("no_gain", f"no gain: rank {rank} >= break-even {scheme.break_even_rank}")
+
+
+def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
+    """Global ranks so the targets together keep <= the budget of their parameters (or MACs).
+
+    Greedy on marginal value: start every layer at rank 1 (or the rank multiple), then repeatedly
+    grant the step (more rank, or going back to dense past break-even) that recovers the most
+    relative energy per parameter (or MAC), while it fits the budget; with measured sensitivities,
+    energy is weighted by how much each layer's loss moves the model's outputs. Singular values
+    decrease, so the marginal value of each layer's steps decreases too and greedy is close to optimal.
+    """
+    assert settings.budget is not None
+    measure, fraction = settings.budget
+    flag = "--param-budget" if measure == "params" else "--mac-budget"
+
+    def before(scheme: Scheme) -> int:
+        return scheme.params_before if measure == "params" else scheme.macs_before
+
+    def after(scheme: Scheme, rank: int) -> int:
+        return scheme.params_after(rank) if measure == "params" else scheme.macs_after(rank)
+
+    total_before = sum(before(g.scheme) for g in groups)
+    budget = fraction * total_before
+    step = settings.rank_multiple
+    spent = 0
+    state: dict[int, int] = {}  # group index -> rank (0 means dense)
+    for index, group in enumerate(groups):
+        rank = min(step, group.scheme.full_rank)
+        # A layer with no gaining rank at all (a 64x1 weight: rank 1 keeps 65 of 64) can only stay dense.
+        state[index] = rank if group.scheme.gains(rank) else 0
+        spent += after(group.scheme, rank) if state[index] else before(group.scheme)
+    if spent > budget:
+        raise OnnxlrError(
+            f"{{0}} {fraction} is too small: rank {step} in every layer that can be "
+            f"factorized already keeps {spent / max(total_before, 1):.3f} of the {measure}", settings.budget_setting
+        )
+    heap: list[tuple[float, int, int, int]] = []  # (-value per param, index, new rank, cost)
+
+    def push(index: int) -> None:
+        group, rank = groups[index], state[index]
+        scheme = group.scheme
+        decomposition = group.decomposition(scheme)
+        current_loss = 1.0 - decomposition.retained_energy(rank)
+        new_rank = min(rank + step, scheme.full_rank)
+        if new_rank == rank or not scheme.gains(new_rank):
+            new_rank, gain, cost = 0, current_loss, before(scheme) - after(scheme, rank)
+        else:
+            gain = decomposition.retained_energy(new_rank) - decomposition.retained_energy(rank)
+            cost = after(scheme, new_rank) - after(scheme, rank)
+        if group.sensitivity is not None:  # measured: energy counts by how much it moves the outputs
+            gain *= group.sensitivity
+        if cost <= 0 or gain <= 0:
+            return
+        heapq.heappush(heap, (-gain / cost, index, new_rank, cost))
+
+    for index in range(len(groups)):
+        push(index)
+    while heap:
+        _, index, new_rank, cost = heapq.heappop(heap)
+        if spent + cost > budget:
+            continue  # this layer's later steps need this one first: it stops here
+        spent += cost
+        state[index] = new_rank
+        if new_rank:
+            push(index)
+    for index, group in enumerate(groups):
+        if state[index] == 0:
+            group.keep_dense("kept_dense_by_budget", f"kept dense by the {flag} allocation")
+        else:
+            group.rank = state[index]

@@ -1,0 +1,144 @@
+"""Typed results of the optimize pipeline: a row per layer and the report, each built in one place.
+
+`Report.to_json()` is the single source of truth: the JSON file, the terminal tables, Markdown and
+HTML all render from it. Each row carries the skip reason's stable code (`reason_code`) beside
+its sentence (`reason`), so scripts match codes, not English.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from onnxlr._version import __version__
+from onnxlr.groups import WeightGroup
+from onnxlr.passes import Target
+from onnxlr.targets import SkippedNode
+
+
+@dataclasses.dataclass
+class LayerRow:
+    """One MatMul/Gemm/Conv node (or a node left alone) in the report, in graph order."""
+
+    name: str
+    op_type: str
+    status: str  # "factorized" or "skipped"
+    reason: str
+    reason_code: str
+    weight: str | None = None
+    weight_shape: list[int] | None = None
+    dtype: str | None = None
+    scheme: str | None = None
+    rank: int | None = None
+    full_rank: int | None = None
+    break_even_rank: int | None = None
+    retained_energy: float | None = None
+    method: str | None = None
+    svd: str | None = None
+    svd_tail_excess: float | None = None
+    sensitivity: float | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+    shared_with: list[str] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def of_target(cls, group: WeightGroup, target: Target) -> LayerRow:
+        factorized = group.factorized
+        # A skipped group reports the costs of its first view, which are those of the original node.
+        scheme = group.scheme or (group.schemes[0] if group.schemes else None)
+        decomposition = group.decompositions.get(scheme.name) if scheme else None
+        rank = group.rank if factorized else None
+        fitted = decomposition is not None and bool(rank)
+        params_before = scheme.params_before if scheme else int(target.array.size)
+        macs_before = scheme.macs_before if scheme else None
+        return cls(
+            name=target.name,
+            op_type=target.node.op_type,
+            status="factorized" if factorized else "skipped",
+            reason=group.reason,
+            reason_code=group.reason_code,
+            weight=target.weight.name,
+            weight_shape=list(target.array.shape),
+            dtype=target.dtype.name,
+            scheme=scheme.name if factorized else None,
+            rank=rank,
+            full_rank=scheme.full_rank if scheme else None,
+            break_even_rank=scheme.break_even_rank if scheme else None,
+            retained_energy=decomposition.retained_energy(rank) if fitted else None,
+            method=decomposition.method if fitted else None,
+            svd=decomposition.solver if fitted else None,
+            svd_tail_excess=decomposition.tail_excess if fitted else None,
+            sensitivity=group.sensitivity,
+            params_before=params_before,
+            params_after=scheme.params_after(rank) if (scheme and rank) else params_before,
+            macs_before=macs_before,
+            macs_after=scheme.macs_after(rank) if (scheme and rank) else macs_before,
+            shared_with=[t.name for t in group.targets if t is not target],
+        )
+
+    @classmethod
+    def of_skipped(cls, item: SkippedNode) -> LayerRow:
+        return cls(name=item.node.name or "?", op_type=item.node.op_type, status="skipped", reason=item.reason,
+                   reason_code=item.code)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Report:
+    """What an optimize run did: settings, totals, layers, costs; the CLI adds input, output, verification."""
+
+    settings: dict[str, Any]
+    totals: dict[str, Any]
+    layers: list[LayerRow]
+    cost: dict[str, Any]
+    calibration: dict[str, Any] | None = None
+    input: str | None = None
+    output: str | None = None
+    verification: Any = None  # onnxlr.verify.VerificationResult
+    targets: dict[str, Any] | None = None  # edge estimates (onnxlr.edge.before_after)
+    onnxlr_version: str = __version__
+
+    @property
+    def modified(self) -> bool:
+        return any(layer.status == "factorized" for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"onnxlr_version": self.onnxlr_version, "settings": self.settings,
+                                "totals": self.totals, "layers": [layer.to_json() for layer in self.layers],
+                                "cost": self.cost}
+        optional = {"calibration": self.calibration, "input": self.input, "output": self.output,
+                    "targets": self.targets,
+                    "verification": self.verification.to_json() if self.verification is not None else None}
+        data.update({key: value for key, value in optional.items() if value is not None})
+        return data
+
+
+def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings: dict[str, Any],
+                 order: dict[int, int], before: dict[str, int], after: dict[str, int] | None,
+                 cost: dict[str, Any], calibration: dict[str, Any] | None) -> Report:
+    """The report of a run: rows in graph order, totals before and after (estimated for a dry run)."""
+    rows = [(order.get(id(t.node), 0), LayerRow.of_target(g, t)) for g in groups for t in g.targets]
+    rows += [(order.get(id(item.node), 0), LayerRow.of_skipped(item)) for item in skipped]
+    layers = [row for _, row in sorted(rows, key=lambda pair: pair[0])]
+    if after is None:  # dry run: estimate what the rewrite would give
+        after = {"params": before["params"], "bytes": before["bytes"]}
+        for group in groups:
+            if group.factorized:
+                delta = group.scheme.params_before - group.scheme.params_after(group.rank)
+                after["params"] -= delta
+                after["bytes"] -= delta * group.lead.array.itemsize
+    totals = {
+        "params_before": before["params"],
+        "params_after": after["params"],
+        "bytes_before": before["bytes"],
+        "bytes_after": after["bytes"],
+        "macs_before": sum(row.macs_before or 0 for row in layers),
+        "macs_after": sum(row.macs_after or 0 for row in layers),
+        "factorized": sum(row.status == "factorized" for row in layers),
+        "skipped": sum(row.status == "skipped" for row in layers),
+    }
+    return Report(settings=settings, totals=totals, layers=layers, cost=cost, calibration=calibration)

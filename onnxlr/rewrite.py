@@ -1,0 +1,123 @@
+"""Rewrite: turn each planned weight group into two factor tensors and its nodes into chained pairs.
+
+Groups are taken one at a time in graph order (up to --jobs SVDs at once, results handed back in
+order), so the output does not depend on --jobs and memory holds a few layers' working sets. The
+rule of each target builds its new nodes; this stage registers the factors (streamed to the
+output's data file when there is one), swaps the nodes, then cleans up what became unused and
+records the settings and ranks in the model's metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
+
+from onnxlr import lowrank, parallel, plan
+from onnxlr._version import __version__
+from onnxlr.groups import WeightGroup
+from onnxlr.passes import NameGenerator
+from onnxlr.settings import Progress, Settings
+
+
+def factorize_groups(model: ir.Model, groups: list[WeightGroup], settings: Settings, progress: Progress,
+                     plan_here: bool, dry_run: bool = False, sink: Any = None) -> None:
+    """SVD, factors and rewrite, one group at a time in graph order (up to --jobs SVDs at once).
+
+    Each group's factors go into the model (written to `sink` right away when there is one) and its
+    singular vectors are freed before later groups are taken, so memory holds a few layers' working
+    sets, not the model's. `plan_here`: choose each group's scheme and rank here too (per-layer policies).
+    Graph edits stay on this thread, in group order, so names and file layout do not depend on --jobs.
+    """
+    active = [g for g in groups if not g.reason]
+    names = NameGenerator(model)
+
+    def work(group: WeightGroup) -> tuple[np.ndarray, np.ndarray] | None:
+        if plan_here:
+            plan.plan_layer(group, settings)
+        if dry_run or group.reason or group.rank is None:
+            return None
+        a, b = group.factors(group.scheme, group.rank)
+        first, second = group.lead.rule.factor_tensors(group.lead, group.scheme, a, b)
+        dtype = group.lead.dtype.numpy()
+        return np.ascontiguousarray(first.astype(dtype)), np.ascontiguousarray(second.astype(dtype))
+
+    results = parallel.ordered_map(work, active, jobs=settings.jobs, cost=lambda g: _working_set(g, settings))
+    with contextlib.closing(results):
+        for group in progress(active, "SVD"):
+            factors = next(results)
+            if factors is not None:
+                _rewrite_group(group, factors, names, sink)
+            group.drop_vectors()
+
+
+def _working_set(group: WeightGroup, settings: Settings) -> int:
+    """Rough upper estimate of one group's SVD memory, for --jobs scheduling."""
+    scheme = group.scheme or group.schemes[0]
+    known_rank = group.rank
+    if known_rank is None and settings.budget is None and settings.energy is None and len(group.schemes) == 1:
+        known_rank = plan.policy_rank(group, scheme, settings)
+    return lowrank.working_set_bytes(scheme.matrices.shape, known_rank, settings.svd) * len(group.schemes)
+
+
+def _rewrite_group(group: WeightGroup, factors: tuple[np.ndarray, np.ndarray], names: NameGenerator,
+                   sink: Any) -> None:
+    lead = group.lead
+    owner = _owning_graph(lead.weight, lead.node)
+    base = lead.weight.name or lead.name
+    first_value = _initializer(owner, names(f"{base}_lr_a"), factors[0], lead.dtype, sink)
+    second_value = _initializer(owner, names(f"{base}_lr_b"), factors[1], lead.dtype, sink)
+    for target in group.targets:
+        node = target.node
+        new_nodes = target.rule.rewrite(target, group.scheme, first_value, second_value, names)
+        for position, new_node in enumerate(new_nodes, start=1):
+            # Provenance, and which node ends the pair (verify --per-layer compares its output).
+            new_node.metadata_props["onnxlr.source"] = node.name or ""
+            new_node.metadata_props["onnxlr.pair"] = str(position)
+        ir.convenience.replace_nodes_and_values(
+            node.graph, node, [node], new_nodes, [node.outputs[0]], [new_nodes[-1].outputs[0]]
+        )
+
+
+def _owning_graph(weight: ir.Value, node: ir.Node) -> ir.Graph:
+    """The graph that defines the weight: every user of it lives there or in a subgraph of it."""
+    if weight.graph is not None:
+        return weight.graph
+    producer = weight.producer()
+    if producer is not None and producer.graph is not None:
+        return producer.graph
+    return node.graph
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType, sink: Any = None) -> ir.Value:
+    tensor: Any = ir.Tensor(np.ascontiguousarray(array.astype(dtype.numpy())), dtype=dtype, name=name)
+    if sink is not None:  # straight to the output's data file; the model keeps a reference to it
+        tensor = sink.append(tensor)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def cleanup(model: ir.Model, groups: list[WeightGroup]) -> None:
+    """Remove the nodes and initializers the rewrite left unused (replaced weights, folded chains)."""
+    ir_passes.RemoveUnusedNodesPass()(model)
+    for graph in model.graphs():
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+                del graph.initializers[name]
+
+
+def record_metadata(model: ir.Model, settings: Settings, groups: list[WeightGroup]) -> None:
+    ranks = {t.name: g.rank for g in groups if g.factorized for t in g.targets}
+    model.metadata_props["onnxlr.version"] = __version__
+    # --jobs changes how fast, not what: it stays out of the file so outputs are identical.
+    recorded = {k: v for k, v in settings.as_dict().items() if k != "jobs"}
+    model.metadata_props["onnxlr.settings"] = json.dumps(recorded, sort_keys=True)
+    model.metadata_props["onnxlr.ranks"] = json.dumps(ranks, sort_keys=True)
+    methods = sorted({g.decompositions[g.scheme.name].method for g in groups
+                      if g.factorized and g.scheme.name in g.decompositions})
+    model.metadata_props["onnxlr.methods"] = ",".join(methods)

@@ -1,0 +1,132 @@
+"""Settings of the optimize pipeline: every knob of `onnxlr optimize`, its default and its validation.
+
+Settings validate once, when they are made, so every later stage can trust them. Errors name the
+setting as a keyword (`rank_ratio`) for the Python API; the CLI shows the flag (`--rank-ratio`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from onnxlr import lowrank
+from onnxlr.errors import OnnxlrError
+from onnxlr.passes import RULES
+from onnxlr.passes.conv import SCHEMES as CONV_SCHEMES
+
+DEFAULT_RANK_RATIO = 0.25
+ALL_OPS = tuple(RULES)
+MAX_DEFAULT_JOBS = 8
+POLICIES = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine",
+            "target_error")
+
+# A progress hook wraps an iterable: progress(items, description) -> items (rich bar in the CLI).
+Progress = Callable[[Sequence[Any], str], Iterable[Any]]
+
+
+def no_progress(items: Sequence[Any], _description: str) -> Iterable[Any]:
+    return items
+
+
+def default_jobs() -> int:
+    """One SVD thread per core this process may use (SVDs run on one BLAS thread each, for identical output)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_JOBS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every knob of `onnxlr optimize`; the same names as the CLI flags."""
+
+    rank_ratio: float | None = None
+    rank: int | None = None
+    energy: float | None = None
+    param_ratio: float | None = None
+    param_budget: float | None = None
+    mac_budget: float | None = None
+    target_cosine: float | None = None
+    target_error: float | None = None
+    rank_multiple: int = 1
+    allow_no_gain: bool = False
+    min_params: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ALL_OPS
+    conv_scheme: str = "auto"
+    compensate: bool = False
+    svd: str = "auto"
+    device: str = "cpu"
+    jobs: int | None = None  # None: one per available core (up to MAX_DEFAULT_JOBS); never changes the output
+
+    def __post_init__(self) -> None:
+        if self.jobs is None:
+            object.__setattr__(self, "jobs", default_jobs())
+        policies = self.policies()
+        if len(policies) > 1:
+            raise OnnxlrError(f"choose one rank policy, not {len(policies)}: "
+                              + ", ".join(f"{{{i}}}" for i in range(len(policies))), *policies)
+        if not policies:
+            object.__setattr__(self, "rank_ratio", DEFAULT_RANK_RATIO)
+        for name in ("rank_ratio", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine"):
+            _check_fraction(name, getattr(self, name))
+        if self.target_error is not None and (isinstance(self.target_error, bool)
+                                              or not isinstance(self.target_error, (int, float))
+                                              or not math.isfinite(self.target_error) or self.target_error <= 0):
+            raise OnnxlrError(f"{{0}} must be a positive number, got {self.target_error!r}", "target_error")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise OnnxlrError(f"{{0}} must be a positive integer, got {self.rank!r}", "rank")
+        if not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+            raise OnnxlrError(f"{{0}} must be a positive integer, got {self.rank_multiple!r}", "rank_multiple")
+        if not isinstance(self.min_params, int) or self.min_params < 0:
+            raise OnnxlrError(f"{{0}} must be a non-negative integer, got {self.min_params!r}", "min_params")
+        object.__setattr__(self, "ops", tuple(self.ops))
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        unknown = [op for op in self.ops if op not in RULES]
+        if unknown:
+            raise OnnxlrError(f"unsupported op type(s) {', '.join(unknown)}; choose from {', '.join(RULES)}")
+        if self.conv_scheme not in ("auto", *CONV_SCHEMES):
+            raise OnnxlrError(f"{{0}} must be auto, {', '.join(CONV_SCHEMES)}; got {self.conv_scheme!r}",
+                              "conv_scheme")
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
+            raise OnnxlrError(f"{{0}} must be a positive integer, got {self.jobs!r}", "jobs")
+        lowrank.check_device(self.solver.device)  # validates svd and device first
+
+    @property
+    def solver(self) -> lowrank.Solver:
+        return lowrank.Solver(svd=self.svd, device=self.device)
+
+    def policies(self) -> list[str]:
+        return [name for name in POLICIES if getattr(self, name) is not None]
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """The whole-model budget, ("params" or "macs", fraction kept), when one is the policy."""
+        if self.param_budget is not None:
+            return "params", self.param_budget
+        if self.mac_budget is not None:
+            return "macs", self.mac_budget
+        return None
+
+    @property
+    def budget_setting(self) -> str:
+        """The name of the budget setting in force (param_budget or mac_budget)."""
+        return "param_budget" if self.param_budget is not None else "mac_budget"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _check_fraction(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OnnxlrError(f"{{0}} must be a number in (0, 1], got {value!r}", name)
+    if not (0 < value <= 1):
+        raise OnnxlrError(f"{{0}} must be in (0, 1], got {value}", name)

@@ -1,0 +1,123 @@
+"""The layout promises of the README: small modules, and no import cycle among onnxlr's modules.
+
+Imports are read from the source (ast), those inside functions included, so a cycle that only
+bites at run time is caught here too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_LINES = 600
+
+
+def package_modules() -> dict[str, Path]:
+    """Module name -> file for every module of the installed package (passes/ is onnxlr.passes)."""
+    modules = {}
+    for folder, package in ((ROOT / "onnxlr", "onnxlr"), (ROOT / "passes", "onnxlr.passes")):
+        for path in sorted(folder.glob("*.py")):
+            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return modules
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules `name` imports anywhere in its file (relative imports resolved)."""
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            # `from onnxlr import cost` imports the module onnxlr.cost; `from onnxlr.x import f` imports onnxlr.x.
+            candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for candidate in candidates:
+            # Importing a submodule runs its parent packages first, except the packages the importer
+            # itself lives in (already running) and the root package (every module runs it: it is the
+            # public facade that imports the stages).
+            while candidate and candidate != "onnxlr" and not package.startswith(candidate):
+                if candidate in known:
+                    found.add(candidate)
+                candidate = candidate.rpartition(".")[0]
+    found.discard(name)
+    return found
+
+
+def test_no_module_is_longer_than_the_limit():
+    long = {name: n for name, path in package_modules().items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_no_import_cycle_among_the_package_modules():
+    modules = package_modules()
+    graph = {name: imported_modules(name, path, set(modules)) for name, path in modules.items()}
+    assert graph["onnxlr.pipeline"] >= {"onnxlr.targets", "onnxlr.plan", "onnxlr.rewrite"}  # the reader sees edges
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(name: str) -> None:
+        state[name] = "open"
+        stack.append(name)
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                cycle = stack[stack.index(target):] + [target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+def test_the_cycle_check_sees_imports_inside_functions(tmp_path):
+    module = tmp_path / "a.py"
+    module.write_text("def f():\n    from onnxlr import plan\n    from .b import x\n")
+    found = imported_modules("onnxlr.a", module, {"onnxlr.plan", "onnxlr.b"})
+    assert found == {"onnxlr.plan", "onnxlr.b"}
+
+
+def test_presentation_stays_out_of_the_library_modules():
+    """Library modules never import the rendering modules (report, html_*) or the CLI."""
+    modules = package_modules()
+    presentation = {name for name in modules if name.startswith(("onnxlr.report", "onnxlr.html", "onnxlr.cli"))}
+    library = set(modules) - presentation - {"onnxlr", "onnxlr.__main__"}
+    leaks = {name: sorted(imported_modules(name, modules[name], set(modules)) & presentation) for name in library}
+    assert not {name: found for name, found in leaks.items() if found}
+
+
+def test_readme_lists_every_reason_code_and_module():
+    from onnxlr.passes import REASON_CODES
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [code for code in REASON_CODES if f"| `{code}` |" not in readme]
+    assert not missing, f"README's reason-code table lacks {missing}"
+    layout = readme[readme.index("## Layout"):]
+    unlisted = [name.rpartition(".")[2] for name in package_modules()
+                if not name.rpartition(".")[2].startswith("_") and name.rpartition(".")[2] not in layout]
+    assert not unlisted, f"README's layout section does not name {unlisted}"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_every_script_answers_help(script):
+    """Scripts import the package's modules by name: a moved function must not break them silently."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower()
