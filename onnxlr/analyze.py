@@ -105,7 +105,7 @@ def view_statistics(scheme: Scheme, decomposition: lowrank.Decomposition, energy
     """Every statistic of one view, and the parameter/MAC savings at the standard energy levels."""
     s = combined_singular_values(decomposition)
     levels = sorted({*ENERGY_LEVELS, energy})
-    ranks = {_key(level): lowrank.rank_for_energy(decomposition, level) for level in levels}
+    ranks = {energy_key(level): lowrank.rank_for_energy(decomposition, level) for level in levels}
     savings = {key: _savings(scheme, rank) for key, rank in ranks.items()}
     fit = fit_power_law(decomposition.s.astype(np.float64) ** 2) if power_law else None
     return {
@@ -121,11 +121,11 @@ def view_statistics(scheme: Scheme, decomposition: lowrank.Decomposition, energy
         "cumulative_energy": decomposition.cumulative_energy().tolist(),
         "savings": savings,
         "power_law": fit,
-        "compressible": scheme.gains(ranks[_key(energy)]),
+        "compressible": scheme.gains(ranks[energy_key(energy)]),
     }
 
 
-def _key(level: float) -> str:
+def energy_key(level: float) -> str:
     """0.9 -> "0.9", 0.95 -> "0.95" (JSON keys of energy levels)."""
     return f"{level:g}"
 
@@ -216,7 +216,7 @@ def _layer(group: WeightGroup, energy: float, power_law: bool) -> dict[str, Any]
 
 
 def _best_view(views: list[dict[str, Any]], energy: float) -> dict[str, Any]:
-    return min(views, key=lambda v: v["energy_ranks"][_key(energy)] / v["break_even_rank"])
+    return min(views, key=lambda v: v["energy_ranks"][energy_key(energy)] / v["break_even_rank"])
 
 
 def _summary(layers: list[dict[str, Any]], energy: float) -> dict[str, Any]:

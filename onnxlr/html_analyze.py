@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxlr.analyze import ENERGY_LEVELS, _key
+from onnxlr.analyze import ENERGY_LEVELS, energy_key
 from onnxlr.html_page import BASE_CSS, page, pyplot, stat, svg
 from onnxlr.report import write_text
 
@@ -37,7 +37,7 @@ HELP_TEXT = (
 def render_html(result: dict[str, Any]) -> str:
     """One self-contained page: summary, an overview plot and one card per layer (inline SVG, no links)."""
     summary = result["summary"]
-    energy = _key(result["energy"])
+    energy = energy_key(result["energy"])
     parts = [
         f"<h1>onnxlr analyze: {html.escape(result['model'])}</h1>",
         f"<div class='muted'>onnxlr {html.escape(result['onnxlr_version'])}; spectra "
@@ -117,7 +117,7 @@ def overview_svg(result: dict[str, Any]) -> str:
     """Per layer: r(E) / full rank of the headline view (bar) against its break-even / full rank (tick)."""
     plt = pyplot()
     layers = result["layers"]
-    energy = _key(result["energy"])
+    energy = energy_key(result["energy"])
     names = [layer["name"] for layer in layers]
     figure, axes = plt.subplots(figsize=(10, 1.2 + 0.32 * max(len(layers), 1)))
     positions = np.arange(len(layers))

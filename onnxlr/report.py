@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from onnxlr.analyze import _key
+from onnxlr.analyze import energy_key
 from onnxlr.edge import BUILTIN
 
 
@@ -231,7 +231,7 @@ def profile_table(provider: str, profile: dict[str, Any]) -> Table:
 
 
 def analysis_table(result: dict[str, Any]) -> Table:
-    energy = _key(result["energy"])
+    energy = energy_key(result["energy"])
     title = "onnxlr analyze: spectra of the factorizable weights" + (
         " (whitened by calibration data)" if result["calibration"] else "")
     table = Table(title=title, title_justify="left")

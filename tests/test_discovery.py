@@ -206,6 +206,24 @@ def test_each_pass_runs_alone_on_an_ir_model():
     converted, report = ConvFactorization(rank=2).apply(model)
     assert op_types(converted) == ["Conv", "Conv", "Flatten", "MatMul"]
     assert {row["op_type"] for row in report["layers"]} == {"Conv"}
+    # The deprecated location (onnxlr.passes) and the new one are the same classes.
+    assert MatMulFactorization is onnxlr.MatMulFactorization
+
+
+def test_the_factorization_pass_applies_the_whole_rule_set():
+    nodes = [helper.make_node("Conv", ["img", "K"], ["c"], name="conv"),
+             helper.make_node("Flatten", ["c"], ["f"]),
+             helper.make_node("MatMul", ["f", "W"], ["y"], name="mm")]
+    model = make_model(nodes, [tensor_input("img", [1, 8, 4, 4])], [tensor_input("y", [1, 8])],
+                       [init("K", weight(16, 8, 3, 3)), init("W", weight(64, 8))])
+    factorization = onnxlr.FactorizationPass(rank=2)
+    result = factorization(ir.serde.deserialize_model(model))
+    assert result.modified
+    assert [n.op_type for n in result.model.graph] == ["Conv", "Conv", "Flatten", "MatMul", "MatMul"]
+    assert [row["status"] for row in factorization.report["layers"]] == ["factorized", "factorized"]
+    # Nothing to factorize: the pass says it did not modify the model.
+    untouched = onnxlr.FactorizationPass(rank=2, ops=("Gemm",))(ir.serde.deserialize_model(model))
+    assert not untouched.modified
 
 
 def test_weight_used_inside_a_loop_body():
