@@ -26,6 +26,7 @@ from onnxlr._version import __version__
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.passes import Context, Scheme
+from onnxlr.passes.base import old_ir
 from onnxlr.plan import plan_ranks
 from onnxlr.settings import Progress, Settings, no_progress
 from onnxlr.shapes import default_opset, infer_shapes
@@ -160,7 +161,7 @@ def analyze_model(model: ir.Model, model_path: str = "MODEL", energy: float | No
     settings = Settings(**policy)  # discovery as optimize's defaults; validates the fractions
     level = energy or DEFAULT_ENERGY  # "compressible" is judged at this energy (also under a budget)
     progress = progress or no_progress
-    context = Context(shapes=infer_shapes(model), opset=default_opset(model))
+    context = Context(shapes=infer_shapes(model), opset=default_opset(model), inputs_as_constants=old_ir(model))
     groups, skipped = find_targets(model, settings, context)
     if statistics:
         attach_statistics(groups, statistics)

@@ -38,6 +38,7 @@ import onnx_ir as ir
 from onnxlr.errors import OnnxlrError
 from onnxlr.inputs import input_specs, load_batches
 from onnxlr.passes import RULES, Activation, Context, Skip
+from onnxlr.passes.base import inputs_are_weights
 from onnxlr.runtime import make_session
 from onnxlr.shapes import default_opset
 
@@ -101,9 +102,13 @@ def _as_stack(vectors: np.ndarray) -> np.ndarray:
     return vectors[None] if vectors.ndim == 2 else vectors
 
 
-def probes(model: ir.Model) -> list[Probe]:
-    """The main-graph targets with a constant weight, and how their activations are read (the rules say)."""
-    context = Context(shapes={}, opset=default_opset(model))
+def probes(model: ir.Model, inputs_as_constants: bool = False) -> list[Probe]:
+    """The main-graph targets with a constant weight, and how their activations are read (the rules say).
+
+    `inputs_as_constants` (--inputs-as-constants; always for IR < 4): initializers listed as graph
+    inputs are weights, as the targets were found."""
+    context = Context(shapes={}, opset=default_opset(model),
+                      inputs_as_constants=inputs_are_weights(model, inputs_as_constants))
     found = []
     for node in model.graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:

@@ -130,7 +130,7 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     """Factorize INPUT's MatMul, Gemm and Conv weights and write OUTPUT.
 
     The input is never modified. OUTPUT is verified against INPUT with onnxruntime (see
-    `onnxlr verify`; gates are opt-in: --atol/--rtol, --min-cosine) and written atomically with
+    `onnxlr verify`; the default gate is --min-cosine 0.99, --no-gate turns it off) and written atomically with
     its external data, if any, so a failed, gated or interrupted run leaves nothing behind.
     """
     from onnxlr.errors import GateFailed
@@ -183,7 +183,10 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
                     failure = "verification failed: " + "; ".join(verification.failures)
                     if not keep_failed:
                         _finish(report.to_json(), report_path, markdown_path, html_path, state)
-                        raise GateFailed(failure + " (nothing written; --keep-failed writes it anyway)")
+                        raise GateFailed(failure + ". Nothing written. To keep more of the model: a higher "
+                                         "--rank-ratio or --energy, --calibration data (with --target-cosine to "
+                                         "search the size), or --exclude for sensitive layers; --keep-failed "
+                                         "writes it anyway")
         report.output = str(output_path)
     _finish(report.to_json(), report_path, markdown_path, html_path, state)
     if targets_path and report.targets is not None:
@@ -263,7 +266,9 @@ def verify(state: State, reference_path: str, candidate_path: str, json_path: st
 
     Metrics per output and execution provider: max/mean absolute error, max relative error,
     cosine similarity, SNR, top-1 agreement for score-like outputs, NaN/Inf counts. Exit code 1
-    when a gate (--atol/--rtol, --min-cosine, or NaN/Inf the reference does not have) fails.
+    when a gate (--atol/--rtol, --min-cosine, or NaN/Inf the reference does not have) fails. Without a gate
+    flag the default gate applies: each float output keeps cosine >= 0.99 (integer and boolean outputs:
+    >= 99% of elements equal); --no-gate turns it off.
     """
     from onnxlr.errors import GateFailed
     from onnxlr.report import print_verification, write_json
@@ -328,20 +333,20 @@ def bench(state: State, model_path: str, compare_path: str | None, providers: st
     warm-up, and the speedup is the median of the per-run ratios, with its 10th-90th percentile spread.
     """
     from onnxlr import bench as b
-    from onnxlr import inputs, runtime
+    from onnxlr import inputs, runtime, synthesis
     from onnxlr.report import print_bench, print_estimates, write_json
 
     loaded = io.load(model_path)
     if compare_path:
         io.load(compare_path)  # the same safety checks before onnxruntime reads it
-    specs = inputs.input_specs(loaded.model)
-    if inputs_path:
-        feeds = {name: array[:samples] for name, array in inputs.load_inputs(inputs_path, specs).items()}
-    else:
-        feeds = inputs.synthesize_inputs(specs, seed=seed, samples=samples,
-                                         shapes=inputs.parse_shape_overrides(shapes))
+    given = synthesis.model_feeds(model_path, inputs.input_specs(loaded.model), inputs_path, seed, samples,
+                                  inputs.parse_shape_overrides(shapes))
+    feeds = given.arrays
+    if not given.synthesized:  # the first --samples samples of the file
+        feeds = {name: (array[:samples] if array.ndim else array) for name, array in feeds.items()}
     models = [model_path] + ([compare_path] if compare_path else [])
-    results = {"providers": {}}
+    results = {"providers": {}, "inputs": {name: list(a.shape) for name, a in feeds.items()},
+               "synthesized": given.synthesized}
     if targets_estimate or targets_path:  # before timing: a bad targets file fails fast
         from onnxlr import edge
 

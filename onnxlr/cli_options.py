@@ -117,6 +117,10 @@ target_selection_options = _options(
     click.option("--exclude", multiple=True, metavar="GLOB", help="Skip nodes whose name matches (repeatable)."),
     click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
                  help="Skip weights with fewer than N parameters."),
+    click.option("--inputs-as-constants", is_flag=True,
+                 help="Initializers listed as graph inputs are treated as constant weights (factorized, and "
+                      "dropped from the inputs when replaced), for IR >= 4 models that list them; IR < 4 "
+                      "does this always."),
     click.option("--conv-scheme", type=click.Choice(["auto", "output", "input", "spatial"]), default="auto",
                  show_default=True,
                  help="Conv split: output (kxk then 1x1), input (1x1 then kxk), spatial (kx1 then 1xk); "
@@ -179,13 +183,18 @@ verification_options = _options(
                  help="Gate: every element within atol + rtol x |reference|."),
     click.option("--rtol", type=click.FloatRange(min=0), default=None, help="Gate: see --atol."),
     click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
-                 help="Gate: cosine similarity of each output to the reference."),
+                 help="Gate: cosine similarity of each float output to the reference (integer and boolean outputs: "
+                      "the share of elements exactly equal). Without --atol/--rtol/--min-cosine the default gate "
+                      "is --min-cosine 0.99."),
+    click.option("--no-gate", is_flag=True,
+                 help="No default gate: outputs are compared and reported, but only --atol/--rtol/--min-cosine "
+                      "(when given) and NaN/Inf the reference does not have can fail the run."),
     click.option("--per-layer", is_flag=True, help="Also compare the output of every factorized node."),
 )
 
 
 VERIFY_KEYS = ("providers", "inputs_path", "shapes", "seed", "samples", "batch_size", "atol", "rtol",
-               "min_cosine", "per_layer")
+               "min_cosine", "no_gate", "per_layer")
 
 
 def split_list(text: str | None) -> list[str] | None:
@@ -196,19 +205,18 @@ def run_verification(reference: Any, candidate_path: Any, reference_model: Any, 
     """Inputs, providers and gates from the shared options; returns the VerificationResult.
 
     `reference_model` (onnx-ir) gives the input signature; both models run from their files."""
-    from onnxlr import inputs, runtime, verify  # onnxruntime and numpy load only when a command verifies
+    # onnxruntime and numpy load only when a command verifies
+    from onnxlr import inputs, runtime, synthesis, verify
 
-    specs = inputs.input_specs(reference_model)
-    if options["inputs_path"]:
-        feeds = inputs.load_inputs(options["inputs_path"], specs)
-    else:
-        feeds = inputs.synthesize_inputs(specs, seed=options["seed"], samples=options["samples"],
-                                         shapes=inputs.parse_shape_overrides(options["shapes"]))
     providers = runtime.parse_providers(split_list(options["providers"]))
-    gates = verify.Gates(atol=options["atol"], rtol=options["rtol"], min_cosine=options["min_cosine"])
+    # Synthesized inputs are sized by running the reference (never the candidate) on a probe.
+    feeds = synthesis.model_feeds(reference, inputs.input_specs(reference_model), options["inputs_path"],
+                                  options["seed"], options["samples"], inputs.parse_shape_overrides(options["shapes"]))
+    gates = verify.Gates.chosen(atol=options["atol"], rtol=options["rtol"], min_cosine=options["min_cosine"],
+                                default_gate=not options["no_gate"])
     per_layer = verify.factorized_outputs(candidate_path) if options["per_layer"] else []
-    return verify.verify(reference, candidate_path, feeds, providers, gates, batch_size=options["batch_size"],
-                         per_layer=per_layer)
+    return verify.verify(reference, candidate_path, feeds.arrays, providers, gates, batch_size=options["batch_size"],
+                         per_layer=per_layer, synthesized=feeds.synthesized)
 
 
 def split_ops(text: str) -> tuple[str, ...]:

@@ -64,7 +64,8 @@ def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationDat
     """
     keyed = [g for g in groups if not g.reason and all(t.node.graph is model.graph for t in g.targets)]
     keys = {t.node.outputs[0].name for g in keyed for t in g.targets}
-    found = [probe for probe in calibration.probes(model) if probe.key in keys]
+    constants = any(t.context.inputs_as_constants for g in keyed for t in g.targets)
+    found = [probe for probe in calibration.probes(model, constants) if probe.key in keys]
     if not found:
         return None
     probed = {probe.key for probe in found}

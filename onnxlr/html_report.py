@@ -16,7 +16,7 @@ from typing import Any
 
 from onnxlr.html_page import BASE_CSS, esc, page, stat
 from onnxlr.html_report_plots import before_after_plot, error_plot, latency_plot, rank_plot, targets_plot
-from onnxlr.report import write_text
+from onnxlr.report import output_verdict, similarity, verification_verdict, write_text
 
 # ----------------------------------------------------------------------------- optimize: the page
 
@@ -142,8 +142,9 @@ def _failed(report: dict[str, Any]) -> bool:
 def _verdict(report: dict[str, Any]) -> str:
     if "verification" not in report:
         return _badge("not verified", "info")
-    return _badge("verification passed", "ok") if report["verification"]["passed"] else _badge("verification FAILED",
-                                                                                             "bad")
+    verdict = verification_verdict(report["verification"])
+    kind = {"passed": "ok", "FAILED": "bad"}.get(verdict, "warn")
+    return _badge(f"verification {verdict}", kind)
 
 
 def _settings(settings: dict[str, Any]) -> str:
@@ -219,10 +220,11 @@ def _verification_rows(provider: str, entry: dict[str, Any]) -> Iterable[tuple[s
             if kind:  # per-layer figures explain, they do not gate
                 verdict = "–"
             else:
-                verdict = _badge("pass", "ok") if m["passed"] else _badge(f"FAIL: {m['failure']}", "bad")
+                verdict = {"pass": _badge("pass", "ok"), "not gated": _badge("not gated", "warn")}.get(
+                    output_verdict(m), _badge(f"FAIL: {m['failure']}", "bad"))
             bad_values = f"{m.get('nan', 0)} / {m.get('inf', 0)}"
             yield "", [esc(provider), label, _num(m["max_abs"], ".3g"), _num(m["mean_abs"], ".3g"),
-                       _num(m["max_rel"], ".3g"), _num(m["cosine"], ".6f"), _num(m.get("mean_sample_cosine"), ".6f"),
+                       _num(m["max_rel"], ".3g"), esc(similarity(m)), _num(m.get("mean_sample_cosine"), ".6f"),
                        _num(m.get("snr_db"), ".1f"), _num(m.get("top1_agreement"), ".3f"), bad_values, verdict]
 
 

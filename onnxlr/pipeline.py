@@ -25,6 +25,7 @@ from onnxlr.groups import WeightGroup
 from onnxlr.inputs import load_batches
 from onnxlr.io import LoadedModel, convert, load
 from onnxlr.passes import Context
+from onnxlr.passes.base import inputs_are_weights
 from onnxlr.results import Report, build_report
 from onnxlr.settings import Progress, Settings, no_progress
 from onnxlr.shapes import default_opset, infer_shapes
@@ -52,8 +53,8 @@ def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = Fa
     the result is of the same kind (an `onnx_ir.Model` for a path). The input is never modified.
     Settings are the `onnxlr optimize` flags with underscores: rank_ratio, rank, energy,
     param_ratio, param_budget, mac_budget, target_cosine, target_error, rank_multiple, allow_no_gain,
-    min_params, include, exclude, ops, conv_scheme, compensate, svd ("auto", "exact", "randomized"),
-    device ("cpu", "cuda"), jobs. `calibration` (an .npz, a folder of them, or an iterable of input
+    min_params, inputs_as_constants, include, exclude, ops, conv_scheme, compensate,
+    svd ("auto", "exact", "randomized"), device ("cpu", "cuda"), jobs. `calibration` (an .npz, a folder of them, or an iterable of input
     dicts; at most `calibration_samples` samples) makes the factorization data-aware (whitened SVD;
     with param_budget or mac_budget, allocation by measured sensitivity); `heldout` (same kinds) is
     what target_cosine / target_error are measured on.
@@ -154,7 +155,8 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     """
     progress = progress or no_progress
     totals_before = cost.model_totals(model)
-    context = Context(shapes=infer_shapes(model, input_shapes), opset=default_opset(model))
+    context = Context(shapes=infer_shapes(model, input_shapes), opset=default_opset(model),
+                      inputs_as_constants=inputs_are_weights(model, settings.inputs_as_constants))
     costs_before = cost.model_costs(model, context.shapes)
     cost_report = {"before": cost.totals(costs_before, model)}
     # Graph order (subgraph nodes follow their parent), taken before the rewrite removes nodes.

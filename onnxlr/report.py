@@ -100,27 +100,60 @@ def verification_table(result: dict[str, Any]) -> Table:
                 if "max_abs" not in m:
                     table.add_row(provider, kind + name, *["-"] * 7, f"[red]{m['failure']}[/]")
                     continue
-                verdict = "[green]pass[/]" if m["passed"] else f"[red]FAIL[/]: {m['failure']}"
+                verdict = {"pass": "[green]pass[/]", "not gated": "[yellow]not gated[/]"}.get(
+                    output_verdict(m), f"[red]FAIL[/]: {m['failure']}")
                 if kind:
                     verdict = "-"
                 top1 = f"{m['top1_agreement']:.3f}" if "top1_agreement" in m else "-"
                 sample_cos = f"{m['mean_sample_cosine']:.6f}" if "mean_sample_cosine" in m else "-"
                 snr = "-" if m["snr_db"] is None else ("inf" if m["snr_db"] == float("inf") else f"{m['snr_db']:.1f}")
                 table.add_row(provider, kind + name, f"{m['max_abs']:.3g}", f"{m['mean_abs']:.3g}",
-                              f"{m['max_rel']:.3g}", f"{m['cosine']:.6f}", sample_cos, snr, top1, verdict)
+                              f"{m['max_rel']:.3g}", similarity(m), sample_cos, snr, top1, verdict)
     return table
 
 
+def output_verdict(metrics: dict[str, Any]) -> str:
+    """"pass" only when a gate checked the output; "not gated" when none did; else "FAIL"."""
+    if not metrics["passed"]:
+        return "FAIL"
+    return "pass" if metrics.get("gated") else "not gated"
+
+
+def similarity(metrics: dict[str, Any]) -> str:
+    """The cosine; for integer and boolean outputs their exact agreement (what their gate reads)."""
+    if "agreement" in metrics:
+        return f"agree {metrics['agreement']:.4f}"
+    return f"{metrics['cosine']:.6f}"
+
+
+def verification_verdict(result: dict[str, Any]) -> str:
+    if not result["passed"]:
+        return "FAILED"
+    return "passed" if result.get("gated") else "not gated (no gate checked the outputs)"
+
+
 def print_verification(result: dict[str, Any], console: Console) -> None:
+    if result.get("inputs"):
+        console.print(inputs_line(result["inputs"], result.get("synthesized", False)), highlight=False)
     console.print(verification_table(result))
     for provider, entry in result["providers"].items():
         for name, noise in entry.get("reference_vs_cpu", {}).items():
             console.print(f"{provider} vs cpu (reference only, provider noise) {name}: max abs "
                           f"{noise['max_abs']:.3g}, cosine {noise['cosine']:.6f}", highlight=False)
-    console.print("verification: " + ("[green]passed[/]" if result["passed"] else "[red]FAILED[/]"))
+    verdict = verification_verdict(result)
+    color = {"passed": "green", "FAILED": "red"}.get(verdict, "yellow")
+    console.print(f"verification: [{color}]{verdict}[/]")
+
+
+def inputs_line(shapes: dict[str, list[int]], synthesized: bool) -> str:
+    """`inputs (synthesized): x 8x3x32x32, sr scalar`: the shapes a run fed, and where they came from."""
+    listed = ", ".join(f"{name} {'x'.join(map(str, shape)) or 'scalar'}" for name, shape in shapes.items())
+    return f"inputs ({'synthesized' if synthesized else 'given'}): {listed}"
 
 
 def print_bench(results: dict[str, Any], console: Console) -> None:
+    if results.get("inputs"):
+        console.print(inputs_line(results["inputs"], results.get("synthesized", False)), highlight=False)
     table = Table(title="onnxlr: latency (ms)", title_justify="left")
     for column in ("provider", "model", "p50", "p90", "p99", "mean", "std", "runs"):
         table.add_column(column, justify="left" if column in ("provider", "model") else "right")
@@ -165,7 +198,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"{totals['factorized']} layers factorized, {totals['skipped']} skipped.", ""]
     verification = report.get("verification")
     if verification:
-        lines += ["### Verification " + ("passed" if verification["passed"] else "FAILED"), "",
+        lines += ["### Verification " + verification_verdict(verification), "",
                   "| provider | output | max abs | cosine | SNR dB | top-1 | result |",
                   "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
         for provider, entry in verification["providers"].items():
@@ -175,8 +208,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                     continue
                 snr = "-" if m["snr_db"] is None else f"{m['snr_db']:.1f}"
                 top1 = f"{m['top1_agreement']:.3f}" if "top1_agreement" in m else "-"
-                result = "pass" if m["passed"] else f"FAIL: {m['failure']}"
-                lines.append(f"| {provider} | `{name}` | {m['max_abs']:.3g} | {m['cosine']:.6f} | {snr} | {top1} | "
+                verdict = output_verdict(m)
+                result = f"FAIL: {m['failure']}" if verdict == "FAIL" else verdict
+                lines.append(f"| {provider} | `{name}` | {m['max_abs']:.3g} | {similarity(m)} | {snr} | {top1} | "
                              f"{result} |")
         lines.append("")
     lines += ["### Layers", "",

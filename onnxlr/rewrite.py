@@ -5,6 +5,10 @@ order), so the output does not depend on --jobs and memory holds a few layers' w
 rule of each target builds its new nodes; this stage registers the factors (streamed to the
 output's data file when there is one), swaps the nodes, then cleans up what became unused and
 records the settings and ranks in the model's metadata.
+
+Before IR version 4 every initializer had to be listed as a graph input: there the factors are
+main-graph initializers listed as inputs (subgraphs read them from the outer scope), and the
+replaced weights leave the inputs with the initializers.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from onnxlr import lowrank, parallel, plan
 from onnxlr._version import __version__
 from onnxlr.groups import WeightGroup
 from onnxlr.passes import NameGenerator
+from onnxlr.passes.base import old_ir
 from onnxlr.settings import Progress, Settings
 
 
@@ -35,6 +40,7 @@ def factorize_groups(model: ir.Model, groups: list[WeightGroup], settings: Setti
     """
     active = [g for g in groups if not g.reason]
     names = NameGenerator(model)
+    existing = {id(v) for graph in model.graphs() for v in graph.initializers.values()} if old_ir(model) else None
 
     def work(group: WeightGroup) -> tuple[np.ndarray, np.ndarray] | None:
         if plan_here:
@@ -53,6 +59,26 @@ def factorize_groups(model: ir.Model, groups: list[WeightGroup], settings: Setti
             if factors is not None:
                 _rewrite_group(group, factors, names, sink)
             group.drop_vectors()
+    if existing is not None:
+        _list_new_initializers(model, existing)
+
+
+def _list_new_initializers(model: ir.Model, existing: set[int]) -> None:
+    """IR < 4: the initializers the rewrite added become main-graph inputs (those made in a subgraph move
+    to the main graph, which the subgraph reads as its outer scope: a subgraph lists no initializer)."""
+    main = model.graph
+    for graph in list(model.graphs()):
+        for name, value in list(graph.initializers.items()):
+            if id(value) in existing:
+                continue
+            if graph is not main:
+                del graph.initializers[name]
+                main.register_initializer(value)
+            tensor = value.const_value
+            if tensor is not None:  # a graph input declares its type and shape
+                value.type = value.type or ir.TensorType(tensor.dtype)
+                value.shape = value.shape or ir.Shape(tensor.shape)
+            main.inputs.append(value)
 
 
 def _working_set(group: WeightGroup, settings: Settings) -> int:
@@ -103,20 +129,50 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataTy
 
 
 def cleanup(model: ir.Model, groups: list[WeightGroup]) -> None:
-    """Remove the nodes and initializers the rewrite left unused (replaced weights, folded chains)."""
+    """Remove the nodes and initializers the rewrite left unused (replaced weights, folded chains).
+
+    Initializers listed as graph inputs that were read as weights (IR < 4, --inputs-as-constants)
+    and are now unused leave the inputs too; every other input stays."""
+    replaced = _replaced_input_weights(groups)
     ir_passes.RemoveUnusedNodesPass()(model)
+    for value in replaced:
+        graph = value.graph
+        if graph is None or value.uses() or value.is_graph_output() or not value.is_graph_input():
+            continue
+        graph.inputs.remove(value)
+        if value.name in graph.initializers and graph.initializers[value.name] is value:
+            del graph.initializers[value.name]
     for graph in model.graphs():
         for name, value in list(graph.initializers.items()):
             if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
                 del graph.initializers[name]
 
 
+def _replaced_input_weights(groups: list[WeightGroup]) -> list[ir.Value]:
+    """The initializers listed as graph inputs that factorized groups read, directly or through a folded chain."""
+    found: dict[int, ir.Value] = {}
+    for group in groups:
+        if not group.factorized or not group.lead.context.inputs_as_constants:
+            continue
+        pending = [group.lead.weight]
+        while pending:
+            value = pending.pop()
+            if id(value) in found:
+                continue
+            if value.is_graph_input():
+                if value.const_value is not None:
+                    found[id(value)] = value
+                continue
+            producer = value.producer()
+            if producer is not None and not value.uses():  # the folded chain, now unused
+                pending.extend(v for v in producer.inputs if v is not None)
+    return list(found.values())
+
+
 def record_metadata(model: ir.Model, settings: Settings, groups: list[WeightGroup]) -> None:
     ranks = {t.name: g.rank for g in groups if g.factorized for t in g.targets}
     model.metadata_props["onnxlr.version"] = __version__
-    # --jobs changes how fast, not what: it stays out of the file so outputs are identical.
-    recorded = {k: v for k, v in settings.as_dict().items() if k != "jobs"}
-    model.metadata_props["onnxlr.settings"] = json.dumps(recorded, sort_keys=True)
+    model.metadata_props["onnxlr.settings"] = json.dumps(settings.recorded(), sort_keys=True)
     model.metadata_props["onnxlr.ranks"] = json.dumps(ranks, sort_keys=True)
     methods = sorted({g.decompositions[g.scheme.name].method for g in groups
                       if g.factorized and g.scheme.name in g.decompositions})

@@ -23,6 +23,10 @@ MAX_DEFAULT_JOBS = 8
 POLICIES = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine",
             "target_error")
 
+# Settings added after the first release, with their defaults: left out of recorded() (the settings
+# recorded in the written model) while at the default.
+LATER_DEFAULTS = {"inputs_as_constants": False}
+
 # A progress hook wraps an iterable: progress(items, description) -> items (rich bar in the CLI).
 Progress = Callable[[Sequence[Any], str], Iterable[Any]]
 
@@ -55,6 +59,8 @@ class Settings:
     rank_multiple: int = 1
     allow_no_gain: bool = False
     min_params: int = 0
+    # Initializers listed as graph inputs are constant weights (IR >= 4 models that list them; IR < 4: always).
+    inputs_as_constants: bool = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     ops: tuple[str, ...] = ALL_OPS
@@ -85,6 +91,8 @@ class Settings:
             raise OnnxlrError(f"{{0}} must be a positive integer, got {self.rank_multiple!r}", "rank_multiple")
         if not isinstance(self.min_params, int) or self.min_params < 0:
             raise OnnxlrError(f"{{0}} must be a non-negative integer, got {self.min_params!r}", "min_params")
+        if not isinstance(self.inputs_as_constants, bool):
+            raise OnnxlrError(f"{{0}} must be True or False, got {self.inputs_as_constants!r}", "inputs_as_constants")
         object.__setattr__(self, "ops", tuple(self.ops))
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -120,7 +128,16 @@ class Settings:
         return "param_budget" if self.param_budget is not None else "mac_budget"
 
     def as_dict(self) -> dict[str, Any]:
+        """Every setting (the report's `settings`)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings a written model records (metadata `onnxlr.settings`).
+
+        --jobs changes how fast, not what, so it stays out; settings added later stay out while at their
+        default, so a run that does not use them writes the same bytes as before they existed."""
+        return {k: v for k, v in self.as_dict().items()
+                if k != "jobs" and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def _check_fraction(name: str, value: float | None) -> None:

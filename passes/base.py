@@ -28,9 +28,11 @@ FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.
 # `reason_code`, scripts and tests match it); the sentence beside it in a report says the details.
 REASON_CODES = {
     "missing_input": "the node's weight input is missing",
-    "graph_input": "the weight is a graph input (it can be overridden at run time)",
+    "graph_input": "the weight is a graph input (it can be overridden at run time; --inputs-as-constants)",
     "graph_output": "the weight is also a graph output",
     "runtime_weight": "the weight is computed at run time",
+    "generated_weight": "the weight is generated at run time from a few constants (ConstantOfShape, EyeLike, Range, "
+                        "Random*): materializing it would grow the file",
     "custom_op_weight": "the weight comes from a custom-domain op",
     "constant_without_value": "a Constant node without a tensor value",
     "quantized_weight": "the weight comes from a quantize/dequantize op",
@@ -67,12 +69,30 @@ class Skip(Exception):
         self.message = message
 
 
+# Before IR version 4 the spec required every initializer to be listed as a graph input too: such
+# inputs are the model's weights, and new initializers must be listed the same way.
+INITIALIZERS_ARE_INPUTS_BEFORE_IR = 4
+
+
 @dataclasses.dataclass
 class Context:
-    """Model-wide facts a rule may need: inferred shapes (by value name) and the default-domain opset."""
+    """Model-wide facts a rule may need: inferred shapes (by value name), the default-domain opset, and
+    whether initializers listed as graph inputs count as constant weights (see `inputs_are_weights`)."""
 
     shapes: Mapping[str, tuple | None]
     opset: int
+    inputs_as_constants: bool = False
+
+
+def old_ir(model: ir.Model) -> bool:
+    """True for IR versions < 4, where every initializer is (and must be) listed as a graph input."""
+    version = model.ir_version or 0
+    return 0 < version < INITIALIZERS_ARE_INPUTS_BEFORE_IR
+
+
+def inputs_are_weights(model: ir.Model, inputs_as_constants: bool = False) -> bool:
+    """Whether initializers listed as graph inputs are weights: always before IR 4, else when asked to."""
+    return bool(inputs_as_constants) or old_ir(model)
 
 
 @dataclasses.dataclass

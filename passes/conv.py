@@ -47,7 +47,7 @@ class ConvRule(FactorizationRule):
     op_type = "Conv"
 
     def match(self, node: ir.Node, context: Context) -> Target:
-        found = constant_weight(node.inputs[1])
+        found = constant_weight(node.inputs[1], inputs_as_constants=context.inputs_as_constants)
         if found.array is None:
             raise found.skip()
         kernel = found.array

@@ -42,7 +42,9 @@ class GemmRule(FactorizationRule):
         opset = context.opset
         if opset < 7:
             raise Skip("old_opset", f"Gemm at opset {opset} (< 7) is not rewritten")
-        a_weight, b_weight = constant_weight(node.inputs[0]), constant_weight(node.inputs[1])
+        constants = context.inputs_as_constants
+        a_weight = constant_weight(node.inputs[0], inputs_as_constants=constants)
+        b_weight = constant_weight(node.inputs[1], inputs_as_constants=constants)
         if a_weight.array is not None and b_weight.array is not None:
             raise Skip("both_constant", "both inputs are constant (fold the node instead)")
         if b_weight.array is not None:
@@ -65,7 +67,7 @@ class GemmRule(FactorizationRule):
         rows, cols = w.shape
         vectors = _other_dim(target)
         bias = target.node.inputs[2] if len(target.node.inputs) > 2 else None
-        bias_params = _const_size(bias)
+        bias_params = _const_size(bias, target.context.inputs_as_constants)
         return [Scheme(
             name="gemm",
             matrices=w[None],
@@ -150,8 +152,8 @@ def _other_dim(target: Target) -> int:
     return 1
 
 
-def _const_size(value: ir.Value | None) -> int:
+def _const_size(value: ir.Value | None, inputs_as_constants: bool) -> int:
     if value is None:
         return 0
-    found = constant_weight(value)
+    found = constant_weight(value, inputs_as_constants=inputs_as_constants)
     return int(found.array.size) if found.array is not None else 0

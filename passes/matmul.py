@@ -37,8 +37,8 @@ class MatMulRule(FactorizationRule):
 
     def match(self, node: ir.Node, context: Context) -> Target:
         left, right = node.inputs[0], node.inputs[1]
-        right_weight = constant_weight(right)
-        left_weight = constant_weight(left)
+        right_weight = constant_weight(right, inputs_as_constants=context.inputs_as_constants)
+        left_weight = constant_weight(left, inputs_as_constants=context.inputs_as_constants)
         if right_weight.array is not None and left_weight.array is not None:
             raise Skip("both_constant", "both inputs are constant (fold the node instead)")
         if right_weight.array is not None:

@@ -190,7 +190,7 @@ def test_cli_calibration_file_and_folder(tmp_path, model_file):
     np.savez(folder / "b.npz", x=anisotropic(128, seed=3).reshape(-1, 4, K))
     for source in (tmp_path / "calib.npz", folder):
         out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-        result = onnxlr_cli("optimize", model_file, out, "--rank", "3", "--allow-no-gain", "--calibration",
+        result = onnxlr_cli("optimize", model_file, out, "--rank", "3", "--allow-no-gain", "--no-gate", "--calibration",
                             source, "--calibration-samples", "50", "--report", report)
         assert result.returncode == 0, result.stderr
         rows = json.loads(report.read_text())["layers"]
@@ -205,7 +205,7 @@ def test_cli_external_data_model(tmp_path):
               size_threshold=0)
     np.savez(tmp_path / "calib.npz", x=anisotropic(64, seed=1).reshape(-1, 4, K))
     report = tmp_path / "report.json"
-    result = onnxlr_cli("optimize", path, tmp_path / "out.onnx", "--rank", "3", "--allow-no-gain",
+    result = onnxlr_cli("optimize", path, tmp_path / "out.onnx", "--rank", "3", "--allow-no-gain", "--no-gate",
                         "--calibration", tmp_path / "calib.npz", "--report", report)
     assert result.returncode == 0, result.stderr
     assert [row["method"] for row in json.loads(report.read_text())["layers"]] == ["whitened"]

@@ -28,7 +28,8 @@ def test_optimize_writes_model_report_and_table(small_model, tmp_path):
     out = tmp_path / "sub" / "out.onnx"
     report_path = tmp_path / "report.json"
     before = small_model.read_bytes()
-    result = onnxlr_cli("optimize", small_model, out, "--rank-ratio", "0.25", "--report", report_path)
+    # --no-gate: this test is about what is written, not about quality (random weights at rank 0.25).
+    result = onnxlr_cli("optimize", small_model, out, "--rank-ratio", "0.25", "--report", report_path, "--no-gate")
     assert result.returncode == 0, result.stderr
     assert small_model.read_bytes() == before  # input untouched
     assert "per-layer plan" in result.stdout and "head" in result.stdout and "parameters:" in result.stdout
@@ -102,7 +103,8 @@ def test_console_script_is_installed():
 
 def test_markdown_report(small_model, tmp_path):
     markdown = tmp_path / "summary.md"
-    result = onnxlr_cli("optimize", small_model, tmp_path / "out.onnx", "--rank", "2", "--markdown", markdown, "-q")
+    result = onnxlr_cli("optimize", small_model, tmp_path / "out.onnx", "--rank", "2", "--markdown", markdown, "-q",
+                        "--min-cosine", "0.1")
     assert result.returncode == 0, result.stderr
     text = markdown.read_text()
     assert text.startswith("## onnxlr optimize")

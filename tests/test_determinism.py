@@ -67,7 +67,7 @@ def test_two_runs_give_identical_files(tmp_path, case):
     for index, seed in enumerate(("1", "2")):
         out = tmp_path / f"run{index}"
         command = [*ONNXLR, "optimize", str(source), str(out / "model-lr.onnx"), "--report", str(out / "report.json"),
-                   "-q", *args]
+                   "-q", "--no-gate", *args]  # determinism, not quality: the gate stays out of it
         env = {**os.environ, "PYTHONHASHSEED": seed}
         runs.append((out, subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            text=True)))

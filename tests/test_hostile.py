@@ -360,8 +360,9 @@ CASES: dict[str, Case] = {
                                      ("--shape", f"x:{2**40}x64"), message="would take .* bytes to synthesize"),
     "huge-dim-in-value-info": Case(_raw(lambda: _matmul(value_info=[_value("unused", [2**40, 2**40])])),
                                    exit_code=0, layers={"mm": "factorized"}),
-    "negative-input-dim": Case(_raw(lambda: _matmul(in_shape=[-5, 64], out_shape=[-5, 64])),
-                               message=r"input 'x' declares a negative dimension"),
+    # A negative declared dim (-1 from some exporters) is dynamic: synthesized like an unnamed one.
+    "negative-input-dim": Case(_raw(lambda: _matmul(in_shape=[-5, 64], out_shape=[-5, 64])), exit_code=0,
+                               layers={"mm": "factorized"}),
     # External data escaping its folder or not matching (model_files.HOSTILE, through the CLI).
     **{f"external-data-{case}": Case(_external(case), message=HOSTILE[case][1])
        for case in ("dotdot", "absolute", "symlinked-file", "symlinked-folder", "hard-link", "missing", "truncated",
@@ -437,7 +438,8 @@ def _run(tmp_path: Path, case: Case):
     source = case.make(folder)
     fill = {"in": str(folder), "out": str(out_dir)}
     output = case.output.format(**fill)
-    args = ["optimize", str(source), output, "--report", str(out_dir / "report.json"),
+    # --no-gate: these cases are about hostile structure; random weights at the default rank fail the quality gate.
+    args = ["optimize", str(source), output, "--report", str(out_dir / "report.json"), "--no-gate",
             *(arg.format(**fill) for arg in case.args)]
     before = snapshot(tmp_path)
     result = CliRunner().invoke(cli, args)

@@ -103,7 +103,8 @@ def test_synthesized_token_ids_stay_inside_the_embedding_table():
     assert specs["input_ids"].high == 50
     feeds = inputs.synthesize_inputs(specs, seed=1, samples=4, shapes={"input_ids": (4, 300)})
     assert feeds["input_ids"].shape == (4, 300) and feeds["input_ids"].max() < 50
-    assert feeds["attention_mask"].shape == (4, 16) and np.all(feeds["attention_mask"] == 1)
+    # attention_mask shares input_ids' named dims, so --shape sizes it too.
+    assert feeds["attention_mask"].shape == (4, 300) and np.all(feeds["attention_mask"] == 1)
 
 
 def test_input_files_are_checked(tmp_path, paths):
@@ -139,7 +140,7 @@ def test_per_layer_errors_name_each_factorized_node(tmp_path, paths):
     candidate = tmp_path / "lr.onnx"
     result = cli("optimize", reference, candidate, "--rank", "4", "--no-verify", "-q")
     assert result.returncode == 0, result.stderr
-    result = cli("verify", reference, candidate, "--per-layer", "--json", tmp_path / "v.json")
+    result = cli("verify", reference, candidate, "--per-layer", "--json", tmp_path / "v.json", "--no-gate")
     assert result.returncode == 0, result.stderr
     layers = json.loads((tmp_path / "v.json").read_text())["providers"]["cpu"]["layers"]
     assert set(layers) == {"h", "scores"}  # the outputs of fc1 and fc2, kept under their names
@@ -162,10 +163,10 @@ def test_optimize_gate_failure_writes_nothing(tmp_path, paths):
 def test_optimize_records_verification_in_report(tmp_path, paths):
     reference, _ = paths
     report = tmp_path / "report.json"
-    result = cli("optimize", reference, tmp_path / "out.onnx", "--rank", "8", "--report", report)
+    result = cli("optimize", reference, tmp_path / "out.onnx", "--rank", "8", "--report", report, "--min-cosine", "0.5")
     assert result.returncode == 0, result.stderr
     verification = json.loads(report.read_text())["verification"]
-    assert verification["passed"] and set(verification["providers"]["cpu"]["outputs"]) == {"scores", "pooled"}
+    assert verification["passed"] and verification["gated"] and set(verification["providers"]["cpu"]["outputs"]) == {"scores", "pooled"}
 
 
 @pytest.mark.skipif("cuda" not in runtime.default_providers(), reason="needs onnxruntime-gpu and a visible GPU")
