@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxlr.runtime import make_session
+from onnxlr.runtime import SYNTHESIZED_HINT, input_error, make_session
 
 
 def summarize(seconds: Sequence[float]) -> dict[str, float]:
@@ -54,29 +54,46 @@ def _timer(session, feeds: Mapping[str, np.ndarray]) -> Callable[[], float]:
 
 def benchmark(models: Sequence[Any], feeds: Mapping[str, np.ndarray], provider: str = "cpu",
               threads: int = 1, runs: int = 50, warmup: int = 5, optimization_level: str = "all",
-              progress: Callable[[Sequence[Any], str], Any] | None = None) -> dict[str, Any]:
-    """Time each model `runs` times (interleaved when there are two) and summarize."""
+              progress: Callable[[Sequence[Any], str], Any] | None = None, hint: str = SYNTHESIZED_HINT,
+              graphs: Sequence[Any] = ()) -> dict[str, Any]:
+    """Time each model `runs` times (interleaved when there are two) and summarize.
+
+    A model onnxruntime cannot run on `feeds` is an OnnxlrError naming the input at fault (`graphs`: the
+    models loaded with onnx-ir, to trace a failing node back to its inputs) and saying what to pass (`hint`)."""
     sessions = [make_session(m, provider, threads=threads, optimization_level=optimization_level) for m in models]
     timers = [_timer(s, feeds) for s in sessions]
-    for timer in timers:
-        for _ in range(warmup):
-            timer()
     times: list[list[float]] = [[] for _ in timers]
-    steps = range(runs)
-    for step in progress(steps, "benchmark") if progress else steps:
-        order = range(len(timers)) if step % 2 == 0 else reversed(range(len(timers)))
-        for index in order:
-            times[index].append(timers[index]())
+    current = 0
+    try:
+        for current in range(len(timers)):
+            timers[current]()  # one untimed run first: inputs the model does not accept fail here, not mid-measurement
+            for _ in range(max(warmup - 1, 0)):
+                timers[current]()
+        steps = range(runs)
+        for step in progress(steps, "benchmark") if progress else steps:
+            order = range(len(timers)) if step % 2 == 0 else reversed(range(len(timers)))
+            for current in order:
+                times[current].append(timers[current]())
+    except MemoryError:
+        raise
+    except Exception as exc:  # onnxruntime's own exception types: the inputs do not fit the model
+        label = "MODEL" if current == 0 else "OTHER"
+        raise input_error(exc, feeds, f"onnxruntime cannot run {label} {_name(models[current])} on {provider}", hint,
+                          graphs[current] if current < len(graphs) else None) from exc
     result: dict[str, Any] = {
         "provider": provider,
         "session_providers": sessions[0].get_providers(),
-        "models": [{"model": str(m) if not isinstance(m, bytes) else "<in memory>", **summarize(t)}
+        "models": [{"model": _name(m), **summarize(t)}
                    for m, t in zip(models, times)],
         "context": run_context(threads, optimization_level, warmup, runs),
     }
     if len(times) == 2:
         result["speedup"] = speedup(times[0], times[1])
     return result
+
+
+def _name(model: Any) -> str:
+    return "<in memory>" if isinstance(model, bytes) else str(model)
 
 
 def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarray], provider: str = "cpu",

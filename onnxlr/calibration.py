@@ -39,10 +39,11 @@ from onnxlr.errors import OnnxlrError
 from onnxlr.inputs import input_specs, load_batches
 from onnxlr.passes import RULES, Activation, Context, Skip
 from onnxlr.passes.base import inputs_are_weights
-from onnxlr.runtime import make_session
+from onnxlr.runtime import input_error, make_session
 from onnxlr.shapes import default_opset
 
 MASK_INPUT_NAME = "attention_mask"
+CALIBRATION_HINT = "check the arrays of --calibration (and of held-out --inputs) for input {name}"
 
 
 @dataclasses.dataclass
@@ -111,8 +112,8 @@ def probes(model: ir.Model, inputs_as_constants: bool = False) -> list[Probe]:
                       inputs_as_constants=inputs_are_weights(model, inputs_as_constants))
     found = []
     for node in model.graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
-            continue
+        if node.domain not in ("", "ai.onnx") or node.op_type not in RULES or not RULES[node.op_type].calibrated:
+            continue  # not a target, or a rule that takes no statistics (LSTM/GRU/RNN: plain SVD)
         try:
             target = RULES[node.op_type]().match(node, context)
         except Skip:
@@ -179,6 +180,7 @@ class Runner:
     def __init__(self, model_source: str | os.PathLike | bytes, model: ir.Model, found: list[Probe],
                  slots: list[Slot] = ()):
         self.specs = input_specs(model)
+        self.model = model  # traces a node onnxruntime fails on back to the input at fault
         self.outputs = [value.name for value in model.graph.outputs]
         self.probes = {probe.key: probe for probe in found}
         proto_bytes, folder, self.slot_inputs = _probe_model(model_source, found, list(slots))
@@ -196,7 +198,8 @@ class Runner:
         try:
             return dict(zip(names, self.session.run(names, feeds)))
         except Exception as exc:  # onnxruntime's own exception types: bad shapes or values
-            raise OnnxlrError(f"calibration data does not run through the model: {str(exc).splitlines()[0][:300]}") from exc
+            raise input_error(exc, batch, "calibration data does not run through the model", CALIBRATION_HINT,
+                              self.model) from exc
 
     def keep(self, batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
         """The non-padding [batch, seq] positions, when the model has an attention mask input."""

@@ -337,8 +337,9 @@ def bench(state: State, model_path: str, compare_path: str | None, providers: st
     from onnxlr.report import print_bench, print_estimates, write_json
 
     loaded = io.load(model_path)
+    graphs = [loaded.model]
     if compare_path:
-        io.load(compare_path)  # the same safety checks before onnxruntime reads it
+        graphs.append(io.load(compare_path).model)  # the same safety checks before onnxruntime reads it
     given = synthesis.model_feeds(model_path, inputs.input_specs(loaded.model), inputs_path, seed, samples,
                                   inputs.parse_shape_overrides(shapes))
     feeds = given.arrays
@@ -354,7 +355,9 @@ def bench(state: State, model_path: str, compare_path: str | None, providers: st
     for provider in runtime.parse_providers(split_list(providers)):
         results["providers"][provider] = b.benchmark(models, feeds, provider, threads=threads, runs=runs,
                                                      warmup=warmup, optimization_level=optimization_level,
-                                                     progress=state.progress)
+                                                     progress=state.progress, graphs=graphs,
+                                                     hint=runtime.SYNTHESIZED_HINT if given.synthesized
+                                                     else runtime.GIVEN_HINT)
     if profile:
         if not compare_path:
             raise OnnxlrError("--profile needs --compare OTHER (it compares each layer with its factor pair)")

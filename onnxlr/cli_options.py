@@ -17,6 +17,7 @@ from rich.console import Console
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.save import PROTOBUF_LIMIT_BYTES
+from onnxlr.settings import ALL_OPS
 
 
 class ByteSize(click.ParamType):
@@ -111,7 +112,7 @@ rank_policy_options = _options(
 )
 
 target_selection_options = _options(
-    click.option("--ops", default="MatMul,Gemm,Conv", show_default=True, metavar="LIST",
+    click.option("--ops", default=",".join(ALL_OPS), show_default=True, metavar="LIST",
                  help="Comma-separated op types to factorize."),
     click.option("--include", multiple=True, metavar="GLOB", help="Only nodes whose name matches (repeatable)."),
     click.option("--exclude", multiple=True, metavar="GLOB", help="Skip nodes whose name matches (repeatable)."),
@@ -216,7 +217,7 @@ def run_verification(reference: Any, candidate_path: Any, reference_model: Any, 
                                 default_gate=not options["no_gate"])
     per_layer = verify.factorized_outputs(candidate_path) if options["per_layer"] else []
     return verify.verify(reference, candidate_path, feeds.arrays, providers, gates, batch_size=options["batch_size"],
-                         per_layer=per_layer, synthesized=feeds.synthesized)
+                         per_layer=per_layer, synthesized=feeds.synthesized, reference_model=reference_model)
 
 
 def split_ops(text: str) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ fixing dynamic input dimensions first. A dimension that stays unknown counts as 
 are then "per unit" of it (per token, per batch item); `unknown_dims` says when that happened.
 
 MACs are counted for MatMul, Gemm, Conv and ConvTranspose (multiply-accumulates of the
-product); FLOPs are 2 x MACs for those and one per output element for every other op (a
+product) and for LSTM, GRU and RNN (their input and recurrent weights, every step and direction); FLOPs are 2 x MACs for those and one per output element for every other op (a
 deliberately simple estimate for elementwise and normalization ops).
 """
 
@@ -19,7 +19,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-MAC_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+MAC_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", *RECURRENT_OPS)
 
 
 @dataclasses.dataclass
@@ -105,6 +106,15 @@ def node_macs(node: ir.Node, shapes: Mapping[str, tuple | None]) -> tuple[int, b
         if x is None or w is None:
             return 0, True
         return _count(x[0]) * _count(w[0][1:]), x[1] or w[1]
+    if node.op_type in RECURRENT_OPS:
+        # X (seq, batch, input) or (batch, seq, input): every step of every direction multiplies its
+        # input by W_d^T (gates·hidden x input) and its state by R_d^T (gates·hidden x hidden).
+        x = _dims(shapes, node.inputs[0])
+        w = _dims(shapes, node.inputs[1]) if len(node.inputs) > 1 else None
+        r = _dims(shapes, node.inputs[2]) if len(node.inputs) > 2 else None
+        if x is None or w is None or r is None or len(x[0]) != 3 or len(w[0]) != 3 or len(r[0]) != 3:
+            return 0, True
+        return _count(x[0][:2]) * _count(w[0][:2]) * (w[0][2] + r[0][2]), x[1] or w[1] or r[1]
     return 0, False
 
 

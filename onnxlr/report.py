@@ -228,6 +228,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines).replace("->", "→") + "\n"
 
 
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask (0644 under the usual 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text(text: str, path: str | os.PathLike) -> Path:
     """Write a text file atomically."""
     path = Path(path)
@@ -236,6 +243,7 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes it 0600; a report is as readable as the model it describes
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -104,8 +104,11 @@ def _rewrite_group(group: WeightGroup, factors: tuple[np.ndarray, np.ndarray], n
             # Provenance, and which node ends the pair (verify --per-layer compares its output).
             new_node.metadata_props["onnxlr.source"] = node.name or ""
             new_node.metadata_props["onnxlr.pair"] = str(position)
+        # The last new node's outputs take the place of the node's, one for one (one output for
+        # MatMul/Gemm/Conv; Y, Y_h, Y_c for an LSTM).
+        old_outputs = list(node.outputs)
         ir.convenience.replace_nodes_and_values(
-            node.graph, node, [node], new_nodes, [node.outputs[0]], [new_nodes[-1].outputs[0]]
+            node.graph, node, [node], new_nodes, old_outputs, list(new_nodes[-1].outputs[:len(old_outputs)])
         )
 
 

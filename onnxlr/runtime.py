@@ -8,8 +8,10 @@ verification, bench) makes its sessions here.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,10 +84,86 @@ def make_session(model: str | os.PathLike | bytes, provider: str, threads: int =
     try:
         session = ort.InferenceSession(source, options, providers=[wanted])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise OnnxlrError(f"onnxruntime cannot load the model on {provider}: {str(exc).splitlines()[0][:300]}") from exc
+        raise OnnxlrError(f"onnxruntime cannot load the model on {provider}: {error_text(exc)}") from exc
     if session.get_providers()[0] != wanted:
         raise OnnxlrError(f"asked for {provider} but onnxruntime runs the model on {session.get_providers()[0]}")
     return session
+
+
+# Hints for input_error: what the user passes instead.
+SYNTHESIZED_HINT = "pass --shape {name}:DIMS or --inputs FILE.npz"
+GIVEN_HINT = "check the arrays of --inputs FILE.npz (or leave it out and pass --shape {name}:DIMS)"
+ERROR_TEXT_LIMIT = 1000
+
+
+def error_text(exc: BaseException, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """An exception's message on one line (onnxruntime's run over several: the useful part is often later)."""
+    text = exc.cli_message() if isinstance(exc, OnnxlrError) else str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shape_text(array: Any) -> str:
+    return "x".join(map(str, np.shape(array))) or "scalar"
+
+
+def input_error(exc: BaseException, feeds: Mapping[str, np.ndarray], lead: str, hint: str = SYNTHESIZED_HINT,
+                model: Any = None) -> OnnxlrError:
+    """One line for a model that onnxruntime cannot run on `feeds`: `lead` (what failed), onnxruntime's reason,
+    the input at fault (when onnxruntime's message, or the failing node's ancestry in `model` (onnx-ir), tells
+    which; else every input fed) with its shape, and `hint` (`{name}`: that input's name) on what to pass."""
+    reason = error_text(exc)
+    culprits = culprit_inputs(reason, feeds, model)
+    names = culprits or list(feeds)
+    described = ", ".join(f"{name!r} {shape_text(feeds[name])} ({np.asarray(feeds[name]).dtype})" for name in names)
+    if len(culprits) == 1:
+        subject = f"input {culprits[0]!r} fed as {shape_text(feeds[culprits[0]])} ({np.asarray(feeds[culprits[0]]).dtype})"
+    else:
+        subject = f"inputs fed: {described or 'none'}"
+    advice = hint.replace("{name}", names[0] if len(names) == 1 else "NAME")
+    return OnnxlrError(f"{lead}: {reason}; {subject}; {advice}")
+
+
+_NAMED_INPUT = re.compile(r"(?:for input|[Ii]nput name|Feed Input Name)\s*[:=]?\s*'?([^\s',]+)")
+_NODE_NAME = re.compile(r"Name:\s*'([^']*)'")
+
+
+def culprit_inputs(reason: str, feeds: Mapping[str, np.ndarray], model: Any = None) -> list[str]:
+    """The fed inputs an onnxruntime message points at: named in it, or the inputs the failing node reads
+    (directly or through other nodes of `model`). Empty when it cannot tell."""
+    named = [m for m in _NAMED_INPUT.findall(reason) if m in feeds]
+    if named:
+        return list(dict.fromkeys(named))
+    node_name = _NODE_NAME.search(reason)
+    if node_name is None or model is None:
+        return []
+    return _ancestor_inputs(model, node_name.group(1), feeds)
+
+
+def _ancestor_inputs(model: Any, node_name: str, feeds: Mapping[str, np.ndarray], limit: int = 100_000) -> list[str]:
+    try:
+        node = next((n for n in model.graph if n.name == node_name), None)
+    except (AttributeError, TypeError):
+        return []
+    if node is None:
+        return []
+    found: list[str] = []
+    seen: set[int] = set()
+    stack = [node]
+    while stack and len(seen) < limit:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for value in current.inputs:
+            if value is None:
+                continue
+            if value.is_graph_input() and value.name in feeds and value.name not in found:
+                found.append(value.name)
+            producer = value.producer()
+            if producer is not None:
+                stack.append(producer)
+    return [name for name in feeds if name in found]  # in the model's order
 
 
 def batches(feeds: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:

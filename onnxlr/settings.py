@@ -26,6 +26,12 @@ POLICIES = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_
 # Settings added after the first release, with their defaults: left out of recorded() (the settings
 # recorded in the written model) while at the default.
 LATER_DEFAULTS = {"inputs_as_constants": False}
+# Op types whose rules came after the first release, at the end of ALL_OPS: while `ops` is the default
+# (all of them), recorded() leaves these out of the recorded `ops`, so a default run writes the same
+# bytes as before they existed (a recorded MatMul,Gemm,Conv then means the default or exactly those;
+# the recorded onnxlr.version tells which ops the default had).
+LATER_OPS = ("LSTM", "GRU", "RNN")
+assert ALL_OPS[-len(LATER_OPS):] == LATER_OPS
 
 # A progress hook wraps an iterable: progress(items, description) -> items (rich bar in the CLI).
 Progress = Callable[[Sequence[Any], str], Iterable[Any]]
@@ -136,8 +142,11 @@ class Settings:
 
         --jobs changes how fast, not what, so it stays out; settings added later stay out while at their
         default, so a run that does not use them writes the same bytes as before they existed."""
-        return {k: v for k, v in self.as_dict().items()
-                if k != "jobs" and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+        recorded = {k: v for k, v in self.as_dict().items()
+                    if k != "jobs" and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+        if self.ops == ALL_OPS:
+            recorded["ops"] = [op for op in ALL_OPS if op not in LATER_OPS]
+        return recorded
 
 
 def _check_fraction(name: str, value: float | None) -> None:

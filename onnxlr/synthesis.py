@@ -59,7 +59,7 @@ def feeds_the_model_accepts(reference_source: str | os.PathLike | bytes, specs: 
                   <= MAX_SYNTHESIZED_BYTES]
     if not affordable:
         return synthesize_inputs(specs, seed, samples, shapes)  # raises: the inputs would be too large
-    from onnxlr.runtime import make_session
+    from onnxlr.runtime import error_text, make_session
 
     session = make_session(reference_source, "cpu")
     error = ""
@@ -70,7 +70,7 @@ def feeds_the_model_accepts(reference_source: str | os.PathLike | bytes, specs: 
         except MemoryError:
             raise
         except Exception as exc:  # onnxruntime's own exception types: this step's shapes do not fit the model
-            error = (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
+            error = error_text(exc)
             logger.info("the reference fails on synthesized inputs %s: %s", _shapes_text(probe), error)
             continue
         return synthesize_inputs(specs, seed, samples, shapes, step)

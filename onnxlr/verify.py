@@ -6,7 +6,8 @@ Metrics per output (all computed in float64 over every sample):
   cosine               cosine similarity of the flattened outputs
   mean_sample_cosine   mean over samples (first axis) of each sample's cosine similarity
   snr_db               10 log10(sum reference^2 / sum (candidate - reference)^2)
-  top1_agreement       share of rows whose argmax over the last axis agrees (outputs that look like scores)
+  top1_agreement       share of rows whose argmax over the last axis agrees, for outputs that look like
+                       scores (`looks_like_scores`: 2-D float, not an embedding by name or by unit-norm rows)
   agreement            integer and boolean outputs (ids, classes, masks): share of elements exactly equal
   nan / inf            counts in the candidate (and in the reference)
 
@@ -32,7 +33,7 @@ import numpy as np
 import onnx
 
 from onnxlr.errors import OnnxlrError
-from onnxlr.runtime import make_session, run_all
+from onnxlr.runtime import GIVEN_HINT, SYNTHESIZED_HINT, error_text, input_error, make_session, run_all
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +85,14 @@ class VerificationResult:
         return dataclasses.asdict(self)
 
 
-def compare_arrays(reference: np.ndarray, candidate: np.ndarray, gates: Gates) -> dict[str, Any]:
+def compare_arrays(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "") -> dict[str, Any]:
+    """The metrics of one output (`name`: the output's name, which decides whether top-1 is meaningful)."""
     if reference.shape != candidate.shape:
         return {"passed": False, "failure": f"shape {candidate.shape} != reference {reference.shape}"}
     if reference.dtype.kind not in "biufc" or candidate.dtype.kind not in "biufc":
         return _compare_exact(reference, candidate)
     with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf where both have it: counted, not warned about
-        return _compare(reference, candidate, gates)
+        return _compare(reference, candidate, gates, name)
 
 
 def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
@@ -103,7 +105,7 @@ def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
             "passed": failure is None}
 
 
-def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates) -> dict[str, Any]:
+def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "") -> dict[str, Any]:
     ref = reference.astype(np.float64).reshape(-1)
     out = candidate.astype(np.float64).reshape(-1)
     finite = np.isfinite(ref) & np.isfinite(out)
@@ -127,7 +129,7 @@ def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates) -> dict
         rows_ref = reference.reshape(len(reference), -1).astype(np.float64)
         rows_out = candidate.reshape(len(candidate), -1).astype(np.float64)
         metrics["mean_sample_cosine"] = float(np.mean([_cosine(a, b) for a, b in zip(rows_ref, rows_out)]))
-    if _looks_like_scores(reference) and reference.size:
+    if looks_like_scores(reference, name) and reference.size:
         metrics["top1_agreement"] = float(np.mean(np.argmax(reference, -1) == np.argmax(candidate, -1)))
     integer = _is_integer(reference)
     if integer:  # ids, classes, masks: a cosine says little, exact agreement says it all
@@ -149,8 +151,32 @@ def _is_integer(array: np.ndarray) -> bool:
     return array.dtype.kind in "biu"
 
 
-def _looks_like_scores(array: np.ndarray) -> bool:
-    return array.dtype.kind == "f" and array.ndim == 2 and 2 <= array.shape[-1] <= 1_000_000
+SCORE_WORDS = ("logit", "score", "prob", "class", "label", "pred")
+EMBEDDING_WORDS = ("embed", "pool", "hidden", "feature", "encod", "state", "vector", "token")
+
+
+def looks_like_scores(array: np.ndarray, name: str = "") -> bool:
+    """Whether top-1 agreement means something: a 2-D float output (samples x classes) that is not an embedding.
+
+    A name with logit/score/prob/class/label/pred says scores; else a name with embed/pool/hidden/feature/
+    encod/state/vector/token, or rows that are L2-normalized with negative entries (sentence embeddings),
+    say an embedding, whose argmax is meaningless."""
+    if array.dtype.kind != "f" or array.ndim != 2 or not 2 <= array.shape[-1] <= 1_000_000:
+        return False
+    lowered = name.lower()
+    if any(word in lowered for word in SCORE_WORDS):
+        return True
+    if any(word in lowered for word in EMBEDDING_WORDS):
+        return False
+    return not _unit_rows(array)
+
+
+def _unit_rows(array: np.ndarray) -> bool:
+    """Rows of L2 norm 1 with negative entries: normalized embeddings (probabilities are >= 0)."""
+    if not array.size or not np.isfinite(array).all() or not (array < 0).any():
+        return False
+    norms = np.linalg.norm(array.astype(np.float64), axis=-1)
+    return bool(np.all(np.abs(norms - 1) < 1e-3))
 
 
 def _gate_failure(ref, out, diff, metrics, gates: Gates, integer: bool = False) -> str | None:
@@ -178,10 +204,11 @@ def _gate_failure(ref, out, diff, metrics, gates: Gates, integer: bool = False) 
 def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | bytes,
            feeds: Mapping[str, np.ndarray], providers: Sequence[str], gates: Gates,
            batch_size: int = 16, per_layer: Sequence[str] = (), threads: int = 0,
-           synthesized: bool = False) -> VerificationResult:
+           synthesized: bool = False, reference_model: Any = None) -> VerificationResult:
     """Run both models on each provider and compare (metrics: see the module doc).
 
-    The reference runs first: when it fails, the inputs are at fault (OnnxlrError, exit 2); when
+    The reference runs first: when it fails, the inputs are at fault (OnnxlrError, exit 2, naming the
+    input: `reference_model`, the reference loaded with onnx-ir, traces a failing node to it); when
     only the candidate fails (loads, lacks an output or raises), that is a failed verification.
     `per_layer` names intermediate tensors present in both models (the outputs of factorized
     nodes); they are exposed as extra outputs and compared too.
@@ -200,7 +227,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
         except MemoryError:
             raise
         except Exception as exc:  # the input model itself fails (bad attributes, shapes): bad input, not a bug
-            raise OnnxlrError(f"onnxruntime cannot run the reference model on {provider}: {_reason(exc)}") from exc
+            raise input_error(exc, feeds, f"onnxruntime cannot run the reference model on {provider}",
+                              SYNTHESIZED_HINT if synthesized else GIVEN_HINT, reference_model) from exc
         del ref_session  # one model in memory at a time
         try:
             cand_session, cand_out = _run_candidate(candidate_bytes, provider, threads, feeds, batch_size, names)
@@ -214,7 +242,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
         model_outputs = [n for n in names if n not in per_layer]
         entry: dict[str, Any] = {"session_providers": cand_session.get_providers(), "outputs": {}, "layers": {}}
         for name in names:
-            metrics = compare_arrays(ref_out[name], cand_out[name], gates if name in model_outputs else Gates())
+            metrics = compare_arrays(ref_out[name], cand_out[name], gates if name in model_outputs else Gates(),
+                                     name=name)
             (entry["outputs"] if name in model_outputs else entry["layers"])[name] = metrics
             if name in model_outputs and metrics.get("gated"):
                 result.gated = True
@@ -240,8 +269,7 @@ def _run_candidate(candidate: str | os.PathLike | bytes, provider: str, threads:
 
 
 def _reason(exc: BaseException) -> str:
-    text = exc.cli_message() if isinstance(exc, OnnxlrError) else str(exc)
-    return (text.strip() or type(exc).__name__).splitlines()[0][:300]
+    return error_text(exc)
 
 
 def _noise(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:

@@ -17,9 +17,12 @@ from .base import (
 from .conv import ConvRule, ConvView
 from .gemm import GemmRule, GemmView
 from .matmul import MatMulRule, MatMulView
+from .rnn import GRURule, LSTMRule, RecurrentRule, RecurrentView, RNNRule
 
 # op_type -> rule class; the target finder asks each node's rule whether it is a target.
-RULES: dict[str, type[FactorizationRule]] = {cls.op_type: cls for cls in (MatMulRule, GemmRule, ConvRule)}
+RULES: dict[str, type[FactorizationRule]] = {
+    cls.op_type: cls for cls in (MatMulRule, GemmRule, ConvRule, LSTMRule, GRURule, RNNRule)
+}
 
 # Ops that are low-rank candidates in spirit but must be left alone: (reason code, sentence) for reports.
 LEFT_ALONE = {
@@ -34,4 +37,5 @@ LEFT_ALONE = {
 __all__ = [
     "RULES", "LEFT_ALONE", "REASON_CODES", "Activation", "Context", "FactorizationRule", "NameGenerator", "Scheme",
     "Skip", "Target", "ConvRule", "ConvView", "GemmRule", "GemmView", "MatMulRule", "MatMulView",
+    "RecurrentRule", "RecurrentView", "LSTMRule", "GRURule", "RNNRule",
 ]

@@ -8,6 +8,8 @@ questions about one node:
   side of the view the activation enters (the views calibration can whiten)?
 - `activation`: which input the weight multiplies, and how calibration reads its vectors.
 - `rewrite`: given two factor tensors, which two nodes replace the original?
+A rule whose targets take no calibration statistics sets `calibrated = False` (its `activation`
+is then never asked).
 A rule knows nothing about SVD or ranks; the planner (onnxlr.plan) and the rewrite stage
 (onnxlr.rewrite) call it. `onnxlr.pipeline.FactorizationPass` is the onnx-ir pass that applies
 the rule set to a model.
@@ -180,6 +182,9 @@ class FactorizationRule:
     """Base class; subclasses set `op_type` and implement match / schemes / activation / rewrite."""
 
     op_type: str = ""
+    # Whether calibration reads statistics for this rule's targets (`activation` answers); False:
+    # calibration leaves its targets out and they take the plain SVD.
+    calibrated: bool = True
 
     def match(self, node: ir.Node, context: Context) -> Target:
         raise NotImplementedError
@@ -194,7 +199,7 @@ class FactorizationRule:
     def rewrite(
         self, target: Target, scheme: Scheme, a: ir.Value, b: ir.Value, names: NameGenerator
     ) -> list[ir.Node]:
-        """Return the new nodes; the last one's first output replaces the node's output."""
+        """Return the new nodes; the last one's outputs replace the node's outputs, one for one."""
         raise NotImplementedError
 
     def factor_tensors(self, target: Target, scheme: Scheme, a: np.ndarray, b: np.ndarray

@@ -59,7 +59,17 @@ def constant_weight(value: ir.Value | None, depth: int = 0, inputs_as_constants:
         if not inputs_as_constants:  # an initializer listed as input: callers may override it
             return ConstantWeight(reason=GRAPH_INPUT_REASON, code="graph_input")
     if value.is_graph_output():
+        # A constant that is also an output cannot be replaced; a value computed at run time (a KV cache's
+        # present key, say) is simply an activation, and reads as one.
+        behind = _constant_behind(value, depth, inputs_as_constants)
+        if behind.array is None:
+            return behind
         return ConstantWeight(reason="weight is also a graph output", code="graph_output")
+    return _constant_behind(value, depth, inputs_as_constants)
+
+
+def _constant_behind(value: ir.Value, depth: int, inputs_as_constants: bool) -> ConstantWeight:
+    """constant_weight past the graph input/output checks: the value's own tensor or its producer's."""
     if value.const_value is not None:
         return _from_tensor(value.const_value, (value,))
     producer = value.producer()
