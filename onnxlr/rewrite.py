@@ -153,22 +153,8 @@ def cleanup(model: ir.Model, groups: list[WeightGroup]) -> None:
 
 def _replaced_input_weights(groups: list[WeightGroup]) -> list[ir.Value]:
     """The initializers listed as graph inputs that factorized groups read, directly or through a folded chain."""
-    found: dict[int, ir.Value] = {}
-    for group in groups:
-        if not group.factorized or not group.lead.context.inputs_as_constants:
-            continue
-        pending = [group.lead.weight]
-        while pending:
-            value = pending.pop()
-            if id(value) in found:
-                continue
-            if value.is_graph_input():
-                if value.const_value is not None:
-                    found[id(value)] = value
-                continue
-            producer = value.producer()
-            if producer is not None and not value.uses():  # the folded chain, now unused
-                pending.extend(v for v in producer.inputs if v is not None)
+    found = {id(source): source for group in groups if group.factorized
+             for source in group.lead.sources if source.is_graph_input()}
     return list(found.values())
 
 

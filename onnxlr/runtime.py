@@ -140,30 +140,22 @@ def culprit_inputs(reason: str, feeds: Mapping[str, np.ndarray], model: Any = No
     return _ancestor_inputs(model, node_name.group(1), feeds)
 
 
-def _ancestor_inputs(model: Any, node_name: str, feeds: Mapping[str, np.ndarray], limit: int = 100_000) -> list[str]:
-    try:
-        node = next((n for n in model.graph if n.name == node_name), None)
-    except (AttributeError, TypeError):
-        return []
-    if node is None:
-        return []
-    found: list[str] = []
+def _ancestor_inputs(model: Any, node_name: str, feeds: Mapping[str, np.ndarray]) -> list[str]:
+    """The fed graph inputs the main-graph node `node_name` reads, directly or through other nodes."""
+    pending = [node for node in model.graph if node.name == node_name][:1]
     seen: set[int] = set()
-    stack = [node]
-    while stack and len(seen) < limit:
-        current = stack.pop()
-        if id(current) in seen:
+    found: set[str] = set()
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
             continue
-        seen.add(id(current))
-        for value in current.inputs:
-            if value is None:
-                continue
-            if value.is_graph_input() and value.name in feeds and value.name not in found:
-                found.append(value.name)
-            producer = value.producer()
-            if producer is not None:
-                stack.append(producer)
-    return [name for name in feeds if name in found]  # in the model's order
+        seen.add(id(node))
+        for value in node.inputs:
+            if value is not None and value.is_graph_input():
+                found.add(value.name)
+            elif value is not None and value.producer() is not None:
+                pending.append(value.producer())
+    return [name for name in feeds if name in found]  # in the feeds' order
 
 
 def batches(feeds: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -236,8 +236,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             raise
         except Exception as exc:  # the reference ran on these inputs: the candidate is at fault
             result.passed = False
-            result.failures.append(f"the candidate fails on {provider}: {_reason(exc)}")
-            result.providers[provider] = {"session_providers": [], "outputs": {}, "layers": {}, "error": _reason(exc)}
+            result.failures.append(f"the candidate fails on {provider}: {error_text(exc)}")
+            result.providers[provider] = {"session_providers": [], "outputs": {}, "layers": {}, "error": error_text(exc)}
             continue
         model_outputs = [n for n in names if n not in per_layer]
         entry: dict[str, Any] = {"session_providers": cand_session.get_providers(), "outputs": {}, "layers": {}}
@@ -266,10 +266,6 @@ def _run_candidate(candidate: str | os.PathLike | bytes, provider: str, threads:
     if missing:
         raise OnnxlrError(f"it lacks output(s) {', '.join(sorted(missing))}")
     return session, run_all(session, feeds, batch_size, names)
-
-
-def _reason(exc: BaseException) -> str:
-    return error_text(exc)
 
 
 def _noise(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:

@@ -110,6 +110,7 @@ class Target:
     view: Any
     rule: FactorizationRule
     context: Context
+    sources: tuple[ir.Value, ...] = ()  # the initializers or Constant outputs the weight was folded from
 
     @property
     def shapes(self) -> Mapping[str, tuple | None]:

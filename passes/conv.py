@@ -60,7 +60,7 @@ class ConvRule(FactorizationRule):
         if group > 1 and cin_per_group == 1:
             raise Skip("depthwise", "depthwise conv (one input channel per group): nothing to factorize")
         return Target(node=node, weight=node.inputs[1], array=kernel, dtype=found.dtype, view=ConvView(group),
-                      rule=self, context=context)
+                      rule=self, context=context, sources=found.sources)
 
     def schemes(self, target: Target) -> list[Scheme]:
         kernel = target.array

@@ -57,7 +57,7 @@ class GemmRule(FactorizationRule):
             raise Skip("weight_rank", f"weight has {found.array.ndim} dimensions (Gemm needs 2)")
         value = node.inputs[1] if view.operand == "B" else node.inputs[0]
         return Target(node=node, weight=value, array=found.array, dtype=found.dtype, view=view, rule=self,
-                      context=context)
+                      context=context, sources=found.sources)
 
     def _effective(self, target: Target) -> np.ndarray:
         return target.array.T if target.view.transposed else target.array

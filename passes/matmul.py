@@ -50,7 +50,7 @@ class MatMulRule(FactorizationRule):
         if found.array.ndim != 2:
             raise Skip("weight_rank", f"weight has {found.array.ndim} dimensions (only 2-D weights are factorized)")
         return Target(node=node, weight=value, array=found.array, dtype=found.dtype, view=view, rule=self,
-                      context=context)
+                      context=context, sources=found.sources)
 
     def schemes(self, target: Target) -> list[Scheme]:
         rows, cols = target.array.shape

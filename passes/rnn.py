@@ -67,7 +67,8 @@ class RecurrentRule(FactorizationRule):
         if found.array.shape[1] % self.gates:
             raise Skip("weight_rank", f"W's second dimension {found.array.shape[1]} is not {self.gates} gates")
         return Target(node=node, weight=value, array=found.array, dtype=found.dtype,
-                      view=RecurrentView(int(found.array.shape[0])), rule=self, context=context)
+                      view=RecurrentView(int(found.array.shape[0])), rule=self, context=context,
+                      sources=found.sources)
 
     def schemes(self, target: Target) -> list[Scheme]:
         directions, width, inputs = target.array.shape  # width = gates·hidden

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -75,3 +77,17 @@ def output_error(model: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict
     reference, = run(model, feeds)
     out, = run(candidate, feeds)
     return float(np.linalg.norm(out.astype(np.float64) - reference) / np.linalg.norm(reference))
+
+
+def parse_text(text: str, **initializers: np.ndarray) -> ir.Model:
+    """The onnx-ir model written in ONNX text; each keyword becomes the initializer of that name."""
+    tensors = [ir.tensor(np.asarray(array), name=name) for name, array in initializers.items()]
+    # A weight the text only uses (not declares) makes onnx-ir's deserializer warn before
+    # from_onnx_text attaches it as an initializer: expected here, not worth a log line.
+    logger = logging.getLogger("onnx_ir.serde")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return ir.from_onnx_text(text, initializers=tensors)
+    finally:
+        logger.setLevel(level)

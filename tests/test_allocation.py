@@ -7,12 +7,10 @@ weight) only because a WeightGroup is made of the targets the target finder retu
 
 from __future__ import annotations
 
-import contextlib
-import logging
-
 import numpy as np
 import onnx_ir as ir
 import pytest
+from graphs import parse_text
 from onnxlr.passes import Context
 
 import onnxlr
@@ -41,18 +39,6 @@ def spectral(s: np.ndarray, rows: int, cols: int, seed: int) -> np.ndarray:
     return ((u * s) @ v.T).astype(np.float32)
 
 
-@contextlib.contextmanager
-def _quiet_parser():
-    # The weights are only used by the text, not declared: onnx-ir warns before they are attached.
-    logger = logging.getLogger("onnx_ir.serde")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def matmul_model(*weights: np.ndarray, vectors: tuple[int, ...] | None = None) -> ir.Model:
     """layer{i}: y{i} = MatMul(x{i}, W{i}) with x{i} of shape (vectors[i], rows of W{i})."""
     vectors = vectors or (1,) * len(weights)
@@ -60,8 +46,7 @@ def matmul_model(*weights: np.ndarray, vectors: tuple[int, ...] | None = None) -
     outputs = ", ".join(f"float[{v},{w.shape[1]}] y{i}" for i, (v, w) in enumerate(zip(vectors, weights)))
     body = "\n".join(f"    [layer{i}] y{i} = MatMul(x{i}, W{i})" for i in range(len(weights)))
     text = f'<ir_version: 10, opset_import: ["" : 17]>\ng ({inputs}) => ({outputs}) {{\n{body}\n}}'
-    with _quiet_parser():
-        return ir.from_onnx_text(text, initializers=[ir.tensor(w, name=f"W{i}") for i, w in enumerate(weights)])
+    return parse_text(text, **{f"W{i}": w for i, w in enumerate(weights)})
 
 
 def groups_of(model: ir.Model, settings: Settings | None = None) -> list[WeightGroup]:
@@ -256,8 +241,7 @@ CONV = """
 
 def conv_group() -> WeightGroup:
     kernel = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
-    with _quiet_parser():
-        model = ir.from_onnx_text(CONV, initializers=[ir.tensor(kernel, name="K")])
+    model = parse_text(CONV, K=kernel)
     (group,) = groups_of(model)
     return group
 

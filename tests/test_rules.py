@@ -1,20 +1,17 @@
 """Unit tests of the factorization rules (passes/): match, schemes, activation, rewrite, factor tensors.
 
 Every model is written inline in the ONNX text format, so each test shows its whole graph; weights
-made with numpy are attached by name (`parse(text, W=array)`). The rewrite tests replace the node
+made with numpy are attached by name (`parse_text(text, W=array)`). The rewrite tests replace the node
 with the rule's two nodes built from an exact full-rank factorization and compare onnxruntime's
 outputs with the original's: at full rank the pair must compute the same function.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-
 import numpy as np
 import onnx_ir as ir
 import pytest
-from graphs import assert_outputs_close, run
+from graphs import assert_outputs_close, parse_text, run
 from onnxlr.passes import (
     REASON_CODES,
     RULES,
@@ -40,26 +37,6 @@ RNG_SEED = 0
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def _quiet_parser():
-    # A weight the text only uses (not declares) makes onnx-ir's deserializer warn before
-    # from_onnx_text attaches it as an initializer: expected here, not worth a log line.
-    logger = logging.getLogger("onnx_ir.serde")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def parse(text: str, **weights: np.ndarray) -> ir.Model:
-    """The model written in ONNX text; each keyword becomes the initializer of that name."""
-    tensors = [ir.tensor(np.asarray(array), name=name) for name, array in weights.items()]
-    with _quiet_parser():
-        return ir.from_onnx_text(text, initializers=tensors)
 
 
 def context_of(model: ir.Model) -> Context:
@@ -137,7 +114,7 @@ def attrs(node: ir.Node) -> dict:
 
 
 def test_matmul_weight_on_the_right():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[5,3] x) => (float[5,4] y) {
             [mm] y = MatMul(x, W)
@@ -159,7 +136,7 @@ def test_matmul_weight_on_the_right():
 
 
 def test_matmul_weight_on_the_left():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[2,3,5] x) => (float[2,4,5] y) {
             [mm] y = MatMul(W, x)
@@ -178,7 +155,7 @@ def test_matmul_weight_on_the_left():
 
 
 def test_matmul_skips():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[2,3] x, float[3,4] z, float[3,4] Win) => (float[3,5] y1, float[2,4] y2, float[2,4] y3,
                                                           float[2,4] y4, float[2,4] y5) {
@@ -198,7 +175,7 @@ def test_matmul_skips():
 
 
 def test_matmul_weight_behind_identity_and_transpose_is_folded():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[2,3] x) => (float[2,4] y) {
             a = Identity(W0)
@@ -214,7 +191,7 @@ def test_matmul_weight_behind_identity_and_transpose_is_folded():
 
 
 def test_matmul_constant_node_weight():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[2,3] x) => (float[2,2] y) {
             W = Constant <value = float[3,2] {1, 2, 3, 4, 5, 6}> ()
@@ -239,7 +216,7 @@ def test_matmul_rewrite_is_exact_at_full_rank(side):
                 [mm] y = MatMul(W, x)
             }""",
     }[side]
-    model = parse(text, **weights(W=(6, 4) if side == "right" else (4, 6)))
+    model = parse_text(text, **weights(W=(6, 4) if side == "right" else (4, 6)))
     x = np.random.default_rng(1).standard_normal((2, 5, 6) if side == "right" else (2, 6, 5)).astype(np.float32)
     reference = outputs(model, {"x": x})
     target = match(model, "mm")
@@ -261,7 +238,7 @@ def test_matmul_rewrite_is_exact_at_full_rank(side):
 
 
 def test_gemm_operand_b_without_transpose():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[5,3] x) => (float[5,4] y) {
             [gemm] y = Gemm(x, W, c)
@@ -277,7 +254,7 @@ def test_gemm_operand_b_without_transpose():
 
 
 def test_gemm_operand_b_transposed_and_transposed_activation():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[3,5] x) => (float[5,4] y) {
             [gemm] y = Gemm <transA = 1, transB = 1> (x, W)
@@ -296,7 +273,7 @@ def test_gemm_operand_b_transposed_and_transposed_activation():
 @pytest.mark.parametrize("trans_b, layout", [(0, "cols"), (1, "rows")])
 def test_gemm_operand_a_transposed(trans_b, layout):
     x_shape = "4,6" if trans_b else "6,4"
-    model = parse(f"""
+    model = parse_text(f"""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[{x_shape}] x) => (float[5,4] y) {{
             [gemm] y = Gemm <transA = 1, transB = {trans_b}> (W, x)
@@ -315,13 +292,13 @@ def test_gemm_operand_a_transposed(trans_b, layout):
 
 
 def test_gemm_skips():
-    old = parse("""
+    old = parse_text("""
         <ir_version: 10, opset_import: ["" : 6]>
         g (float[2,3] x) => (float[2,4] y) {
             [gemm] y = Gemm(x, W, c)
         }""", **weights(W=(3, 4), c=(4,)))
     assert skip_code(old, "gemm") == "old_opset"
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[2,3] x, float[3,4] z) => (float[3,5] y1, float[2,4] y2) {
             [both] y1 = Gemm(A, B)
@@ -332,7 +309,7 @@ def test_gemm_skips():
 
 
 def test_gemm_rewrite_nodes_for_operand_b():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[3,5] x) => (float[5,4] y) {
             [gemm] y = Gemm <transA = 1, transB = 1, alpha = 0.5, beta = 2.0> (x, W, c)
@@ -353,7 +330,7 @@ def test_gemm_rewrite_nodes_for_operand_b():
 
 
 def test_gemm_rewrite_nodes_for_operand_a():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[4,6] x) => (float[5,4] y) {
             [gemm] y = Gemm <transA = 1, transB = 1, alpha = 3.0> (W, x, c)
@@ -370,7 +347,7 @@ def test_gemm_rewrite_nodes_for_operand_a():
 
 
 def test_gemm_rewrite_before_opset_11_gives_the_first_gemm_a_zero_bias():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 7, opset_import: ["" : 9]>
         g (float[2,3] x) => (float[2,4] y) {
             [gemm] y = Gemm(x, W, c)
@@ -417,7 +394,7 @@ GEMM_CASES = {
 @pytest.mark.parametrize("case", list(GEMM_CASES))
 def test_gemm_rewrite_is_exact_at_full_rank(case):
     text, shapes, x_shape = GEMM_CASES[case]
-    model = parse(text, **weights(**shapes))
+    model = parse_text(text, **weights(**shapes))
     x = np.random.default_rng(2).standard_normal(x_shape).astype(np.float32)
     reference = outputs(model, {"x": x})
     (node,) = list(model.graph)
@@ -428,7 +405,7 @@ def test_gemm_rewrite_is_exact_at_full_rank(case):
 
 
 def test_gemm_pipeline_at_full_rank_is_exact():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[6,5] x) => (float[3,5] y) {
             [g1] h = Gemm <transA = 1, transB = 1, alpha = 0.5> (x, W1, c1)
@@ -445,7 +422,7 @@ def test_gemm_pipeline_at_full_rank_is_exact():
 
 
 def test_conv_schemes_and_activation():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[1,4,8,8] x) => (float[1,6,4,9] y) {
             [conv] y = Conv <strides = [2, 1], dilations = [1, 2], pads = [1, 2, 1, 3]> (x, K, b)
@@ -471,7 +448,7 @@ def test_conv_schemes_and_activation():
 
 
 def test_conv_grouped_1d_and_auto_pad():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[1,4,8,8] x, float[1,4,10] s) => (float[1,6,8,8] y, float[1,6,10] z) {
             [grouped] y = Conv <group = 2, auto_pad = "SAME_UPPER"> (x, K)
@@ -489,7 +466,7 @@ def test_conv_grouped_1d_and_auto_pad():
 
 
 def test_conv_skips():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[1,4,8,8] x, float[6,4,3,3] Kin) => (float[1,4,6,6] y1, float[1,6,6,6] y2, float[1,6,6,6] y3) {
             [depthwise] y1 = Conv <group = 4> (x, Kd)
@@ -504,7 +481,7 @@ def test_conv_skips():
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("scheme_name", ["output", "input", "spatial"])
 def test_conv_dense_weight_round_trip(scheme_name, groups):
-    model = parse(f"""
+    model = parse_text(f"""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[1,4,8,8] x) => (float[1,6,6,4] y) {{
             [conv] y = Conv <group = {groups}, kernel_shape = [3, 5]> (x, K)
@@ -544,7 +521,7 @@ def test_conv_rewrite_attributes_per_scheme():
         "spatial": ((12, 4, 3, 1), (6, 12, 1, 3)),
     }
     for name, (first_attrs, second_attrs) in expected.items():
-        model = parse(CONV_TEXT.replace("GROUP", "1"), **weights(K=(6, 4, 3, 3), b=(6,)))
+        model = parse_text(CONV_TEXT.replace("GROUP", "1"), **weights(K=(6, 4, 3, 3), b=(6,)))
         node = node_named(model, "conv")
         x, bias = node.inputs[0], node.inputs[2]
         target = match(model, "conv")
@@ -559,7 +536,7 @@ def test_conv_rewrite_attributes_per_scheme():
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("scheme_name", ["output", "input", "spatial"])
 def test_conv_rewrite_is_exact_at_full_rank(scheme_name, groups):
-    model = parse(CONV_TEXT.replace("GROUP", str(groups)), **weights(K=(6, 4 // groups, 3, 3), b=(6,)))
+    model = parse_text(CONV_TEXT.replace("GROUP", str(groups)), **weights(K=(6, 4 // groups, 3, 3), b=(6,)))
     x = np.random.default_rng(4).standard_normal((1, 4, 9, 10)).astype(np.float32)
     reference = outputs(model, {"x": x})
     target = match(model, "conv")
@@ -570,7 +547,7 @@ def test_conv_rewrite_is_exact_at_full_rank(scheme_name, groups):
 
 @pytest.mark.parametrize("scheme_name", ["output", "input", "spatial"])
 def test_conv_rewrite_with_auto_pad_is_exact(scheme_name):
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[1,4,9,10] x) => (float[1,6,5,5] y) {
             [conv] y = Conv <strides = [2, 2], auto_pad = "SAME_UPPER"> (x, K)
@@ -598,7 +575,7 @@ def skipped_codes(found) -> dict[str, str]:
 
 
 def test_shared_weight_read_the_same_way_is_one_group():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[2,3] x, float[5,3] z) => (float[2,4] y1, float[5,4] y2) {
             [mm1] y1 = MatMul(x, W)
@@ -613,7 +590,7 @@ def test_shared_weight_read_the_same_way_is_one_group():
 
 
 def test_shared_weight_read_differently_is_skipped():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[2,3] x, float[3,5] z, float[4,3] v) => (float[2,3] y1, float[3,5] y2, float[4,3] y3,
                                                         float[4,3] y4) {
@@ -629,7 +606,7 @@ def test_shared_weight_read_differently_is_skipped():
 
 
 def test_weight_also_read_by_another_op_is_skipped():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[2,3] x) => (float[2,4] y, float[3,4] s) {
             [mm] y = MatMul(x, W)
@@ -641,7 +618,7 @@ def test_weight_also_read_by_another_op_is_skipped():
 
 
 def test_include_and_exclude():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[2,3] x) => (float[2,4] y1, float[2,4] y2, float[2,4] y3) {
             [enc_0] y1 = MatMul(x, W1)
@@ -657,7 +634,7 @@ def test_include_and_exclude():
 
 
 def test_every_code_emitted_is_a_reason_code():
-    model = parse("""
+    model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17, "com.custom" : 1]>
         g (float[2,3] x, int32[2,3] xi, float[3,4] Win, int64[2] shape, float[1,4,8,8] img, float[3,4] z)
           => (float[2,4] y1, int32[2,4] y2, float[2,4] y3, float[2,0] y4, float[1,4,10,10] y5, int32[2,4] y6,
