@@ -14,7 +14,10 @@ so memory stays at one (K, K) matrix per target whatever the amount of data:
                                           pads, strides, dilations and auto_pad, so they are exact
 
 When the model has a 2-D `attention_mask` input, rows of [batch, seq, K] activations at masked
-(padding) positions are left out: the model ignores them, so the factorization should too.
+(padding) positions are left out: the model ignores them, so the factorization should too. Which
+activations the mask's positions index is decided once, from the graph (`masked_probes`), never
+from a batch's shapes: an encoder-decoder's decoder activations are [batch, decoder_seq, K], and a
+batch whose two lengths happen to be equal must not lose real decoder rows to the encoder's padding.
 
 The same probe model can take each target's weight as a feed (`Runner(..., slots=...)`): that
 measures a factorization (feed A @ B) without rewriting the graph, for error compensation
@@ -26,6 +29,7 @@ inside subgraphs get none and are factorized with the plain SVD.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -37,12 +41,14 @@ import onnx_ir as ir
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.inputs import input_specs, load_batches
+from onnxlr.masks import MASK_INPUT_NAME, masked_probes
 from onnxlr.passes import RULES, Activation, Context, Skip
 from onnxlr.passes.base import inputs_are_weights
 from onnxlr.runtime import input_error, make_session
 from onnxlr.shapes import default_opset
 
-MASK_INPUT_NAME = "attention_mask"
+logger = logging.getLogger(__name__)
+
 CALIBRATION_HINT = "check the arrays of --calibration (and of held-out --inputs) for input {name}"
 
 
@@ -163,11 +169,13 @@ def vectors(array: np.ndarray, layout: str, groups: int = 1, keep: np.ndarray | 
 
 @dataclasses.dataclass
 class Slot:
-    """A weight that calibration may replace by a feed: every target node (by output name) that reads it."""
+    """A weight that calibration may replace by a feed: every node (by output name) that reads it."""
 
     keys: list[str]
-    weight_input: int  # which node input carries the weight
-    array: np.ndarray  # the weight as the nodes read it (constant chains folded)
+    weight_inputs: list[int]  # per node: which input carries the weight
+    array: np.ndarray  # the weight as the first node reads it (constant chains folded)
+    # Per node: True when it reads the transpose of `array` (a tied head's Eᵀ beside the embedding's E).
+    transposed: list[bool] = dataclasses.field(default_factory=list)
 
 
 class Runner:
@@ -187,6 +195,7 @@ class Runner:
         self.session = make_session(proto_bytes, "cpu", external_data_folder=folder)
         mask = self.specs.get(MASK_INPUT_NAME)
         self.mask_input = MASK_INPUT_NAME if mask is not None and len(mask.shape) == 2 else None
+        self.masked = masked_probes(model, found) if self.mask_input else frozenset()  # probe keys
 
     def run(self, batch: Mapping[str, np.ndarray], names: Iterable[str],
             overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -206,8 +215,9 @@ class Runner:
         return batch[self.mask_input] != 0 if self.mask_input else None
 
     def vectors(self, key: str, outputs: Mapping[str, np.ndarray], keep: np.ndarray | None) -> np.ndarray:
+        """The probe's vectors; `keep` (from `keep`) applies only to the probes the mask indexes."""
         probe = self.probes[key]
-        return vectors(outputs[probe.activation], probe.layout, probe.groups, keep)
+        return vectors(outputs[probe.activation], probe.layout, probe.groups, keep if key in self.masked else None)
 
 
 def _probe_model(source: str | os.PathLike | bytes, found: list[Probe], slots: list[Slot]
@@ -249,16 +259,18 @@ def _add_unfold(graph: onnx.GraphProto, probe: Probe) -> None:
 def _expose_slot(graph: onnx.GraphProto, slot: Slot, index: int) -> str:
     """Make the slot's weight a feedable graph input; returns the input's name."""
     nodes = {node.output[0]: node for node in graph.node if node.output}
-    names = {nodes[key].input[slot.weight_input] for key in slot.keys}
+    names = {nodes[key].input[where] for key, where in zip(slot.keys, slot.weight_inputs)}
     initializers = {init.name: init for init in graph.initializer}
-    if len(names) == 1 and (name := names.pop()) in initializers:
+    if len(names) == 1 and (name := names.pop()) in initializers and not any(slot.transposed):
         init = initializers[name]  # the nodes read an initializer: declaring it an input makes it feedable
     else:  # a folded constant chain: a new initializer holding its value, read by the nodes instead
         name = f"onnxlr_calibration_weight_{index}"
         init = onnx.numpy_helper.from_array(np.ascontiguousarray(slot.array), name)
         graph.initializer.append(init)
-        for key in slot.keys:
-            nodes[key].input[slot.weight_input] = name
+        if any(slot.transposed):  # the readers of the transpose read it through a Transpose of the feed
+            graph.node.insert(0, onnx.helper.make_node("Transpose", [name], [f"{name}_T"], perm=[1, 0]))
+        for key, where, flipped in zip(slot.keys, slot.weight_inputs, slot.transposed or [False] * len(slot.keys)):
+            nodes[key].input[where] = f"{name}_T" if flipped else name
     if name not in {value.name for value in graph.input}:
         graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
     return name

@@ -60,26 +60,37 @@ def _batch_size(batch: Mapping[str, np.ndarray]) -> int:
 def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationData, progress) -> calibration.Runner | None:
     """Gram of every active main-graph group's input; returns the runner later steps reuse.
 
-    Each such group gets `slot` (its weight's feed index in the runner) and `gram`.
+    Each such group gets `slot` (its weight's feed index in the runner) and `gram`. A group whose
+    readers see the weight differently (a tied head's transpose, an embedding's Gather) gets a slot
+    but no Gram: it takes the plain SVD, and sensitivity, compensation and the target search still
+    measure it (one Gram needs every reader to multiply the same matrix from the same side).
     """
-    keyed = [g for g in groups if not g.reason and all(t.node.graph is model.graph for t in g.targets)]
-    keys = {t.node.outputs[0].name for g in keyed for t in g.targets}
-    constants = any(t.context.inputs_as_constants for g in keyed for t in g.targets)
+    main = [g for g in groups if not g.reason and all(t.node.graph is model.graph for t in g.targets)]
+    keys = {t.node.outputs[0].name for g in main if g.uniform for t in g.targets}
+    constants = any(t.context.inputs_as_constants for g in main for t in g.targets)
     found = [probe for probe in calibration.probes(model, constants) if probe.key in keys]
     if not found:
         return None
     probed = {probe.key for probe in found}
-    keyed = [g for g in keyed if all(t.node.outputs[0].name in probed for t in g.targets)]
-    slots = [calibration.Slot(keys=[t.node.outputs[0].name for t in g.targets],
-                              weight_input=g.lead.weight_input, array=g.lead.array) for g in keyed]
+    keyed = [g for g in main if not g.uniform or all(t.node.outputs[0].name in probed for t in g.targets)]
+    slots = [_slot(g) for g in keyed]
     runner = calibration.Runner(data.source, model, found, slots)
     statistics = calibration.grams(runner, progress(data.batches, "calibration"))
     for index, group in enumerate(keyed):
         group.slot = index
         grams = [statistics[t.node.outputs[0].name] for t in group.targets if t.node.outputs[0].name in statistics]
-        if grams:
+        if grams and group.uniform:
             group.gram = np.sum(grams, axis=0)
     return runner
+
+
+def _slot(group: WeightGroup) -> calibration.Slot:
+    """Every reader of the group's weight, and whether it reads the lead's array or its transpose."""
+    lead = group.lead.array
+    return calibration.Slot(keys=[t.node.outputs[0].name for t in group.targets],
+                            weight_inputs=[t.weight_input for t in group.targets], array=lead,
+                            transposed=[t.array is not lead and not np.array_equal(t.array, lead)
+                                        for t in group.targets])
 
 
 # ----------------------------------------------------------------------------- measuring a factorization

@@ -13,14 +13,21 @@ import numpy as np
 
 from onnxlr import lowrank
 from onnxlr.passes import REASON_CODES, Scheme, Target
+from onnxlr.passes.weights import constant_weight
 
 
 @dataclasses.dataclass
 class WeightGroup:
     """Targets that read one weight the same way: factorized once, every user rewritten alike."""
 
-    targets: list[Target]
-    schemes: list[Scheme] = dataclasses.field(default_factory=list)
+    targets: list[Target]  # every reader of the weight; the first (a rule's target) leads: its schemes are planned
+    # Per target: True when it reads the transpose of the lead's matrix (a tied head's Eᵀ): it takes Bᵀ·Aᵀ.
+    flipped: list[bool] = dataclasses.field(default_factory=list)
+    schemes: list[Scheme] = dataclasses.field(default_factory=list)  # the lead's views, costs summed over readers
+    reader_options: list[list[Scheme]] = dataclasses.field(default_factory=list)  # per target: its own views
+    # Per target: its bias tensors (rule.fixed_inputs) as (id of the stored tensor, parameters), taken
+    # before the rewrite: a bias shared through Identity counts once.
+    biases: list[list[tuple[int, int]]] = dataclasses.field(default_factory=list)
     decompositions: dict[str, lowrank.Decomposition] = dataclasses.field(default_factory=dict)
     scheme: Scheme | None = None
     rank: int | None = None
@@ -29,6 +36,7 @@ class WeightGroup:
     gram: np.ndarray | None = None  # activation second moment (calibration): whitened SVD when set
     cross: np.ndarray | None = None  # error compensation: sum x_c x_o^T (gram is then that of x_c)
     sensitivity: float | None = None  # end-to-end output error per unit of lost (whitened) energy
+    dropped: bool = False  # the rewrite's byte check kept it dense although planned (a planner bug)
     slot: int | None = None  # this weight's feed in the calibration runner (datafit)
     solver: lowrank.Solver = dataclasses.field(default_factory=lowrank.Solver)  # --svd / --device
 
@@ -49,10 +57,33 @@ class WeightGroup:
     def clear_reason(self) -> None:
         self.reason_code, self.reason = "", ""
 
+    def __post_init__(self) -> None:
+        self.flipped = self.flipped or [False] * len(self.targets)
+
+    @property
+    def uniform(self) -> bool:
+        """Every reader reads the weight as the lead does (the same rule and view, not transposed):
+        calibration can feed them one weight and sum their statistics."""
+        return all(type(t.rule) is type(self.lead.rule) and t.view == self.lead.view and not flip
+                   for t, flip in zip(self.targets, self.flipped))
+
     def prepare_schemes(self) -> None:
-        """The lead target's matrix views and costs (no SVD yet)."""
-        if not self.schemes:
-            self.schemes = self.lead.rule.schemes(self.lead)
+        """The lead's matrix views (no SVD yet), with the costs of every reader: the weight's parameters
+        count once, each reader's MACs add, and so does each bias (once, however many read it)."""
+        if self.schemes:
+            return
+        self.reader_options = [t.rule.schemes(t) for t in self.targets]
+        self.biases = [_bias_tensors(t) for t in self.targets]
+        counted: set[int] = set()
+        repeated = [repeated_params(biases, counted) for biases in self.biases]
+        self.schemes = [_with_readers(scheme, [_matching(scheme, options) for options in self.reader_options[1:]],
+                                      sum(repeated[1:])) for scheme in self.reader_options[0]]
+
+    def reader_scheme(self, index: int) -> Scheme | None:
+        """Target `index`'s own costs under the group's scheme (its first view before planning)."""
+        if not self.reader_options:
+            return None
+        return _matching(self.scheme or self.schemes[0], self.reader_options[index])
 
     def whitens(self, scheme: Scheme) -> bool:
         """Calibration statistics apply to this view (the rule says which views take them)."""
@@ -88,3 +119,35 @@ class WeightGroup:
         a, b = self.factors(scheme, rank)
         dense = self.lead.rule.dense_weight(self.lead, scheme, np.matmul(a, b))
         return np.ascontiguousarray(dense.astype(self.lead.array.dtype))
+
+
+def _matching(scheme: Scheme, options: list[Scheme]) -> Scheme:
+    """The reader's view of the same name (a conv read alike), else its only one (a matrix's)."""
+    return next((option for option in options if option.name == scheme.name), options[0])
+
+
+def _with_readers(scheme: Scheme, readers: list[Scheme], repeated_fixed: int) -> Scheme:
+    extra_fixed = sum(r.fixed_params for r in readers) - repeated_fixed
+    return dataclasses.replace(
+        scheme,
+        params_before=scheme.params_before + extra_fixed,
+        fixed_params=scheme.fixed_params + extra_fixed,
+        macs_before=scheme.macs_before + sum(r.macs_before for r in readers),
+        macs_per_rank=scheme.macs_per_rank + sum(r.macs_per_rank for r in readers),
+    )
+
+
+def _bias_tensors(target: Target) -> list[tuple[int, int]]:
+    found = []
+    for value in target.rule.fixed_inputs(target):
+        weight = constant_weight(value, inputs_as_constants=target.context.inputs_as_constants)
+        if weight.array is not None and weight.sources:
+            found.append((id(weight.sources[0]), int(weight.array.size)))
+    return found
+
+
+def repeated_params(tensors: list[tuple[int, int]], counted: set[int]) -> int:
+    """Parameters of `tensors` ((id, size) pairs) already in `counted`; adds the others to it."""
+    repeated = sum(size for key, size in tensors if key in counted)
+    counted.update(key for key, _ in tensors)
+    return repeated

@@ -184,8 +184,13 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
         rewrite.record_metadata(model, settings, groups)
         costs_after = cost.model_costs(model, infer_shapes(model, input_shapes))
         cost_report["after"] = cost.totals(costs_after, model)
-    report = build_report(groups, skipped, settings.as_dict(), order, totals_before,
-                          cost.model_totals(model) if not dry_run else None, cost_report, calibration_report)
+    totals_after = cost.model_totals(model) if not dry_run else None
+    if totals_after is not None and totals_after["bytes"] > totals_before["bytes"] and not settings.allow_no_gain:
+        # Each group's rewrite already checked its own bytes; growth here is a bug, and nothing is written.
+        raise RuntimeError(f"the rewritten model would be larger than its input ({totals_before['bytes']} -> "
+                           f"{totals_after['bytes']} bytes of weights); nothing was written")
+    report = build_report(groups, skipped, settings.as_dict(), order, totals_before, totals_after, cost_report,
+                          calibration_report)
     return Factorization(report=report, costs_before=costs_before, costs_after=costs_after)
 
 

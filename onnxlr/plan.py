@@ -164,6 +164,8 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
 
     def push(index: int) -> None:
         group, rank = groups[index], state[index]
+        if rank == 0:  # dense already (it started so, or went back): nothing left to grant, nothing to charge
+            return
         scheme = group.scheme
         decomposition = group.decomposition(scheme)
         current_loss = 1.0 - decomposition.retained_energy(rank)

@@ -11,8 +11,7 @@ import dataclasses
 from typing import Any
 
 from onnxlr._version import __version__
-from onnxlr.groups import WeightGroup
-from onnxlr.passes import Target
+from onnxlr.groups import WeightGroup, repeated_params
 from onnxlr.targets import SkippedNode
 
 
@@ -43,16 +42,25 @@ class LayerRow:
     macs_after: int | None = None
     shared_with: list[str] = dataclasses.field(default_factory=list)
 
+    carried_by: str | None = None  # the row that counts the shared weight's parameters (None: this one)
+
     @classmethod
-    def of_target(cls, group: WeightGroup, target: Target) -> LayerRow:
+    def of_target(cls, group: WeightGroup, index: int, carrier: int, repeated_fixed: int) -> LayerRow:
+        """Reader `index` of a group. The weight's parameters count in the carrier's row only, and a bias
+        in the first row that reads it (`repeated_fixed`: this reader's bias parameters counted before)."""
+        target = group.targets[index]
         factorized = group.factorized
         # A skipped group reports the costs of its first view, which are those of the original node.
-        scheme = group.scheme or (group.schemes[0] if group.schemes else None)
-        decomposition = group.decompositions.get(scheme.name) if scheme else None
+        planned = group.scheme or (group.schemes[0] if group.schemes else None)
+        own = group.reader_scheme(index)
+        decomposition = group.decompositions.get(planned.name) if planned else None
         rank = group.rank if factorized else None
         fitted = decomposition is not None and bool(rank)
-        params_before = scheme.params_before if scheme else int(target.array.size)
-        macs_before = scheme.macs_before if scheme else None
+        weight_before = planned.params_before - planned.fixed_params if planned else int(target.array.size)
+        weight_after = rank * planned.params_per_rank if (planned and rank) else weight_before
+        fixed = (own.fixed_params if own else 0) - repeated_fixed
+        carries = index == carrier
+        macs_before = own.macs_before if own else None
         return cls(
             name=target.name,
             op_type=target.node.op_type,
@@ -62,20 +70,21 @@ class LayerRow:
             weight=target.weight.name,
             weight_shape=list(target.array.shape),
             dtype=target.dtype.name,
-            scheme=scheme.name if factorized else None,
+            scheme=(own or planned).name if factorized else None,
             rank=rank,
-            full_rank=scheme.full_rank if scheme else None,
-            break_even_rank=scheme.break_even_rank if scheme else None,
+            full_rank=planned.full_rank if planned else None,
+            break_even_rank=planned.break_even_rank if planned else None,
             retained_energy=decomposition.retained_energy(rank) if fitted else None,
             method=decomposition.method if fitted else None,
             svd=decomposition.solver if fitted else None,
             svd_tail_excess=decomposition.tail_excess if fitted else None,
             sensitivity=group.sensitivity,
-            params_before=params_before,
-            params_after=scheme.params_after(rank) if (scheme and rank) else params_before,
+            params_before=(weight_before if carries else 0) + fixed,
+            params_after=(weight_after if carries else 0) + fixed,
             macs_before=macs_before,
-            macs_after=scheme.macs_after(rank) if (scheme and rank) else macs_before,
+            macs_after=own.macs_after(rank) if (own and rank) else macs_before,
             shared_with=[t.name for t in group.targets if t is not target],
+            carried_by=None if carries else group.targets[carrier].name,
         )
 
     @classmethod
@@ -121,7 +130,15 @@ def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings
                  order: dict[int, int], before: dict[str, int], after: dict[str, int] | None,
                  cost: dict[str, Any], calibration: dict[str, Any] | None) -> Report:
     """The report of a run: rows in graph order, totals before and after (estimated for a dry run)."""
-    rows = [(order.get(id(t.node), 0), LayerRow.of_target(g, t)) for g in groups for t in g.targets]
+    readers = sorted(((order.get(id(t.node), 0), g, i) for g in groups for i, t in enumerate(g.targets)),
+                     key=lambda item: item[0])
+    carriers = {}  # group -> the reader first in graph order: its row counts the weight
+    counted: set[int] = set()  # biases already counted, by stored tensor
+    rows = []
+    for position, group, index in readers:
+        carrier = carriers.setdefault(id(group), index)
+        repeated = repeated_params(group.biases[index], counted) if group.biases else 0
+        rows.append((position, LayerRow.of_target(group, index, carrier, repeated)))
     rows += [(order.get(id(item.node), 0), LayerRow.of_skipped(item)) for item in skipped]
     layers = [row for _, row in sorted(rows, key=lambda pair: pair[0])]
     if after is None:  # dry run: estimate what the rewrite would give

@@ -25,7 +25,7 @@ from onnxlr import lowrank, parallel, plan
 from onnxlr._version import __version__
 from onnxlr.groups import WeightGroup
 from onnxlr.passes import NameGenerator
-from onnxlr.passes.base import old_ir
+from onnxlr.passes.base import make_node, old_ir
 from onnxlr.settings import Progress, Settings
 
 
@@ -47,17 +47,20 @@ def factorize_groups(model: ir.Model, groups: list[WeightGroup], settings: Setti
             plan.plan_layer(group, settings)
         if dry_run or group.reason or group.rank is None:
             return None
-        a, b = group.factors(group.scheme, group.rank)
-        first, second = group.lead.rule.factor_tensors(group.lead, group.scheme, a, b)
-        dtype = group.lead.dtype.numpy()
-        return np.ascontiguousarray(first.astype(dtype)), np.ascontiguousarray(second.astype(dtype))
+        return group.factors(group.scheme, group.rank)
 
     results = parallel.ordered_map(work, active, jobs=settings.jobs, cost=lambda g: _working_set(g, settings))
     with contextlib.closing(results):
         for group in progress(active, "SVD"):
             factors = next(results)
             if factors is not None:
-                _rewrite_group(group, factors, names, sink)
+                tensors = FactorTensors(group, factors)
+                if settings.allow_no_gain or tensors.nbytes < _stored_bytes(group):
+                    _rewrite_group(group, tensors, names, sink)
+                else:  # the plan said it pays; the bytes say it does not: keep the weight (a planner bug)
+                    group.dropped = True
+                    group.keep_dense("no_file_gain", f"factors take {tensors.nbytes} bytes, the weight "
+                                                     f"{_stored_bytes(group)}: kept dense")
             group.drop_vectors()
     if existing is not None:
         _list_new_initializers(model, existing)
@@ -90,16 +93,74 @@ def _working_set(group: WeightGroup, settings: Settings) -> int:
     return lowrank.working_set_bytes(scheme.matrices.shape, known_rank, settings.svd) * len(group.schemes)
 
 
-def _rewrite_group(group: WeightGroup, factors: tuple[np.ndarray, np.ndarray], names: NameGenerator,
-                   sink: Any) -> None:
+class FactorTensors:
+    """Each reader's two factor tensors, from the group's one factor pair, stored once.
+
+    A reader that sees the lead's matrix takes (A, B); one that sees its transpose takes (Bᵀ, Aᵀ).
+    Each rule then lays them out as its node reads them (rule.factor_tensors). A tensor equal to
+    one already kept is that tensor again, and one equal to its transpose is a Transpose node of
+    it (constant-folded by onnxruntime when the session loads): the file holds each factor once.
+    """
+
+    def __init__(self, group: WeightGroup, factors: tuple[np.ndarray, np.ndarray]) -> None:
+        a, b = factors
+        dtype = group.lead.dtype.numpy()
+        self.stored: list[np.ndarray] = []  # distinct tensors, in the order they are first needed
+        self.readers: list[tuple[tuple[int, bool], tuple[int, bool]]] = []  # per target: (index, transposed) x 2
+        for index, (target, flipped) in enumerate(zip(group.targets, group.flipped)):
+            pair = (b.transpose(0, 2, 1), a.transpose(0, 2, 1)) if flipped else (a, b)
+            first, second = target.rule.factor_tensors(target, group.reader_scheme(index), *pair)
+            self.readers.append((self._keep(first, dtype), self._keep(second, dtype)))
+
+    def _keep(self, array: np.ndarray, dtype: np.dtype) -> tuple[int, bool]:
+        array = np.ascontiguousarray(array.astype(dtype))
+        for index, kept in enumerate(self.stored):
+            if kept.shape == array.shape and np.array_equal(kept, array):
+                return index, False
+            if kept.ndim == 2 and kept.T.shape == array.shape and np.array_equal(kept.T, array):
+                return index, True
+        self.stored.append(array)
+        return len(self.stored) - 1, False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.stored)
+
+
+def _stored_bytes(group: WeightGroup) -> int:
+    """Bytes the weight takes in the file: what leaves it when every reader is rewritten."""
+    root = group.lead.sources[0] if group.lead.sources else group.lead.weight
+    tensor = root.const_value if root.const_value is not None else ir.convenience.get_const_tensor(root)
+    return int(tensor.nbytes) if tensor is not None else 0
+
+
+def _rewrite_group(group: WeightGroup, tensors: FactorTensors, names: NameGenerator, sink: Any) -> None:
     lead = group.lead
     owner = _owning_graph(lead.weight, lead.node)
     base = lead.weight.name or lead.name
-    first_value = _initializer(owner, names(f"{base}_lr_a"), factors[0], lead.dtype, sink)
-    second_value = _initializer(owner, names(f"{base}_lr_b"), factors[1], lead.dtype, sink)
-    for target in group.targets:
+    suffixes = ["a", "b"] + [f"f{index}" for index in range(2, len(tensors.stored))]
+    values = [_initializer(owner, names(f"{base}_lr_{suffix}"), array, lead.dtype, sink)
+              for suffix, array in zip(suffixes, tensors.stored)]
+    transposed: dict[int, ir.Value] = {}
+
+    def value_for(index: int, transpose: bool) -> ir.Value:
+        if not transpose:
+            return values[index]
+        if index not in transposed:
+            node = make_node("Transpose", [values[index]], names(f"{values[index].name}_T"),
+                             names(f"{values[index].name}_T"), {"perm": [1, 0]})
+            if len(owner):  # reads an initializer only: first in the graph keeps it sorted
+                owner.insert_before(owner[0], node)
+            else:
+                owner.append(node)
+            transposed[index] = node.outputs[0]
+        return transposed[index]
+
+    for index, target in enumerate(group.targets):
         node = target.node
-        new_nodes = target.rule.rewrite(target, group.scheme, first_value, second_value, names)
+        (first, first_t), (second, second_t) = tensors.readers[index]
+        new_nodes = target.rule.rewrite(target, group.reader_scheme(index), value_for(first, first_t),
+                                        value_for(second, second_t), names)
         for position, new_node in enumerate(new_nodes, start=1):
             # Provenance, and which node ends the pair (verify --per-layer compares its output).
             new_node.metadata_props["onnxlr.source"] = node.name or ""

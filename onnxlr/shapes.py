@@ -34,12 +34,7 @@ def infer_shapes(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | No
     """
     shapes: dict[str, tuple | None] = {}
     try:
-        with _initializers_as_references(model):
-            proto = ir.serde.serialize_model(model)
-        for graph_input in proto.graph.input:
-            if input_shapes and graph_input.name in input_shapes:
-                _set_dims(graph_input, input_shapes[graph_input.name])
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        inferred = _inferred(model, input_shapes)
     except OnnxlrError:
         raise
     except Exception as exc:  # inference is best effort: MACs become per unit of unknown dims
@@ -47,6 +42,31 @@ def infer_shapes(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | No
         return shapes
     _collect_shapes(inferred.graph, shapes)
     return shapes
+
+
+def named_dims(model: ir.Model) -> dict[str, tuple]:
+    """Main-graph dims by value name from ONNX shape inference: each an int, the dim's name (a str) or None.
+
+    (infer_shapes keeps sizes only; names are what tell an encoder's sequence from a decoder's.)
+    Best effort: a model onnx cannot infer yields an empty mapping."""
+    try:
+        graph = _inferred(model).graph
+    except Exception as exc:
+        logger.info("shape inference failed: %s", exc)
+        return {}
+    return {info.name: tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                             for d in info.type.tensor_type.shape.dim)
+            for info in [*graph.input, *graph.value_info, *graph.output] if info.type.tensor_type.HasField("shape")}
+
+
+def _inferred(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
+    """ONNX shape inference on a weightless serialized copy, with `input_shapes` fixed first."""
+    with _initializers_as_references(model):
+        proto = ir.serde.serialize_model(model)
+    for graph_input in proto.graph.input:
+        if input_shapes and graph_input.name in input_shapes:
+            _set_dims(graph_input, input_shapes[graph_input.name])
+    return onnx.shape_inference.infer_shapes(proto, data_prop=True)
 
 
 def _set_dims(value_info: onnx.ValueInfoProto, dims: Sequence[int]) -> None:

@@ -16,8 +16,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxlr.groups import WeightGroup
-from onnxlr.passes import LEFT_ALONE, RULES, Context, Skip, Target
+from onnxlr.passes import LEFT_ALONE, READER_RULES, RULES, Context, Skip, Target
 from onnxlr.passes.base import FLOAT_TYPES
+from onnxlr.passes.weights import FOLDABLE
 from onnxlr.settings import Settings
 
 
@@ -77,28 +78,97 @@ def _check_weight(target: Target) -> None:
 
 
 def _group_shared_weights(targets: list[Target], skipped: list[SkippedNode], settings: Settings) -> FoundTargets:
-    by_weight: dict[int, list[Target]] = {}
+    """One group per stored weight: every reader of it, through any chain of pure views, or all of them skipped.
+
+    Identity, Transpose, Cast and Reshape of a constant are views of it (exporters dedup shared
+    parameters with Identity; a tied head reads Transpose(embedding)). A weight leaves the model only
+    when no reader keeps it, so its readers are factorized together with one factor pair or not at all.
+    """
+    by_root: dict[int, list[Target]] = {}
     for target in targets:
-        by_weight.setdefault(id(target.weight), []).append(target)
-    target_nodes = {id(t.node) for t in targets}
+        by_root.setdefault(id(_root(target)), []).append(target)
+    by_node = {id(t.node): t for t in targets}
+    left_alone = {id(item.node): item for item in skipped}
     groups: list[WeightGroup] = []
-    for users in by_weight.values():
-        weight = users[0].weight
-        others = [n for n in weight.consumers() if id(n) not in target_nodes]
-        views = {t.view for t in users}
-        if others:
-            reason = f"weight is also read by {others[0].op_type} node {others[0].name!r}, which cannot be rewritten"
-            skipped.extend(SkippedNode(t.node, "shared_with_other_op", reason) for t in users)
+    for users in by_root.values():
+        readers, blocker = _readers(_root(users[0]), by_node, left_alone, users[0].context)
+        if blocker is None:
+            readers, flipped, blocker = _orient(readers)
+        if blocker is not None:
+            skipped.extend(SkippedNode(t.node, *blocker) for t in users)
             continue
-        if len(views) > 1:
-            reason = "weight is shared by nodes that read it differently"
-            skipped.extend(SkippedNode(t.node, "shared_differently", reason) for t in users)
-            continue
-        group = WeightGroup(targets=users, solver=settings.solver)
+        group = WeightGroup(targets=readers, flipped=flipped, solver=settings.solver)
         if users[0].array.size < settings.min_params:
             group.keep_dense("min_params", f"fewer than --min-params {settings.min_params} parameters")
         groups.append(group)
     return FoundTargets(groups, skipped)
+
+
+def _root(target: Target) -> ir.Value:
+    """The stored tensor (initializer or Constant output) a target's weight is a view of."""
+    return target.sources[0] if target.sources else target.weight
+
+
+def _readers(root: ir.Value, by_node: dict[int, Target], left_alone: dict[int, SkippedNode], context: Context
+             ) -> tuple[list[Target], tuple[str, str] | None]:
+    """Every node that reads `root` through pure views (in graph order of discovery), or why the weight must stay."""
+    readers: list[Target] = []
+    pending, seen = [root], set()
+    while pending:
+        value = pending.pop(0)
+        if value.is_graph_output():
+            return [], ("graph_output", "weight is also a graph output" + ("" if value is root else " (through a view)"))
+        for node, index in value.uses():
+            if id(node) in seen:
+                continue
+            if node.op_type in FOLDABLE and node.domain in ("", "ai.onnx") and index == 0:
+                seen.add(id(node))
+                pending.append(node.outputs[0])
+                continue
+            target = by_node.get(id(node))
+            if target is not None and target.weight is value:
+                readers.append(target)
+            elif node.op_type in READER_RULES and node.domain in ("", "ai.onnx") and index == 0:
+                try:
+                    readers.append(READER_RULES[node.op_type]().match(node, context))
+                except Skip as skip:
+                    return [], ("shared_with_other_op", f"weight is also read by {node.op_type} node {node.name!r}: "
+                                                        f"{skip.message}")
+            else:
+                why = f" ({left_alone[id(node)].reason})" if id(node) in left_alone else ", which cannot be rewritten"
+                return [], ("shared_with_other_op", f"weight is also read by {node.op_type} node {node.name!r}{why}")
+            seen.add(id(node))
+    return readers, None
+
+
+def _orient(readers: list[Target]) -> tuple[list[Target], list[bool], tuple[str, str] | None]:
+    """Put a target first (its schemes are the group's) and say which readers see the transpose of its matrix.
+
+    Readers share one factor pair when each sees the lead's weight the same way (the same rule and
+    view, and the same values), or, for plain matrices (MatMul, Gemm, Gather), that matrix or its
+    transpose (W ≈ A·B, so Wᵀ ≈ Bᵀ·Aᵀ)."""
+    readers = sorted(readers, key=lambda t: t.rule.op_type in READER_RULES)  # stable: a target leads
+    lead = readers[0]
+    lead_matrix = lead.rule.matrix(lead)
+    flipped = []
+    for reader in readers:
+        if reader.dtype != lead.dtype:
+            return [], [], ("shared_differently", "weight is shared by nodes that read it in different dtypes")
+        if type(reader.rule) is type(lead.rule) and reader.view == lead.view and _same(reader.array, lead.array):
+            flipped.append(False)
+            continue
+        matrix = reader.rule.matrix(reader)
+        if matrix is not None and lead_matrix is not None and _same(matrix, lead_matrix):
+            flipped.append(False)
+        elif matrix is not None and lead_matrix is not None and _same(matrix, lead_matrix.T):
+            flipped.append(True)
+        else:
+            return [], [], ("shared_differently", "weight is shared by nodes that read it differently")
+    return readers, flipped, None
+
+
+def _same(first: np.ndarray, second: np.ndarray) -> bool:
+    return first is second or (first.shape == second.shape and np.array_equal(first, second))
 
 
 def attach_statistics(groups: list[WeightGroup], statistics: Mapping[str, np.ndarray]) -> None:

@@ -15,6 +15,7 @@ from .base import (
     Target,
 )
 from .conv import ConvRule, ConvView
+from .gather import GatherRule, GatherView
 from .gemm import GemmRule, GemmView
 from .matmul import MatMulRule, MatMulView
 from .rnn import GRURule, LSTMRule, RecurrentRule, RecurrentView, RNNRule
@@ -23,6 +24,10 @@ from .rnn import GRURule, LSTMRule, RecurrentRule, RecurrentView, RNNRule
 RULES: dict[str, type[FactorizationRule]] = {
     cls.op_type: cls for cls in (MatMulRule, GemmRule, ConvRule, LSTMRule, GRURule, RNNRule)
 }
+
+# Readers that are never targets on their own but join a shared weight's group (a tied embedding's
+# Gather): op_type -> rule class.
+READER_RULES: dict[str, type[FactorizationRule]] = {"Gather": GatherRule}
 
 # Ops that are low-rank candidates in spirit but must be left alone: (reason code, sentence) for reports.
 LEFT_ALONE = {
@@ -35,7 +40,7 @@ LEFT_ALONE = {
 }
 
 __all__ = [
-    "RULES", "LEFT_ALONE", "REASON_CODES", "Activation", "Context", "FactorizationRule", "NameGenerator", "Scheme",
-    "Skip", "Target", "ConvRule", "ConvView", "GemmRule", "GemmView", "MatMulRule", "MatMulView",
+    "RULES", "READER_RULES", "LEFT_ALONE", "REASON_CODES", "Activation", "Context", "FactorizationRule", "NameGenerator", "Scheme",
+    "Skip", "Target", "ConvRule", "GatherRule", "GatherView", "ConvView", "GemmRule", "GemmView", "MatMulRule", "MatMulView",
     "RecurrentRule", "RecurrentView", "LSTMRule", "GRURule", "RNNRule",
 ]

@@ -56,6 +56,8 @@ REASON_CODES = {
     "shared_differently": "the weight is shared by nodes that read it differently",
     "min_params": "the weight has fewer than --min-params parameters",
     "no_gain": "the factor pair at the planned rank is not smaller and cheaper (break-even)",
+    "no_file_gain": "the factors would take no fewer bytes in the file than the weight they replace (a safety "
+                    "net: the planner should not have chosen it)",
     "kept_dense_by_budget": "the whole-model budget allocation left the layer dense",
     "target_not_reached": "no budget reaches the --target-cosine/--target-error goal",
 }
@@ -202,6 +204,16 @@ class FactorizationRule:
     ) -> list[ir.Node]:
         """Return the new nodes; the last one's outputs replace the node's outputs, one for one."""
         raise NotImplementedError
+
+    def matrix(self, target: Target) -> np.ndarray | None:
+        """The 2-D matrix the factor pair approximates, as the node reads it (X·W: W; Gemm: op(W)), or
+        None when the weight is no plain matrix (a conv kernel, an RNN's stacked gates). Readers of one
+        weight that see this matrix or its transpose share one factor pair (onnxlr.targets)."""
+        return None
+
+    def fixed_inputs(self, target: Target) -> list[ir.Value]:
+        """Inputs kept as they are whose parameters a scheme counts (`fixed_params`: the bias)."""
+        return []
 
     def factor_tensors(self, target: Target, scheme: Scheme, a: np.ndarray, b: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:

@@ -62,6 +62,10 @@ class ConvRule(FactorizationRule):
         return Target(node=node, weight=node.inputs[1], array=kernel, dtype=found.dtype, view=ConvView(group),
                       rule=self, context=context, sources=found.sources)
 
+    def fixed_inputs(self, target: Target) -> list[ir.Value]:
+        bias = target.node.inputs[2] if len(target.node.inputs) > 2 else None
+        return [bias] if bias is not None else []
+
     def schemes(self, target: Target) -> list[Scheme]:
         kernel = target.array
         group = target.view.groups

@@ -62,6 +62,13 @@ class GemmRule(FactorizationRule):
     def _effective(self, target: Target) -> np.ndarray:
         return target.array.T if target.view.transposed else target.array
 
+    def matrix(self, target: Target) -> np.ndarray:
+        return self._effective(target)
+
+    def fixed_inputs(self, target: Target) -> list[ir.Value]:
+        bias = target.node.inputs[2] if len(target.node.inputs) > 2 else None
+        return [bias] if bias is not None else []
+
     def schemes(self, target: Target) -> list[Scheme]:
         w = self._effective(target)  # B: (K, N); A: (M, K)
         rows, cols = w.shape

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from .base import (
@@ -51,6 +52,9 @@ class MatMulRule(FactorizationRule):
             raise Skip("weight_rank", f"weight has {found.array.ndim} dimensions (only 2-D weights are factorized)")
         return Target(node=node, weight=value, array=found.array, dtype=found.dtype, view=view, rule=self,
                       context=context, sources=found.sources)
+
+    def matrix(self, target: Target) -> np.ndarray:
+        return target.array  # X·W ≈ (X·A)·B and W·X ≈ A·(B·X): both factorize W itself
 
     def schemes(self, target: Target) -> list[Scheme]:
         rows, cols = target.array.shape

@@ -208,8 +208,6 @@ def test_a_layer_without_a_gaining_rank_stays_dense():
     assert spent(groups) <= 0.5 * total_before(groups)
 
 
-@pytest.mark.xfail(strict=True, reason="allocate_budget charges a layer that starts dense (no gaining rank) a "
-                                       "second time for a no-op 'go dense' step, leaving budget unused")
 def test_a_layer_that_starts_dense_costs_the_others_nothing():
     thin = np.random.default_rng(0).standard_normal((64, 1)).astype(np.float32)
     with_thin = allocate(groups_of(matmul_model(thin, spectral(SLOW, 32, 32, 1))), Settings(param_budget=0.5))

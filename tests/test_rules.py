@@ -589,7 +589,8 @@ def test_shared_weight_read_the_same_way_is_one_group():
     assert not group.reason
 
 
-def test_shared_weight_read_differently_is_skipped():
+def test_shared_weight_read_in_other_views_shares_one_pair():
+    """X·W and W·Z factorize the same matrix; Gemm(v, S) and Gemm<transB>(v, S) see S and its transpose."""
     model = parse_text("""
         <ir_version: 10, opset_import: ["" : 17]>
         g (float[2,3] x, float[3,5] z, float[4,3] v) => (float[2,3] y1, float[3,5] y2, float[4,3] y3,
@@ -600,9 +601,26 @@ def test_shared_weight_read_differently_is_skipped():
             [transposed] y4 = Gemm <transB = 1> (v, S)
         }""", **weights(W=(3, 3), S=(3, 3)))
     found = find(model)
+    assert found.skipped == []
+    by_lead = {g.lead.node.name: g for g in found.groups}
+    assert [t.node.name for t in by_lead["right"].targets] == ["right", "left"]
+    assert by_lead["right"].flipped == [False, False]
+    assert [t.node.name for t in by_lead["plain"].targets] == ["plain", "transposed"]
+    assert by_lead["plain"].flipped == [False, True]
+
+
+def test_shared_weight_read_through_a_reshape_is_skipped():
+    model = parse_text("""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[2,4] x, float[2,6] z) => (float[2,6] y1, float[2,4] y2) {
+            shape = Constant <value = int64[2] {6, 4}> ()
+            R = Reshape(W, shape)
+            [direct] y1 = MatMul(x, W)
+            [reshaped] y2 = MatMul(z, R)
+        }""", **weights(W=(4, 6)))
+    found = find(model)
     assert found.groups == []
-    assert skipped_codes(found) == {"right": "shared_differently", "left": "shared_differently",
-                                    "plain": "shared_differently", "transposed": "shared_differently"}
+    assert skipped_codes(found) == {"direct": "shared_differently", "reshaped": "shared_differently"}
 
 
 def test_weight_also_read_by_another_op_is_skipped():
