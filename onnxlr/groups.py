@@ -1,8 +1,8 @@
-"""WeightGroup: the targets that read one weight the same way, with their plan state and SVD cache.
+"""WeightGroup: every reader of one stored weight, with the plan state and SVD cache.
 
 The target finder (onnxlr.targets) makes the groups; the planner (onnxlr.plan) sets each group's
 scheme and rank, or keeps it dense with a reason; the rewrite stage (onnxlr.rewrite) turns the plan
-into factor tensors and nodes. A group is factorized once and every user is rewritten alike.
+into factor tensors and nodes. A group is factorized once and every reader is rewritten with its factors.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from onnxlr.passes.weights import constant_weight
 
 @dataclasses.dataclass
 class WeightGroup:
-    """Targets that read one weight the same way: factorized once, every user rewritten alike."""
+    """Every reader of one stored weight (through any views of it): factorized once, every reader rewritten
+    with the same factor pair (transposed for a reader that sees the transpose)."""
 
     targets: list[Target]  # every reader of the weight; the first (a rule's target) leads: its schemes are planned
     # Per target: True when it reads the transpose of the lead's matrix (a tied head's Eᵀ): it takes Bᵀ·Aᵀ.
@@ -40,6 +41,9 @@ class WeightGroup:
     slot: int | None = None  # this weight's feed in the calibration runner (datafit)
     solver: lowrank.Solver = dataclasses.field(default_factory=lowrank.Solver)  # --svd / --device
 
+    def __post_init__(self) -> None:
+        self.flipped = self.flipped or [False] * len(self.targets)
+
     @property
     def lead(self) -> Target:
         return self.targets[0]
@@ -56,9 +60,6 @@ class WeightGroup:
 
     def clear_reason(self) -> None:
         self.reason_code, self.reason = "", ""
-
-    def __post_init__(self) -> None:
-        self.flipped = self.flipped or [False] * len(self.targets)
 
     @property
     def uniform(self) -> bool:

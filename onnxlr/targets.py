@@ -91,7 +91,7 @@ def _group_shared_weights(targets: list[Target], skipped: list[SkippedNode], set
     left_alone = {id(item.node): item for item in skipped}
     groups: list[WeightGroup] = []
     for users in by_root.values():
-        readers, blocker = _readers(_root(users[0]), by_node, left_alone, users[0].context)
+        readers, blocker = _readers(_root(users[0]), by_node, left_alone, users[0].context, settings)
         if blocker is None:
             readers, flipped, blocker = _orient(readers)
         if blocker is not None:
@@ -109,8 +109,8 @@ def _root(target: Target) -> ir.Value:
     return target.sources[0] if target.sources else target.weight
 
 
-def _readers(root: ir.Value, by_node: dict[int, Target], left_alone: dict[int, SkippedNode], context: Context
-             ) -> tuple[list[Target], tuple[str, str] | None]:
+def _readers(root: ir.Value, by_node: dict[int, Target], left_alone: dict[int, SkippedNode], context: Context,
+             settings: Settings) -> tuple[list[Target], tuple[str, str] | None]:
     """Every node that reads `root` through pure views (in graph order of discovery), or why the weight must stay."""
     readers: list[Target] = []
     pending, seen = [root], set()
@@ -130,6 +130,7 @@ def _readers(root: ir.Value, by_node: dict[int, Target], left_alone: dict[int, S
                 readers.append(target)
             elif node.op_type in READER_RULES and node.domain in ("", "ai.onnx") and index == 0:
                 try:
+                    _check_filters(node, settings)  # --exclude on the embedding's Gather keeps the table
                     readers.append(READER_RULES[node.op_type]().match(node, context))
                 except Skip as skip:
                     return [], ("shared_with_other_op", f"weight is also read by {node.op_type} node {node.name!r}: "

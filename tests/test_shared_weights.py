@@ -430,3 +430,9 @@ def test_default_flags_on_shared_weights(tmp_path, build):
         assert weight_bytes(onnx.load(str(target))) <= weight_bytes(onnx.load(str(source)))
     else:
         assert "verification failed" in result.stderr and not target.exists()
+
+
+def test_excluding_the_embedding_lookup_keeps_the_table():
+    _, report = check_shrinks(tied_head(), rank_ratio=0.25, exclude=["embed"])
+    head = rows_of(report)["head"]
+    assert head["reason_code"] == "shared_with_other_op" and "--exclude" in head["reason"]
