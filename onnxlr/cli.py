@@ -21,6 +21,7 @@ from onnxlr.cli_options import (
     VERIFY_KEYS,
     State,
     calibration_options,
+    methods_option,
     output_options,
     rank_policy_options,
     run_verification,
@@ -103,6 +104,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @rank_policy_options
 @target_selection_options
 @calibration_options
+@methods_option
 @click.option("--compensate", is_flag=True,
               help="With --calibration: refit layer by layer on the inputs of the partially factorized model, "
                    "so later layers correct what earlier ones lost (one calibration pass per stage).")

@@ -138,6 +138,14 @@ calibration_options = _options(
                  help="Use at most the first N calibration samples. Default: all."),
 )
 
+methods_option = _options(
+    click.option("--methods", default="svd", show_default=True, metavar="LIST", callback=lambda _c, _p, v: tuple(split_list(v) or ()),
+                 help="svd: each weight its own factor pair. svd,joint: also coupled MLP pairs (linear -> "
+                      "activation -> linear) keep k of their inner neurons and refit the second layer on the "
+                      "--calibration data, at the parameters the per-matrix plan gives the pair, where that "
+                      "loses less output error (needs --calibration)."),
+)
+
 output_options = _options(
     click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
                  help="Write the report (settings, totals, per-layer rows) as JSON."),

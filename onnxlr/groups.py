@@ -8,6 +8,7 @@ into factor tensors and nodes. A group is factorized once and every reader is re
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,7 @@ class WeightGroup:
     gram: np.ndarray | None = None  # activation second moment (calibration): whitened SVD when set
     cross: np.ndarray | None = None  # error compensation: sum x_c x_o^T (gram is then that of x_c)
     sensitivity: float | None = None  # end-to-end output error per unit of lost (whitened) energy
+    joint: Any = None  # onnxlr.coupled.JointRole when the group's layer is compressed with its coupled partner
     dropped: bool = False  # the rewrite's byte check kept it dense although planned (a planner bug)
     slot: int | None = None  # this weight's feed in the calibration runner (datafit)
     solver: lowrank.Solver = dataclasses.field(default_factory=lowrank.Solver)  # --svd / --device
@@ -50,8 +52,8 @@ class WeightGroup:
 
     @property
     def factorized(self) -> bool:
-        """Planned to a rank and not kept dense."""
-        return self.rank is not None and not self.reason
+        """Planned to a rank (its own factor pair) and not kept dense, nor compressed jointly with a partner."""
+        return self.rank is not None and not self.reason and self.joint is None
 
     def keep_dense(self, code: str, reason: str) -> None:
         """Leave the group's weight as it is, saying why."""

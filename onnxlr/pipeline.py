@@ -12,6 +12,7 @@ compensation) between planning and the rewrite.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxlr import cost, datafit, lowrank, plan, rewrite
+from onnxlr import cost, coupled, datafit, lowrank, plan, rewrite
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.inputs import load_batches
@@ -30,6 +31,8 @@ from onnxlr.results import Report, build_report
 from onnxlr.settings import Progress, Settings, no_progress
 from onnxlr.shapes import default_opset, infer_shapes
 from onnxlr.targets import attach_statistics, find_targets
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -162,6 +165,7 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     # Graph order (subgraph nodes follow their parent), taken before the rewrite removes nodes.
     order = {id(node): index for index, node in enumerate(ir.traversal.RecursiveGraphIterator(model.graph))}
     groups, skipped = find_targets(model, settings, context)
+    pair_plans = _joint_candidates(model, groups, settings, calibration_data)
     runner = None
     if calibration_data is not None:
         runner = datafit.prepare(model, groups, calibration_data, progress)
@@ -177,7 +181,11 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
             plan.prepare_schemes(groups)
         else:
             calibration_report = plan_with_data(model, groups, settings, progress, runner, calibration_data)
+        if pair_plans and runner is not None:
+            coupled.choose(pair_plans, runner, calibration_data.batches, progress)
         rewrite.factorize_groups(model, groups, settings, progress, plan_here=per_layer, dry_run=dry_run, sink=sink)
+    if not dry_run:
+        coupled.rewrite(model, pair_plans, sink)
     costs_after = None
     if not dry_run:
         rewrite.cleanup(model, groups)
@@ -192,6 +200,19 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     report = build_report(groups, skipped, settings.as_dict(), order, totals_before, totals_after, cost_report,
                           calibration_report)
     return Factorization(report=report, costs_before=costs_before, costs_after=costs_after)
+
+
+def _joint_candidates(model: ir.Model, groups: list[WeightGroup], settings: Settings,
+                      data: datafit.CalibrationData | None) -> list[coupled.PairPlan]:
+    """The coupled pairs `--methods svd,joint` may compress jointly (none without calibration data: said once)."""
+    if "joint" not in settings.methods:
+        return []
+    coupled.check_settings(settings)
+    if data is None:
+        logger.warning("--methods joint needs --calibration data (the refit reads the activations): "
+                       "per-matrix factorization only")
+        return []
+    return coupled.find(model, groups)
 
 
 def _check_data_needs(settings: Settings, runner: Any, data: datafit.CalibrationData | None) -> None:

@@ -49,6 +49,8 @@ def layer_table(report: dict[str, Any]) -> Table:
         macs = _before_after(layer["macs_before"], layer["macs_after"], factorized)
         energy = f"{layer['retained_energy']:.3f}" if layer["retained_energy"] is not None else "-"
         status = "[green]factorized[/]" if factorized else f"[yellow]skipped[/]: {layer['reason']}"
+        if layer.get("partner"):
+            status = f"[green]joint[/] with {layer['partner']}"
         table.add_row(layer["name"], layer["op_type"], shape, layer["scheme"] or "-", rank, params, macs,
                       energy, status)
     return table
@@ -222,6 +224,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         rank = f"{layer['rank']}/{layer['full_rank']}" if factorized else "-"
         energy = f"{layer['retained_energy']:.3f}" if layer["retained_energy"] is not None else "-"
         status = "factorized" if factorized else f"skipped: {layer['reason']}"
+        if layer.get("partner"):
+            status = f"joint with `{layer['partner']}`"
         lines.append(f"| `{layer['name']}` | {layer['op_type']} | {shape} | {layer['scheme'] or '-'} | {rank} | "
                      f"{_before_after(layer['params_before'], layer['params_after'], factorized)} | "
                      f"{_before_after(layer['macs_before'], layer['macs_after'], factorized)} | {energy} | {status} |")

@@ -43,6 +43,34 @@ class LayerRow:
     shared_with: list[str] = dataclasses.field(default_factory=list)
 
     carried_by: str | None = None  # the row that counts the shared weight's parameters (None: this one)
+    partner: str | None = None  # method "joint": the other layer of the coupled pair
+
+    @classmethod
+    def of_joint(cls, group: WeightGroup) -> LayerRow:
+        """A layer compressed with its coupled partner (onnxlr.coupled): rank = the kept inner neurons.
+
+        Its parameters are the weight's and the bias's (the up layer's bias shrinks with the neurons)."""
+        role, target = group.joint, group.lead
+        plan = role.plan
+        kept, width = len(plan.fit.kept), plan.pair.width
+        layer = plan.pair.up if role.side == "up" else plan.pair.down
+        rows, cols = layer.matrix().shape
+        bias = layer.bias_array()
+        bias_size = 0 if bias is None else bias.size
+        if role.side == "up":
+            before, after = rows * width + bias_size, rows * kept + (kept if bias is not None else 0)
+        else:
+            before, after = width * cols + bias_size, kept * cols + bias_size
+        own = group.reader_scheme(0)
+        macs_before = own.macs_before if own else None
+        return cls(
+            name=target.name, op_type=target.node.op_type, status="factorized", reason="", reason_code="",
+            weight=target.weight.name, weight_shape=list(target.array.shape), dtype=target.dtype.name,
+            scheme="joint", rank=kept, full_rank=width, method="joint",
+            retained_energy=1.0 - plan.joint_error if plan.joint_error is not None else None,
+            sensitivity=group.sensitivity, params_before=before, params_after=after, macs_before=macs_before,
+            macs_after=macs_before * kept // width if macs_before is not None else None, partner=role.partner,
+        )
 
     @classmethod
     def of_target(cls, group: WeightGroup, index: int, carrier: int, repeated_fixed: int) -> LayerRow:
@@ -138,7 +166,8 @@ def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings
     for position, group, index in readers:
         carrier = carriers.setdefault(id(group), index)
         repeated = repeated_params(group.biases[index], counted) if group.biases else 0
-        rows.append((position, LayerRow.of_target(group, index, carrier, repeated)))
+        row = LayerRow.of_joint(group) if group.joint is not None else LayerRow.of_target(group, index, carrier, repeated)
+        rows.append((position, row))
     rows += [(order.get(id(item.node), 0), LayerRow.of_skipped(item)) for item in skipped]
     layers = [row for _, row in sorted(rows, key=lambda pair: pair[0])]
     if after is None:  # dry run: estimate what the rewrite would give
@@ -146,8 +175,13 @@ def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings
         for group in groups:
             if group.factorized:
                 delta = group.scheme.params_before - group.scheme.params_after(group.rank)
-                after["params"] -= delta
-                after["bytes"] -= delta * group.lead.array.itemsize
+            elif group.joint is not None:
+                row = LayerRow.of_joint(group)
+                delta = row.params_before - row.params_after
+            else:
+                continue
+            after["params"] -= delta
+            after["bytes"] -= delta * group.lead.array.itemsize
     totals = {
         "params_before": before["params"],
         "params_after": after["params"],

@@ -38,7 +38,7 @@ def factorize_groups(model: ir.Model, groups: list[WeightGroup], settings: Setti
     sets, not the model's. `plan_here`: choose each group's scheme and rank here too (per-layer policies).
     Graph edits stay on this thread, in group order, so names and file layout do not depend on --jobs.
     """
-    active = [g for g in groups if not g.reason]
+    active = [g for g in groups if not g.reason and g.joint is None]  # joint pairs: onnxlr.coupled
     names = NameGenerator(model)
     existing = {id(v) for graph in model.graphs() for v in graph.initializers.values()} if old_ir(model) else None
 
@@ -139,7 +139,7 @@ def _rewrite_group(group: WeightGroup, tensors: FactorTensors, names: NameGenera
     owner = _owning_graph(lead.weight, lead.node)
     base = lead.weight.name or lead.name
     suffixes = ["a", "b"] + [f"f{index}" for index in range(2, len(tensors.stored))]
-    values = [_initializer(owner, names(f"{base}_lr_{suffix}"), array, lead.dtype, sink)
+    values = [add_initializer(owner, names(f"{base}_lr_{suffix}"), array, lead.dtype, sink)
               for suffix, array in zip(suffixes, tensors.stored)]
     transposed: dict[int, ir.Value] = {}
 
@@ -183,7 +183,7 @@ def _owning_graph(weight: ir.Value, node: ir.Node) -> ir.Graph:
     return node.graph
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType, sink: Any = None) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType, sink: Any = None) -> ir.Value:
     tensor: Any = ir.Tensor(np.ascontiguousarray(array.astype(dtype.numpy())), dtype=dtype, name=name)
     if sink is not None:  # straight to the output's data file; the model keeps a reference to it
         tensor = sink.append(tensor)
@@ -224,6 +224,10 @@ def record_metadata(model: ir.Model, settings: Settings, groups: list[WeightGrou
     model.metadata_props["onnxlr.version"] = __version__
     model.metadata_props["onnxlr.settings"] = json.dumps(settings.recorded(), sort_keys=True)
     model.metadata_props["onnxlr.ranks"] = json.dumps(ranks, sort_keys=True)
-    methods = sorted({g.decompositions[g.scheme.name].method for g in groups
-                      if g.factorized and g.scheme.name in g.decompositions})
-    model.metadata_props["onnxlr.methods"] = ",".join(methods)
+    methods = {g.decompositions[g.scheme.name].method for g in groups
+               if g.factorized and g.scheme.name in g.decompositions}
+    joint = {g.lead.name: [len(g.joint.plan.fit.kept), g.joint.plan.pair.width] for g in groups if g.joint is not None}
+    if joint:  # kept and total inner neurons of each layer compressed with its coupled partner
+        model.metadata_props["onnxlr.joint"] = json.dumps(joint, sort_keys=True)
+        methods.add("joint")
+    model.metadata_props["onnxlr.methods"] = ",".join(sorted(methods))

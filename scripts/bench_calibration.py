@@ -13,6 +13,11 @@ Methods, each at the same F:
   whitened    activation-whitened SVD, the same uniform ranks
   full        whitened + global allocation by measured sensitivity + --compensate
               (minilm: --param-budget F; digits: --mac-budget F)
+  budget      whitened + the same global allocation, without --compensate
+  joint       budget + --methods svd,joint: coupled MLP pairs keep k of their inner neurons and refit
+              the second layer where that loses less output error than the pair's per-matrix plan
+  int8        onnxruntime's dynamic per-channel INT8 quantization alone (quantize_dynamic), once: the
+              one-line alternative every onnxlr figure is read against
 The speedup is onnxruntime's CPU latency of the original over the candidate, interleaved A/B runs in
 this process (median of pairwise ratios; 1 thread), on one batch of held-out inputs.
 Models are built with `python -m models build minilm|digits-cnn`; nothing is downloaded.
@@ -38,7 +43,8 @@ import onnxlr  # noqa: E402
 from onnxlr import bench  # noqa: E402
 from onnxlr.inputs import input_specs, load_inputs  # noqa: E402
 
-METHODS = ("plain", "whitened", "full")
+METHODS = ("plain", "whitened", "full", "budget", "joint", "int8")
+DEFAULT_METHODS = ("plain", "whitened", "full", "int8")
 DEFAULT_FRACTIONS = (1.0, 0.8, 0.7, 0.6, 0.5)  # the issue's grid; add lower ones with --fractions
 
 
@@ -70,9 +76,13 @@ def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 
 def settings_for(name: str, method: str, fraction: float, base: dict) -> dict:
-    if method == "full":  # minilm: a parameter budget; digits: its figure of merit is MACs
-        budget = "param_budget" if name == "minilm" else "mac_budget"
+    budget = "param_budget" if name == "minilm" else "mac_budget"  # digits: its figure of merit is MACs
+    if method == "full":
         return {**base, budget: fraction, "compensate": True}
+    if method == "budget":
+        return {**base, budget: fraction}
+    if method == "joint":
+        return {**base, budget: fraction, "methods": ("svd", "joint")}
     return {**base, "param_ratio": fraction}  # a conv pair's MACs scale with its parameters
 
 
@@ -98,8 +108,10 @@ def evaluate(name: str, fractions: list[float], methods: list[str], runs: int) -
     labels = np.load(folder / "eval.npz")["labels"] if name == "digits" else None
     reference = run_model(model_path, eval_feeds)
     rows = []
+    if "int8" in methods:
+        rows.append(int8_row(name, model_path, eval_feeds, bench_feeds, reference, labels, runs))
     for fraction in fractions:
-        for method in methods:
+        for method in (m for m in methods if m != "int8"):
             settings = settings_for(name, method, fraction, base)
             start = time.perf_counter()
             calibration = None if method == "plain" else str(calib)
@@ -116,6 +128,7 @@ def evaluate(name: str, fractions: list[float], methods: list[str], runs: int) -
             row = {
                 "model": name, "method": method, "fraction": fraction, "seconds": round(seconds, 1),
                 "kept_params": kept_params, "kept_macs": totals["macs_after"] / max(totals["macs_before"], 1),
+                "kept_bytes": totals["bytes_after"] / max(totals["bytes_before"], 1),
                 "factorized": totals["factorized"],
                 "speedup": speedup(model_path, model, bench_feeds, runs),
             }
@@ -130,15 +143,44 @@ def evaluate(name: str, fractions: list[float], methods: list[str], runs: int) -
     return rows
 
 
+def int8_row(name: str, model_path: Path, eval_feeds: dict, bench_feeds: dict, reference: np.ndarray,
+             labels: np.ndarray | None, runs: int) -> dict:
+    """onnxruntime's dynamic per-channel INT8 quantization of the original, measured like the others."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as folder:
+        quantized = Path(folder) / "int8.onnx"
+        quantize_dynamic(str(model_path), str(quantized), per_channel=True, weight_type=QuantType.QInt8)
+        output = run_model(quantized, eval_feeds)
+        result = bench.benchmark([str(model_path), str(quantized)], bench_feeds, "cpu", threads=1, runs=runs, warmup=5)
+        size = quantized.stat().st_size / model_path.stat().st_size  # the file: weights and graph
+    row = {"model": name, "method": "int8", "fraction": "-", "seconds": 0.0, "kept_params": 1.0,
+           "kept_macs": 1.0, "kept_bytes": size, "factorized": 0, "speedup": result["speedup"]["median"]}
+    if name == "minilm":
+        row["mean_cosine"] = mean_cosine(reference, output)
+        row["knn10_overlap"] = neighbour_overlap(reference, output)
+    else:
+        row["accuracy"] = float(np.mean(np.argmax(output, 1) == labels))
+        row["accuracy_original"] = float(np.mean(np.argmax(reference, 1) == labels))
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
     if rows[0]["model"] == "minilm":
-        head = "| kept | method | params kept | MACs kept | mean cosine | 10-NN overlap | CPU speedup |"
-        line = "| {fraction} | {method} | {kept_params:.3f} | {kept_macs:.3f} | {mean_cosine:.4f} | {knn10_overlap:.3f} | {speedup:.2f}x |"
+        head = ("| kept | method | params kept | MACs kept | weight bytes kept | mean cosine | 10-NN overlap | "
+                "CPU speedup |")
+        line = ("| {fraction} | {method} | {kept_params:.3f} | {kept_macs:.3f} | {kept_bytes:.3f} | {mean_cosine:.4f} | "
+                "{knn10_overlap:.3f} | {speedup:.2f}x |")
     else:
-        head = "| kept | method | params kept | MACs kept | accuracy (original {accuracy_original:.4f}) | CPU speedup |"
-        line = "| {fraction} | {method} | {kept_params:.3f} | {kept_macs:.3f} | {accuracy:.4f} | {speedup:.2f}x |"
+        head = ("| kept | method | params kept | MACs kept | weight bytes kept | accuracy (original "
+                "{accuracy_original:.4f}) | CPU speedup |")
+        line = ("| {fraction} | {method} | {kept_params:.3f} | {kept_macs:.3f} | {kept_bytes:.3f} | {accuracy:.4f} | "
+                "{speedup:.2f}x |")
     sep = "|" + "---|" * (head.count("|") - 1)
     return "\n".join([head.format(**rows[0]), sep, *(line.format(**row) for row in rows)])
 
@@ -147,7 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=["minilm", "digits"])
     parser.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS))
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     parser.add_argument("--runs", type=int, default=100, help="timed runs per model for the speedup")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()

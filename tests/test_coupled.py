@@ -1,0 +1,135 @@
+"""`--methods svd,joint`: coupled MLP pairs compressed together, chosen where they lose less, rewritten exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graphs import assert_outputs_close, init, make_model, onnxlr_cli, run, tensor_input
+from onnx import TensorProto, helper
+
+import onnxlr
+from onnxlr import coupled, joint, pairs
+from onnxlr.io import load
+
+RNG = np.random.default_rng(16)
+D_IN, WIDTH = 32, 128
+
+
+def redundant_mlp(activation="Relu", gemm=False):
+    """x -> up (+b1) -> activation -> down (+b2), half of the inner neurons near-copies of the other half."""
+    base = RNG.standard_normal((D_IN, WIDTH // 2)).astype(np.float32) / 6
+    w1 = np.concatenate([base, base * 1.01], axis=1)
+    b1 = (RNG.standard_normal(WIDTH) * 0.1).astype(np.float32)
+    w2 = (RNG.standard_normal((WIDTH, D_IN)) / 10).astype(np.float32)
+    b2 = (RNG.standard_normal(D_IN) * 0.1).astype(np.float32)
+    if gemm:
+        nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["hb"], name="up", transB=1),
+                 helper.make_node(activation, ["hb"], ["z"]),
+                 helper.make_node("Gemm", ["z", "W2", "b2"], ["y"], name="down", transB=1)]
+        weights = [init("W1", np.ascontiguousarray(w1.T)), init("b1", b1), init("W2", np.ascontiguousarray(w2.T)),
+                   init("b2", b2)]
+        x = tensor_input("x", [8, D_IN])
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="up"),
+                 helper.make_node("Add", ["b1", "h"], ["hb"], name="up_bias"),
+                 helper.make_node(activation, ["hb"], ["z"]),
+                 helper.make_node("MatMul", ["z", "W2"], ["y0"], name="down"),
+                 helper.make_node("Add", ["y0", "b2"], ["y"], name="down_bias")]
+        weights = [init("W1", w1), init("b1", b1), init("W2", w2), init("b2", b2)]
+        x = tensor_input("x", ["n", D_IN])
+    return make_model(nodes, [x], [tensor_input("y", None)], weights, opset=20)
+
+
+def batches(count, rows=8):
+    return [{"x": RNG.standard_normal((rows, D_IN)).astype(np.float32)} for _ in range(count)]
+
+
+def relative_error(model, candidate, feeds):
+    reference, = run(model, feeds)
+    out, = run(candidate, feeds)
+    return float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+
+
+@pytest.mark.parametrize("activation,gemm", [("Relu", False), ("Gelu", False), ("Tanh", True)])
+def test_joint_pair_is_chosen_where_it_loses_less(activation, gemm):
+    model = redundant_mlp(activation, gemm)
+    calibration, heldout = batches(6), batches(4)[0]
+    svd_model, svd_report = onnxlr.optimize(model, calibration=calibration, param_ratio=0.5)
+    joint_model, report = onnxlr.optimize(model, calibration=calibration, param_ratio=0.5, methods=("svd", "joint"))
+    rows = {row["name"]: row for row in report["layers"]}
+    assert rows["up"]["method"] == rows["down"]["method"] == "joint"
+    assert rows["up"]["partner"] == "down" and rows["down"]["partner"] == "up"
+    assert rows["up"]["rank"] == rows["down"]["rank"] < WIDTH
+    # At no more parameters than the per-matrix plan, and the rows add up to the totals.
+    totals = report["totals"]
+    assert totals["params_after"] <= svd_report["totals"]["params_after"]
+    freed = sum(row["params_before"] - row["params_after"] for row in report["layers"])
+    assert freed == totals["params_before"] - totals["params_after"]
+    assert relative_error(model, joint_model, heldout) < 0.5 * relative_error(model, svd_model, heldout)
+    onnx.checker.check_model(joint_model, full_check=True)
+    assert len(joint_model.graph.node) == len(model.graph.node)  # slicing adds no node
+    metadata = {p.key: p.value for p in joint_model.metadata_props}
+    assert "joint" in metadata["onnxlr.methods"] and '"up"' in metadata["onnxlr.joint"]
+
+
+@pytest.mark.parametrize("activation,gemm", [("Relu", False), ("Gelu", False), ("Tanh", True)])
+def test_keeping_every_neuron_reproduces_the_outputs(activation, gemm):
+    """The rewrite itself, with a fit that keeps all D neurons: exact (joint.select_and_refit returns W2 as is)."""
+    model = redundant_mlp(activation, gemm)
+    ir_model = load(model).model
+    (pair,), _ = pairs.find_mlp_pairs(ir_model)
+    fit = joint.select_and_refit(pair.down.matrix(), pair.down.bias_array(), np.eye(WIDTH + 1), WIDTH)
+    plan = coupled.PairPlan(pair, up=None, down=None, fit=fit)
+    coupled.rewrite(ir_model, [plan])
+    rewritten = ir.to_proto(ir_model)
+    feeds = batches(1)[0]
+    assert_outputs_close(run(model, feeds), run(rewritten, feeds), rtol=1e-5, atol=1e-6)
+
+
+def test_kept_neurons_slice_both_weights_and_the_first_bias():
+    model = redundant_mlp()
+    joint_model, report = onnxlr.optimize(model, calibration=batches(6), param_ratio=0.5, methods=("svd", "joint"))
+    kept = report["layers"][0]["rank"]
+    shapes = {t.name: tuple(t.dims) for t in joint_model.graph.initializer}
+    assert sorted(shapes.values()) == sorted([(D_IN, kept), (kept,), (kept, D_IN), (D_IN,)])
+
+
+def test_joint_needs_calibration_data(caplog):
+    model = redundant_mlp()
+    _, report = onnxlr.optimize(model, param_ratio=0.5, methods=("svd", "joint"))
+    assert {row["method"] for row in report["layers"]} <= {"svd", None}
+    assert "needs --calibration" in caplog.text
+
+
+def test_joint_refuses_settings_it_does_not_take_yet():
+    with pytest.raises(onnxlr.OnnxlrError, match="target_cosine"):
+        onnxlr.optimize(redundant_mlp(), calibration=batches(2), heldout=batches(1), target_cosine=0.9,
+                        methods=("svd", "joint"))
+    with pytest.raises(onnxlr.OnnxlrError, match="methods"):
+        onnxlr.optimize(redundant_mlp(), methods=("joint",))
+
+
+def test_cli_methods_flag(tmp_path):
+    source, target, calibration = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz"
+    onnx.save(redundant_mlp(), str(source))
+    np.savez(calibration, x=np.concatenate([b["x"] for b in batches(6)]))
+    result = onnxlr_cli("optimize", source, target, "--param-ratio", "0.5", "--methods", "svd,joint", "--calibration",
+                        calibration, "--no-gate")
+    assert result.returncode == 0, result.stderr
+    assert "joint with" in result.stdout + result.stderr
+    assert target.exists() and target.stat().st_size < source.stat().st_size
+    bad = onnxlr_cli("optimize", source, target, "--methods", "svd,magic")
+    assert bad.returncode == 2 and "--methods" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_model_without_pairs_is_unchanged_by_joint():
+    """A model with no coupled pair: joint changes nothing."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="only")]
+    model = make_model(nodes, [tensor_input("x", [4, 16], TensorProto.FLOAT)], [tensor_input("y", None)],
+                       [init("W", RNG.standard_normal((16, 16)).astype(np.float32))])
+    calibration = [{"x": RNG.standard_normal((4, 16)).astype(np.float32)}]
+    plain, _ = onnxlr.optimize(model, calibration=calibration, rank_ratio=0.25)
+    with_joint, _ = onnxlr.optimize(model, calibration=calibration, rank_ratio=0.25, methods=("svd", "joint"))
+    assert plain.graph.SerializeToString() == with_joint.graph.SerializeToString()  # the settings differ
