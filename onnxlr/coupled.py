@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxlr import joint, pairs
+from onnxlr import datafit, joint, pairs
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.passes import NameGenerator
@@ -98,7 +98,7 @@ def choose(plans: list[PairPlan], runner: Any, batches: list[dict[str, np.ndarra
     if not plans:
         return
     correlations = _correlations(plans, runner, batches, progress)
-    comparison = _first_samples(batches, COMPARISON_SAMPLES)
+    comparison = datafit.first_samples(batches, COMPARISON_SAMPLES)
     for plan in progress(plans, "joint pairs"):
         width = plan.pair.width
         keep = joint.keep_for_params(plan.pair.up.matrix().shape[0], width, plan.pair.down.matrix().shape[1],
@@ -165,16 +165,6 @@ def _planned_matrix(group: WeightGroup, layer: pairs.Linear) -> np.ndarray:
     return dense.T if layer.transposed else dense
 
 
-def _first_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
-    taken, count = [], 0
-    for batch in batches:
-        if count >= samples:
-            break
-        taken.append(batch)
-        count += min((len(a) for a in batch.values() if a.ndim), default=1)
-    return taken
-
-
 # ----------------------------------------------------------------------------- rewrite
 
 
@@ -204,16 +194,14 @@ def _stored(layer: pairs.Linear, matrix: np.ndarray) -> np.ndarray:
 
 def _bias_shape(value: ir.Value, size: int) -> tuple[int, ...]:
     """The bias's own layout ((D,) or (1, D)) at the new size."""
-    tensor = value.const_value if value.const_value is not None else ir.convenience.get_const_tensor(value)
+    tensor = ir.convenience.get_const_tensor(value)
     return (1, size) if tensor is not None and len(tensor.shape) == 2 else (size,)
 
 
 def _replace(node: ir.Node, old: ir.Value, array: np.ndarray, names: NameGenerator, sink: Any) -> None:
     """Give `node` a new initializer in place of its constant input `old` (cleanup drops the old one)."""
-    tensor = old.const_value if old.const_value is not None else ir.convenience.get_const_tensor(old)
-    dtype = tensor.dtype
-    graph = node.graph
-    value = add_initializer(graph, names(f"{old.name or node.name}_joint"), array, dtype, sink)
+    dtype = ir.convenience.get_const_tensor(old).dtype
+    value = add_initializer(node.graph, names(f"{old.name or node.name}_joint"), array, dtype, sink)
     index = next(i for i, v in enumerate(node.inputs) if v is old)
     node.replace_input_with(index, value)
 

@@ -157,7 +157,7 @@ def measure_sensitivity(groups: Sequence[WeightGroup], runner: calibration.Runne
 
     The layer alone is factorized at the rank that keeps SENSITIVITY_PARAM_RATIO of its parameters.
     """
-    batches = _first_samples(data.batches, SENSITIVITY_SAMPLES)
+    batches = first_samples(data.batches, SENSITIVITY_SAMPLES)
     reference = calibration.model_outputs(runner, batches)
     measurable = [g for g in groups if not g.reason and g.slot is not None]
     for group in progress(measurable, "sensitivity"):
@@ -172,7 +172,7 @@ def measure_sensitivity(groups: Sequence[WeightGroup], runner: calibration.Runne
         group.sensitivity = relative_error(reference, outputs) / lost
 
 
-def _first_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
+def first_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
     taken, count = [], 0
     for batch in batches:
         if count >= samples:

@@ -39,7 +39,6 @@ class WeightGroup:
     cross: np.ndarray | None = None  # error compensation: sum x_c x_o^T (gram is then that of x_c)
     sensitivity: float | None = None  # end-to-end output error per unit of lost (whitened) energy
     joint: Any = None  # onnxlr.coupled.JointRole when the group's layer is compressed with its coupled partner
-    dropped: bool = False  # the rewrite's byte check kept it dense although planned (a planner bug)
     slot: int | None = None  # this weight's feed in the calibration runner (datafit)
     solver: lowrank.Solver = dataclasses.field(default_factory=lowrank.Solver)  # --svd / --device
 

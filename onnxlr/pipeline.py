@@ -184,10 +184,9 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
         if pair_plans and runner is not None:
             coupled.choose(pair_plans, runner, calibration_data.batches, progress)
         rewrite.factorize_groups(model, groups, settings, progress, plan_here=per_layer, dry_run=dry_run, sink=sink)
-    if not dry_run:
-        coupled.rewrite(model, pair_plans, sink)
     costs_after = None
     if not dry_run:
+        coupled.rewrite(model, pair_plans, sink)
         rewrite.cleanup(model, groups)
         rewrite.record_metadata(model, settings, groups)
         costs_after = cost.model_costs(model, infer_shapes(model, input_shapes))

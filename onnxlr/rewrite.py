@@ -58,7 +58,6 @@ def factorize_groups(model: ir.Model, groups: list[WeightGroup], settings: Setti
                 if settings.allow_no_gain or tensors.nbytes < _stored_bytes(group):
                     _rewrite_group(group, tensors, names, sink)
                 else:  # the plan said it pays; the bytes say it does not: keep the weight (a planner bug)
-                    group.dropped = True
                     group.keep_dense("no_file_gain", f"factors take {tensors.nbytes} bytes, the weight "
                                                      f"{_stored_bytes(group)}: kept dense")
             group.drop_vectors()
@@ -129,8 +128,7 @@ class FactorTensors:
 
 def _stored_bytes(group: WeightGroup) -> int:
     """Bytes the weight takes in the file: what leaves it when every reader is rewritten."""
-    root = group.lead.sources[0] if group.lead.sources else group.lead.weight
-    tensor = root.const_value if root.const_value is not None else ir.convenience.get_const_tensor(root)
+    tensor = ir.convenience.get_const_tensor(group.lead.root)
     return int(tensor.nbytes) if tensor is not None else 0
 
 

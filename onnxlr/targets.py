@@ -86,12 +86,12 @@ def _group_shared_weights(targets: list[Target], skipped: list[SkippedNode], set
     """
     by_root: dict[int, list[Target]] = {}
     for target in targets:
-        by_root.setdefault(id(_root(target)), []).append(target)
+        by_root.setdefault(id(target.root), []).append(target)
     by_node = {id(t.node): t for t in targets}
     left_alone = {id(item.node): item for item in skipped}
     groups: list[WeightGroup] = []
     for users in by_root.values():
-        readers, blocker = _readers(_root(users[0]), by_node, left_alone, users[0].context, settings)
+        readers, blocker = _readers(users[0].root, by_node, left_alone, users[0].context, settings)
         if blocker is None:
             readers, flipped, blocker = _orient(readers)
         if blocker is not None:
@@ -102,11 +102,6 @@ def _group_shared_weights(targets: list[Target], skipped: list[SkippedNode], set
             group.keep_dense("min_params", f"fewer than --min-params {settings.min_params} parameters")
         groups.append(group)
     return FoundTargets(groups, skipped)
-
-
-def _root(target: Target) -> ir.Value:
-    """The stored tensor (initializer or Constant output) a target's weight is a view of."""
-    return target.sources[0] if target.sources else target.weight
 
 
 def _readers(root: ir.Value, by_node: dict[int, Target], left_alone: dict[int, SkippedNode], context: Context,

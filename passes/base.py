@@ -123,6 +123,11 @@ class Target:
         return self.node.name or self.node.outputs[0].name or "?"
 
     @property
+    def root(self) -> ir.Value:
+        """The stored tensor (initializer or Constant output) the weight is a view of."""
+        return self.sources[0] if self.sources else self.weight
+
+    @property
     def weight_input(self) -> int:
         """The index of the node input that carries the weight."""
         return next(i for i, value in enumerate(self.node.inputs) if value is self.weight)
