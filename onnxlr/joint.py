@@ -122,8 +122,12 @@ def obs_scores(down_matrix: np.ndarray, down_bias: np.ndarray | None, correlatio
     return np.sum(weights[:width] ** 2, axis=1) / np.diag(inverse)[:width]
 
 
-def _elimination_order(weights: np.ndarray, corr: np.ndarray, ridge: float, width: int, drops: int) -> np.ndarray:
-    """The first `drops` neurons removed by greedy OBS, in order.
+def _elimination_order(weights: np.ndarray, corr: np.ndarray, ridge: float, width: int, drops: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The first `drops` neurons removed by greedy OBS, in order, and the loss each drop added.
+
+    Each drop's score is exactly the increase of tr(RᵀHR) (H = C + λI) when the neuron goes and the
+    ones left are refitted, so the running sum of the scores is the loss after each drop.
 
     Dropping j with the others refitted updates H⁻¹ -= u uᵀ and W̃ -= u vᵀ (u = H⁻¹[:, j]/√d,
     v = W̃[j]/√d, d = H⁻¹_jj). Only G = W̃W̃ᵀ is tracked (G -= u qᵀ + q uᵀ, q = G[:, j]/√d − (G_jj/2d)·u),
@@ -134,7 +138,7 @@ def _elimination_order(weights: np.ndarray, corr: np.ndarray, ridge: float, widt
     inv_diag, out_diag = np.diag(inverse).copy(), np.diag(outer).copy()
     alive = np.ones(width, dtype=bool)
     pending_u, pending_q = np.zeros((len(corr), _FLUSH)), np.zeros((len(corr), _FLUSH))
-    order, held = [], 0
+    order, added, held = [], [], 0
     for _ in range(drops):
         scores = np.maximum(out_diag[:width], 0.0) / np.where(alive, np.maximum(inv_diag[:width], 1e-300), 1.0)
         scores[~alive] = np.inf
@@ -151,11 +155,12 @@ def _elimination_order(weights: np.ndarray, corr: np.ndarray, ridge: float, widt
         held += 1
         alive[j] = False
         order.append(j)
+        added.append(scores[j])
         if held == _FLUSH:
             inverse -= pending_u @ pending_u.T
             outer -= pending_u @ pending_q.T + pending_q @ pending_u.T
             held = 0
-    return np.asarray(order, dtype=np.int64)
+    return np.asarray(order, dtype=np.int64), np.asarray(added, dtype=np.float64)
 
 
 def _refit(weights: np.ndarray, corr: np.ndarray, ridge: float, width: int, kept: np.ndarray,
@@ -204,8 +209,52 @@ def _fits(down_matrix, down_bias, correlation, keeps: Sequence[int], ridge_scale
     width = np.shape(down_matrix)[0]
     keeps = _check_keeps(keeps, width)
     drops = width - min(keeps, default=width)
-    order = _elimination_order(weights, corr, ridge, width, drops) if drops else np.zeros(0, dtype=np.int64)
+    order = _elimination_order(weights, corr, ridge, width, drops)[0] if drops else np.zeros(0, dtype=np.int64)
     return [_fit_from_order(down_matrix, down_bias, weights, corr, ridge, order, k) for k in keeps]
+
+
+@dataclasses.dataclass
+class Elimination:
+    """One greedy OBS elimination of a pair down to one neuron: every k's error, and its fit on demand.
+
+    `error(k)` is read off the elimination (the running sum of the drops' scores, relative to
+    tr(W̃ᵀCW̃)) without a solve, so a planner can price every k; `fit(k)` solves for the one it takes.
+    """
+
+    down_matrix: np.ndarray
+    down_bias: np.ndarray | None
+    weights: np.ndarray
+    corr: np.ndarray
+    ridge: float
+    order: np.ndarray  # the D - 1 neurons dropped, first dropped first
+    lost: np.ndarray  # (D,): lost[d] is the relative error once d neurons are dropped (lost[0] = 0)
+    plain_share: float  # ||Z·W2||² / ||Z·W2 + b2||²: converts the error to the down layer's unbiased output
+
+    @property
+    def width(self) -> int:
+        return int(np.shape(self.down_matrix)[0])
+
+    def error(self, keep: int) -> float:
+        return float(self.lost[self.width - _check_keeps([keep], self.width)[0]])
+
+    def fit(self, keep: int) -> JointFit:
+        _check_keeps([keep], self.width)
+        return _fit_from_order(self.down_matrix, self.down_bias, self.weights, self.corr, self.ridge, self.order, keep)
+
+
+def eliminate(down_matrix: np.ndarray, down_bias: np.ndarray | None, correlation: np.ndarray,
+              ridge_scale: float = 1e-6) -> Elimination:
+    """Greedy OBS elimination of all but one neuron (the selection select_and_refit makes, for every k)."""
+    weights, corr, ridge = _problem(down_matrix, down_bias, correlation, ridge_scale)
+    width = int(np.shape(down_matrix)[0])
+    order, added = _elimination_order(weights, corr, ridge, width, width - 1) if width > 1 else \
+        (np.zeros(0, dtype=np.int64), np.zeros(0))
+    total = float(np.sum(weights * (corr @ weights)))
+    lost = np.concatenate([[0.0], np.maximum.accumulate(np.cumsum(added))]) / total if total > 0 else np.zeros(width)
+    plain = np.asarray(down_matrix, dtype=np.float64)
+    plain_total = float(np.sum(plain * (corr[:width, :width] @ plain)))
+    return Elimination(np.asarray(down_matrix), down_bias, weights, corr, ridge, order, lost,
+                       plain_total / total if total > 0 else 1.0)
 
 
 def pair_params(d_in: int, width: int, d_out: int, keep: int, up_bias: bool, down_bias: bool) -> int:

@@ -153,7 +153,7 @@ def test_blocked_elimination_matches_naive_reference(monkeypatch, flush):
     w2, b2 = rng.standard_normal((20, 6)), rng.standard_normal(6)
     correlation = _gram(z)
     weights, corr, ridge = joint._problem(w2, b2, correlation, 1e-6)
-    order = joint._elimination_order(weights, corr, ridge, 20, 19)
+    order, _ = joint._elimination_order(weights, corr, ridge, 20, 19)
     assert order.tolist() == _naive_order(w2, b2, correlation, 19)
 
 
@@ -244,3 +244,24 @@ def test_joint_beats_svd_of_the_down_matrix_at_equal_params(seed):
     truncated = (u[:, :rank] * s[:rank]) @ vt[:rank]
     svd_error = np.sum((z @ (w2 - truncated)) ** 2) / np.sum((z @ w2 + b2) ** 2)
     assert fit.relative_error < 0.5 * svd_error
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_elimination_prices_every_keep_like_the_refit(bias):
+    """error(k) read off the elimination equals the solved refit's error, and fit(k) is select_and_refit's."""
+    z, w2, b2 = _problem(seed=5, bias=bias)
+    correlation = _gram(z)
+    elimination = joint.eliminate(w2, b2, correlation)
+    assert elimination.error(w2.shape[0]) == 0.0
+    for keep in (1, 4, 11, 23):
+        fit = joint.select_and_refit(w2, b2, correlation, keep)
+        assert elimination.error(keep) == pytest.approx(fit.relative_error, rel=1e-3, abs=1e-6)
+        again = elimination.fit(keep)
+        np.testing.assert_array_equal(again.kept, fit.kept)
+        np.testing.assert_allclose(again.down_matrix, fit.down_matrix)
+    errors = [elimination.error(k) for k in range(1, w2.shape[0] + 1)]
+    assert all(a >= b for a, b in zip(errors, errors[1:]))
+    if bias:  # ||Z·W2||² / ||Z·W2 + b2||²: positive, and not bounded by 1 (a bias can cancel part of Z·W2)
+        assert elimination.plain_share > 0
+    else:
+        assert elimination.plain_share == pytest.approx(1.0)
