@@ -191,6 +191,7 @@ class Runner:
         self.model = model  # traces a node onnxruntime fails on back to the input at fault
         self.outputs = [value.name for value in model.graph.outputs]
         self.probes = {probe.key: probe for probe in found}
+        self.slots = list(slots)  # feed index -> Slot
         proto_bytes, folder, self.slot_inputs = _probe_model(model_source, found, list(slots))
         self.session = make_session(proto_bytes, "cpu", external_data_folder=folder)
         mask = self.specs.get(MASK_INPUT_NAME)

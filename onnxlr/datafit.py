@@ -57,8 +57,12 @@ def _batch_size(batch: Mapping[str, np.ndarray]) -> int:
     return min((len(a) for a in batch.values() if a.ndim), default=1)
 
 
-def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationData, progress) -> calibration.Runner | None:
+def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationData, progress,
+            extra_slots: Sequence[calibration.Slot | None] = ()) -> calibration.Runner | None:
     """Gram of every active main-graph group's input; returns the runner later steps reuse.
+
+    `extra_slots` (e.g. the down biases of coupled pairs) become feeds after the groups' own;
+    `runner.slots` gives their indices.
 
     Each such group gets `slot` (its weight's feed index in the runner) and `gram`. A group whose
     readers see the weight differently (a tied head's transpose, an embedding's Gather) gets a slot
@@ -73,7 +77,7 @@ def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationDat
         return None
     probed = {probe.key for probe in found}
     keyed = [g for g in main if not g.uniform or all(t.node.outputs[0].name in probed for t in g.targets)]
-    slots = [_slot(g) for g in keyed]
+    slots = [_slot(g) for g in keyed] + [slot for slot in extra_slots if slot is not None]
     runner = calibration.Runner(data.source, model, found, slots)
     statistics = calibration.grams(runner, progress(data.batches, "calibration"))
     for index, group in enumerate(keyed):
@@ -146,9 +150,20 @@ class Goal:
 
 
 def factorized_overrides(groups: Iterable[WeightGroup]) -> dict[int, np.ndarray]:
-    """Feeds that replace every factorized group's weight by its low-rank product."""
-    return {g.slot: g.dense_weight(g.scheme, g.rank) for g in groups
-            if g.slot is not None and g.factorized}
+    """Feeds that replace every factorized group's weight by its low-rank product (and joint pairs' by their fit)."""
+    groups = list(groups)
+    overrides = joint_feeds(groups)
+    overrides.update({g.slot: g.dense_weight(g.scheme, g.rank) for g in groups if g.slot is not None and g.factorized})
+    return overrides
+
+
+def joint_feeds(groups: Iterable[WeightGroup]) -> dict[int, np.ndarray]:
+    """The feeds of the layers compressed jointly with a coupled partner (onnxlr.coupled.JointRole)."""
+    feeds: dict[int, np.ndarray] = {}
+    for group in groups:
+        if group.joint is not None:
+            feeds.update(group.joint.feeds())
+    return feeds
 
 
 def measure_sensitivity(groups: Sequence[WeightGroup], runner: calibration.Runner, data: CalibrationData,
@@ -194,7 +209,8 @@ def compensate(model: ir.Model, groups: Sequence[WeightGroup], runner: calibrati
     Returns the number of groups refitted.
     """
     factorized = [g for g in groups if g.factorized and g.slot is not None]
-    overrides: dict[int, np.ndarray] = {}
+    # Joint pairs keep their fit (made on the original activations); the layers after them see it.
+    overrides = joint_feeds(groups)
     refitted = 0
     for stage in progress(dependency_stages(model, factorized), "compensation"):
         whitened = [g for g in stage if g.whitens(g.scheme)]

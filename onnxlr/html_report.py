@@ -31,6 +31,10 @@ table.data tfoot td { font-weight: 600; border-top: 2px solid #d0d7de; }
 table.data .num { text-align: right; font-variant-numeric: tabular-nums; }
 td.num { white-space: nowrap; }
 tr.skipped td { color: #656d76; }
+/* a joint pair: its own row group, bracketed on the left, headed by what the pair keeps */
+table.data tbody.pair { border-left: 4px solid #0969da; border-top: 2px solid #0969da; border-bottom: 2px solid #0969da; }
+table.data tbody.pair tr.pair-head th { background: #ddf4ff; color: #0550ae; font-weight: 600; vertical-align: middle; }
+table.data tbody.pair tr.pair-head th .muted { font-weight: 400; }
 #layers { font-size: 0.85em; }  /* thirteen columns in one screen width */
 #layers th, #layers td { padding: 4px 6px; }
 #layers td:first-child { min-width: 10em; }  /* node names wrap after '/' or '.' (<wbr>) */
@@ -96,16 +100,28 @@ def _badge(text: str, kind: str) -> str:
     return f"<span class='badge {kind}'>{esc(text)}</span>"
 
 
-def _table(columns: Sequence[tuple[str, bool]], rows: Iterable[tuple[str, Sequence[str]]], table_id: str = "",
+Rows = Iterable[tuple[str, Sequence[str]]]  # (css class, cells already HTML)
+
+
+def _table(columns: Sequence[tuple[str, bool]], rows: Rows, table_id: str = "",
            foot: Sequence[str] | None = None) -> str:
     """A striped table; columns are (label, numeric); rows are (css class, cells already HTML)."""
+    return _grouped_table(columns, [("", "", rows)], table_id, foot)
+
+
+def _grouped_table(columns: Sequence[tuple[str, bool]], groups: Iterable[tuple[str, str, Rows]],
+                   table_id: str = "", foot: Sequence[str] | None = None) -> str:
+    """A table of row groups: each (css class, head row already HTML or "", rows) is one <tbody>."""
     numeric = [is_num for _, is_num in columns]
     head = "".join(f"<th class='num'>{esc(label)}</th>" if is_num else f"<th>{esc(label)}</th>"
                    for label, is_num in columns)
-    body = "".join(f"<tr class='{css}'>" + _cells(cells, numeric) + "</tr>" for css, cells in rows)
+    bodies = []
+    for group_css, group_head, rows in groups:
+        body = "".join(f"<tr class='{css}'>" + _cells(cells, numeric) + "</tr>" for css, cells in rows)
+        bodies.append((f"<tbody class='{group_css}'>" if group_css else "<tbody>") + group_head + body + "</tbody>")
     footer = f"<tfoot><tr>{_cells(foot, numeric)}</tr></tfoot>" if foot else ""
     ident = f" id='{table_id}'" if table_id else ""
-    return f"<table class='data'{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody>{footer}</table>"
+    return f"<table class='data'{ident}><thead><tr>{head}</tr></thead>{''.join(bodies)}{footer}</table>"
 
 
 def _cells(cells: Sequence[str], numeric: Sequence[bool]) -> str:
@@ -182,6 +198,9 @@ def _summary(report: dict[str, Any]) -> str:
         stat("bytes kept", _ratio(totals.get("bytes_after"), totals.get("bytes_before"))),
         stat("MACs kept", _ratio(totals.get("macs_after"), totals.get("macs_before"))),
     ])
+    pairs = sum(len(group) == 2 for group in layer_groups(report["layers"]))
+    if pairs:  # both layers of a pair count as factorized above; here the pairs themselves
+        stats += stat("joint pairs", f"{pairs} ({2 * pairs} layers)")
     return f"<section class='card'><h2>Totals</h2><div class='stats'>{stats}</div>{table}{unknown}</section>"
 
 
@@ -296,13 +315,64 @@ def _layers(report: dict[str, Any]) -> str:
                ("rank / full", True), ("break-even", True), ("params before", True), ("params after", True),
                ("MACs before", True), ("MACs after", True), ("energy kept", True), ("reason / note", False)]
     layers = report["layers"]
-    rows = [_layer_row(layer) for layer in layers]
+    groups, run = [], []  # consecutive single rows share one <tbody>; each joint pair has its own
+    for group in layer_groups(layers):
+        if len(group) == 1:
+            run.append(_layer_row(group[0]))
+            continue
+        if run:
+            groups.append(("", "", run))
+            run = []
+        groups.append(("pair", _pair_head(group, len(columns)), [_layer_row(layer) for layer in group]))
+    if run:
+        groups.append(("", "", run))
     foot = ["total", "", "", "", "", "", "", *(_int(_sum(layers, key)) for key in
                                                ("params_before", "params_after", "macs_before", "macs_after")), "", ""]
+    legend = ("<p class='muted legend'>Joint pair (bracketed in blue): the two linear layers of an MLP (linear → "
+              "activation → linear) compressed together from calibration data. The pair keeps k of its D inner "
+              "neurons (the first layer's outputs, the second layer's inputs, that one refitted), so both rows show "
+              "k / D; the first layer comes first, its partner right below it. Their energy kept is 1 - the "
+              "relative squared output error of the pair's second layer.</p>"
+              if any(len(group) == 2 for group in layer_groups(layers)) else "")
     return ("<section class='card'><h2>Layers</h2><p class='muted'>One row per MatMul/Gemm/Conv node in graph "
             "order; params count the node's weight and bias. Energy kept: fraction of the squared singular values "
-            "(of the output energy on the calibration data when the method is whitened).</p>"
-            + _table(columns, rows, "layers", foot if layers else None) + "</section>")
+            "(of the output energy on the calibration data when the method is whitened).</p>" + legend
+            + _grouped_table(columns, groups, "layers", foot if layers else None) + "</section>")
+
+
+def layer_groups(layers: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The layers in graph order, each joint pair brought together: [up, down] where the up layer stands.
+
+    The up layer reads the input the down layer depends on, so it comes first in graph order; its
+    partner moves up beside it. A row naming a partner that does not name it back stays alone."""
+    joint = {}
+    for layer in layers:
+        if layer.get("method") == "joint" and layer.get("partner"):
+            joint.setdefault(layer["name"], layer)
+    placed: set[int] = set()
+    groups = []
+    for layer in layers:
+        if id(layer) in placed:
+            continue
+        placed.add(id(layer))
+        partner = joint.get(layer.get("partner") or "") if joint.get(layer["name"]) is layer else None
+        if partner is not None and partner is not layer and id(partner) not in placed \
+                and partner.get("partner") == layer["name"]:
+            placed.add(id(partner))
+            groups.append([layer, partner])
+        else:
+            groups.append([layer])
+    return groups
+
+
+def _pair_head(pair: Sequence[dict[str, Any]], width: int) -> str:
+    """The row heading a joint pair's group: what it keeps, and its parameters before and after."""
+    up = pair[0]
+    before, after = _sum(pair, "params_before"), _sum(pair, "params_after")
+    params = (f" <span class='muted'>· params {_int(before)} → {_int(after)} ({_ratio(after, before)})</span>"
+              if before is not None and after is not None else "")
+    return (f"<tr class='pair-head'><th colspan='{width}'>joint pair: keeps {_int(up.get('rank'))} of "
+            f"{_int(up.get('full_rank'))} neurons{params}</th></tr>")
 
 
 def _layer_row(layer: dict[str, Any]) -> tuple[str, list[str]]:
@@ -314,6 +384,8 @@ def _layer_row(layer: dict[str, Any]) -> tuple[str, list[str]]:
     rank = f"{layer['rank']} / {layer['full_rank']}" if factorized else (
         f"– / {layer['full_rank']}" if layer.get("full_rank") else "–")
     note = esc(layer.get("reason") or "")
+    if layer.get("partner"):
+        note += ("; " if note else "") + f"joint with <code>{_breakable(layer['partner'])}</code>"
     if layer.get("shared_with"):
         note += ("; " if note else "") + "shared with " + esc(", ".join(layer["shared_with"]))
     energy = _num(layer.get("retained_energy"), ".3f") if factorized else "–"
@@ -331,14 +403,18 @@ def _sum(layers: Sequence[dict[str, Any]], key: str) -> int | None:
 
 
 def _layer_plots(report: dict[str, Any]) -> str:
-    figures = [_figure("params", before_after_plot(report["layers"], "params", "parameters per layer")),
-               _figure("macs", before_after_plot(report["layers"], "macs", "MACs per layer")),
-               _figure("ranks", rank_plot(report["layers"]))]
+    groups = layer_groups(report["layers"])
+    layers = [layer for group in groups for layer in group]  # the table's order: a joint pair's rows together
+    figures = [_figure("params", before_after_plot(layers, "params", "parameters per layer")),
+               _figure("macs", before_after_plot(layers, "macs", "MACs per layer")),
+               _figure("ranks", rank_plot(layers))]
     figures = [figure for figure in figures if figure]
     if not figures:
         return ""
+    joint = (" A joint pair's two layers stand together; their rank is the inner neurons the pair keeps."
+             if any(len(group) == 2 for group in groups) else "")
     return ("<section class='card'><h2>Per-layer plots</h2><p class='muted'>Grey: before, blue: after; skipped "
-            f"layers keep their size.</p><div class='plots'>{''.join(figures)}</div></section>")
+            f"layers keep their size.{joint}</p><div class='plots'>{''.join(figures)}</div></section>")
 
 
 __all__ = ["render_html", "write_html"]

@@ -104,12 +104,13 @@ def rank_plot(layers: Sequence[dict[str, Any]]) -> str | None:
         axes.scatter([value for _, value in even], [y for y, _ in even], marker="|", s=260, color="#1f2328",
                      label="break-even", zorder=3)
     for y, layer in zip(positions, rows):
-        axes.annotate(f"{layer['rank']}/{layer['full_rank']}", (layer["full_rank"], y), xytext=(3, 0),
+        joint = " neurons (joint)" if layer.get("method") == "joint" else ""  # a pair's kept inner neurons
+        axes.annotate(f"{layer['rank']}/{layer['full_rank']}{joint}", (layer["full_rank"], y), xytext=(3, 0),
                       textcoords="offset points", va="center", fontsize=8)
     labels, title = _layer_labels(rows, "rank per factorized layer")
     axes.set_yticks(positions, labels)
     axes.invert_yaxis()
-    axes.margins(x=0.15)
+    axes.margins(x=0.3 if any(layer.get("method") == "joint" for layer in rows) else 0.15)
     _style(axes, title, "rank (of the scheme's matrix view)")
     _legend(axes)
     return svg(figure, "ranks")

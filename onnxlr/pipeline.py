@@ -168,7 +168,11 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     pair_plans = _joint_candidates(model, groups, settings, calibration_data)
     runner = None
     if calibration_data is not None:
-        runner = datafit.prepare(model, groups, calibration_data, progress)
+        extra = coupled.bias_slots(pair_plans)
+        runner = datafit.prepare(model, groups, calibration_data, progress, extra)
+        for pair_plan, slot in zip(pair_plans, extra):
+            if runner is not None and slot is not None:
+                pair_plan.bias_slot = next(i for i, s in enumerate(runner.slots) if s is slot)
     elif statistics:
         attach_statistics(groups, statistics)
     _check_data_needs(settings, runner, calibration_data)
@@ -180,9 +184,8 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
         if per_layer:
             plan.prepare_schemes(groups)
         else:
-            calibration_report = plan_with_data(model, groups, settings, progress, runner, calibration_data)
-        if pair_plans and runner is not None:
-            coupled.choose(pair_plans, runner, calibration_data.batches, progress)
+            calibration_report = plan_with_data(model, groups, settings, progress, runner, calibration_data,
+                                                pair_plans)
         rewrite.factorize_groups(model, groups, settings, progress, plan_here=per_layer, dry_run=dry_run, sink=sink)
     costs_after = None
     if not dry_run:
@@ -206,7 +209,6 @@ def _joint_candidates(model: ir.Model, groups: list[WeightGroup], settings: Sett
     """The coupled pairs `--methods svd,joint` may compress jointly (none without calibration data: said once)."""
     if "joint" not in settings.methods:
         return []
-    coupled.check_settings(settings)
     if data is None:
         logger.warning("--methods joint needs --calibration data (the refit reads the activations): "
                        "per-matrix factorization only")
@@ -224,8 +226,9 @@ def _check_data_needs(settings: Settings, runner: Any, data: datafit.Calibration
 
 
 def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Settings, progress: Progress,
-                   runner: Any, data: datafit.CalibrationData | None) -> dict[str, Any] | None:
-    """Plan ranks; with calibration, also measure sensitivity, search the budget and compensate."""
+                   runner: Any, data: datafit.CalibrationData | None,
+                   pair_plans: Sequence[coupled.PairPlan] = ()) -> dict[str, Any] | None:
+    """Plan ranks; with calibration, also measure sensitivity, search the budget, choose joint pairs and compensate."""
     plan.prepare_schemes(groups)
     if runner is None:
         plan.plan_ranks(groups, settings, progress)
@@ -233,12 +236,16 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
     assert data is not None
     result: dict[str, Any] = {"samples": data.samples, "compensate": settings.compensate}
     goal = datafit.Goal.of(settings)
-    if settings.budget is not None or goal is not None:
+    whole_model = settings.budget is not None or goal is not None
+    if whole_model:
         datafit.measure_sensitivity(groups, runner, data, lambda g: plan.candidate_schemes(g, settings)[0], progress)
+    units = coupled.measure(pair_plans, runner, data.batches, progress) if whole_model and pair_plans else []
     if goal is not None:
         initial = {id(g): (g.reason_code, g.reason) for g in groups}
 
         def plan_for(budget: float | None) -> None:
+            for unit in units:
+                unit.reset()
             for group in groups:
                 group.reason_code, group.reason = initial[id(group)]
                 group.rank, group.scheme = None, None
@@ -247,12 +254,18 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
                     if not group.reason:
                         group.keep_dense("target_not_reached", f"kept dense: no budget reaches {goal}")
                 return
-            plan.plan_ranks(groups, dataclasses.replace(settings, target_cosine=None, target_error=None,
-                                                        param_budget=budget), no_progress)  # each trial: no bars
+            trial = dataclasses.replace(settings, target_cosine=None, target_error=None, param_budget=budget)
+            plan.plan_ranks(groups, trial, no_progress, units)  # each trial: no bars
+            if units:
+                coupled.settle(units, trial, runner, data.batches)
 
         result["search"] = datafit.search_budget(groups, goal, runner, data, plan_for, progress)
     else:
-        plan.plan_ranks(groups, settings, progress)
+        plan.plan_ranks(groups, settings, progress, units)
+        if units:
+            coupled.settle(units, settings, runner, data.batches)
+        elif pair_plans:
+            coupled.choose(list(pair_plans), runner, data.batches, progress)
     if settings.compensate:
         result["refitted"] = datafit.compensate(model, groups, runner, data, progress)
     return result

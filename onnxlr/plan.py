@@ -11,6 +11,8 @@ which op a group came from.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
+from typing import Protocol
 
 from onnxlr import lowrank
 from onnxlr.errors import OnnxlrError
@@ -25,8 +27,23 @@ def prepare_schemes(groups: list[WeightGroup]) -> None:
         group.prepare_schemes()
 
 
-def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress) -> None:
-    """Choose each group's scheme and rank (or leave it dense with a reason)."""
+class JointUnit(Protocol):
+    """A coupled pair a whole-model budget may compress jointly (onnxlr.coupled.PairPlan): it keeps
+    `keep` of its `width` inner neurons instead of giving its layers (`groups`) ranks of their own."""
+
+    groups: list[WeightGroup]
+    width: int
+    keep: int | None
+
+    def cost(self, keep: int, measure: str) -> float: ...  # parameters or MACs of its layers at `keep`
+
+    def loss(self, keep: int) -> float: ...  # predicted model output error (sensitivity-weighted)
+
+
+def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress,
+               units: Sequence[JointUnit] = ()) -> None:
+    """Choose each group's scheme and rank (or leave it dense with a reason); with a budget, `units`
+    (coupled pairs) compete for it too, each setting its `keep`."""
     prepare_schemes(groups)
     active = [g for g in groups if not g.reason]
     if settings.budget is not None:
@@ -42,10 +59,10 @@ def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress
                 # target search feed their products many times.
                 held -= _vector_bytes(decomposition)
                 group.drop_vectors()
-        allocate_budget(active, settings)
+        allocate_budget(active, settings, units)
         for group in active:
             if group.factorized:
-                _apply_break_even(group, settings)
+                apply_break_even(group, settings)
     else:
         for group in progress(active, "SVD"):
             plan_layer(group, settings)
@@ -63,7 +80,7 @@ def plan_layer(group: WeightGroup, settings: Settings) -> None:
     """A per-layer policy's scheme and final rank for one group (an SVD only where the policy needs a spectrum)."""
     _plan_group(group, settings)
     if group.factorized:
-        _apply_break_even(group, settings)
+        apply_break_even(group, settings)
 
 
 def candidate_schemes(group: WeightGroup, settings: Settings) -> list[Scheme]:
@@ -114,7 +131,7 @@ def _plan_group(group: WeightGroup, settings: Settings) -> None:
     _, _, group.scheme, group.rank = min(options, key=lambda o: (o[0], o[1]))
 
 
-def _apply_break_even(group: WeightGroup, settings: Settings) -> None:
+def apply_break_even(group: WeightGroup, settings: Settings) -> None:
     scheme, rank = group.scheme, group.rank
     assert scheme is not None and rank is not None
     limit = min(scheme.break_even_rank, scheme.full_rank + 1)
@@ -126,7 +143,7 @@ def _apply_break_even(group: WeightGroup, settings: Settings) -> None:
         group.keep_dense("no_gain", f"no gain: rank {rank} >= break-even {scheme.break_even_rank}")
 
 
-def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
+def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequence[JointUnit] = ()) -> None:
     """Global ranks so the targets together keep <= the budget of their parameters (or MACs).
 
     Greedy on marginal value: start every layer at rank 1 (or the rank multiple), then repeatedly
@@ -134,6 +151,10 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
     relative energy per parameter (or MAC), while it fits the budget; with measured sensitivities,
     energy is weighted by how much each layer's loss moves the model's outputs. Singular values
     decrease, so the marginal value of each layer's steps decreases too and greedy is close to optimal.
+
+    A joint unit takes its layers' place: it starts at the rank multiple of neurons and its steps
+    add neurons, valued by the output error they win back (unit.loss), up to all of them (exact).
+    Its layers are left unplanned (rank None); onnxlr.coupled settles them.
     """
     assert settings.budget is not None
     measure, fraction = settings.budget
@@ -147,22 +168,27 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
 
     total_before = sum(before(g.scheme) for g in groups)
     budget = fraction * total_before
+    in_units = {id(g) for unit in units for g in unit.groups}
+    groups = [g for g in groups if id(g) not in in_units]
     step = settings.rank_multiple
-    spent = 0
-    state: dict[int, int] = {}  # group index -> rank (0 means dense)
+    spent = 0.0
+    state: dict[int, int] = {}  # group index -> rank (0 means dense); len(groups) + i -> unit i's neurons
     for index, group in enumerate(groups):
         rank = min(step, group.scheme.full_rank)
         # A layer with no gaining rank at all (a 64x1 weight: rank 1 keeps 65 of 64) can only stay dense.
         state[index] = rank if group.scheme.gains(rank) else 0
         spent += after(group.scheme, rank) if state[index] else before(group.scheme)
+    for offset, unit in enumerate(units):
+        state[len(groups) + offset] = min(step, unit.width)
+        spent += unit.cost(state[len(groups) + offset], measure)
     if spent > budget:
         raise OnnxlrError(
             f"{{0}} {fraction} is too small: rank {step} in every layer that can be "
             f"factorized already keeps {spent / max(total_before, 1):.3f} of the {measure}", settings.budget_setting
         )
-    heap: list[tuple[float, int, int, int]] = []  # (-value per param, index, new rank, cost)
+    heap: list[tuple[float, int, int, float]] = []  # (-value per param, index, new rank, cost)
 
-    def push(index: int) -> None:
+    def push_group(index: int) -> None:
         group, rank = groups[index], state[index]
         if rank == 0:  # dense already (it started so, or went back): nothing left to grant, nothing to charge
             return
@@ -181,7 +207,17 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
             return
         heapq.heappush(heap, (-gain / cost, index, new_rank, cost))
 
-    for index in range(len(groups)):
+    def push_unit(index: int) -> None:
+        unit, keep = units[index - len(groups)], state[index]
+        new_keep = min(keep + step, unit.width)
+        gain, cost = unit.loss(keep) - unit.loss(new_keep), unit.cost(new_keep, measure) - unit.cost(keep, measure)
+        if new_keep > keep and cost > 0 and gain > 0:
+            heapq.heappush(heap, (-gain / cost, index, new_keep, cost))
+
+    def push(index: int) -> None:
+        (push_group if index < len(groups) else push_unit)(index)
+
+    for index in state:
         push(index)
     while heap:
         _, index, new_rank, cost = heapq.heappop(heap)
@@ -196,3 +232,5 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings) -> None:
             group.keep_dense("kept_dense_by_budget", f"kept dense by the {flag} allocation")
         else:
             group.rank = state[index]
+    for offset, unit in enumerate(units):
+        unit.keep = state[len(groups) + offset]

@@ -103,12 +103,71 @@ def test_joint_needs_calibration_data(caplog):
     assert "needs --calibration" in caplog.text
 
 
-def test_joint_refuses_settings_it_does_not_take_yet():
-    with pytest.raises(onnxlr.OnnxlrError, match="target_cosine"):
-        onnxlr.optimize(redundant_mlp(), calibration=batches(2), heldout=batches(1), target_cosine=0.9,
-                        methods=("svd", "joint"))
+def test_joint_methods_are_checked():
     with pytest.raises(onnxlr.OnnxlrError, match="methods"):
         onnxlr.optimize(redundant_mlp(), methods=("joint",))
+
+
+def mlp_then_head(activation="Gelu"):
+    """The redundant pair, then a plain MatMul head that is no pair: the budget is shared between them."""
+    model = redundant_mlp(activation)
+    low_rank = RNG.standard_normal((D_IN, 6)) @ RNG.standard_normal((6, D_IN)) / 5  # worth factorizing
+    head = init("W3", (low_rank + RNG.standard_normal((D_IN, D_IN)) / 50).astype(np.float32))
+    model.graph.initializer.append(head)
+    model.graph.output[0].name = "out"
+    model.graph.node.append(helper.make_node("MatMul", ["y", "W3"], ["out"], name="head"))
+    onnx.checker.check_model(model)
+    return model
+
+
+def cosine(model, candidate, feeds_list):
+    reference = np.concatenate([run(model, f)[0] for f in feeds_list]).ravel()
+    out = np.concatenate([run(candidate, f)[0] for f in feeds_list]).ravel()
+    return float(reference @ out / np.linalg.norm(reference) / np.linalg.norm(out))
+
+
+@pytest.mark.parametrize("budget", ["param_budget", "mac_budget"])
+def test_budget_allocates_to_joint_pairs(budget):
+    """With a whole-model budget the pair competes as one candidate; the written model keeps the budget."""
+    model = mlp_then_head()
+    calibration, heldout = batches(8), batches(4)
+    svd_model, svd_report = onnxlr.optimize(model, calibration=calibration, **{budget: 0.5})
+    joint_model, report = onnxlr.optimize(model, calibration=calibration, methods=("svd", "joint"), **{budget: 0.5})
+    rows = {row["name"]: row for row in report["layers"]}
+    assert rows["up"]["method"] == rows["down"]["method"] == "joint" and rows["up"]["rank"] < WIDTH
+    if budget == "param_budget":  # the budget counts the weights the targets multiply (the Add biases stay)
+        before, after = (sum(int(np.prod(t.dims)) for t in m.graph.initializer if len(t.dims) == 2)
+                         for m in (model, joint_model))
+    else:
+        before, after = (sum(row[f"macs_{when}"] for row in report["layers"]) for when in ("before", "after"))
+    assert after <= 0.5 * before + 1
+    assert cosine(model, joint_model, heldout) > cosine(model, svd_model, heldout)
+    assert len(joint_model.graph.node) <= len(svd_model.graph.node)
+
+
+def test_target_cosine_search_measures_the_joint_model_it_writes():
+    """The search feeds the joint fit (zero rows at dropped neurons, refitted bias) to onnxruntime: what it
+    measures for the chosen budget is what the written model gives on the same held-out samples."""
+    model = mlp_then_head()
+    calibration, heldout = batches(8), batches(3)
+    result, report = onnxlr.optimize(model, calibration=calibration, heldout=heldout, target_cosine=0.98,
+                                     methods=("svd", "joint"))
+    assert any(row["method"] == "joint" for row in report["layers"])
+    trace = report["calibration"]["search"]
+    chosen = min((t for t in trace if t["cosine"] >= 0.98), key=lambda t: t["budget"])
+    assert cosine(model, result, heldout) == pytest.approx(chosen["cosine"], abs=2e-5)
+    assert chosen["cosine"] >= 0.98
+
+
+def test_joint_with_compensation():
+    """--compensate refits the per-matrix layers after a joint pair on the inputs the pair now gives them."""
+    model = mlp_then_head()
+    calibration, heldout = batches(8), batches(3)
+    plain, _ = onnxlr.optimize(model, calibration=calibration, param_budget=0.4, methods=("svd", "joint"))
+    refitted, report = onnxlr.optimize(model, calibration=calibration, param_budget=0.4, methods=("svd", "joint"),
+                                       compensate=True)
+    assert report["calibration"]["refitted"] >= 1
+    assert cosine(model, refitted, heldout) >= cosine(model, plain, heldout) - 1e-3
 
 
 def test_cli_methods_flag(tmp_path):
