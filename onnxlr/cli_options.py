@@ -139,11 +139,13 @@ calibration_options = _options(
 )
 
 methods_option = _options(
-    click.option("--methods", default="svd", show_default=True, metavar="LIST", callback=lambda _c, _p, v: tuple(split_list(v) or ()),
+    click.option("--methods", default=None, metavar="LIST",
+                 callback=lambda _c, _p, v: None if v is None else tuple(split_list(v) or ()),
                  help="svd: each weight its own factor pair. svd,joint: also coupled MLP pairs (linear -> "
-                      "activation -> linear) keep k of their inner neurons and refit the second layer on the "
-                      "--calibration data, at the parameters the per-matrix plan gives the pair, where that "
-                      "loses less output error (needs --calibration)."),
+                      "activation -> linear) may keep k of their inner neurons, the second layer refitted on the "
+                      "--calibration data, where that loses less output error than the pair's per-matrix plan at "
+                      "the same cost (whole-model budgets allocate across both). Default: svd,joint with "
+                      "--calibration, svd without."),
 )
 
 output_options = _options(

@@ -7,7 +7,7 @@ entries, and the second weight refitted by least squares on the calibration acti
 
 - With a whole-model budget (`--param-budget`, `--mac-budget`, and the `--target-cosine` /
   `--target-error` search over it), each pair is one more candidate of the allocation (a
-  plan.JointUnit): its error at every k comes from one greedy elimination (joint.eliminate), in
+  onnxlr.plan.JointUnit): its error at every k comes from one greedy elimination (joint.eliminate), in
   model-output units through the down layer's measured sensitivity. Once the budget gives a pair
   k neurons, `settle` compares it with the best per-matrix plan of its two layers at the same cost,
   both measured as the output error of the pair's second layer on calibration samples, and the pair
@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxlr import calibration, datafit, joint, pairs, plan
+from onnxlr import calibration, conv_pairs, datafit, joint, pairs
+from onnxlr import plan as planning
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.passes import NameGenerator
@@ -44,16 +45,17 @@ COMPARISON_SAMPLES = 64
 
 @dataclasses.dataclass
 class PairPlan:
-    """A coupled pair, the weight groups of its two layers, and (once chosen) its joint fit."""
+    """A coupled pair (MLP, gated MLP or conv channels), the weight groups of its layers, and (once
+    chosen) its joint fit."""
 
-    pair: pairs.MlpPair
-    up: WeightGroup
+    pair: pairs.CoupledPair
+    ups: list[WeightGroup]  # one per pair.up_layers(), in that order
     down: WeightGroup
     fit: joint.JointFit | None = None
-    svd_error: float | None = None  # output error of the pair's second layer under the per-matrix plan
+    svd_error: float | None = None  # output error of the pair's down layer under the per-matrix plan
     joint_error: float | None = None  # and under the joint fit at the same weight parameters
     elimination: joint.Elimination | None = None  # every k's error (measure)
-    keep: int | None = None  # neurons the budget allocation gave the pair (plan.JointUnit)
+    keep: int | None = None  # neurons the budget allocation gave the pair (onnxlr.plan.JointUnit)
     bias_slot: int | None = None  # the down bias's feed in the calibration runner
 
     @property
@@ -62,26 +64,24 @@ class PairPlan:
 
     @property
     def key(self) -> str:
-        """The calibration probe of the second layer: it reads the activation the refit needs."""
+        """The calibration probe of the down layer: it reads the activation the refit needs."""
         return self.down.lead.node.outputs[0].name
 
-    # plan.JointUnit
+    # onnxlr.plan.JointUnit
     @property
     def groups(self) -> list[WeightGroup]:
-        return [self.up, self.down]
+        return [*self.ups, self.down]
 
     @property
     def width(self) -> int:
         return self.pair.width
 
     def cost(self, keep: int, measure: str) -> float:
-        """The two layers' parameters (or MACs) at `keep` neurons: all of it scales with k but the down bias."""
-        schemes = [g.scheme or g.schemes[0] for g in self.groups]
+        """The pair's parameters at `keep` neurons, as its report rows count them (weights, biases and a
+        BatchNormalization's entries; the down bias fixed); or its MACs, which scale with k."""
         if measure == "params":
-            full, fixed = sum(s.params_before for s in schemes), schemes[1].fixed_params
-        else:
-            full, fixed = sum(s.macs_before for s in schemes), 0
-        return fixed + (full - fixed) * keep / self.width
+            return self.pair.weight_params(keep)
+        return sum((g.scheme or g.schemes[0]).macs_before for g in self.groups) * keep / self.width
 
     def loss(self, keep: int) -> float:
         """The model's predicted output error: the down layer's relative error (without its bias, as the
@@ -90,26 +90,24 @@ class PairPlan:
         return self.elimination.error(keep) / self.elimination.plain_share * self.down.sensitivity
 
     def feeds(self) -> dict[int, np.ndarray]:
-        """The chosen fit as calibration feeds: the down weight padded with zero rows, and the down bias."""
+        """The chosen fit as calibration feeds: the down weight padded with zeros at the dropped neurons
+        (exactly the sliced pair: their activations meet zero weights), and the refitted down bias."""
         if self.fit is None or self.down.slot is None:
             return {}
-        slot_array = self.down.lead.array
-        padded = np.zeros((self.width, self.fit.down_matrix.shape[1]))
-        padded[self.fit.kept] = self.fit.down_matrix
-        result = {self.down.slot: _stored(self.pair.down, padded).astype(slot_array.dtype)}
+        result = {self.down.slot: self.pair.padded_down(self.fit.kept, self.fit.down_matrix)}
         if self.bias_slot is not None and self.fit.down_bias is not None:
-            stored = pairs._const(self.pair.down.bias)
-            result[self.bias_slot] = self.fit.down_bias.reshape(stored.shape).astype(stored.dtype.numpy())
+            result[self.bias_slot] = pairs._like(self.pair.down.bias, self.fit.down_bias)
         return result
 
     def reset(self) -> None:
         self.fit = self.svd_error = self.joint_error = self.keep = None
-        self.up.joint = self.down.joint = None
+        for group in self.groups:
+            group.joint = None
 
     def take(self, fit: joint.JointFit) -> None:
         self.fit = fit
-        for group, side in ((self.up, "up"), (self.down, "down")):
-            group.joint = JointRole(self, side)
+        for index, group in enumerate(self.groups):
+            group.joint = JointRole(self, index)
             group.clear_reason()
 
 
@@ -118,39 +116,60 @@ class JointRole:
     """What a WeightGroup of a chosen pair shows in its report row, and feeds to the calibration runner."""
 
     plan: PairPlan
-    side: str  # "up" or "down"
+    index: int  # in plan.groups: an up layer, or the down layer (the last)
+
+    @property
+    def side(self) -> str:
+        return "down" if self.index == len(self.plan.ups) else "up"
 
     @property
     def partner(self) -> str:
-        other = self.plan.down if self.side == "up" else self.plan.up
+        """An up layer's partner is the down layer; the down layer's is the first up layer."""
+        other = self.plan.down if self.side == "up" else self.plan.ups[0]
         return other.lead.name
 
+    def params(self) -> tuple[int, int]:
+        """The layer's parameters before and after (an up conv's row also counts its BatchNormalization)."""
+        pair, width, kept = self.plan.pair, self.plan.width, len(self.plan.fit.kept)
+        if self.side == "down":
+            per_neuron = pair.block * pair.down.shape[1]
+            return width * per_neuron + pair.fixed_params, kept * per_neuron + pair.fixed_params
+        layer = pair.up_layers()[self.index]
+        per_neuron = layer.params_per_out + (pair.norm.params_per_out if getattr(pair, "norm", None) else 0)
+        return width * per_neuron, kept * per_neuron
+
     def feeds(self) -> dict[int, np.ndarray]:
-        return self.plan.feeds() if self.side == "down" else {}  # the up weight is kept as it is
+        return self.plan.feeds() if self.side == "down" else {}  # the up weights' kept outputs are unchanged
 
 
 def find(model: ir.Model, groups: Sequence[WeightGroup]) -> list[PairPlan]:
-    """The coupled pairs whose two weights are each one group's only reader (plain, unshared weights)."""
+    """The coupled pairs (MLP, gated MLP, conv channels) whose weights are each one group's only reader
+    (plain, unshared weights); no layer in two pairs (in a chain, the first pair in graph order takes it)."""
     by_node = {id(g.lead.node): g for g in groups if len(g.targets) == 1 and not g.reason}
-    found, _ = pairs.find_mlp_pairs(model)
-    plans = []
+    found = pairs.find_mlp_pairs(model)[0] + conv_pairs.find_conv_pairs(model)[0]
+    plans, taken = [], set()
     for pair in found:
-        up, down = by_node.get(id(pair.up.node)), by_node.get(id(pair.down.node))
-        if up is not None and down is not None and up.lead.weight is pair.up.weight and \
-                down.lead.weight is pair.down.weight:
-            plans.append(PairPlan(pair, up, down))
+        layers = [*pair.up_layers(), pair.down]
+        layer_groups = [by_node.get(id(layer.node)) for layer in layers]
+        if any(g is None or g.lead.weight is not layer.weight for g, layer in zip(layer_groups, layers)):
+            continue
+        if any(id(g) in taken for g in layer_groups):
+            logger.debug("pair ending at %s overlaps an earlier pair: per-matrix only", pair.down.node.name)
+            continue
+        taken.update(id(g) for g in layer_groups)
+        plans.append(PairPlan(pair, layer_groups[:-1], layer_groups[-1]))
     return plans
 
 
-def bias_slots(plans: Sequence[PairPlan]) -> list[calibration.Slot]:
-    """A calibration feed for each pair's down bias (the refit changes it); one per plan, None without a bias."""
-    slots = []
-    for plan_ in plans:
-        down = plan_.pair.down
+def bias_slots(plans: Sequence[PairPlan]) -> list[calibration.Slot | None]:
+    """A calibration feed for each pair's down bias (the refit changes it); None where there is no bias."""
+    slots: list[calibration.Slot | None] = []
+    for pair_plan in plans:
+        down = pair_plan.pair.down
         if down.bias is None:
             slots.append(None)
             continue
-        reader = down.bias_node or down.node
+        reader = down.bias_reader
         index = next(i for i, v in enumerate(reader.inputs) if v is down.bias)
         slots.append(calibration.Slot(keys=[reader.outputs[0].name], weight_inputs=[index],
                                       array=pairs._const(down.bias).numpy(), transposed=[False]))
@@ -158,7 +177,7 @@ def bias_slots(plans: Sequence[PairPlan]) -> list[calibration.Slot]:
 
 
 def measurable(plans: Sequence[PairPlan], runner: Any) -> list[PairPlan]:
-    return [p for p in plans if p.up.slot is not None and p.down.slot is not None and p.key in runner.probes]
+    return [p for p in plans if all(g.slot is not None for g in p.groups) and p.key in runner.probes]
 
 
 def measure(plans: Sequence[PairPlan], runner: Any, batches: list[dict[str, np.ndarray]], progress: Progress
@@ -166,9 +185,9 @@ def measure(plans: Sequence[PairPlan], runner: Any, batches: list[dict[str, np.n
     """Each measurable pair's elimination (every k's error); returns those pairs."""
     plans = measurable(plans, runner)
     correlations = _correlations(plans, runner, batches, progress)
-    for plan_ in progress(plans, "joint pairs"):
-        plan_.elimination = joint.eliminate(plan_.pair.down.matrix(), plan_.pair.down.bias_array(),
-                                            correlations[id(plan_)])
+    for pair_plan in progress(plans, "joint pairs"):
+        pair_plan.elimination = joint.eliminate(pair_plan.pair.down_matrix(), pair_plan.pair.down_bias(),
+                                                correlations[id(pair_plan)], block=pair_plan.pair.block)
     return plans
 
 
@@ -179,58 +198,60 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: Any, batches: 
     measure_name, _ = settings.budget
     flag = "--param-budget" if measure_name == "params" else "--mac-budget"
     comparison = datafit.first_samples(batches, COMPARISON_SAMPLES)
-    for plan_ in plans:
-        keep = plan_.keep if plan_.keep is not None else plan_.width
-        if keep >= plan_.width:
-            for group in plan_.groups:
+    for pair_plan in plans:
+        keep = pair_plan.keep if pair_plan.keep is not None else pair_plan.width
+        if keep >= pair_plan.width:
+            for group in pair_plan.groups:
                 group.keep_dense("kept_dense_by_budget", f"kept dense by the {flag} allocation")
             continue
-        fit = plan_.elimination.fit(keep)
-        share = plan_.cost(keep, measure_name) / plan_.cost(plan_.width, measure_name)
-        if not _plan_per_matrix(plan_, settings, share):
-            plan_.take(fit)  # no per-matrix plan fits the pair's share of the budget
+        fit = pair_plan.elimination.fit(keep)
+        share = pair_plan.cost(keep, measure_name) / pair_plan.cost(pair_plan.width, measure_name)
+        if not _plan_per_matrix(pair_plan, settings, share):
+            pair_plan.take(fit)  # no per-matrix plan fits the pair's share of the budget
             continue
-        plan_.svd_error, plan_.joint_error = _errors(plan_, fit, runner, comparison)
-        if plan_.joint_error <= plan_.svd_error:
-            plan_.take(fit)
+        pair_plan.svd_error, pair_plan.joint_error = _errors(pair_plan, fit, runner, comparison)
+        if pair_plan.joint_error <= pair_plan.svd_error:
+            pair_plan.take(fit)
     logger.info("joint pairs: %d of %d chosen over per-matrix factorization", sum(p.chosen for p in plans), len(plans))
 
 
-def _plan_per_matrix(plan_: PairPlan, settings: Settings, fraction: float) -> bool:
+def _plan_per_matrix(pair_plan: PairPlan, settings: Settings, fraction: float) -> bool:
     """The two layers planned alone on the pair's share of the budget; False when no rank fits it."""
     field = "param_budget" if settings.budget[0] == "params" else "mac_budget"
     local = dataclasses.replace(settings, **{field: fraction, "target_cosine": None, "target_error": None})
     try:
-        plan.allocate_budget(plan_.groups, local)
+        planning.allocate_budget(pair_plan.groups, local)
     except OnnxlrError:  # the rank multiple in both layers is over the pair's share
         return False
-    for group in plan_.groups:
+    for group in pair_plan.groups:
         if group.factorized:
-            plan.apply_break_even(group, local)
+            planning.apply_break_even(group, local)
     return True
 
 
 def choose(plans: list[PairPlan], runner: Any, batches: list[dict[str, np.ndarray]], progress: Progress) -> None:
     """Per-layer policies: fit each pair at its per-matrix plan's weight parameters; keep it where it loses less."""
-    plans = [p for p in measurable(plans, runner) if p.up.factorized or p.down.factorized]
+    plans = [p for p in measurable(plans, runner) if any(g.factorized for g in p.groups)]
     if not plans:
         return
     correlations = _correlations(plans, runner, batches, progress)
     comparison = datafit.first_samples(batches, COMPARISON_SAMPLES)
-    for plan_ in progress(plans, "joint pairs"):
-        width = plan_.pair.width
-        keep = joint.keep_for_params(plan_.pair.up.matrix().shape[0], width, plan_.pair.down.matrix().shape[1],
-                                     _weight_params_after(plan_.up) + _weight_params_after(plan_.down),
-                                     up_bias=False, down_bias=False)
-        if keep >= width:
+    for pair_plan in progress(plans, "joint pairs"):
+        pair = pair_plan.pair
+        # Weights only, as the per-matrix plan's figure counts them (the biases stay either way).
+        per_neuron = sum(layer.shape[0] for layer in pair.up_layers()) + pair.block * pair.down.shape[1]
+        planned = sum(_weight_params_after(g) for g in pair_plan.groups)
+        keep = int(min(pair.width, max(1, planned // per_neuron)))
+        if keep >= pair.width:
             continue
-        fit = joint.select_and_refit(plan_.pair.down.matrix(), plan_.pair.down.bias_array(),
-                                     correlations[id(plan_)], keep)
-        plan_.svd_error, plan_.joint_error = _errors(plan_, fit, runner, comparison)
-        if plan_.joint_error < plan_.svd_error:
-            plan_.take(fit)
+        fit = joint.select_and_refit(pair.down_matrix(), pair.down_bias(), correlations[id(pair_plan)], keep,
+                                     block=pair.block)
+        pair_plan.svd_error, pair_plan.joint_error = _errors(pair_plan, fit, runner, comparison)
+        if pair_plan.joint_error < pair_plan.svd_error:
+            pair_plan.take(fit)
     chosen = sum(p.chosen for p in plans)
     logger.info("joint pairs: %d of %d chosen over per-matrix factorization", chosen, len(plans))
+
 
 def _weight_params_after(group: WeightGroup) -> int:
     """The group's weight parameters under the per-matrix plan (the bias left out: it stays either way)."""
@@ -252,33 +273,43 @@ def _correlations(plans: list[PairPlan], runner: Any, batches: list[dict[str, np
     return {key: gram.result() for key, gram in grams.items()}
 
 
-def _errors(plan: PairPlan, fit: joint.JointFit, runner: Any, batches: list[dict[str, np.ndarray]]
+def _errors(pair_plan: PairPlan, fit: joint.JointFit, runner: Any, batches: list[dict[str, np.ndarray]]
             ) -> tuple[float, float]:
-    """Relative output error of the pair's second layer: per-matrix plan, and joint fit (same samples)."""
-    down_matrix = plan.pair.down.matrix().astype(np.float64)
-    down_bias = plan.pair.down.bias_array()
+    """Relative output error of the pair's down layer: per-matrix plan, and joint fit (same samples)."""
+    pair = pair_plan.pair
+    down_matrix = pair.down_matrix().astype(np.float64)
+    down_bias = pair.down_bias()
     bias = np.zeros(down_matrix.shape[1]) if down_bias is None else down_bias.astype(np.float64)
-    svd_down = _planned_matrix(plan.down, plan.pair.down) if plan.down.factorized else down_matrix
-    overrides = {plan.up.slot: plan.up.dense_weight(plan.up.scheme, plan.up.rank)} if plan.up.factorized else {}
-    name = runner.probes[plan.key].activation
+    down = pair_plan.down
+    svd_down = _as_matrix(pair.down, down.dense_weight(down.scheme, down.rank)) if down.factorized else down_matrix
+    overrides = {g.slot: g.dense_weight(g.scheme, g.rank) for g in pair_plan.ups if g.factorized}
+    name = runner.probes[pair_plan.key].activation
     fit_bias = np.zeros_like(bias) if fit.down_bias is None else fit.down_bias
+    rows = pair.rows(fit.kept)
     reference = svd = joint_loss = 0.0
     for batch in batches:
         keep = runner.keep(batch)
-        z = runner.vectors(plan.key, runner.run(batch, [name]), keep).astype(np.float64)
-        z_svd = runner.vectors(plan.key, runner.run(batch, [name], overrides), keep).astype(np.float64)
+        z = _rows(runner.vectors(pair_plan.key, runner.run(batch, [name]), keep))
+        z_svd = _rows(runner.vectors(pair_plan.key, runner.run(batch, [name], overrides), keep))
         y = z @ down_matrix + bias
         reference += float(np.sum(y**2))
         svd += float(np.sum((z_svd @ svd_down + bias - y) ** 2))
-        joint_loss += float(np.sum((z[:, fit.kept] @ fit.down_matrix + fit_bias - y) ** 2))
+        joint_loss += float(np.sum((z[:, rows] @ fit.down_matrix + fit_bias - y) ** 2))
     scale = max(reference, np.finfo(np.float64).tiny)
     return svd / scale, joint_loss / scale
 
 
-def _planned_matrix(group: WeightGroup, layer: pairs.Linear) -> np.ndarray:
-    """The per-matrix plan's product as X·W (the node may store it transposed)."""
-    dense = group.dense_weight(group.scheme, group.rank).astype(np.float64)
-    return dense.T if layer.transposed else dense
+def _rows(vectors: np.ndarray) -> np.ndarray:
+    """Activation vectors as (n, K) float64 (a conv's patches come as (1, n, K))."""
+    return np.asarray(vectors, dtype=np.float64).reshape(-1, np.shape(vectors)[-1])
+
+
+def _as_matrix(layer: Any, stored: np.ndarray) -> np.ndarray:
+    """A weight as its layer stores it (Gemm transB, conv OIHW), as the X·W matrix."""
+    stored = np.asarray(stored, dtype=np.float64)
+    if isinstance(layer, conv_pairs.ConvLayer):
+        return stored.reshape(stored.shape[0], -1).T
+    return stored.T if layer.transposed else stored
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -287,31 +318,14 @@ def _planned_matrix(group: WeightGroup, layer: pairs.Linear) -> np.ndarray:
 def rewrite(model: ir.Model, plans: Sequence[PairPlan], sink: Any = None) -> None:
     """Slice the chosen pairs' weights and biases to their kept neurons; no node is added."""
     names = NameGenerator(model)
-    for plan in plans:
-        if not plan.chosen:
+    for pair_plan in plans:
+        if not pair_plan.chosen:
             continue
-        kept, fit = plan.fit.kept, plan.fit
-        up, down = plan.pair.up, plan.pair.down
-        _replace(up.node, up.weight, _stored(up, up.matrix()[:, kept]), names, sink)
-        if up.bias is not None:
-            bias = up.bias_array()[kept]
-            _replace(up.bias_node or up.node, up.bias, bias.reshape(_bias_shape(up.bias, len(kept))), names, sink)
-        _replace(down.node, down.weight, _stored(down, fit.down_matrix), names, sink)
-        if down.bias is not None and fit.down_bias is not None:
-            original = down.bias_array()
-            _replace(down.bias_node or down.node, down.bias, fit.down_bias.reshape(_bias_shape(down.bias, len(original))),
-                     names, sink)
-        _forget_inner_shapes(plan.pair)
-
-
-def _stored(layer: pairs.Linear, matrix: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(matrix.T if layer.transposed else matrix)
-
-
-def _bias_shape(value: ir.Value, size: int) -> tuple[int, ...]:
-    """The bias's own layout ((D,) or (1, D)) at the new size."""
-    tensor = ir.convenience.get_const_tensor(value)
-    return (1, size) if tensor is not None and len(tensor.shape) == 2 else (size,)
+        fit = pair_plan.fit
+        for node, old, array in pair_plan.pair.slices(fit.kept, fit.down_matrix, fit.down_bias):
+            _replace(node, old, array, names, sink)
+        for value in pair_plan.pair.inner_values():  # k, not D, neurons now: drop the recorded shapes
+            value.shape = None
 
 
 def _replace(node: ir.Node, old: ir.Value, array: np.ndarray, names: NameGenerator, sink: Any) -> None:
@@ -320,19 +334,3 @@ def _replace(node: ir.Node, old: ir.Value, array: np.ndarray, names: NameGenerat
     value = add_initializer(node.graph, names(f"{old.name or node.name}_joint"), array, dtype, sink)
     index = next(i for i, v in enumerate(node.inputs) if v is old)
     node.replace_input_with(index, value)
-
-
-def _forget_inner_shapes(pair: pairs.MlpPair) -> None:
-    """The inner values now have k, not D, neurons: drop their recorded shapes (value_info)."""
-    pending, seen = [pair.up.node.outputs[0]], set()
-    while pending:
-        value = pending.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        value.shape = None
-        if value is pair.activation:
-            continue
-        for node in value.consumers():
-            if node is not pair.down.node:
-                pending.extend(node.outputs)

@@ -26,6 +26,12 @@ down bias the constant column plays no part and the bias stays absent) and a rid
   rows (zeros at dropped neurons), i.e. ||Z̃W̃ − Z̃P||² / ||Z̃W̃||² on the calibration rows.
 
 Keeping all D neurons returns the original W2 and b2 unchanged (no refit), so it is exact.
+
+Blocks (`block` > 1, conv channel pairs): neuron j owns the rows J = j·block .. j·block + block − 1
+of W̃ and of C (the constant column stays last). Its score is s_j = tr(W̃_Jᵀ ([H⁻¹]_JJ)⁻¹ W̃_J) with
+H = C + λI, dropping it updates H⁻¹ −= H⁻¹[:, J] ([H⁻¹]_JJ)⁻¹ H⁻¹[J, :] and W̃ −= H⁻¹[:, J] ([H⁻¹]_JJ)⁻¹ W̃_J,
+and the refit solves over T = the kept neurons' rows (+ the constant column). `kept` stays neuron
+indices; the refitted down matrix has k·block rows. block = 1 is the scalar case above, same code.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ class AugmentedGram:
 @dataclasses.dataclass
 class JointFit:
     kept: np.ndarray  # sorted int64 indices of the kept neurons, length k
-    down_matrix: np.ndarray  # (k, d2), float64
+    down_matrix: np.ndarray  # (k·block, d2), float64 (the kept neurons' rows, in order)
     down_bias: np.ndarray | None  # (d2,), float64 (None when the down layer has no bias)
     relative_error: float
 
@@ -94,6 +100,18 @@ def _problem(down_matrix, down_bias, correlation, ridge_scale) -> tuple[np.ndarr
     return weights, corr, ridge if np.isfinite(ridge) and ridge > 0 else _TINY_RIDGE
 
 
+def _neurons(rows: int, block: int) -> int:
+    """The number of neurons of a down matrix with `rows` rows, `block` rows a neuron."""
+    if block < 1 or rows % block:
+        raise ValueError(f"the down matrix's {rows} rows are not whole blocks of {block}")
+    return rows // block
+
+
+def _rows(kept: np.ndarray, block: int) -> np.ndarray:
+    """The rows of W̃ (and C) the kept neurons own."""
+    return kept if block == 1 else (kept[:, None] * block + np.arange(block)).reshape(-1)
+
+
 def _regularized(corr: np.ndarray, ridge: float) -> np.ndarray:
     return corr + ridge * np.eye(len(corr))
 
@@ -114,12 +132,29 @@ def _spd_solve(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 
 def obs_scores(down_matrix: np.ndarray, down_bias: np.ndarray | None, correlation: np.ndarray,
-               ridge_scale: float = 1e-6) -> np.ndarray:
-    """(D,) one-shot OBS scores s_j = ||W̃[j]||² / [(C + λI)⁻¹]_jj: the error of dropping j alone."""
+               ridge_scale: float = 1e-6, block: int = 1) -> np.ndarray:
+    """(D,) one-shot OBS scores s_j = ||W̃[j]||² / [(C + λI)⁻¹]_jj: the error of dropping j alone
+    (for blocks, tr(W̃_Jᵀ ([H⁻¹]_JJ)⁻¹ W̃_J))."""
     weights, corr, ridge = _problem(down_matrix, down_bias, correlation, ridge_scale)
-    width = np.shape(down_matrix)[0]
+    rows = np.shape(down_matrix)[0]
+    width = _neurons(rows, block)
     inverse = _spd_inverse(_regularized(corr, ridge))
-    return np.sum(weights[:width] ** 2, axis=1) / np.diag(inverse)[:width]
+    if block == 1:
+        return np.sum(weights[:width] ** 2, axis=1) / np.diag(inverse)[:width]
+    return _block_scores(weights[:rows].reshape(width, block, -1), _diagonal_blocks(inverse, width, block))
+
+
+def _diagonal_blocks(inverse: np.ndarray, width: int, block: int) -> np.ndarray:
+    """(D, block, block): the neurons' diagonal blocks [H⁻¹]_JJ."""
+    rows = width * block
+    grid = inverse[:rows, :rows].reshape(width, block, width, block)
+    index = np.arange(width)
+    return grid[index, :, index, :]
+
+
+def _block_scores(grouped: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """(m,) tr(W̃_Jᵀ [H⁻¹]_JJ⁺ W̃_J) for m neurons' rows (m, block, d2) and diagonal blocks (m, block, block)."""
+    return np.sum(grouped * (np.linalg.pinv(blocks, hermitian=True) @ grouped), axis=(1, 2))
 
 
 def _elimination_order(weights: np.ndarray, corr: np.ndarray, ridge: float, width: int, drops: int
@@ -163,9 +198,64 @@ def _elimination_order(weights: np.ndarray, corr: np.ndarray, ridge: float, widt
     return np.asarray(order, dtype=np.int64), np.asarray(added, dtype=np.float64)
 
 
+def _block_elimination_order(weights: np.ndarray, corr: np.ndarray, ridge: float, width: int, block: int,
+                             drops: int) -> tuple[np.ndarray, np.ndarray]:
+    """_elimination_order for neurons of `block` rows (see the module docstring for the update).
+
+    W̃ and the diagonal blocks of H⁻¹ are kept up to date; H⁻¹ itself only through its pending
+    downdates U (H⁻¹ = inverse − U Uᵀ), applied together once they reach _FLUSH columns.
+    """
+    inverse = _spd_inverse(_regularized(corr, ridge))
+    weights = weights.copy()
+    rows = width * block
+    blocks = _diagonal_blocks(inverse, width, block)
+    alive = np.ones(width, dtype=bool)
+    pending = np.zeros((len(corr), max(_FLUSH, block)))
+    order, added, held = [], [], 0
+    for _ in range(drops):
+        live = np.flatnonzero(alive)
+        scores = np.full(width, np.inf)
+        scores[live] = _block_scores(weights[:rows].reshape(width, block, -1)[live], blocks[live])
+        j = width - 1 - int(np.argmin(scores[::-1]))  # ties: the higher index is dropped, the lower kept
+        own = slice(j * block, (j + 1) * block)
+        columns = inverse[:, own] - pending[:, :held] @ pending[own, :held].T
+        root = _inverse_root(columns[own])  # root·rootᵀ = [H⁻¹]_JJ⁺
+        update = columns @ root  # H⁻¹ −= update·updateᵀ
+        weights -= update @ (root.T @ weights[own])
+        grouped = update[:rows].reshape(width, block, block)
+        blocks -= grouped @ grouped.transpose(0, 2, 1)
+        if held + block > pending.shape[1]:
+            inverse -= pending[:, :held] @ pending[:, :held].T
+            held = 0
+        pending[:, held:held + block] = update
+        held += block
+        alive[j] = False
+        order.append(j)
+        added.append(scores[j])
+    return np.asarray(order, dtype=np.int64), np.asarray(added, dtype=np.float64)
+
+
+def _inverse_root(matrix: np.ndarray) -> np.ndarray:
+    """R with R·Rᵀ the pseudo-inverse of a symmetric positive semi-definite block."""
+    values, vectors = np.linalg.eigh(matrix)
+    cutoff = max(float(values[-1]), 0.0) * len(values) * np.finfo(np.float64).eps
+    scale = np.zeros_like(values)
+    scale[values > cutoff] = values[values > cutoff] ** -0.5
+    return vectors * scale
+
+
+def _order(weights, corr, ridge, width: int, block: int, drops: int) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy OBS elimination order and each drop's added loss (the scalar path for block 1)."""
+    if not drops:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    if block == 1:
+        return _elimination_order(weights, corr, ridge, width, drops)
+    return _block_elimination_order(weights, corr, ridge, width, block, drops)
+
+
 def _refit(weights: np.ndarray, corr: np.ndarray, ridge: float, width: int, kept: np.ndarray,
            has_bias: bool) -> tuple[np.ndarray, float]:
-    """The least-squares rows for T = kept (+ the constant column), and the relative error."""
+    """The least-squares rows for T = kept rows (+ the constant column, row `width`), and the relative error."""
     rows = np.append(kept, width) if has_bias else kept
     fitted = _spd_solve(_regularized(corr[np.ix_(rows, rows)], ridge), corr[rows] @ weights)
     residual = weights.copy()
@@ -175,15 +265,17 @@ def _refit(weights: np.ndarray, corr: np.ndarray, ridge: float, width: int, kept
     return fitted, max(lost, 0.0) / total if total > 0 else 0.0
 
 
-def _fit_from_order(down_matrix, down_bias, weights, corr, ridge, order: np.ndarray, keep: int) -> JointFit:
-    width = weights.shape[0] - (down_bias is not None)
+def _fit_from_order(down_matrix, down_bias, weights, corr, ridge, order: np.ndarray, keep: int,
+                    block: int) -> JointFit:
+    rows = weights.shape[0] - (down_bias is not None)
+    width = rows // block
     if keep == width:
         bias = None if down_bias is None else np.asarray(down_bias, dtype=np.float64).copy()
         return JointFit(np.arange(width, dtype=np.int64), np.asarray(down_matrix, dtype=np.float64).copy(), bias, 0.0)
     kept = np.setdiff1d(np.arange(width, dtype=np.int64), order[: width - keep])
-    fitted, error = _refit(weights, corr, ridge, width, kept, down_bias is not None)
-    bias = fitted[keep] if down_bias is not None else None
-    return JointFit(kept, fitted[:keep], bias, error)
+    fitted, error = _refit(weights, corr, ridge, rows, _rows(kept, block), down_bias is not None)
+    bias = fitted[keep * block] if down_bias is not None else None
+    return JointFit(kept, fitted[: keep * block], bias, error)
 
 
 def _check_keeps(keeps: Sequence[int], width: int) -> list[int]:
@@ -193,24 +285,25 @@ def _check_keeps(keeps: Sequence[int], width: int) -> list[int]:
     return keeps
 
 
-def error_curve(down_matrix, down_bias, correlation, keeps: Sequence[int], ridge_scale: float = 1e-6) -> list[float]:
+def error_curve(down_matrix, down_bias, correlation, keeps: Sequence[int], ridge_scale: float = 1e-6,
+                block: int = 1) -> list[float]:
     """relative_error of select_and_refit for each k in `keeps` (one elimination pass for all)."""
-    return [fit.relative_error for fit in _fits(down_matrix, down_bias, correlation, keeps, ridge_scale)]
+    return [fit.relative_error for fit in _fits(down_matrix, down_bias, correlation, keeps, ridge_scale, block)]
 
 
 def select_and_refit(down_matrix: np.ndarray, down_bias: np.ndarray | None, correlation: np.ndarray, keep: int,
-                     ridge_scale: float = 1e-6) -> JointFit:
-    """Keep `keep` neurons chosen by greedy OBS elimination and refit the down layer on them."""
-    return _fits(down_matrix, down_bias, correlation, [keep], ridge_scale)[0]
+                     ridge_scale: float = 1e-6, block: int = 1) -> JointFit:
+    """Keep `keep` neurons (of `block` rows each) chosen by greedy OBS elimination and refit the down layer on them."""
+    return _fits(down_matrix, down_bias, correlation, [keep], ridge_scale, block)[0]
 
 
-def _fits(down_matrix, down_bias, correlation, keeps: Sequence[int], ridge_scale: float) -> list[JointFit]:
+def _fits(down_matrix, down_bias, correlation, keeps: Sequence[int], ridge_scale: float, block: int
+          ) -> list[JointFit]:
     weights, corr, ridge = _problem(down_matrix, down_bias, correlation, ridge_scale)
-    width = np.shape(down_matrix)[0]
+    width = _neurons(np.shape(down_matrix)[0], block)
     keeps = _check_keeps(keeps, width)
-    drops = width - min(keeps, default=width)
-    order = _elimination_order(weights, corr, ridge, width, drops)[0] if drops else np.zeros(0, dtype=np.int64)
-    return [_fit_from_order(down_matrix, down_bias, weights, corr, ridge, order, k) for k in keeps]
+    order = _order(weights, corr, ridge, width, block, width - min(keeps, default=width))[0]
+    return [_fit_from_order(down_matrix, down_bias, weights, corr, ridge, order, k, block) for k in keeps]
 
 
 @dataclasses.dataclass
@@ -229,32 +322,34 @@ class Elimination:
     order: np.ndarray  # the D - 1 neurons dropped, first dropped first
     lost: np.ndarray  # (D,): lost[d] is the relative error once d neurons are dropped (lost[0] = 0)
     plain_share: float  # ||Z·W2||² / ||Z·W2 + b2||²: converts the error to the down layer's unbiased output
+    block: int = 1  # rows of the down matrix per neuron
 
     @property
     def width(self) -> int:
-        return int(np.shape(self.down_matrix)[0])
+        return int(np.shape(self.down_matrix)[0]) // self.block
 
     def error(self, keep: int) -> float:
         return float(self.lost[self.width - _check_keeps([keep], self.width)[0]])
 
     def fit(self, keep: int) -> JointFit:
         _check_keeps([keep], self.width)
-        return _fit_from_order(self.down_matrix, self.down_bias, self.weights, self.corr, self.ridge, self.order, keep)
+        return _fit_from_order(self.down_matrix, self.down_bias, self.weights, self.corr, self.ridge, self.order, keep,
+                               self.block)
 
 
 def eliminate(down_matrix: np.ndarray, down_bias: np.ndarray | None, correlation: np.ndarray,
-              ridge_scale: float = 1e-6) -> Elimination:
+              ridge_scale: float = 1e-6, block: int = 1) -> Elimination:
     """Greedy OBS elimination of all but one neuron (the selection select_and_refit makes, for every k)."""
     weights, corr, ridge = _problem(down_matrix, down_bias, correlation, ridge_scale)
-    width = int(np.shape(down_matrix)[0])
-    order, added = _elimination_order(weights, corr, ridge, width, width - 1) if width > 1 else \
-        (np.zeros(0, dtype=np.int64), np.zeros(0))
+    rows = int(np.shape(down_matrix)[0])
+    width = _neurons(rows, block)
+    order, added = _order(weights, corr, ridge, width, block, max(width - 1, 0))
     total = float(np.sum(weights * (corr @ weights)))
     lost = np.concatenate([[0.0], np.maximum.accumulate(np.cumsum(added))]) / total if total > 0 else np.zeros(width)
     plain = np.asarray(down_matrix, dtype=np.float64)
-    plain_total = float(np.sum(plain * (corr[:width, :width] @ plain)))
+    plain_total = float(np.sum(plain * (corr[:rows, :rows] @ plain)))
     return Elimination(np.asarray(down_matrix), down_bias, weights, corr, ridge, order, lost,
-                       plain_total / total if total > 0 else 1.0)
+                       plain_total / total if total > 0 else 1.0, block)
 
 
 def pair_params(d_in: int, width: int, d_out: int, keep: int, up_bias: bool, down_bias: bool) -> int:

@@ -1,19 +1,29 @@
-"""Coupled MLP pairs: two linear layers joined only by an elementwise activation.
+"""Coupled pairs: up-projections joined to a down layer only by an elementwise activation.
 
     up:   h = X·W1 + b1            (MatMul [+ Add bias], or Gemm with B and C)
           a = f(h)                  (an elementwise region: Relu, Gelu and its Erf/tanh expansions, SiLU, ...)
     down: y = a·W2 [+ b2]           (MatMul or Gemm reading `a` as its activation input)
 
-Every one of the D intermediate neurons is a column of W1 (and an entry of b1), one channel of the
-activation region, and a row of W2, and nothing else reads them. Keeping k of the D neurons is then
-slicing W1's columns, b1 and W2's rows: both weights shrink and no node is added (unlike a low-rank
-factorization, which inserts one). This module only finds such pairs (and says why a linear layer
-that starts an activation region is not one); choosing and slicing the neurons is a later stage.
+A gated MLP (LLaMA's SwiGLU, GeGLU) has two up-projections of the same X joined by a Mul inside the
+region: a = f(X·Wg + bg) * (X·Wu + bu), either operand order. Its MlpPair's `gate` is the
+projection that starts the activation region (the first in graph order when both have one), and
+`up` the other one (the "value" projection); a plain pair has gate=None.
+
+Every one of the D intermediate neurons is a column of each up weight (and an entry of each up
+bias), one channel of the activation region, and a row of W2, and nothing else reads them. Keeping
+k of the D neurons is then slicing those columns, entries and rows: all weights shrink and no node
+is added (unlike a low-rank factorization, which inserts one). Conv channel pairs (onnxlr.conv_pairs)
+are the same with output channels for columns and (kh·kw)-row blocks of the down matrix for rows.
+
+CoupledPair is the slicing API shared by every kind (MlpPair here, ConvPair there): the down
+layer's X·W matrix, the parameters at k neurons, and the constant inputs to replace when keeping k.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,6 +33,8 @@ REGION_OPS = frozenset({
     "Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu",
     "Softplus", "Softsign", "Clip", "Neg", "Abs", "Exp", "Sqrt", "Mul", "Add", "Sub", "Div", "Pow", "Identity", "Cast",
 })
+
+Slice = tuple[ir.Node, ir.Value, np.ndarray]  # (the node reading it, the constant input to replace, its new array)
 
 
 @dataclasses.dataclass
@@ -48,39 +60,185 @@ class Linear:
         rows, cols = _const(self.weight).shape
         return (cols, rows) if self.transposed else (rows, cols)
 
+    @property
+    def bias_reader(self) -> ir.Node:
+        return self.bias_node or self.node
+
+    @property
+    def params_per_out(self) -> int:
+        """Parameters of one output (neuron): its weight column and bias entry."""
+        return self.shape[0] + (self.bias is not None)
+
+    def stored(self, matrix: np.ndarray) -> np.ndarray:
+        """An (in, out) X·W matrix in this weight's stored layout and dtype."""
+        return _cast(self.weight, matrix.T if self.transposed else matrix)
+
+    def out_slices(self, kept: np.ndarray) -> list[Slice]:
+        """The weight's columns and the bias's entries at the kept outputs."""
+        slices = [(self.node, self.weight, self.stored(self.matrix()[:, kept]))]
+        if self.bias is not None:
+            slices.append((self.bias_reader, self.bias, _like(self.bias, self.bias_array()[kept])))
+        return slices
+
+
+class CoupledPair:
+    """The slicing API of a pair (MlpPair, conv_pairs.ConvPair). Subclasses have `down` (with matrix(),
+    bias_array(), shape, stored(), bias, bias_reader), `activation` (down's input 0), `width` (D),
+    `block` (rows of the down matrix per neuron) and `up_layers()`."""
+
+    down: Any
+    activation: ir.Value
+    width: int
+    block: int
+
+    def up_layers(self) -> list[Any]:
+        raise NotImplementedError
+
+    def _channel_layers(self) -> list[Any]:
+        """Everything whose outputs are the neurons (conv pairs add a BatchNormalization)."""
+        return self.up_layers()
+
+    def down_matrix(self) -> np.ndarray:
+        """(D·block, d_out): the down weight as X·W."""
+        return self.down.matrix()
+
+    def down_bias(self) -> np.ndarray | None:
+        return self.down.bias_array()
+
+    @property
+    def params_per_neuron(self) -> int:
+        return sum(layer.params_per_out for layer in self._channel_layers()) + self.block * self.down.shape[1]
+
+    @property
+    def fixed_params(self) -> int:
+        """The down bias: it stays whatever k is."""
+        return 0 if self.down.bias is None else self.down.shape[1]
+
+    @property
+    def original_params(self) -> int:
+        return self.weight_params(self.width)
+
+    def weight_params(self, keep: int) -> int:
+        """Weight and bias parameters of all the pair's layers (BatchNormalization's four too) at `keep` neurons."""
+        return keep * self.params_per_neuron + self.fixed_params
+
+    def rows(self, kept: Sequence[int]) -> np.ndarray:
+        """The down matrix's rows of the kept neurons (neuron j owns rows j·block .. j·block + block - 1)."""
+        kept = np.asarray(kept, dtype=np.int64)
+        return (kept[:, None] * self.block + np.arange(self.block)).reshape(-1)
+
+    def slices(self, kept: Sequence[int], down_matrix: np.ndarray, down_bias: np.ndarray | None = None
+               ) -> list[Slice]:
+        """Every constant input to replace to keep `kept` (sorted neuron indices), with the down weight
+        rebuilt from `down_matrix` ((k·block, d_out), X·W) and the down bias from `down_bias` when given."""
+        kept = np.asarray(kept, dtype=np.int64)
+        if np.shape(down_matrix)[0] != len(kept) * self.block:
+            raise ValueError(f"down_matrix has {np.shape(down_matrix)[0]} rows, {len(kept)} neurons need "
+                             f"{len(kept) * self.block}")
+        slices = [s for layer in self._channel_layers() for s in layer.out_slices(kept)]
+        slices.append((self.down.node, self.down.weight, self.down.stored(np.asarray(down_matrix))))
+        if down_bias is not None:
+            if self.down.bias is None:
+                raise ValueError("the down layer has no bias to replace")
+            slices.append((self.down.bias_reader, self.down.bias, _like(self.down.bias, np.asarray(down_bias))))
+        return slices
+
+    def padded_down(self, kept: Sequence[int], down_matrix: np.ndarray) -> np.ndarray:
+        """The down weight in its stored shape: `down_matrix`'s rows at the kept neurons, zeros elsewhere
+        (in place of the original weight it computes what the sliced pair computes)."""
+        full = np.zeros((self.width * self.block, self.down.shape[1]))
+        full[self.rows(kept)] = down_matrix
+        return self.down.stored(full)
+
+    def inner_values(self) -> list[ir.Value]:
+        """The values from the up layers' outputs to the activation: their neuron axis shrinks to k."""
+        pending = [layer.node.outputs[0] for layer in self.up_layers()]
+        found: dict[int, ir.Value] = {}
+        while pending:
+            value = pending.pop()
+            if id(value) in found:
+                continue
+            found[id(value)] = value
+            if value is not self.activation:
+                pending.extend(out for node in value.consumers() if node is not self.down.node for out in node.outputs)
+        return list(found.values())
+
 
 @dataclasses.dataclass
-class MlpPair:
-    up: Linear
+class MlpPair(CoupledPair):
+    up: Linear  # a gated pair's value projection
     down: Linear
-    activation: ir.Value  # the down node's input 0: an elementwise function of up.output
+    activation: ir.Value  # the down node's input 0: an elementwise function of up.output (and gate.output)
     width: int  # D: up's out == down's in
+    gate: Linear | None = None  # a gated pair's projection through the activation; None for a plain pair
+
+    block = 1
+
+    @property
+    def kind(self) -> str:
+        return "mlp" if self.gate is None else "gated"
+
+    def up_layers(self) -> list[Linear]:
+        return [self.up] if self.gate is None else [self.gate, self.up]
 
 
 def find_mlp_pairs(model: ir.Model) -> tuple[list[MlpPair], list[tuple[ir.Node, str]]]:
-    """Pairs in graph order; and (node, reason) for up-nodes that start an activation region but are not coupled."""
+    """Pairs in graph order; and (node, reason) for up-nodes that start an activation region but are not coupled.
+
+    A gated pair is found from its gate (the projection starting a region); its value projection,
+    without a region of its own, is not a candidate by itself.
+    """
+    linears = {id(layer.output): layer for node in model.graph if (layer := _read_linear(node)) is not None}
     pairs: list[MlpPair] = []
     rejected: list[tuple[ir.Node, str]] = []
+    taken: set[int] = set()  # the nodes of found pairs (a gate found second is not a candidate again)
     for node in model.graph:
         up = _read_linear(node)
-        if up is None:
+        if up is None or id(node) in taken:
             continue
-        region_nodes, region_values = _region(up.output)
+        region_nodes, region_values = _region([up.output])
         if not region_nodes:
             continue  # no activation (plain low rank, attention projections, residual adds): not a candidate
-        result = _pair(up, region_nodes, region_values)
+        result = _pair(up, _gate_partner(region_nodes, region_values, linears))
         if isinstance(result, MlpPair):
             pairs.append(result)
+            taken.update(id(layer.node) for layer in result.up_layers())
         else:
             rejected.append((node, result))
     return pairs, rejected
 
 
-def _pair(up: Linear, region_nodes: list[ir.Node], region_values: list[ir.Value]) -> MlpPair | str:
-    """The pair up starts, or why there is none."""
-    problem = _problem(up)
+def _pair(first: Linear, partner: Linear | None) -> MlpPair | str:
+    """The pair `first` starts (gated with `partner` when there is one), or why there is none."""
+    problem = _problem(first)
     if problem:
         return problem
+    ups = [first] if partner is None else [first, partner]
+    if partner is not None:
+        problem = _problem(partner)
+        if problem:
+            return f"up {partner.node.op_type} node '{partner.node.name}': {problem}"
+        if partner.node.inputs[0] is not first.node.inputs[0]:
+            return f"gated projections '{first.node.name}' and '{partner.node.name}' read different inputs"
+    found = _down_reader(*_region([layer.output for layer in ups]), _read_linear, "a linear layer")
+    if isinstance(found, str):
+        return found
+    down, activation = found
+    problem = _problem(down)
+    if problem:
+        return f"down {down.node.op_type} node '{down.node.name}': {problem}"
+    for layer in ups:
+        if layer.shape[1] != down.shape[0]:
+            return f"widths differ: up has {layer.shape[1]} outputs, down {down.node.name!r} {down.shape[0]} inputs"
+        if _const(layer.weight).dtype != _const(down.weight).dtype:
+            return f"weight types differ: {_const(layer.weight).dtype} and {_const(down.weight).dtype}"
+    return MlpPair(up=partner or first, down=down, activation=activation, width=down.shape[0],
+                   gate=first if partner else None)
+
+
+def _down_reader(region_nodes: list[ir.Node], region_values: list[ir.Value], read: Callable[[ir.Node], Any],
+                 what: str) -> tuple[Any, ir.Value] | str:
+    """The one layer (`read` of a node) reading the region, at its input 0, and the value it reads; or why not."""
     for value in region_values:
         if value.is_graph_output():
             return f"intermediate '{value.name}' is a graph output"
@@ -88,23 +246,51 @@ def _pair(up: Linear, region_nodes: list[ir.Node], region_values: list[ir.Value]
     readers = [(use.node, use.idx, value) for value in region_values for use in value.uses()
                if id(use.node) not in members]
     if not readers:
-        return "the activation is not read by a linear layer"
-    down_node, idx, activation = next((r for r in readers if r[1] == 0 and _read_linear(r[0])), readers[0])
-    if idx != 0 or _read_linear(down_node) is None:
-        return f"the activation is read by {down_node.op_type} node '{down_node.name}', not a linear layer's input 0"
+        return f"the activation is not read by {what}"
+    down_node, idx, activation = next((r for r in readers if r[1] == 0 and read(r[0])), readers[0])
+    if idx != 0 or read(down_node) is None:
+        return f"the activation is read by {down_node.op_type} node '{down_node.name}', not {what}'s input 0"
     other = next((node for node, _, _ in readers if node is not down_node), None)
     if other is not None or len(readers) > 1:
         other = other or down_node  # the down node reading a second region value
         return f"intermediate is also read by {other.op_type} node '{other.name}'"
-    down = _read_linear(down_node)
-    problem = _problem(down)
-    if problem:
-        return f"down {down_node.op_type} node '{down_node.name}': {problem}"
-    if up.shape[1] != down.shape[0]:
-        return f"widths differ: up has {up.shape[1]} outputs, down {down_node.name!r} {down.shape[0]} inputs"
-    if _const(up.weight).dtype != _const(down.weight).dtype:
-        return f"weight types differ: {_const(up.weight).dtype} and {_const(down.weight).dtype}"
-    return MlpPair(up=up, down=down, activation=activation, width=up.shape[1])
+    return read(down_node), activation
+
+
+def _gate_partner(region_nodes: list[ir.Node], region_values: list[ir.Value], linears: dict[int, Linear]
+                  ) -> Linear | None:
+    """The linear layer whose output (through elementwise ops of its own) a Mul reading the region multiplies."""
+    members, known = {id(node) for node in region_nodes}, {id(value) for value in region_values}
+    for value in region_values:
+        for use in value.uses():
+            node = use.node
+            if id(node) in members or node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or \
+                    len(node.inputs) != 2 or node.inputs[1 - use.idx] is None:
+                continue
+            other = node.inputs[1 - use.idx]
+            partner = None if id(other) in known else _projection(other, linears)
+            if partner is not None:
+                return partner
+    return None
+
+
+def _projection(value: ir.Value, linears: dict[int, Linear]) -> Linear | None:
+    """The one linear layer `value` is an elementwise function of (with scalar constants), or None."""
+    sources: set[int] = set()
+    pending, seen = [value], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if id(current) in linears:
+            sources.add(id(current))
+            continue
+        producer = current.producer()
+        if producer is None or not _elementwise(producer):
+            return None
+        pending.extend(v for v in producer.inputs if v is not None and not _scalar(v))
+    return linears[sources.pop()] if len(sources) == 1 else None
 
 
 def _read_linear(node: ir.Node) -> Linear | None:
@@ -152,13 +338,17 @@ def _problem(linear: Linear) -> str | None:
         return f"weight '{linear.weight.name}' is not a 2-D float matrix"
     if linear.bias is None:
         return None
-    reader = linear.bias_node or node
-    problem = _sole_constant(linear.bias, reader, "bias")
+    return _bias_problem(linear.bias, linear.bias_reader, linear.shape[1])
+
+
+def _bias_problem(bias: ir.Value, reader: ir.Node, size: int) -> str | None:
+    """Why `bias` is not a constant (size,) or (1, size) read by `reader` only, or None."""
+    problem = _sole_constant(bias, reader, "bias")
     if problem:
         return problem
-    bias = _const(linear.bias)
-    if bias.size != linear.shape[1] or len(bias.shape) > 2 or (len(bias.shape) == 2 and bias.shape[0] != 1):
-        return f"bias '{linear.bias.name}' is not a constant of shape ({linear.shape[1]},)"
+    tensor = _const(bias)
+    if tensor.size != size or len(tensor.shape) > 2 or (len(tensor.shape) == 2 and tensor.shape[0] != 1):
+        return f"bias '{bias.name}' is not a constant of shape ({size},)"
     return None
 
 
@@ -172,18 +362,21 @@ def _sole_constant(value: ir.Value, reader: ir.Node, what: str) -> str | None:
     return None
 
 
-def _region(start: ir.Value) -> tuple[list[ir.Node], list[ir.Value]]:
-    """The elementwise nodes fed only by start, by each other and by scalar constants; and their values."""
+def _region(starts: Sequence[ir.Value], joins: Callable[[ir.Node, set[int]], bool] | None = None
+            ) -> tuple[list[ir.Node], list[ir.Value]]:
+    """The nodes fed only by the starts, by each other and by scalar constants that `joins` (default:
+    elementwise ops) accepts; and their values, the starts first."""
+    joins = joins or _joins
     nodes: list[ir.Node] = []
-    values = [start]
-    known = {id(start)}
+    values = list(starts)
+    known = {id(start) for start in starts}
     grown = True
     while grown:
         grown = False
         for value in list(values):
             for use in value.uses():
                 node = use.node
-                if id(node) in known or not _joins(node, known):
+                if id(node) in known or not joins(node, known):
                     continue
                 known.add(id(node))
                 nodes.append(node)
@@ -195,17 +388,18 @@ def _region(start: ir.Value) -> tuple[list[ir.Node], list[ir.Value]]:
 
 def _joins(node: ir.Node, known: set[int]) -> bool:
     """Whether node is an elementwise op whose inputs are region values (ids in known) or scalar constants."""
+    return _elementwise(node) and all(value is None or id(value) in known or _scalar(value) for value in node.inputs)
+
+
+def _elementwise(node: ir.Node) -> bool:
     if node.domain not in ("", "ai.onnx") or node.op_type not in REGION_OPS or len(node.outputs) != 1:
         return False
-    if node.op_type == "Cast" and ir.DataType(_attr(node, "to", 0)) not in FLOAT_TYPES:
-        return False
-    for value in node.inputs:
-        if value is None or id(value) in known:
-            continue
-        tensor = _const(value)
-        if tensor is None or tensor.size != 1:
-            return False
-    return True
+    return node.op_type != "Cast" or ir.DataType(_attr(node, "to", 0)) in FLOAT_TYPES
+
+
+def _scalar(value: ir.Value) -> bool:
+    tensor = _const(value)
+    return tensor is not None and tensor.size == 1
 
 
 def _const(value: ir.Value) -> ir.TensorProtocol | None:
@@ -213,6 +407,17 @@ def _const(value: ir.Value) -> ir.TensorProtocol | None:
         return ir.convenience.get_const_tensor(value)
     except ValueError:
         return None
+
+
+def _cast(value: ir.Value, array: np.ndarray) -> np.ndarray:
+    """array in the dtype of the constant `value`, contiguous."""
+    return np.ascontiguousarray(array, dtype=_const(value).dtype.numpy())
+
+
+def _like(value: ir.Value, entries: np.ndarray) -> np.ndarray:
+    """Entries of a 1-D constant (stored (n,) or (1, n)) in its layout and dtype, at their new count."""
+    shape = (1, -1) if len(_const(value).shape) == 2 else (-1,)
+    return _cast(value, np.reshape(entries, shape))
 
 
 def _attr(node: ir.Node, name: str, default):

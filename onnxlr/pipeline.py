@@ -206,12 +206,14 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
 
 def _joint_candidates(model: ir.Model, groups: list[WeightGroup], settings: Settings,
                       data: datafit.CalibrationData | None) -> list[coupled.PairPlan]:
-    """The coupled pairs `--methods svd,joint` may compress jointly (none without calibration data: said once)."""
-    if "joint" not in settings.methods:
+    """The coupled pairs joint compression may take: by default (methods None) all of them when there is
+    calibration data; with `--methods svd,joint` the same, and a warning (once) when there is none."""
+    if settings.methods is not None and "joint" not in settings.methods:
         return []
     if data is None:
-        logger.warning("--methods joint needs --calibration data (the refit reads the activations): "
-                       "per-matrix factorization only")
+        if settings.methods is not None:
+            logger.warning("--methods joint needs --calibration data (the refit reads the activations): "
+                           "per-matrix factorization only")
         return []
     return coupled.find(model, groups)
 

@@ -167,6 +167,8 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         return scheme.params_after(rank) if measure == "params" else scheme.macs_after(rank)
 
     total_before = sum(before(g.scheme) for g in groups)
+    # A unit's cost counts its biases as its report rows do (an Add bias shrinks with the neurons too).
+    total_before += sum(unit.cost(unit.width, measure) - sum(before(g.scheme) for g in unit.groups) for unit in units)
     budget = fraction * total_before
     in_units = {id(g) for unit in units for g in unit.groups}
     groups = [g for g in groups if id(g) not in in_units]

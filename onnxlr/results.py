@@ -49,18 +49,12 @@ class LayerRow:
     def of_joint(cls, group: WeightGroup) -> LayerRow:
         """A layer compressed with its coupled partner (onnxlr.coupled): rank = the kept inner neurons.
 
-        Its parameters are the weight's and the bias's (the up layer's bias shrinks with the neurons)."""
+        Its parameters are the weight's and the bias's (an up layer's bias shrinks with the neurons, and an
+        up conv's row also counts the BatchNormalization after it)."""
         role, target = group.joint, group.lead
         plan = role.plan
         kept, width = len(plan.fit.kept), plan.pair.width
-        layer = plan.pair.up if role.side == "up" else plan.pair.down
-        rows, cols = layer.matrix().shape
-        bias = layer.bias_array()
-        bias_size = 0 if bias is None else bias.size
-        if role.side == "up":
-            before, after = rows * width + bias_size, rows * kept + (kept if bias is not None else 0)
-        else:
-            before, after = width * cols + bias_size, kept * cols + bias_size
+        before, after = role.params()
         own = group.reader_scheme(0)
         macs_before = own.macs_before if own else None
         return cls(

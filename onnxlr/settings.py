@@ -25,7 +25,7 @@ POLICIES = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_
 
 # Settings added after the first release, with their defaults: left out of recorded() (the settings
 # recorded in the written model) while at the default.
-LATER_DEFAULTS = {"inputs_as_constants": False, "methods": ["svd"]}
+LATER_DEFAULTS = {"inputs_as_constants": False, "methods": None}
 # How weights may be compressed: "svd" (each weight its own factor pair) and "joint" (a coupled MLP pair
 # keeps k of its D inner neurons and refits the second layer on calibration data; onnxlr.coupled).
 METHODS = ("svd", "joint")
@@ -75,7 +75,7 @@ class Settings:
     ops: tuple[str, ...] = ALL_OPS
     conv_scheme: str = "auto"
     compensate: bool = False
-    methods: tuple[str, ...] = ("svd",)
+    methods: tuple[str, ...] | None = None  # None: svd,joint with calibration data, svd without
     svd: str = "auto"
     device: str = "cpu"
     jobs: int | None = None  # None: one per available core (up to MAX_DEFAULT_JOBS); never changes the output
@@ -104,8 +104,10 @@ class Settings:
         if not isinstance(self.inputs_as_constants, bool):
             raise OnnxlrError(f"{{0}} must be True or False, got {self.inputs_as_constants!r}", "inputs_as_constants")
         object.__setattr__(self, "ops", tuple(self.ops))
-        object.__setattr__(self, "methods", tuple(self.methods))
-        if not self.methods or any(m not in METHODS for m in self.methods) or "svd" not in self.methods:
+        if self.methods is not None:
+            object.__setattr__(self, "methods", tuple(self.methods))
+        if self.methods is not None and (not self.methods or any(m not in METHODS for m in self.methods)
+                                         or "svd" not in self.methods):
             raise OnnxlrError(f"{{0}} must be svd or svd,joint; got {','.join(self.methods) or 'nothing'}", "methods")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))

@@ -14,8 +14,11 @@ Methods, each at the same F:
   full        whitened + global allocation by measured sensitivity + --compensate
               (minilm: --param-budget F; digits: --mac-budget F)
   budget      whitened + the same global allocation, without --compensate
-  joint       budget + --methods svd,joint: coupled MLP pairs keep k of their inner neurons and refit
-              the second layer where that loses less output error than the pair's per-matrix plan
+  joint       budget with joint pairs (the default with calibration data): coupled MLP pairs compete in the
+              allocation, keeping k of their inner neurons with the second layer refitted, where that loses
+              less output error than the pair's per-matrix plan at the same cost
+  target      --target-cosine C (default 0.99) with per-matrix factorization only, searched on the first
+              half of the held-out set; target-joint: the same with joint pairs. `kept` shows C
   int8        onnxruntime's dynamic per-channel INT8 quantization alone (quantize_dynamic), once: the
               one-line alternative every onnxlr figure is read against
 The speedup is onnxruntime's CPU latency of the original over the candidate, interleaved A/B runs in
@@ -43,7 +46,7 @@ import onnxlr  # noqa: E402
 from onnxlr import bench  # noqa: E402
 from onnxlr.inputs import input_specs, load_inputs  # noqa: E402
 
-METHODS = ("plain", "whitened", "full", "budget", "joint", "int8")
+METHODS = ("plain", "whitened", "full", "budget", "joint", "target", "target-joint", "int8")
 DEFAULT_METHODS = ("plain", "whitened", "full", "int8")
 DEFAULT_FRACTIONS = (1.0, 0.8, 0.7, 0.6, 0.5)  # the grid; add lower ones with --fractions
 
@@ -77,13 +80,17 @@ def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 def settings_for(name: str, method: str, fraction: float, base: dict) -> dict:
     budget = "param_budget" if name == "minilm" else "mac_budget"  # digits: its figure of merit is MACs
+    svd = {**base, "methods": ("svd",)}  # per-matrix only (joint pairs are the default with calibration)
+    joint = {**base, "methods": ("svd", "joint")}
     if method == "full":
-        return {**base, budget: fraction, "compensate": True}
+        return {**svd, budget: fraction, "compensate": True}
     if method == "budget":
-        return {**base, budget: fraction}
+        return {**svd, budget: fraction}
     if method == "joint":
-        return {**base, budget: fraction, "methods": ("svd", "joint")}
-    return {**base, "param_ratio": fraction}  # a conv pair's MACs scale with its parameters
+        return {**joint, budget: fraction}
+    if method.startswith("target"):
+        return {**(joint if method == "target-joint" else svd), "target_cosine": fraction}
+    return {**svd, "param_ratio": fraction}  # a conv pair's MACs scale with its parameters
 
 
 def speedup(original: Path, candidate: ir.Model, feeds: dict[str, np.ndarray], runs: int) -> float:
@@ -92,7 +99,8 @@ def speedup(original: Path, candidate: ir.Model, feeds: dict[str, np.ndarray], r
     return result["speedup"]["median"]
 
 
-def evaluate(name: str, fractions: list[float], methods: list[str], runs: int) -> list[dict]:
+def evaluate(name: str, fractions: list[float], methods: list[str], runs: int, target_cosine: float = 0.99
+             ) -> list[dict]:
     folder = ROOT / ".cache" / "models" / ("minilm" if name == "minilm" else "digits-cnn")
     model_path = folder / "model.onnx"
     loaded = onnxlr.load(model_path)
@@ -110,36 +118,42 @@ def evaluate(name: str, fractions: list[float], methods: list[str], runs: int) -
     rows = []
     if "int8" in methods:
         rows.append(int8_row(name, model_path, eval_feeds, bench_feeds, reference, labels, runs))
-    for fraction in fractions:
-        for method in (m for m in methods if m != "int8"):
-            settings = settings_for(name, method, fraction, base)
-            start = time.perf_counter()
-            calibration = None if method == "plain" else str(calib)
-            try:
-                model, report = onnxlr.optimize(str(model_path), calibration=calibration, **settings)
-            except onnxlr.OnnxlrError as exc:
-                print(f"{name} {method} {fraction}: {exc}", file=sys.stderr)
-                continue
-            seconds = time.perf_counter() - start
-            output = run_model(model, eval_feeds)
-            totals = report["totals"]
-            layers = [row for row in report["layers"] if row["params_before"] is not None and row["weight"]]
-            kept_params = sum(r["params_after"] for r in layers) / max(sum(r["params_before"] for r in layers), 1)
-            row = {
-                "model": name, "method": method, "fraction": fraction, "seconds": round(seconds, 1),
-                "kept_params": kept_params, "kept_macs": totals["macs_after"] / max(totals["macs_before"], 1),
-                "kept_bytes": totals["bytes_after"] / max(totals["bytes_before"], 1),
-                "factorized": totals["factorized"],
-                "speedup": speedup(model_path, model, bench_feeds, runs),
-            }
-            if name == "minilm":
-                row["mean_cosine"] = mean_cosine(reference, output)
-                row["knn10_overlap"] = neighbour_overlap(reference, output)
-            else:
-                row["accuracy"] = float(np.mean(np.argmax(output, 1) == labels))
-                row["accuracy_original"] = float(np.mean(np.argmax(reference, 1) == labels))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    count = len(next(iter(eval_feeds.values())))
+    search_feeds = [{k: v[i:i + 16] for k, v in eval_feeds.items()} for i in range(0, count // 2, 16)]
+    grid = [(fraction, m) for fraction in fractions for m in methods if m != "int8" and not m.startswith("target")]
+    grid += [(target_cosine, m) for m in methods if m.startswith("target")]
+    for fraction, method in grid:
+        settings = settings_for(name, method, fraction, base)
+        start = time.perf_counter()
+        calibration = None if method == "plain" else str(calib)
+        heldout = search_feeds if method.startswith("target") else None
+        try:
+            model, report = onnxlr.optimize(str(model_path), calibration=calibration, heldout=heldout, **settings)
+        except onnxlr.OnnxlrError as exc:
+            print(f"{name} {method} {fraction}: {exc}", file=sys.stderr)
+            continue
+        seconds = time.perf_counter() - start
+        output = run_model(model, eval_feeds)
+        totals = report["totals"]
+        layers = [row for row in report["layers"] if row["params_before"] is not None and row["weight"]]
+        kept_params = sum(r["params_after"] for r in layers) / max(sum(r["params_before"] for r in layers), 1)
+        row = {
+            "model": name, "method": method, "fraction": fraction, "seconds": round(seconds, 1),
+            "kept_params": kept_params, "kept_macs": totals["macs_after"] / max(totals["macs_before"], 1),
+            "kept_bytes": totals["bytes_after"] / max(totals["bytes_before"], 1),
+            "factorized": totals["factorized"],
+            "speedup": speedup(model_path, model, bench_feeds, runs),
+        }
+        if name == "minilm":
+            row["mean_cosine"] = mean_cosine(reference, output)
+            row["knn10_overlap"] = neighbour_overlap(reference, output)
+            if heldout is not None:  # the half the search did not see
+                row["mean_cosine_unsearched"] = mean_cosine(reference[count // 2:], output[count // 2:])
+        else:
+            row["accuracy"] = float(np.mean(np.argmax(output, 1) == labels))
+            row["accuracy_original"] = float(np.mean(np.argmax(reference, 1) == labels))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -191,11 +205,12 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     parser.add_argument("--runs", type=int, default=100, help="timed runs per model for the speedup")
+    parser.add_argument("--target-cosine", type=float, default=0.99, help="the goal of the target methods")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
     if any(not (0 < f <= 1) or math.isnan(f) for f in args.fractions):
         parser.error("fractions must be in (0, 1]")
-    rows = evaluate(args.model, args.fractions, args.methods, args.runs)
+    rows = evaluate(args.model, args.fractions, args.methods, args.runs, args.target_cosine)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))

@@ -56,7 +56,7 @@ def relative_error(model, candidate, feeds):
 def test_joint_pair_is_chosen_where_it_loses_less(activation, gemm):
     model = redundant_mlp(activation, gemm)
     calibration, heldout = batches(6), batches(4)[0]
-    svd_model, svd_report = onnxlr.optimize(model, calibration=calibration, param_ratio=0.5)
+    svd_model, svd_report = onnxlr.optimize(model, calibration=calibration, param_ratio=0.5, methods=("svd",))
     joint_model, report = onnxlr.optimize(model, calibration=calibration, param_ratio=0.5, methods=("svd", "joint"))
     rows = {row["name"]: row for row in report["layers"]}
     assert rows["up"]["method"] == rows["down"]["method"] == "joint"
@@ -81,7 +81,7 @@ def test_keeping_every_neuron_reproduces_the_outputs(activation, gemm):
     ir_model = load(model).model
     (pair,), _ = pairs.find_mlp_pairs(ir_model)
     fit = joint.select_and_refit(pair.down.matrix(), pair.down.bias_array(), np.eye(WIDTH + 1), WIDTH)
-    plan = coupled.PairPlan(pair, up=None, down=None, fit=fit)
+    plan = coupled.PairPlan(pair, ups=[], down=None, fit=fit)
     coupled.rewrite(ir_model, [plan])
     rewritten = ir.to_proto(ir_model)
     feeds = batches(1)[0]
@@ -131,7 +131,7 @@ def test_budget_allocates_to_joint_pairs(budget):
     """With a whole-model budget the pair competes as one candidate; the written model keeps the budget."""
     model = mlp_then_head()
     calibration, heldout = batches(8), batches(4)
-    svd_model, svd_report = onnxlr.optimize(model, calibration=calibration, **{budget: 0.5})
+    svd_model, svd_report = onnxlr.optimize(model, calibration=calibration, methods=("svd",), **{budget: 0.5})
     joint_model, report = onnxlr.optimize(model, calibration=calibration, methods=("svd", "joint"), **{budget: 0.5})
     rows = {row["name"]: row for row in report["layers"]}
     assert rows["up"]["method"] == rows["down"]["method"] == "joint" and rows["up"]["rank"] < WIDTH
@@ -189,6 +189,36 @@ def test_model_without_pairs_is_unchanged_by_joint():
     model = make_model(nodes, [tensor_input("x", [4, 16], TensorProto.FLOAT)], [tensor_input("y", None)],
                        [init("W", RNG.standard_normal((16, 16)).astype(np.float32))])
     calibration = [{"x": RNG.standard_normal((4, 16)).astype(np.float32)}]
-    plain, _ = onnxlr.optimize(model, calibration=calibration, rank_ratio=0.25)
+    plain, _ = onnxlr.optimize(model, calibration=calibration, rank_ratio=0.25, methods=("svd",))
     with_joint, _ = onnxlr.optimize(model, calibration=calibration, rank_ratio=0.25, methods=("svd", "joint"))
     assert plain.graph.SerializeToString() == with_joint.graph.SerializeToString()  # the settings differ
+
+
+def test_a_chain_of_pairs_gives_each_layer_one_pair():
+    """linear -> relu -> linear -> relu -> linear: the middle layer ends one pair and starts the next; it
+    joins the first only, and the rewrite stays exact in structure (runs, same outputs shape)."""
+    weights = [init(f"W{i}", (RNG.standard_normal((D_IN, D_IN)) / 4).astype(np.float32)) for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h0"], name="fc0"), helper.make_node("Relu", ["h0"], ["r0"]),
+             helper.make_node("MatMul", ["r0", "W1"], ["h1"], name="fc1"), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "W2"], ["y"], name="fc2")]
+    model = make_model(nodes, [tensor_input("x", ["n", D_IN])], [tensor_input("y", None)], weights, opset=20)
+    found, _ = pairs.find_mlp_pairs(load(model).model)
+    assert [(p.up.node.name, p.down.node.name) for p in found] == [("fc0", "fc1"), ("fc1", "fc2")]
+    result, report = onnxlr.optimize(model, calibration=batches(8), param_budget=0.5, methods=("svd", "joint"))
+    partners = {row["name"]: row["partner"] for row in report["layers"] if row["method"] == "joint"}
+    assert partners in ({"fc0": "fc1", "fc1": "fc0"}, {})
+    assert "fc2" not in partners
+    feeds = batches(1)[0]
+    assert run(result, feeds)[0].shape == run(model, feeds)[0].shape
+
+
+def test_joint_is_the_default_with_calibration_data_only(caplog):
+    """No --methods: joint pairs with calibration data, per-matrix without (and no warning then)."""
+    model = redundant_mlp()
+    _, with_data = onnxlr.optimize(model, calibration=batches(6), param_ratio=0.5)
+    assert {row["method"] for row in with_data["layers"]} == {"joint"}
+    _, without = onnxlr.optimize(model, param_ratio=0.5)
+    assert {row["method"] for row in without["layers"]} == {"svd"}
+    assert "needs --calibration" not in caplog.text
+    _, explicit = onnxlr.optimize(model, calibration=batches(6), param_ratio=0.5, methods=("svd",))
+    assert {row["method"] for row in explicit["layers"]} == {"whitened"}

@@ -265,3 +265,130 @@ def test_elimination_prices_every_keep_like_the_refit(bias):
         assert elimination.plain_share > 0
     else:
         assert elimination.plain_share == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- blocks (conv channel pairs)
+
+BLOCK = 4
+
+
+def _block_problem(seed: int = 0, width: int = 8, d_out: int = 5, bias: bool = True, rows: int = 3000,
+                   copy: bool = True):
+    """Vectors of `width` neurons of BLOCK rows each (a dead neuron, a near-copy of another), W2 and b2."""
+    rng = np.random.default_rng(seed)
+    size = width * BLOCK
+    z = np.maximum(rng.standard_normal((rows, size)) @ rng.standard_normal((size, size)) + 0.3, 0.0)
+    z[:, 1 * BLOCK:2 * BLOCK] = 0.0
+    if copy:
+        z[:, 3 * BLOCK:4 * BLOCK] = z[:, 4 * BLOCK:5 * BLOCK] + 1e-3 * rng.standard_normal((rows, BLOCK))
+    return z, rng.standard_normal((size, d_out)), (rng.standard_normal(d_out) if bias else None)
+
+
+def _block_rows(kept) -> np.ndarray:
+    return (np.asarray(kept)[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_keep_all_is_identity(bias):
+    z, w2, b2 = _block_problem(bias=bias)
+    fit = joint.select_and_refit(w2, b2, _gram(z), 8, block=BLOCK)
+    assert fit.kept.tolist() == list(range(8)) and np.array_equal(fit.down_matrix, w2) and fit.relative_error == 0.0
+    assert (fit.down_bias is None) if not bias else np.array_equal(fit.down_bias, b2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("keep", [1, 3, 6, 7])
+def test_block_refit_equals_lstsq_on_the_vectors(bias, keep):
+    z, w2, b2 = _block_problem(seed=keep, bias=bias, copy=False)  # well-posed: the solutions compare too
+    fit = joint.select_and_refit(w2, b2, _gram(z), keep, block=BLOCK, ridge_scale=1e-13)
+    assert len(fit.kept) == keep and np.all(np.diff(fit.kept) > 0) and fit.down_matrix.shape == (keep * BLOCK, 5)
+    matrix, offset, error = _lstsq_fit(z, w2, b2, _block_rows(fit.kept))
+    np.testing.assert_allclose(fit.down_matrix, matrix, rtol=1e-6, atol=1e-7)
+    if bias:
+        np.testing.assert_allclose(fit.down_bias, offset, rtol=1e-6, atol=1e-7)
+    assert fit.relative_error == pytest.approx(error, abs=1e-8)
+    target = z @ w2 + (0.0 if b2 is None else b2)
+    approx = z[:, _block_rows(fit.kept)] @ fit.down_matrix + (0.0 if b2 is None else fit.down_bias)
+    assert fit.relative_error == pytest.approx(np.sum((target - approx) ** 2) / np.sum(target**2), abs=1e-8)
+
+
+@pytest.mark.parametrize("flush", [1, 5, 256])
+def test_block_one_is_the_scalar_path(monkeypatch, flush):
+    """The block elimination at block=1 drops what the scalar (default) path drops, at the same costs."""
+    monkeypatch.setattr(joint, "_FLUSH", flush)
+    z, w2, b2 = _problem(seed=6)
+    weights, corr, ridge = joint._problem(w2, b2, _gram(z), 1e-6)
+    order, added = joint._elimination_order(weights, corr, ridge, 24, 23)
+    block_order, block_added = joint._block_elimination_order(weights, corr, ridge, 24, 1, 23)
+    assert block_order.tolist() == order.tolist()
+    np.testing.assert_allclose(block_added, added, rtol=1e-6, atol=1e-9 * np.sum(weights * (corr @ weights)))
+    assert np.array_equal(joint.obs_scores(w2, b2, _gram(z), block=1), joint.obs_scores(w2, b2, _gram(z)))
+
+
+def _refit_loss(weights, hessian, rows) -> float:
+    """min over P on `rows` of tr((W̃ − P)ᵀ H (W̃ − P)), solved directly."""
+    cross = hessian[rows] @ weights
+    return float(np.sum(weights * (hessian @ weights)) - np.sum(cross * np.linalg.solve(hessian[np.ix_(rows, rows)],
+                                                                                       cross)))
+
+
+@pytest.mark.parametrize("flush", [2, 256])
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_greedy_matches_brute_force(monkeypatch, flush, bias):
+    """Each drop is the neuron whose removal (the rest refitted) costs least, and costs its score."""
+    monkeypatch.setattr(joint, "_FLUSH", flush)
+    z, w2, b2 = _block_problem(seed=3, bias=bias)
+    weights, corr, ridge = joint._problem(w2, b2, _gram(z), 1e-6)
+    hessian = corr + ridge * np.eye(len(corr))
+    order, added = joint._block_elimination_order(weights, corr, ridge, 8, BLOCK, 7)
+    alive, constant = list(range(8)), [8 * BLOCK] if bias else []
+    for dropped, cost in zip(order, added):
+        now = _refit_loss(weights, hessian, np.append(_block_rows(alive), constant).astype(int))
+        costs = {j: _refit_loss(weights, hessian, np.append(_block_rows([i for i in alive if i != j]), constant)
+                                .astype(int)) - now for j in alive}
+        assert dropped == min(costs, key=lambda j: (costs[j], -j))
+        assert cost == pytest.approx(costs[dropped], rel=1e-6, abs=1e-9 * now)
+        alive.remove(dropped)
+
+
+def test_block_obs_scores_are_the_cost_of_one_drop():
+    z, w2, b2 = _block_problem(seed=2)
+    scores = joint.obs_scores(w2, b2, _gram(z), ridge_scale=1e-13, block=BLOCK)
+    assert scores.shape == (8,) and scores[1] == pytest.approx(0.0, abs=1e-6)
+    total = np.sum((z @ w2 + b2) ** 2)
+    for j in (0, 3, 7):
+        kept = np.delete(np.arange(8), j)
+        assert _lstsq_fit(z, w2, b2, _block_rows(kept))[2] == pytest.approx(scores[j] / total, rel=1e-6, abs=1e-10)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_elimination_prices_every_keep_like_the_refit(bias):
+    z, w2, b2 = _block_problem(seed=5, bias=bias)
+    correlation = _gram(z)
+    elimination = joint.eliminate(w2, b2, correlation, block=BLOCK)
+    assert elimination.width == 8 and elimination.error(8) == 0.0
+    curve = joint.error_curve(w2, b2, correlation, range(1, 9), block=BLOCK)
+    assert all(later <= earlier + 1e-10 for earlier, later in zip(curve, curve[1:]))
+    for keep in range(1, 9):
+        fit = joint.select_and_refit(w2, b2, correlation, keep, block=BLOCK)
+        assert elimination.error(keep) == pytest.approx(fit.relative_error, rel=1e-3, abs=1e-6)
+        assert curve[keep - 1] == fit.relative_error
+        again = elimination.fit(keep)
+        np.testing.assert_array_equal(again.kept, fit.kept)
+        np.testing.assert_allclose(again.down_matrix, fit.down_matrix)
+
+
+def test_block_drops_a_dead_neuron_and_one_of_two_copies_first():
+    z, w2, b2 = _block_problem(seed=8)
+    fit = joint.select_and_refit(w2, b2, _gram(z), 6, block=BLOCK)
+    dropped = sorted(set(range(8)) - set(fit.kept.tolist()))
+    assert 1 in dropped and len({3, 4} & set(dropped)) == 1
+    assert fit.relative_error < 1e-5
+
+
+def test_rows_must_be_whole_blocks():
+    z, w2, b2 = _block_problem()
+    with pytest.raises(ValueError, match="blocks"):
+        joint.select_and_refit(w2[:-1], b2, _gram(z[:, :-1]), 2, block=BLOCK)
+    with pytest.raises(ValueError, match="blocks"):
+        joint.eliminate(w2, b2, _gram(z), block=0)
