@@ -242,31 +242,48 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
     if whole_model:
         datafit.measure_sensitivity(groups, runner, data, lambda g: plan.candidate_schemes(g, settings)[0], progress)
     units = coupled.measure(pair_plans, runner, data.batches, progress) if whole_model and pair_plans else []
-    if goal is not None:
-        initial = {id(g): (g.reason_code, g.reason) for g in groups}
+    initial = {id(g): (g.reason_code, g.reason) for g in groups}
 
+    def restore() -> None:
+        for unit in units:
+            unit.reset()
+        for group in groups:
+            group.reason_code, group.reason = initial[id(group)]
+            group.rank, group.scheme = None, None
+
+    def plan_budget(budget_settings: Settings, bars: Progress) -> None:
+        """Allocate with the pairs as candidates; a pair that settles for its per-matrix plan leaves the
+        candidates and the allocation runs again, so its layers compete on their own curves."""
+        candidates = list(units)
+        while True:
+            restore()
+            plan.plan_ranks(groups, budget_settings, bars, candidates)
+            bars = no_progress
+            if not candidates:
+                return
+            coupled.settle(candidates, budget_settings, runner, data.batches)
+            declined = [u for u in candidates if not u.chosen and u.keep is not None and u.keep < u.width]
+            if not declined:
+                return
+            candidates = [u for u in candidates if u not in declined]
+
+    if goal is not None:
         def plan_for(budget: float | None) -> None:
-            for unit in units:
-                unit.reset()
-            for group in groups:
-                group.reason_code, group.reason = initial[id(group)]
-                group.rank, group.scheme = None, None
             if budget is None:
+                restore()
                 for group in groups:
                     if not group.reason:
                         group.keep_dense("target_not_reached", f"kept dense: no budget reaches {goal}")
                 return
-            trial = dataclasses.replace(settings, target_cosine=None, target_error=None, param_budget=budget)
-            plan.plan_ranks(groups, trial, no_progress, units)  # each trial: no bars
-            if units:
-                coupled.settle(units, trial, runner, data.batches)
+            plan_budget(dataclasses.replace(settings, target_cosine=None, target_error=None, param_budget=budget),
+                        no_progress)  # each trial: no bars
 
         result["search"] = datafit.search_budget(groups, goal, runner, data, plan_for, progress)
+    elif settings.budget is not None:
+        plan_budget(settings, progress)
     else:
-        plan.plan_ranks(groups, settings, progress, units)
-        if units:
-            coupled.settle(units, settings, runner, data.batches)
-        elif pair_plans:
+        plan.plan_ranks(groups, settings, progress)
+        if pair_plans:
             coupled.choose(list(pair_plans), runner, data.batches, progress)
     if settings.compensate:
         result["refitted"] = datafit.compensate(model, groups, runner, data, progress)
