@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from graphs import init, make_model, run, tensor_input
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import helper
 from test_shared_weights import check_report_adds_up, weight_bytes
 
 import onnxlr
+from onnxlr import coupled, joint, pairs
+from onnxlr.io import load
 
 RNG = np.random.default_rng(161)
 D_IN, WIDTH, CHANNELS = 24, 96, 32
@@ -89,3 +94,47 @@ def test_target_search_measures_what_is_written(kind):
     written = np.concatenate([run(result, f)[0] for f in heldout]).ravel()
     measured = float(reference @ written / np.linalg.norm(reference) / np.linalg.norm(written))
     assert measured == pytest.approx(chosen["cosine"], abs=2e-5)
+
+
+ACTIVATIONS = {  # name -> (nodes from h to z, the opset it needs)
+    "Relu": (lambda: [helper.make_node("Relu", ["h"], ["z"])], 13),
+    "Gelu": (lambda: [helper.make_node("Gelu", ["h"], ["z"])], 20),
+    "Tanh": (lambda: [helper.make_node("Tanh", ["h"], ["z"])], 13),
+    "SiLU": (lambda: [helper.make_node("Sigmoid", ["h"], ["s"]), helper.make_node("Mul", ["h", "s"], ["z"])], 13),
+    "HardSwish": (lambda: [helper.make_node("HardSwish", ["h"], ["z"])], 14),
+    "LeakyRelu": (lambda: [helper.make_node("LeakyRelu", ["h"], ["z"], alpha=0.1)], 13),
+}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(activation=st.sampled_from(sorted(ACTIVATIONS)), gemm=st.booleans(), up_bias=st.booleans(),
+       down_bias=st.booleans(), half=st.booleans(), opset=st.sampled_from([13, 17, 20, 21]),
+       width=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_keeping_every_neuron_is_exact_across_activations_dtypes_and_opsets(activation, gemm, up_bias, down_bias,
+                                                                           half, opset, width, seed):
+    """The rewrite with all D neurons kept (the fit joint.select_and_refit returns then) gives the original
+    outputs, for MatMul(+Add) and Gemm pairs, float32 and float16, opsets 13-21."""
+    make_activation, needs = ACTIVATIONS[activation]
+    opset = max(opset, needs)
+    rng = np.random.default_rng(seed)
+    dtype, elem = (np.float16, onnx.TensorProto.FLOAT16) if half else (np.float32, onnx.TensorProto.FLOAT)
+    w1, w2 = rng.standard_normal((6, width)).astype(dtype), rng.standard_normal((width, 5)).astype(dtype)
+    b1, b2 = rng.standard_normal(width).astype(dtype), rng.standard_normal(5).astype(dtype)
+    inits = [init("W1", w1.T.copy() if gemm else w1), init("W2", w2.T.copy() if gemm else w2)]
+    if gemm:
+        nodes = [helper.make_node("Gemm", ["x", "W1"] + (["b1"] if up_bias else []), ["h"], name="up", transB=1),
+                 *make_activation(),
+                 helper.make_node("Gemm", ["z", "W2"] + (["b2"] if down_bias else []), ["y"], name="down", transB=1)]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0" if up_bias else "h"], name="up"),
+                 *([helper.make_node("Add", ["h0", "b1"], ["h"])] if up_bias else []), *make_activation(),
+                 helper.make_node("MatMul", ["z", "W2"], ["y0" if down_bias else "y"], name="down"),
+                 *([helper.make_node("Add", ["y0", "b2"], ["y"])] if down_bias else [])]
+    inits += ([init("b1", b1)] if up_bias else []) + ([init("b2", b2)] if down_bias else [])
+    model = make_model(nodes, [tensor_input("x", [4, 6], elem)], [tensor_input("y", None, elem)], inits, opset=opset)
+    ir_model = load(model).model
+    (pair,), _ = pairs.find_mlp_pairs(ir_model)
+    fit = joint.select_and_refit(pair.down_matrix(), pair.down_bias(), np.eye(width + 1), width)
+    coupled.rewrite(ir_model, [coupled.PairPlan(pair, ups=[], down=None, fit=fit)])
+    feeds = {"x": rng.standard_normal((4, 6)).astype(dtype)}
+    np.testing.assert_array_equal(run(model, feeds)[0], run(ir.to_proto(ir_model), feeds)[0])
