@@ -203,6 +203,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=["minilm", "digits"])
     parser.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS))
@@ -214,7 +215,6 @@ def main() -> None:
     args = parser.parse_args()
     if any(not (0 < f <= 1) or math.isnan(f) for f in args.fractions):
         parser.error("fractions must be in (0, 1]")
-    global THREADS
     THREADS = args.threads
     rows = evaluate(args.model, args.fractions, args.methods, args.runs, args.target_cosine)
     if args.json:
