@@ -214,6 +214,8 @@ def _joint_candidates(model: ir.Model, groups: list[WeightGroup], settings: Sett
         if settings.methods is not None:
             logger.warning("--methods joint needs --calibration data (the refit reads the activations): "
                            "per-matrix factorization only")
+        elif found := coupled.find(model, groups):
+            logger.info("%d coupled pairs could be compressed jointly with --calibration data", len(found))
         return []
     return coupled.find(model, groups)
 

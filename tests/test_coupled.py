@@ -217,8 +217,10 @@ def test_joint_is_the_default_with_calibration_data_only(caplog):
     model = redundant_mlp()
     _, with_data = onnxlr.optimize(model, calibration=batches(6), param_ratio=0.5)
     assert {row["method"] for row in with_data["layers"]} == {"joint"}
-    _, without = onnxlr.optimize(model, param_ratio=0.5)
+    with caplog.at_level("INFO", logger="onnxlr"):
+        _, without = onnxlr.optimize(model, param_ratio=0.5)
     assert {row["method"] for row in without["layers"]} == {"svd"}
     assert "needs --calibration" not in caplog.text
+    assert "1 coupled pairs could be compressed jointly with --calibration" in caplog.text
     _, explicit = onnxlr.optimize(model, calibration=batches(6), param_ratio=0.5, methods=("svd",))
     assert {row["method"] for row in explicit["layers"]} == {"whitened"}
