@@ -65,16 +65,20 @@ class Probe:
 
 @dataclasses.dataclass
 class GramAccumulator:
-    """Running sum of x x^T (float64) over the vectors seen so far; one per group for a conv."""
+    """Running sum of x x^T (float64) over the vectors seen so far; one per group for a conv. The sum
+    of x rides along: with it, a joint pair's augmented correlation needs no second pass."""
 
     gram: np.ndarray | None = None
     count: int = 0
+    sums: np.ndarray | None = None  # (groups, K): sum of x
 
     def add(self, vectors: np.ndarray) -> None:
         stack = _as_stack(vectors)
         if self.gram is None:
             self.gram = np.zeros((stack.shape[0], stack.shape[2], stack.shape[2]))
+            self.sums = np.zeros((stack.shape[0], stack.shape[2]))
         self.gram += np.matmul(stack.transpose(0, 2, 1), stack)
+        self.sums += stack.sum(axis=1)
         self.count += stack.shape[1]
 
     def result(self) -> np.ndarray | None:
@@ -297,6 +301,12 @@ def collect_grams(model_source: str | os.PathLike | bytes, model: ir.Model, data
 def grams(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Iterable[str] | None = None,
           overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Gram matrices of the probes `keys` (default: all), with the slot `overrides` fed."""
+    return {key: acc.result() for key, acc in moments(runner, batches, keys, overrides).items()}
+
+
+def moments(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Iterable[str] | None = None,
+            overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, GramAccumulator]:
+    """The accumulated statistics (Gram, sum, count) of the probes `keys` that saw any vector."""
     keys = list(runner.probes if keys is None else keys)
     sums = {key: GramAccumulator() for key in keys}
     for batch in batches:
@@ -304,7 +314,7 @@ def grams(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Ite
         keep = runner.keep(batch)
         for key in keys:
             sums[key].add(runner.vectors(key, outputs, keep))
-    return {key: acc.result() for key, acc in sums.items() if acc.result() is not None}
+    return {key: acc for key, acc in sums.items() if acc.result() is not None}
 
 
 def compensation_statistics(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Iterable[str],

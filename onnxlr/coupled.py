@@ -263,14 +263,35 @@ def _weight_params_after(group: WeightGroup) -> int:
 
 def _correlations(plans: list[PairPlan], runner: Any, batches: list[dict[str, np.ndarray]], progress: Progress
                   ) -> dict[int, np.ndarray]:
-    grams = {id(p): joint.AugmentedGram() for p in plans}
-    names = [runner.probes[p.key].activation for p in plans]
+    """Each pair's augmented correlation Σ [z,1][z,1]ᵀ of its down layer's input: from the statistics
+    calibration already took (the down layer's Gram and sum), or from a pass of its own."""
+    result = {id(p): _augmented(p.down) for p in plans if _augmented(p.down) is not None}
+    missing = [p for p in plans if id(p) not in result]
+    if not missing:
+        return result
+    grams = {id(p): joint.AugmentedGram() for p in missing}
+    names = [runner.probes[p.key].activation for p in missing]
     for batch in progress(batches, "joint statistics"):
         outputs = runner.run(batch, names)
         keep = runner.keep(batch)
-        for plan in plans:
-            grams[id(plan)].add(runner.vectors(plan.key, outputs, keep))
-    return {key: gram.result() for key, gram in grams.items()}
+        for pair_plan in missing:
+            grams[id(pair_plan)].add(runner.vectors(pair_plan.key, outputs, keep))
+    result.update({key: gram.result() for key, gram in grams.items()})
+    return result
+
+
+def _augmented(group: WeightGroup) -> np.ndarray | None:
+    """[[G, s], [sᵀ, n]] from the group's original statistics (one conv group), or None."""
+    if group.input_moments is None or group.gram is None or group.cross is not None or group.gram.ndim != 2:
+        return None
+    sums, count = group.input_moments
+    sums = sums.reshape(-1)
+    width = len(sums)
+    augmented = np.empty((width + 1, width + 1))
+    augmented[:width, :width] = group.gram
+    augmented[:width, width] = augmented[width, :width] = sums
+    augmented[width, width] = count
+    return augmented
 
 
 def _errors(pair_plan: PairPlan, fit: joint.JointFit, runner: Any, batches: list[dict[str, np.ndarray]]

@@ -79,12 +79,13 @@ def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationDat
     keyed = [g for g in main if not g.uniform or all(t.node.outputs[0].name in probed for t in g.targets)]
     slots = [_slot(g) for g in keyed] + [slot for slot in extra_slots if slot is not None]
     runner = calibration.Runner(data.source, model, found, slots)
-    statistics = calibration.grams(runner, progress(data.batches, "calibration"))
+    statistics = calibration.moments(runner, progress(data.batches, "calibration"))
     for index, group in enumerate(keyed):
         group.slot = index
-        grams = [statistics[t.node.outputs[0].name] for t in group.targets if t.node.outputs[0].name in statistics]
-        if grams and group.uniform:
-            group.gram = np.sum(grams, axis=0)
+        found = [statistics[t.node.outputs[0].name] for t in group.targets if t.node.outputs[0].name in statistics]
+        if found and group.uniform:
+            group.gram = np.sum([acc.result() for acc in found], axis=0)
+            group.input_moments = (np.sum([acc.sums for acc in found], axis=0), sum(acc.count for acc in found))
     return runner
 
 

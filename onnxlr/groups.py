@@ -37,6 +37,8 @@ class WeightGroup:
     reason_code: str = ""  # and its stable code (passes.base.REASON_CODES)
     gram: np.ndarray | None = None  # activation second moment (calibration): whitened SVD when set
     cross: np.ndarray | None = None  # error compensation: sum x_c x_o^T (gram is then that of x_c)
+    # (sum of x: (groups, K), count) on the calibration data, beside the original gram (joint pairs use both).
+    input_moments: tuple[np.ndarray, int] | None = None
     sensitivity: float | None = None  # end-to-end output error per unit of lost (whitened) energy
     joint: Any = None  # onnxlr.coupled.JointRole when the group's layer is compressed with its coupled partner
     slot: int | None = None  # this weight's feed in the calibration runner (datafit)

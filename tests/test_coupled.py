@@ -224,3 +224,16 @@ def test_joint_is_the_default_with_calibration_data_only(caplog):
     assert "1 coupled pairs could be compressed jointly with --calibration" in caplog.text
     _, explicit = onnxlr.optimize(model, calibration=batches(6), param_ratio=0.5, methods=("svd",))
     assert {row["method"] for row in explicit["layers"]} == {"whitened"}
+
+
+def test_correlation_from_the_calibration_statistics_equals_its_own_pass(monkeypatch):
+    """The augmented correlation built from the down layer's Gram and sum (no second pass) gives the same
+    model as the one streamed in a pass of its own."""
+    model, calibration = mlp_then_head(), batches(8)
+    shared, shared_report = onnxlr.optimize(model, calibration=calibration, param_budget=0.5)
+    monkeypatch.setattr(coupled, "_augmented", lambda group: None)
+    own, own_report = onnxlr.optimize(model, calibration=calibration, param_budget=0.5)
+    assert [r["rank"] for r in shared_report["layers"]] == [r["rank"] for r in own_report["layers"]]
+    assert any(r["method"] == "joint" for r in own_report["layers"])
+    for a, b in zip(shared.graph.initializer, own.graph.initializer):
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), rtol=1e-4, atol=1e-5)
