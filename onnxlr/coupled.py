@@ -142,23 +142,40 @@ class JointRole:
         return self.plan.feeds() if self.side == "down" else {}  # the up weights' kept outputs are unchanged
 
 
-def find(model: ir.Model, groups: Sequence[WeightGroup]) -> list[PairPlan]:
+def find(model: ir.Model, groups: Sequence[WeightGroup]) -> tuple[list[PairPlan], list[dict[str, str]]]:
     """The coupled pairs (MLP, gated MLP, conv channels) whose weights are each one group's only reader
-    (plain, unshared weights); no layer in two pairs (in a chain, the first pair in graph order takes it)."""
+    (plain, unshared weights), no layer in two pairs (in a chain, the first pair in graph order takes
+    it); and {node, reason} for each candidate that is not one."""
     by_node = {id(g.lead.node): g for g in groups if len(g.targets) == 1 and not g.reason}
-    found = pairs.find_mlp_pairs(model)[0] + conv_pairs.find_conv_pairs(model)[0]
+    mlp, mlp_rejected = pairs.find_mlp_pairs(model)
+    conv, conv_rejected = conv_pairs.find_conv_pairs(model)
+    rejected = [{"node": node.name, "reason": reason} for node, reason in mlp_rejected + conv_rejected]
     plans, taken = [], set()
-    for pair in found:
+    for pair in mlp + conv:
         layers = [*pair.up_layers(), pair.down]
         layer_groups = [by_node.get(id(layer.node)) for layer in layers]
-        if any(g is None or g.lead.weight is not layer.weight for g, layer in zip(layer_groups, layers)):
-            continue
-        if any(id(g) in taken for g in layer_groups):
-            logger.debug("pair ending at %s overlaps an earlier pair: per-matrix only", pair.down.node.name)
-            continue
-        taken.update(id(g) for g in layer_groups)
-        plans.append(PairPlan(pair, layer_groups[:-1], layer_groups[-1]))
-    return plans
+        outside = [layer.node.name for g, layer in zip(layer_groups, layers) if g is None or g.lead.weight is not layer.weight]
+        if outside:
+            rejected.append({"node": layers[0].node.name, "reason": f"layer '{outside[0]}' is not a target of its own "
+                             "(skipped, shared or excluded)"})
+        elif any(id(g) in taken for g in layer_groups):
+            rejected.append({"node": layers[0].node.name, "reason": "a layer already belongs to the pair before it"})
+        else:
+            taken.update(id(g) for g in layer_groups)
+            plans.append(PairPlan(pair, layer_groups[:-1], layer_groups[-1]))
+    return plans, rejected
+
+
+def summary(plans: Sequence[PairPlan], rejected: Sequence[dict[str, str]]) -> dict[str, Any]:
+    """What the report says of the coupled pairs: each one's outcome, and the candidates that were not pairs."""
+    found = []
+    for pair_plan in plans:
+        entry = {"kind": pair_plan.pair.kind, "up": [g.lead.name for g in pair_plan.ups],
+                 "down": pair_plan.down.lead.name, "width": pair_plan.width, "chosen": pair_plan.chosen,
+                 "kept": len(pair_plan.fit.kept) if pair_plan.chosen else None,
+                 "joint_error": pair_plan.joint_error, "per_matrix_error": pair_plan.svd_error}
+        found.append(entry)
+    return {"found": found, "not_pairs": list(rejected)}
 
 
 def bias_slots(plans: Sequence[PairPlan]) -> list[calibration.Slot | None]:

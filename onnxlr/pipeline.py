@@ -165,7 +165,7 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     # Graph order (subgraph nodes follow their parent), taken before the rewrite removes nodes.
     order = {id(node): index for index, node in enumerate(ir.traversal.RecursiveGraphIterator(model.graph))}
     groups, skipped = find_targets(model, settings, context)
-    pair_plans = _joint_candidates(model, groups, settings, calibration_data)
+    pair_plans, not_pairs = _joint_candidates(model, groups, settings, calibration_data)
     runner = None
     if calibration_data is not None:
         extra = coupled.bias_slots(pair_plans)
@@ -187,6 +187,8 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
             calibration_report = plan_with_data(model, groups, settings, progress, runner, calibration_data,
                                                 pair_plans)
         rewrite.factorize_groups(model, groups, settings, progress, plan_here=per_layer, dry_run=dry_run, sink=sink)
+    if calibration_report is not None and (pair_plans or not_pairs):
+        calibration_report["pairs"] = coupled.summary(pair_plans, not_pairs)
     costs_after = None
     if not dry_run:
         coupled.rewrite(model, pair_plans, sink)
@@ -205,19 +207,24 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
 
 
 def _joint_candidates(model: ir.Model, groups: list[WeightGroup], settings: Settings,
-                      data: datafit.CalibrationData | None) -> list[coupled.PairPlan]:
-    """The coupled pairs joint compression may take: by default (methods None) all of them when there is
-    calibration data; with `--methods svd,joint` the same, and a warning (once) when there is none."""
+                      data: datafit.CalibrationData | None) -> tuple[list[coupled.PairPlan], list[dict[str, str]]]:
+    """The coupled pairs joint compression may take, and the candidates that are not pairs (with why).
+
+    By default (methods None) every pair when there is calibration data; with `--methods svd,joint`
+    the same, and a warning (once) when there is none."""
     if settings.methods is not None and "joint" not in settings.methods:
-        return []
+        return [], []
     if data is None:
         if settings.methods is not None:
             logger.warning("--methods joint needs --calibration data (the refit reads the activations): "
                            "per-matrix factorization only")
-        elif found := coupled.find(model, groups):
+        elif found := coupled.find(model, groups)[0]:
             logger.info("%d coupled pairs could be compressed jointly with --calibration data", len(found))
-        return []
-    return coupled.find(model, groups)
+        return [], []
+    plans, not_pairs = coupled.find(model, groups)
+    for entry in not_pairs:
+        logger.info("not a coupled pair at %s: %s", entry["node"], entry["reason"])
+    return plans, not_pairs
 
 
 def _check_data_needs(settings: Settings, runner: Any, data: datafit.CalibrationData | None) -> None:

@@ -208,6 +208,9 @@ def test_a_chain_of_pairs_gives_each_layer_one_pair():
     partners = {row["name"]: row["partner"] for row in report["layers"] if row["method"] == "joint"}
     assert partners in ({"fc0": "fc1", "fc1": "fc0"}, {})
     assert "fc2" not in partners
+    pairs_report = report["calibration"]["pairs"]
+    assert [(p["up"], p["down"], p["kind"]) for p in pairs_report["found"]] == [(["fc0"], "fc1", "mlp")]
+    assert pairs_report["not_pairs"] == [{"node": "fc1", "reason": "a layer already belongs to the pair before it"}]
     feeds = batches(1)[0]
     assert run(result, feeds)[0].shape == run(model, feeds)[0].shape
 
@@ -237,3 +240,13 @@ def test_correlation_from_the_calibration_statistics_equals_its_own_pass(monkeyp
     assert any(r["method"] == "joint" for r in own_report["layers"])
     for a, b in zip(shared.graph.initializer, own.graph.initializer):
         np.testing.assert_allclose(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), rtol=1e-4, atol=1e-5)
+
+
+def test_a_candidate_whose_intermediate_is_read_elsewhere_is_reported_with_why():
+    model = redundant_mlp()
+    model.graph.output.append(onnx.helper.make_value_info("z", onnx.TypeProto()))  # the activation leaks out
+    _, report = onnxlr.optimize(model, calibration=batches(6), param_budget=0.5)
+    assert {row["method"] for row in report["layers"]} <= {"whitened", None}
+    (entry,) = report["calibration"]["pairs"]["not_pairs"]
+    assert entry["node"] == "up" and "graph output" in entry["reason"]
+    assert report["calibration"]["pairs"]["found"] == []
