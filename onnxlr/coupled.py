@@ -170,9 +170,15 @@ def summary(plans: Sequence[PairPlan], rejected: Sequence[dict[str, str]]) -> di
     """What the report says of the coupled pairs: each one's outcome, and the candidates that were not pairs."""
     found = []
     for pair_plan in plans:
+        if pair_plan.chosen:
+            outcome = "joint"
+        elif pair_plan.joint_error is not None:
+            outcome = "per-matrix: it loses less output error at the same cost"
+        else:
+            outcome = "per-matrix: no joint fit was compared (a per-layer plan kept it whole, or no budget left)"
         entry = {"kind": pair_plan.pair.kind, "up": [g.lead.name for g in pair_plan.ups],
                  "down": pair_plan.down.lead.name, "width": pair_plan.width, "chosen": pair_plan.chosen,
-                 "kept": len(pair_plan.fit.kept) if pair_plan.chosen else None,
+                 "kept": len(pair_plan.fit.kept) if pair_plan.chosen else None, "outcome": outcome,
                  "joint_error": pair_plan.joint_error, "per_matrix_error": pair_plan.svd_error}
         found.append(entry)
     return {"found": found, "not_pairs": list(rejected)}

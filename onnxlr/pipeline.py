@@ -253,8 +253,8 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
     units = coupled.measure(pair_plans, runner, data.batches, progress) if whole_model and pair_plans else []
     initial = {id(g): (g.reason_code, g.reason) for g in groups}
 
-    def restore() -> None:
-        for unit in units:
+    def restore(resetting: Sequence[coupled.PairPlan] = units) -> None:
+        for unit in resetting:
             unit.reset()
         for group in groups:
             group.reason_code, group.reason = initial[id(group)]
@@ -264,8 +264,9 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
         """Allocate with the pairs as candidates; a pair that settles for its per-matrix plan leaves the
         candidates and the allocation runs again, so its layers compete on their own curves."""
         candidates = list(units)
+        restore()
         while True:
-            restore()
+            restore(candidates)  # the pairs that declined keep their comparison for the report
             plan.plan_ranks(groups, budget_settings, bars, candidates)
             bars = no_progress
             if not candidates:

@@ -135,6 +135,9 @@ def test_budget_allocates_to_joint_pairs(budget):
     joint_model, report = onnxlr.optimize(model, calibration=calibration, methods=("svd", "joint"), **{budget: 0.5})
     rows = {row["name"]: row for row in report["layers"]}
     assert rows["up"]["method"] == rows["down"]["method"] == "joint" and rows["up"]["rank"] < WIDTH
+    (pair,) = report["calibration"]["pairs"]["found"]
+    assert pair["outcome"] == "joint" and pair["kept"] == rows["up"]["rank"]
+    assert pair["joint_error"] <= pair["per_matrix_error"]
     if budget == "param_budget":  # the budget counts the weights the targets multiply (the Add biases stay)
         before, after = (sum(int(np.prod(t.dims)) for t in m.graph.initializer if len(t.dims) == 2)
                          for m in (model, joint_model))
