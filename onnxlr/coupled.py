@@ -135,7 +135,7 @@ class JointRole:
             per_neuron = pair.block * pair.down.shape[1]
             return width * per_neuron + pair.fixed_params, kept * per_neuron + pair.fixed_params
         layer = pair.up_layers()[self.index]
-        per_neuron = layer.params_per_out + (pair.norm.params_per_out if getattr(pair, "norm", None) else 0)
+        per_neuron = layer.params_per_out + (pair.norm.params_per_out if pair.norm else 0)
         return width * per_neuron, kept * per_neuron
 
     def feeds(self) -> dict[int, np.ndarray]:
@@ -262,9 +262,9 @@ def choose(plans: list[PairPlan], runner: Any, batches: list[dict[str, np.ndarra
     for pair_plan in progress(plans, "joint pairs"):
         pair = pair_plan.pair
         # Weights only, as the per-matrix plan's figure counts them (the biases stay either way).
-        per_neuron = sum(layer.shape[0] for layer in pair.up_layers()) + pair.block * pair.down.shape[1]
         planned = sum(_weight_params_after(g) for g in pair_plan.groups)
-        keep = int(min(pair.width, max(1, planned // per_neuron)))
+        keep = joint.keep_for_params(sum(layer.shape[0] for layer in pair.up_layers()), pair.width,
+                                     pair.block * pair.down.shape[1], planned, up_bias=False, down_bias=False)
         if keep >= pair.width:
             continue
         fit = joint.select_and_refit(pair.down_matrix(), pair.down_bias(), correlations[id(pair_plan)], keep,

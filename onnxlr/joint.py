@@ -285,12 +285,6 @@ def _check_keeps(keeps: Sequence[int], width: int) -> list[int]:
     return keeps
 
 
-def error_curve(down_matrix, down_bias, correlation, keeps: Sequence[int], ridge_scale: float = 1e-6,
-                block: int = 1) -> list[float]:
-    """relative_error of select_and_refit for each k in `keeps` (one elimination pass for all)."""
-    return [fit.relative_error for fit in _fits(down_matrix, down_bias, correlation, keeps, ridge_scale, block)]
-
-
 def select_and_refit(down_matrix: np.ndarray, down_bias: np.ndarray | None, correlation: np.ndarray, keep: int,
                      ridge_scale: float = 1e-6, block: int = 1) -> JointFit:
     """Keep `keep` neurons (of `block` rows each) chosen by greedy OBS elimination and refit the down layer on them."""

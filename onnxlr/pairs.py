@@ -90,6 +90,7 @@ class CoupledPair:
     activation: ir.Value
     width: int
     block: int
+    norm: Any = None  # a BatchNormalization between the up layer and the activation (conv pairs)
 
     def up_layers(self) -> list[Any]:
         raise NotImplementedError

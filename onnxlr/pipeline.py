@@ -264,7 +264,8 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
         """Allocate with the pairs as candidates; a pair that settles for its per-matrix plan leaves the
         candidates and the allocation runs again, so its layers compete on their own curves."""
         candidates = list(units)
-        restore()
+        for unit in units:
+            unit.reset()
         while True:
             restore(candidates)  # the pairs that declined keep their comparison for the report
             plan.plan_ranks(groups, budget_settings, bars, candidates)

@@ -18,6 +18,13 @@ from onnxlr import coupled, joint, pairs
 from onnxlr.io import load
 
 RNG = np.random.default_rng(161)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    """Each test draws the same data whichever tests ran before it in this worker (xdist reorders them)."""
+    global RNG
+    RNG = np.random.default_rng(161)
 D_IN, WIDTH, CHANNELS = 24, 96, 32
 
 

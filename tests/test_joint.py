@@ -93,7 +93,8 @@ def test_refit_equals_lstsq_with_tiny_ridge(bias):
 def test_error_decreases_with_keep(bias):
     z, w2, b2 = _problem(seed=5, bias=bias)
     keeps = list(range(1, w2.shape[0] + 1))
-    curve = joint.error_curve(w2, b2, _gram(z), keeps)
+    elimination = joint.eliminate(w2, b2, _gram(z))
+    curve = [elimination.fit(k).relative_error for k in keeps]
     assert all(later <= earlier + 1e-10 for earlier, later in zip(curve, curve[1:]))
     assert curve[-1] == 0.0 and curve[0] <= 1.0 + 1e-12
     assert curve == [joint.select_and_refit(w2, b2, _gram(z), k).relative_error for k in keeps]
@@ -367,7 +368,7 @@ def test_block_elimination_prices_every_keep_like_the_refit(bias):
     correlation = _gram(z)
     elimination = joint.eliminate(w2, b2, correlation, block=BLOCK)
     assert elimination.width == 8 and elimination.error(8) == 0.0
-    curve = joint.error_curve(w2, b2, correlation, range(1, 9), block=BLOCK)
+    curve = [elimination.fit(k).relative_error for k in range(1, 9)]
     assert all(later <= earlier + 1e-10 for earlier, later in zip(curve, curve[1:]))
     for keep in range(1, 9):
         fit = joint.select_and_refit(w2, b2, correlation, keep, block=BLOCK)
