@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxlr import calibration, conv_pairs, datafit, joint, pairs
+from onnxlr import calibration, conv_pairs, datafit, heads, joint, pairs
 from onnxlr import plan as planning
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
@@ -48,15 +48,15 @@ class PairPlan:
     """A coupled pair (MLP, gated MLP or conv channels), the weight groups of its layers, and (once
     chosen) its joint fit."""
 
-    pair: pairs.CoupledPair
+    pair: pairs.CoupledPair | heads.HeadPair
     ups: list[WeightGroup]  # one per pair.up_layers(), in that order
     down: WeightGroup
-    fit: joint.JointFit | None = None
+    fit: joint.JointFit | heads.HeadFit | None = None
     svd_error: float | None = None  # output error of the pair's down layer under the per-matrix plan
     joint_error: float | None = None  # and under the joint fit at the same weight parameters
-    elimination: joint.Elimination | None = None  # every k's error (measure)
+    elimination: joint.Elimination | heads.HeadElimination | None = None  # every k's error (measure)
     keep: int | None = None  # neurons the budget allocation gave the pair (onnxlr.plan.JointUnit)
-    bias_slot: int | None = None  # the down bias's feed in the calibration runner
+    bias_slots: dict[int, int] = dataclasses.field(default_factory=dict)  # id(bias) -> its calibration feed
 
     @property
     def chosen(self) -> bool:
@@ -90,14 +90,12 @@ class PairPlan:
         return self.elimination.error(keep) / self.elimination.plain_share * self.down.sensitivity
 
     def feeds(self) -> dict[int, np.ndarray]:
-        """The chosen fit as calibration feeds: the down weight padded with zeros at the dropped neurons
-        (exactly the sliced pair: their activations meet zero weights), and the refitted down bias."""
-        if self.fit is None or self.down.slot is None:
+        """The chosen fit as calibration feeds at the original shapes, zeros at the dropped neurons
+        (exactly the sliced pair: their activations meet zero weights), and the refitted biases."""
+        if self.fit is None or any(g.slot is None for g in self.groups):
             return {}
-        result = {self.down.slot: self.pair.padded_down(self.fit.kept, self.fit.down_matrix)}
-        if self.bias_slot is not None and self.fit.down_bias is not None:
-            result[self.bias_slot] = pairs._like(self.pair.down.bias, self.fit.down_bias)
-        return result
+        slots = {id(g.lead.weight): g.slot for g in self.groups} | self.bias_slots
+        return {slots[id(value)]: array for value, array in self.pair.fit_feeds(self.fit) if id(value) in slots}
 
     def reset(self) -> None:
         self.fit = self.svd_error = self.joint_error = self.keep = None
@@ -130,28 +128,23 @@ class JointRole:
 
     def params(self) -> tuple[int, int]:
         """The layer's parameters before and after (an up conv's row also counts its BatchNormalization)."""
-        pair, width, kept = self.plan.pair, self.plan.width, len(self.plan.fit.kept)
-        if self.side == "down":
-            per_neuron = pair.block * pair.down.shape[1]
-            return width * per_neuron + pair.fixed_params, kept * per_neuron + pair.fixed_params
-        layer = pair.up_layers()[self.index]
-        per_neuron = layer.params_per_out + (pair.norm.params_per_out if pair.norm else 0)
-        return width * per_neuron, kept * per_neuron
+        return self.plan.pair.role_params(self.index, len(self.plan.fit.kept))
 
     def feeds(self) -> dict[int, np.ndarray]:
         return self.plan.feeds() if self.side == "down" else {}  # the up weights' kept outputs are unchanged
 
 
 def find(model: ir.Model, groups: Sequence[WeightGroup]) -> tuple[list[PairPlan], list[dict[str, str]]]:
-    """The coupled pairs (MLP, gated MLP, conv channels) whose weights are each one group's only reader
-    (plain, unshared weights), no layer in two pairs (in a chain, the first pair in graph order takes
-    it); and {node, reason} for each candidate that is not one."""
+    """The coupled pairs (MLP, gated MLP, conv channels, attention V·O) whose weights are each one group's
+    only reader (plain, unshared weights), no layer in two pairs (in a chain, the first pair in graph
+    order takes it); and {node, reason} for each candidate that is not one."""
     by_node = {id(g.lead.node): g for g in groups if len(g.targets) == 1 and not g.reason}
     mlp, mlp_rejected = pairs.find_mlp_pairs(model)
     conv, conv_rejected = conv_pairs.find_conv_pairs(model)
-    rejected = [{"node": node.name, "reason": reason} for node, reason in mlp_rejected + conv_rejected]
+    attention, attention_rejected = heads.find_head_pairs(model)
+    rejected = [{"node": node.name, "reason": reason} for node, reason in mlp_rejected + conv_rejected + attention_rejected]
     plans, taken = [], set()
-    for pair in mlp + conv:
+    for pair in mlp + conv + attention:
         layers = [*pair.up_layers(), pair.down]
         layer_groups = [by_node.get(id(layer.node)) for layer in layers]
         outside = [layer.node.name for g, layer in zip(layer_groups, layers) if g is None or g.lead.weight is not layer.weight]
@@ -184,19 +177,22 @@ def summary(plans: Sequence[PairPlan], rejected: Sequence[dict[str, str]]) -> di
     return {"found": found, "not_pairs": list(rejected)}
 
 
-def bias_slots(plans: Sequence[PairPlan]) -> list[calibration.Slot | None]:
-    """A calibration feed for each pair's down bias (the refit changes it); None where there is no bias."""
-    slots: list[calibration.Slot | None] = []
+def bias_slots(plans: Sequence[PairPlan]) -> list[tuple[PairPlan, ir.Value, calibration.Slot]]:
+    """A calibration feed for each bias a pair's fit changes: (the pair, the bias, its slot)."""
+    slots = []
     for pair_plan in plans:
-        down = pair_plan.pair.down
-        if down.bias is None:
-            slots.append(None)
-            continue
-        reader = down.bias_reader
-        index = next(i for i, v in enumerate(reader.inputs) if v is down.bias)
-        slots.append(calibration.Slot(keys=[reader.outputs[0].name], weight_inputs=[index],
-                                      array=pairs._const(down.bias).numpy(), transposed=[False]))
+        for reader, bias in pair_plan.pair.fed_biases():
+            index = next(i for i, v in enumerate(reader.inputs) if v is bias)
+            slots.append((pair_plan, bias, calibration.Slot(keys=[reader.outputs[0].name], weight_inputs=[index],
+                                                            array=pairs._const(bias).numpy(), transposed=[False])))
     return slots
+
+
+def attach_bias_slots(slots: Sequence[tuple[PairPlan, ir.Value, calibration.Slot]], runner: Any) -> None:
+    """Each pair's bias feeds, by their index in the runner (datafit.prepare appended them)."""
+    index = {id(slot): i for i, slot in enumerate(runner.slots)}
+    for pair_plan, bias, slot in slots:
+        pair_plan.bias_slots[id(bias)] = index[id(slot)]
 
 
 def measurable(plans: Sequence[PairPlan], runner: Any) -> list[PairPlan]:
@@ -209,8 +205,7 @@ def measure(plans: Sequence[PairPlan], runner: Any, batches: list[dict[str, np.n
     plans = measurable(plans, runner)
     correlations = _correlations(plans, runner, batches, progress)
     for pair_plan in progress(plans, "joint pairs"):
-        pair_plan.elimination = joint.eliminate(pair_plan.pair.down_matrix(), pair_plan.pair.down_bias(),
-                                                correlations[id(pair_plan)], block=pair_plan.pair.block)
+        pair_plan.elimination = pair_plan.pair.eliminate(correlations[id(pair_plan)])
     return plans
 
 
@@ -263,12 +258,10 @@ def choose(plans: list[PairPlan], runner: Any, batches: list[dict[str, np.ndarra
         pair = pair_plan.pair
         # Weights only, as the per-matrix plan's figure counts them (the biases stay either way).
         planned = sum(_weight_params_after(g) for g in pair_plan.groups)
-        keep = joint.keep_for_params(sum(layer.shape[0] for layer in pair.up_layers()), pair.width,
-                                     pair.block * pair.down.shape[1], planned, up_bias=False, down_bias=False)
+        keep = min(pair.width, max(1, planned // pair.weights_per_neuron))
         if keep >= pair.width:
             continue
-        fit = joint.select_and_refit(pair.down_matrix(), pair.down_bias(), correlations[id(pair_plan)], keep,
-                                     block=pair.block)
+        fit = pair.fit_at(correlations[id(pair_plan)], keep)
         pair_plan.svd_error, pair_plan.joint_error = _errors(pair_plan, fit, runner, comparison)
         if pair_plan.joint_error < pair_plan.svd_error:
             pair_plan.take(fit)
@@ -317,7 +310,7 @@ def _augmented(group: WeightGroup) -> np.ndarray | None:
     return augmented
 
 
-def _errors(pair_plan: PairPlan, fit: joint.JointFit, runner: Any, batches: list[dict[str, np.ndarray]]
+def _errors(pair_plan: PairPlan, fit: joint.JointFit | heads.HeadFit, runner: Any, batches: list[dict[str, np.ndarray]]
             ) -> tuple[float, float]:
     """Relative output error of the pair's down layer: per-matrix plan, and joint fit (same samples)."""
     pair = pair_plan.pair
@@ -328,8 +321,8 @@ def _errors(pair_plan: PairPlan, fit: joint.JointFit, runner: Any, batches: list
     svd_down = _as_matrix(pair.down, down.dense_weight(down.scheme, down.rank)) if down.factorized else down_matrix
     overrides = {g.slot: g.dense_weight(g.scheme, g.rank) for g in pair_plan.ups if g.factorized}
     name = runner.probes[pair_plan.key].activation
-    fit_bias = np.zeros_like(bias) if fit.down_bias is None else fit.down_bias
-    rows = pair.rows(fit.kept)
+    fit_down, fit_bias = pair.effective_down(fit)
+    fit_bias = np.zeros_like(bias) if fit_bias is None else fit_bias
     reference = svd = joint_loss = 0.0
     for batch in batches:
         keep = runner.keep(batch)
@@ -338,7 +331,7 @@ def _errors(pair_plan: PairPlan, fit: joint.JointFit, runner: Any, batches: list
         y = z @ down_matrix + bias
         reference += float(np.sum(y**2))
         svd += float(np.sum((z_svd @ svd_down + bias - y) ** 2))
-        joint_loss += float(np.sum((z[:, rows] @ fit.down_matrix + fit_bias - y) ** 2))
+        joint_loss += float(np.sum((z @ fit_down + fit_bias - y) ** 2))
     scale = max(reference, np.finfo(np.float64).tiny)
     return svd / scale, joint_loss / scale
 
@@ -365,8 +358,7 @@ def rewrite(model: ir.Model, plans: Sequence[PairPlan], sink: Any = None) -> Non
     for pair_plan in plans:
         if not pair_plan.chosen:
             continue
-        fit = pair_plan.fit
-        for node, old, array in pair_plan.pair.slices(fit.kept, fit.down_matrix, fit.down_bias):
+        for node, old, array in pair_plan.pair.fit_slices(pair_plan.fit):
             _replace(node, old, array, names, sink)
         for value in pair_plan.pair.inner_values():  # k, not D, neurons now: drop the recorded shapes
             value.shape = None

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxlr import joint
+
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 REGION_OPS = frozenset({
     "Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu",
@@ -150,6 +152,49 @@ class CoupledPair:
         full = np.zeros((self.width * self.block, self.down.shape[1]))
         full[self.rows(kept)] = down_matrix
         return self.down.stored(full)
+
+    # The fit API every pair kind shares (onnxlr.heads.HeadPair too): onnxlr.coupled calls only these.
+
+    @property
+    def weights_per_neuron(self) -> int:
+        """Weight parameters one kept neuron costs (biases left out)."""
+        return sum(layer.shape[0] for layer in self.up_layers()) + self.block * self.down.shape[1]
+
+    def role_params(self, index: int, keep: int) -> tuple[int, int]:
+        """(before, after) parameters of up layer `index`, or of the down layer (index len(up_layers())); an
+        up conv's row also counts its BatchNormalization."""
+        if index == len(self.up_layers()):
+            per_neuron = self.block * self.down.shape[1]
+            return self.width * per_neuron + self.fixed_params, keep * per_neuron + self.fixed_params
+        per_neuron = self.up_layers()[index].params_per_out + (self.norm.params_per_out if self.norm else 0)
+        return self.width * per_neuron, keep * per_neuron
+
+    def eliminate(self, correlation: np.ndarray) -> joint.Elimination:
+        return joint.eliminate(self.down_matrix(), self.down_bias(), correlation, block=self.block)
+
+    def fit_at(self, correlation: np.ndarray, keep: int) -> joint.JointFit:
+        return joint.select_and_refit(self.down_matrix(), self.down_bias(), correlation, keep, block=self.block)
+
+    def effective_down(self, fit: joint.JointFit) -> tuple[np.ndarray, np.ndarray | None]:
+        """(D·block, d_out) M and bias with a·M + bias the fitted pair's output for the original activation a."""
+        full = np.zeros((self.width * self.block, self.down.shape[1]))
+        full[self.rows(fit.kept)] = fit.down_matrix
+        return full, fit.down_bias
+
+    def fit_feeds(self, fit: joint.JointFit) -> list[tuple[ir.Value, np.ndarray]]:
+        """The fit at the original shapes: the padded down weight and the refitted down bias (the up
+        layers' kept outputs are unchanged, and the dropped ones meet zero rows)."""
+        feeds = [(self.down.weight, self.padded_down(fit.kept, fit.down_matrix))]
+        if self.down.bias is not None and fit.down_bias is not None:
+            feeds.append((self.down.bias, _like(self.down.bias, fit.down_bias)))
+        return feeds
+
+    def fit_slices(self, fit: joint.JointFit) -> list[Slice]:
+        return self.slices(fit.kept, fit.down_matrix, fit.down_bias)
+
+    def fed_biases(self) -> list[tuple[ir.Node, ir.Value]]:
+        """The biases a fit changes (the weights are their groups' feeds)."""
+        return [] if self.down.bias is None else [(self.down.bias_reader, self.down.bias)]
 
     def inner_values(self) -> list[ir.Value]:
         """The values from the up layers' outputs to the activation: their neuron axis shrinks to k."""

@@ -169,10 +169,9 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     runner = None
     if calibration_data is not None:
         extra = coupled.bias_slots(pair_plans)
-        runner = datafit.prepare(model, groups, calibration_data, progress, extra)
-        for pair_plan, slot in zip(pair_plans, extra):
-            if runner is not None and slot is not None:
-                pair_plan.bias_slot = next(i for i, s in enumerate(runner.slots) if s is slot)
+        runner = datafit.prepare(model, groups, calibration_data, progress, [slot for _, _, slot in extra])
+        if runner is not None:
+            coupled.attach_bias_slots(extra, runner)
     elif statistics:
         attach_statistics(groups, statistics)
     _check_data_needs(settings, runner, calibration_data)

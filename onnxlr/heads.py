@@ -1,0 +1,381 @@
+"""Attention V·O head pairs: the value and output projections, joined head by head.
+
+    V = X·Wv + bv                         MatMul [+ Add bias] or Gemm; (b, s, H·d)
+        split: Reshape to (b, s, H, d) -> Transpose perm (0, 2, 1, 3)       (b, H, s, d)
+    C = P·V                               MatMul reading the split values as its input 1 (P: any
+                                          attention probabilities, from any inputs)
+        merge: Transpose perm (0, 2, 1, 3) -> Reshape to (b, s, H·d)
+    Y = C·Wo + bo                         MatMul [+ Add bias] or Gemm reading the merged context
+
+Head h's context C_h (columns h·d .. h·d + d − 1 of O's input) is P_h·(X·Wv_h + bv_h), so for any d×k
+matrix T, giving V's head-h columns Wv_h·T and its bias entries bv_h·T turns the head's context into
+C_h·T, whatever P is. Keeping k of the d dimensions of every head (one k for all heads: the Reshape
+splits evenly) shrinks V's columns, O's rows and both layers' MACs to k/d, with no node added; the
+split Reshape's head-size entry (and the merge's H·d, when it is written out) becomes k (H·k).
+
+The fit (HeadElimination), on the augmented correlation C̃ = Σ [c, 1][c, 1]ᵀ of O's input that
+calibration takes anyway (G_hh its head-h block, λ the ridge of onnxlr.joint):
+
+- T_h = Wo_h·V_k: V_k the top k right singular vectors of L_hᵀ·Wo_h with L_h L_hᵀ = G_hh + λI, the
+  whitened SVD of the head's product Wv_h·Wo_h on its contexts (MoDeGPT's V·O compression);
+- O's new rows (and bias) by least squares over all heads at once (cross-head terms included):
+  [Wo'; bo'] = (Rᵀ C̃ R + λI)⁻¹ Rᵀ C̃ W̃ with R = diag(T_1, .., T_H, 1) and W̃ = [Wo; bo];
+- error: ||C̃-weighted residual||² relative to tr(W̃ᵀ C̃ W̃), as onnxlr.joint's pairs measure it.
+
+Keeping all d dimensions returns the original weights unchanged, so it is exact.
+
+Q·Kᵀ pairs (the query and key projections of the same heads) are recognized and reported as not
+compressed jointly: they keep their per-matrix factorization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numpy as np
+import onnx_ir as ir
+
+from onnxlr import joint
+from onnxlr.pairs import Linear, Slice, _attr, _const, _like, _problem, _read_linear
+
+SPLIT_PERM = (0, 2, 1, 3)  # (b, s, H, d) -> (b, H, s, d); the merge's transpose is the same permutation
+
+
+@dataclasses.dataclass
+class ShapeEntry:
+    """One entry of a Reshape's constant shape that holds the head size d (or H·d): the constant
+    input of `node` (the Reshape, or the Concat building its shape) to replace, and where in it."""
+
+    node: ir.Node
+    value: ir.Value
+    position: int
+
+    def replaced(self, entry: int) -> np.ndarray:
+        array = _const(self.value).numpy().copy()
+        array.reshape(-1)[self.position] = entry
+        return array
+
+
+@dataclasses.dataclass
+class HeadFit:
+    """Every head keeps `len(kept)` dimensions: V's new columns (head-major: head h owns h·k .. h·k + k − 1),
+    O's new rows in the same order, and the refitted O bias."""
+
+    kept: np.ndarray  # arange(k): the report's "kept of width"
+    transforms: np.ndarray  # (H, d, k): T_h
+    value_matrix: np.ndarray  # (d_in, H·k) X·W, float64
+    value_bias: np.ndarray | None  # (H·k,)
+    down_matrix: np.ndarray  # (H·k, d_out)
+    down_bias: np.ndarray | None  # (d_out,)
+    relative_error: float
+
+
+@dataclasses.dataclass
+class HeadPair:
+    """A V·O pair (see the module docstring): `width` is the head size d, the inner dimension it shrinks."""
+
+    up: Linear  # the value projection
+    down: Linear  # the output projection
+    activation: ir.Value  # O's input: the merged context
+    heads: int  # H
+    width: int  # d
+    split: ShapeEntry | None  # None: the split's head-size entry is -1 (inferred)
+    merge: ShapeEntry | None  # None: the merge's last entry is -1
+    inner: list[ir.Value]  # V's output .. O's input: their head-size axis shrinks
+
+    kind = "attention"
+    block = 1
+    norm = None
+
+    def up_layers(self) -> list[Linear]:
+        return [self.up]
+
+    def inner_values(self) -> list[ir.Value]:
+        return list(self.inner)
+
+    def down_matrix(self) -> np.ndarray:
+        return self.down.matrix()
+
+    def down_bias(self) -> np.ndarray | None:
+        return self.down.bias_array()
+
+    # ------------------------------------------------------------------ costs
+
+    @property
+    def fixed_params(self) -> int:
+        return 0 if self.down.bias is None else self.down.shape[1]
+
+    @property
+    def weights_per_neuron(self) -> int:
+        """Weight parameters one kept dimension costs: a column of V and a row of O in every head."""
+        return self.heads * (self.up.shape[0] + self.down.shape[1])
+
+    def weight_params(self, keep: int) -> int:
+        return keep * self.heads * self.up.params_per_out + keep * self.heads * self.down.shape[1] + self.fixed_params
+
+    @property
+    def original_params(self) -> int:
+        return self.weight_params(self.width)
+
+    def role_params(self, index: int, keep: int) -> tuple[int, int]:
+        """(before, after) parameters of the value layer (index 0) or the output layer (index 1)."""
+        if index == 0:
+            return self.width * self.heads * self.up.params_per_out, keep * self.heads * self.up.params_per_out
+        rows = self.heads * self.down.shape[1]
+        return self.width * rows + self.fixed_params, keep * rows + self.fixed_params
+
+    # ------------------------------------------------------------------ fits
+
+    def eliminate(self, correlation: np.ndarray, ridge_scale: float = 1e-6) -> HeadElimination:
+        return HeadElimination.of(self, correlation, ridge_scale)
+
+    def fit_at(self, correlation: np.ndarray, keep: int) -> HeadFit:
+        return self.eliminate(correlation).fit(keep)
+
+    def effective_down(self, fit: HeadFit) -> tuple[np.ndarray, np.ndarray | None]:
+        """(H·d, d_out) M and bias with c·M + bias the fitted pair's output for the original context c."""
+        return _block_diagonal(fit.transforms) @ fit.down_matrix, fit.down_bias
+
+    def _padded_columns(self, fit: HeadFit, array: np.ndarray) -> np.ndarray:
+        """(…, H·k) head-major columns placed at (…, H·d): head h's k in its first k of d, zeros elsewhere."""
+        keep = len(fit.kept)
+        full = np.zeros(array.shape[:-1] + (self.heads, self.width))
+        full[..., :keep] = array.reshape(array.shape[:-1] + (self.heads, keep))
+        return full.reshape(array.shape[:-1] + (self.heads * self.width,))
+
+    def fit_feeds(self, fit: HeadFit) -> list[tuple[ir.Value, np.ndarray]]:
+        """The fit at the original shapes (zeros for the dropped dimensions: exactly the sliced pair)."""
+        feeds = [(self.up.weight, self.up.stored(self._padded_columns(fit, fit.value_matrix))),
+                 (self.down.weight, self.down.stored(self._padded_columns(fit, fit.down_matrix.T).T))]
+        if self.up.bias is not None:
+            feeds.append((self.up.bias, _like(self.up.bias, self._padded_columns(fit, fit.value_bias))))
+        if self.down.bias is not None:
+            feeds.append((self.down.bias, _like(self.down.bias, fit.down_bias)))
+        return feeds
+
+    def fit_slices(self, fit: HeadFit) -> list[Slice]:
+        keep = len(fit.kept)
+        slices = [(self.up.node, self.up.weight, self.up.stored(fit.value_matrix)),
+                  (self.down.node, self.down.weight, self.down.stored(fit.down_matrix))]
+        if self.up.bias is not None:
+            slices.append((self.up.bias_reader, self.up.bias, _like(self.up.bias, fit.value_bias)))
+        if self.down.bias is not None:
+            slices.append((self.down.bias_reader, self.down.bias, _like(self.down.bias, fit.down_bias)))
+        if self.split is not None:
+            slices.append((self.split.node, self.split.value, self.split.replaced(keep)))
+        if self.merge is not None:
+            slices.append((self.merge.node, self.merge.value, self.merge.replaced(self.heads * keep)))
+        return slices
+
+    def fed_biases(self) -> list[tuple[ir.Node, ir.Value]]:
+        """The biases a fit changes (the weights are their groups' feeds)."""
+        return [(layer.bias_reader, layer.bias) for layer in (self.up, self.down) if layer.bias is not None]
+
+
+def _block_diagonal(transforms: np.ndarray) -> np.ndarray:
+    heads, width, keep = transforms.shape
+    result = np.zeros((heads * width, heads * keep))
+    for head in range(heads):
+        result[head * width:(head + 1) * width, head * keep:(head + 1) * keep] = transforms[head]
+    return result
+
+
+@dataclasses.dataclass
+class HeadElimination:
+    """Every k's fit of one V·O pair, priced without a second look at the data (as joint.Elimination)."""
+
+    pair: HeadPair
+    weights: np.ndarray  # W̃: O's matrix, with its bias row when it has one
+    corr: np.ndarray  # C̃ restricted as joint._problem does
+    ridge: float
+    directions: np.ndarray  # (H, d_out, d): each head's right singular vectors, strongest first
+    errors: np.ndarray  # (d + 1,): errors[k]
+    plain_share: float
+
+    @classmethod
+    def of(cls, pair: HeadPair, correlation: np.ndarray, ridge_scale: float) -> HeadElimination:
+        weights, corr, ridge = joint._problem(pair.down_matrix(), pair.down_bias(), correlation, ridge_scale)
+        heads, width = pair.heads, pair.width
+        plain = np.asarray(pair.down_matrix(), dtype=np.float64)
+        directions = np.empty((heads, plain.shape[1], width))
+        for head in range(heads):
+            own = slice(head * width, (head + 1) * width)
+            values, vectors = np.linalg.eigh(corr[own, own] + ridge * np.eye(width))
+            whitened = (vectors * np.sqrt(np.maximum(values, 0.0))).T @ plain[own]  # L_hᵀ·Wo_h
+            directions[head] = np.linalg.svd(whitened, full_matrices=False)[2].T[:, :width]
+        total = float(np.sum(weights * (corr @ weights)))
+        plain_total = float(np.sum(plain * (corr[:len(plain), :len(plain)] @ plain)))
+        result = cls(pair, weights, corr, ridge, directions, np.zeros(width + 1), plain_total / total if total > 0 else 1.0)
+        for keep in range(1, width):  # errors[width] = 0: all d dimensions are the original
+            result.errors[keep] = result._solve(keep)[2]
+        return result
+
+    def _transforms(self, keep: int) -> np.ndarray:
+        plain = np.asarray(self.pair.down_matrix(), dtype=np.float64)
+        width = self.pair.width
+        return np.stack([plain[h * width:(h + 1) * width] @ self.directions[h][:, :keep] for h in range(self.pair.heads)])
+
+    def _solve(self, keep: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """T (H, d, k), the refitted rows of W̃ ((H·k [+1]) × d_out) and the relative error."""
+        transforms = self._transforms(keep)
+        reduce = _block_diagonal(transforms)
+        if len(self.weights) > len(reduce):  # the bias row rides on the constant column
+            reduce = np.block([[reduce, np.zeros((len(reduce), 1))], [np.zeros((1, reduce.shape[1])), np.ones((1, 1))]])
+        projected = reduce.T @ self.corr
+        fitted = joint._spd_solve(projected @ reduce + self.ridge * np.eye(reduce.shape[1]), projected @ self.weights)
+        residual = self.weights - reduce @ fitted
+        total = float(np.sum(self.weights * (self.corr @ self.weights)))
+        lost = float(np.sum(residual * (self.corr @ residual)))
+        return transforms, fitted, max(lost, 0.0) / total if total > 0 else 0.0
+
+    @property
+    def width(self) -> int:
+        return self.pair.width
+
+    def error(self, keep: int) -> float:
+        if not 1 <= keep <= self.width:
+            raise ValueError(f"keep must be within 1..{self.width}, got {keep}")
+        return float(self.errors[keep])
+
+    def fit(self, keep: int) -> HeadFit:
+        if not 1 <= keep <= self.width:
+            raise ValueError(f"keep must be within 1..{self.width}, got {keep}")
+        pair = self.pair
+        if keep == self.width:  # the original, exactly
+            transforms = np.broadcast_to(np.eye(keep), (pair.heads, keep, keep)).copy()
+            return HeadFit(np.arange(keep), transforms, pair.up.matrix().astype(np.float64), _float(pair.up.bias_array()),
+                           pair.down_matrix().astype(np.float64), _float(pair.down_bias()), 0.0)
+        transforms, fitted, error = self._solve(keep)
+        reduce = _block_diagonal(transforms)
+        value_bias = pair.up.bias_array()
+        rows = pair.heads * keep
+        return HeadFit(np.arange(keep), transforms, pair.up.matrix().astype(np.float64) @ reduce,
+                       None if value_bias is None else value_bias.astype(np.float64) @ reduce, fitted[:rows],
+                       fitted[rows] if pair.down.bias is not None else None, error)
+
+
+def _float(array: np.ndarray | None) -> np.ndarray | None:
+    return None if array is None else np.asarray(array, dtype=np.float64).copy()
+
+
+# ----------------------------------------------------------------------------- finding pairs
+
+
+def find_head_pairs(model: ir.Model) -> tuple[list[HeadPair], list[tuple[ir.Node, str]]]:
+    """V·O pairs in graph order; and (node, reason) for projections split into heads that are not one
+    (the query and key projections among them)."""
+    found: list[HeadPair] = []
+    rejected: list[tuple[ir.Node, str]] = []
+    for node in model.graph:
+        layer = _read_linear(node)
+        if layer is None:
+            continue
+        split = _only_reader(layer.output, "Reshape", 0)
+        if split is None:
+            continue  # not split into heads: not a candidate
+        result = _head_pair(layer, split)
+        if isinstance(result, HeadPair):
+            found.append(result)
+        else:
+            rejected.append((node, result))
+    return found, rejected
+
+
+def _head_pair(up: Linear, split: ir.Node) -> HeadPair | str:
+    problem = _problem(up)
+    if problem:
+        return problem
+    inner = [up.output, split.outputs[0]]
+    transpose = _only_reader(split.outputs[0], "Transpose", 0)
+    if transpose is None or tuple(_attr(transpose, "perm", ())) not in (SPLIT_PERM, (0, 2, 3, 1)):
+        return "split into heads, but not by a Transpose (0, 2, 1, 3) or (0, 2, 3, 1)"
+    inner.append(transpose.outputs[0])
+    uses = list(transpose.outputs[0].uses())
+    if len(uses) != 1 or uses[0].node.op_type != "MatMul" or transpose.outputs[0].is_graph_output():
+        return "the heads are not read by one MatMul"
+    product, index = uses[0].node, uses[0].idx
+    if index == 0 or tuple(_attr(transpose, "perm", ())) != SPLIT_PERM:
+        return "query or key heads: Q·Kᵀ is not compressed jointly (per-matrix factorization)"
+    inner.append(product.outputs[0])
+    merge_transpose = _only_reader(product.outputs[0], "Transpose", 0)
+    if merge_transpose is None or tuple(_attr(merge_transpose, "perm", ())) != SPLIT_PERM:
+        return "the attention's context is not merged by a Transpose (0, 2, 1, 3)"
+    inner.append(merge_transpose.outputs[0])
+    merge = _only_reader(merge_transpose.outputs[0], "Reshape", 0)
+    if merge is None:
+        return "the attention's context is not merged by a Reshape"
+    inner.append(merge.outputs[0])
+    uses = list(merge.outputs[0].uses())
+    down = _read_linear(uses[0].node) if len(uses) == 1 and uses[0].idx == 0 else None
+    if down is None or merge.outputs[0].is_graph_output():
+        return "the merged context is not read by one linear layer alone"
+    problem = _problem(down)
+    if problem:
+        return f"output {down.node.op_type} node '{down.node.name}': {problem}"
+    size = up.shape[1]
+    if down.shape[0] != size:
+        return f"widths differ: the values have {size} columns, '{down.node.name}' reads {down.shape[0]}"
+    if _const(up.weight).dtype != _const(down.weight).dtype:
+        return f"weight types differ: {_const(up.weight).dtype} and {_const(down.weight).dtype}"
+    return _with_shapes(up, down, split, merge, inner)
+
+
+def _with_shapes(up: Linear, down: Linear, split: ir.Node, merge: ir.Node, inner: list[ir.Value]) -> HeadPair | str:
+    """The pair once the split's (H, d) and the merge's H·d are read off their constant entries."""
+    size = up.shape[1]
+    split_entries = _trailing_entries(split, 2)
+    if split_entries is None:
+        return "the head split's shape does not end in constant (heads, head size) entries"
+    (_, heads_value), (head_entry, head_size) = split_entries
+    if head_size > 0:
+        width, editable = head_size, head_entry  # the head size is written out: it becomes k
+    elif heads_value > 0:
+        width, editable = size // heads_value, None  # (H, -1): the head size is inferred, k too
+    else:
+        return "the head split's shape has neither a constant head size nor a constant head count"
+    heads = size // width if width and size % width == 0 else 0
+    if not heads or heads_value not in (-1, heads):
+        return f"the head split ({heads_value}, {head_size}) does not divide {size} columns"
+    merge_entries = _trailing_entries(merge, 1)
+    if merge_entries is None or merge_entries[0][1] not in (-1, size):
+        return f"the merge's shape does not end in a constant -1 or {size}"
+    merge_entry, merged = merge_entries[0]
+    return HeadPair(up=up, down=down, activation=merge.outputs[0], heads=heads, width=width, split=editable,
+                    merge=merge_entry if merged == size else None, inner=inner)
+
+
+def _trailing_entries(reshape: ir.Node, count: int) -> list[tuple[ShapeEntry, int]] | None:
+    """The last `count` entries of a Reshape's shape, each as (where it is stored, its value), when they
+    are constants: the shape itself, or the trailing constant inputs of the Concat (axis 0) building it."""
+    if len(reshape.inputs) < 2 or reshape.inputs[1] is None or _attr(reshape, "allowzero", 0):
+        return None
+    shape = reshape.inputs[1]
+    if _const(shape) is not None:
+        pieces = [(reshape, shape)]
+    else:
+        concat = shape.producer()
+        if concat is None or concat.op_type != "Concat" or _attr(concat, "axis", 0) != 0 or \
+                len(list(shape.uses())) != 1 or shape.is_graph_output():
+            return None  # a shape shared with another Reshape would change it too
+        pieces = [(concat, value) for value in concat.inputs]
+    entries: list[tuple[ShapeEntry, int]] = []
+    for node, value in reversed(pieces):
+        tensor = _const(value) if value is not None else None
+        if tensor is None or tensor.dtype != ir.DataType.INT64:
+            return None
+        array = tensor.numpy().reshape(-1)
+        for position in range(len(array) - 1, -1, -1):
+            entries.insert(0, (ShapeEntry(node, value, position), int(array[position])))
+            if len(entries) == count:
+                return entries
+    return None
+
+
+def _only_reader(value: ir.Value, op_type: str, index: int) -> ir.Node | None:
+    """The one node reading `value`, when it is an `op_type` reading it at `index` (and it is no graph output)."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    node = uses[0].node
+    if node.op_type != op_type or node.domain not in ("", "ai.onnx") or uses[0].idx != index:
+        return None
+    return node
