@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxlr import calibration, conv_pairs, datafit, heads, joint, pairs
+from onnxlr import calibration, conv_pairs, datafit, heads, joint, pairs, scores
 from onnxlr import plan as planning
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
@@ -48,13 +48,14 @@ class PairPlan:
     """A coupled pair (MLP, gated MLP or conv channels), the weight groups of its layers, and (once
     chosen) its joint fit."""
 
-    pair: pairs.CoupledPair | heads.HeadPair
+    pair: pairs.CoupledPair | heads.HeadPair | scores.ScorePair
     ups: list[WeightGroup]  # one per pair.up_layers(), in that order
     down: WeightGroup
-    fit: joint.JointFit | heads.HeadFit | None = None
+    fit: joint.JointFit | heads.HeadFit | scores.ScoreFit | None = None
     svd_error: float | None = None  # output error of the pair's down layer under the per-matrix plan
     joint_error: float | None = None  # and under the joint fit at the same weight parameters
-    elimination: joint.Elimination | heads.HeadElimination | None = None  # every k's error (measure)
+    elimination: joint.Elimination | heads.HeadElimination | scores.ScoreElimination | None = None  # every k's error
+    sensitivity: float | None = None  # a Q·Kᵀ pair's own (it has no down layer whose sensitivity prices it)
     keep: int | None = None  # neurons the budget allocation gave the pair (onnxlr.plan.JointUnit)
     bias_slots: dict[int, int] = dataclasses.field(default_factory=dict)  # id(bias) -> its calibration feed
 
@@ -86,16 +87,20 @@ class PairPlan:
     def loss(self, keep: int) -> float:
         """The model's predicted output error: the down layer's relative error (without its bias, as the
         sensitivity was measured) times the down layer's sensitivity."""
-        assert self.elimination is not None and self.down.sensitivity is not None
-        return self.elimination.error(keep) / self.elimination.plain_share * self.down.sensitivity
+        sensitivity = self.sensitivity if self.sensitivity is not None else self.down.sensitivity
+        assert self.elimination is not None and sensitivity is not None
+        return self.elimination.error(keep) / self.elimination.plain_share * sensitivity
 
     def feeds(self) -> dict[int, np.ndarray]:
         """The chosen fit as calibration feeds at the original shapes, zeros at the dropped neurons
         (exactly the sliced pair: their activations meet zero weights), and the refitted biases."""
-        if self.fit is None or any(g.slot is None for g in self.groups):
+        return {} if self.fit is None else self.feeds_of(self.fit)
+
+    def feeds_of(self, fit: Any) -> dict[int, np.ndarray]:
+        if any(g.slot is None for g in self.groups):
             return {}
         slots = {id(g.lead.weight): g.slot for g in self.groups} | self.bias_slots
-        return {slots[id(value)]: array for value, array in self.pair.fit_feeds(self.fit) if id(value) in slots}
+        return {slots[id(value)]: array for value, array in self.pair.fit_feeds(fit) if id(value) in slots}
 
     def reset(self) -> None:
         self.fit = self.svd_error = self.joint_error = self.keep = None
@@ -141,10 +146,16 @@ def find(model: ir.Model, groups: Sequence[WeightGroup]) -> tuple[list[PairPlan]
     by_node = {id(g.lead.node): g for g in groups if len(g.targets) == 1 and not g.reason}
     mlp, mlp_rejected = pairs.find_mlp_pairs(model)
     conv, conv_rejected = conv_pairs.find_conv_pairs(model)
-    attention, attention_rejected = heads.find_head_pairs(model)
-    rejected = [{"node": node.name, "reason": reason} for node, reason in mlp_rejected + conv_rejected + attention_rejected]
+    values, value_rejected = heads.find_head_pairs(model)
+    products, product_rejected = scores.find_score_pairs(model)
+    # Query and key projections are the Q·Kᵀ finder's: its pairs and reasons replace the V·O finder's word.
+    settled = {id(node) for node, _ in product_rejected} | {id(p.up.node) for p in products} | \
+        {id(p.down.node) for p in products}
+    value_rejected = [(node, reason) for node, reason in value_rejected if id(node) not in settled]
+    rejected = [{"node": node.name, "reason": reason}
+                for node, reason in mlp_rejected + conv_rejected + value_rejected + product_rejected]
     plans, taken = [], set()
-    for pair in mlp + conv + attention:
+    for pair in mlp + conv + values + products:
         layers = [*pair.up_layers(), pair.down]
         layer_groups = [by_node.get(id(layer.node)) for layer in layers]
         outside = [layer.node.name for g, layer in zip(layer_groups, layers) if g is None or g.lead.weight is not layer.weight]
@@ -196,7 +207,9 @@ def attach_bias_slots(slots: Sequence[tuple[PairPlan, ir.Value, calibration.Slot
 
 
 def measurable(plans: Sequence[PairPlan], runner: Any) -> list[PairPlan]:
-    return [p for p in plans if all(g.slot is not None for g in p.groups) and p.key in runner.probes]
+    """The pairs whose layers all have calibration feeds and statistics (a Q·Kᵀ pair: both inputs' moments)."""
+    return [p for p in plans if all(g.slot is not None for g in p.groups) and p.key in runner.probes and
+            (not isinstance(p.pair, scores.ScorePair) or all(_augmented(g) is not None for g in p.groups))]
 
 
 def measure(plans: Sequence[PairPlan], runner: Any, batches: list[dict[str, np.ndarray]], progress: Progress
@@ -204,9 +217,31 @@ def measure(plans: Sequence[PairPlan], runner: Any, batches: list[dict[str, np.n
     """Each measurable pair's elimination (every k's error); returns those pairs."""
     plans = measurable(plans, runner)
     correlations = _correlations(plans, runner, batches, progress)
+    reference = None
     for pair_plan in progress(plans, "joint pairs"):
         pair_plan.elimination = pair_plan.pair.eliminate(correlations[id(pair_plan)])
+        if isinstance(pair_plan.pair, scores.ScorePair):
+            if reference is None:
+                reference = calibration.model_outputs(runner, _sensitivity_batches(batches))
+            pair_plan.sensitivity = _own_sensitivity(pair_plan, runner, batches, reference)
     return plans
+
+
+def _sensitivity_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    return datafit.first_samples(batches, datafit.SENSITIVITY_SAMPLES)
+
+
+def _own_sensitivity(pair_plan: PairPlan, runner: Any, batches: list[dict[str, np.ndarray]],
+                     reference: dict[str, np.ndarray]) -> float:
+    """The model's relative output error per unit of the pair's predicted error, with the pair alone fitted
+    at half its width (as datafit.measure_sensitivity probes a layer at half its parameters)."""
+    keep = max(1, pair_plan.width // 2)
+    predicted = pair_plan.elimination.error(keep)
+    if predicted <= 0:
+        return 0.0
+    outputs = calibration.model_outputs(runner, _sensitivity_batches(batches),
+                                        pair_plan.feeds_of(pair_plan.elimination.fit(keep)))
+    return datafit.relative_error(reference, outputs) / predicted
 
 
 def settle(plans: Sequence[PairPlan], settings: Settings, runner: Any, batches: list[dict[str, np.ndarray]]) -> None:
@@ -215,7 +250,7 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: Any, batches: 
     assert settings.budget is not None
     measure_name, _ = settings.budget
     flag = "--param-budget" if measure_name == "params" else "--mac-budget"
-    comparison = datafit.first_samples(batches, COMPARISON_SAMPLES)
+    comparison = Comparison(runner, datafit.first_samples(batches, COMPARISON_SAMPLES))
     for pair_plan in plans:
         keep = pair_plan.keep if pair_plan.keep is not None else pair_plan.width
         if keep >= pair_plan.width:
@@ -227,7 +262,7 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: Any, batches: 
         if not _plan_per_matrix(pair_plan, settings, share):
             pair_plan.take(fit)  # no per-matrix plan fits the pair's share of the budget
             continue
-        pair_plan.svd_error, pair_plan.joint_error = _errors(pair_plan, fit, runner, comparison)
+        pair_plan.svd_error, pair_plan.joint_error = _errors(pair_plan, fit, comparison)
         if pair_plan.joint_error <= pair_plan.svd_error:
             pair_plan.take(fit)
     logger.info("joint pairs: %d of %d chosen over per-matrix factorization", sum(p.chosen for p in plans), len(plans))
@@ -253,7 +288,7 @@ def choose(plans: list[PairPlan], runner: Any, batches: list[dict[str, np.ndarra
     if not plans:
         return
     correlations = _correlations(plans, runner, batches, progress)
-    comparison = datafit.first_samples(batches, COMPARISON_SAMPLES)
+    comparison = Comparison(runner, datafit.first_samples(batches, COMPARISON_SAMPLES))
     for pair_plan in progress(plans, "joint pairs"):
         pair = pair_plan.pair
         # Weights only, as the per-matrix plan's figure counts them (the biases stay either way).
@@ -262,7 +297,7 @@ def choose(plans: list[PairPlan], runner: Any, batches: list[dict[str, np.ndarra
         if keep >= pair.width:
             continue
         fit = pair.fit_at(correlations[id(pair_plan)], keep)
-        pair_plan.svd_error, pair_plan.joint_error = _errors(pair_plan, fit, runner, comparison)
+        pair_plan.svd_error, pair_plan.joint_error = _errors(pair_plan, fit, comparison)
         if pair_plan.joint_error < pair_plan.svd_error:
             pair_plan.take(fit)
     chosen = sum(p.chosen for p in plans)
@@ -281,7 +316,9 @@ def _correlations(plans: list[PairPlan], runner: Any, batches: list[dict[str, np
                   ) -> dict[int, np.ndarray]:
     """Each pair's augmented correlation Σ [z,1][z,1]ᵀ of its down layer's input: from the statistics
     calibration already took (the down layer's Gram and sum), or from a pass of its own."""
-    result = {id(p): _augmented(p.down) for p in plans if _augmented(p.down) is not None}
+    result: dict[int, Any] = {id(p): (_augmented(p.ups[0]), _augmented(p.down)) for p in plans
+                              if isinstance(p.pair, scores.ScorePair)}
+    result.update({id(p): _augmented(p.down) for p in plans if id(p) not in result and _augmented(p.down) is not None})
     missing = [p for p in plans if id(p) not in result]
     if not missing:
         return result
@@ -310,10 +347,31 @@ def _augmented(group: WeightGroup) -> np.ndarray | None:
     return augmented
 
 
-def _errors(pair_plan: PairPlan, fit: joint.JointFit | heads.HeadFit, runner: Any, batches: list[dict[str, np.ndarray]]
-            ) -> tuple[float, float]:
-    """Relative output error of the pair's down layer: per-matrix plan, and joint fit (same samples)."""
-    pair = pair_plan.pair
+@dataclasses.dataclass
+class Comparison:
+    """The calibration samples a pair's two plans are compared on, and the model's outputs there (once)."""
+
+    runner: Any
+    batches: list[dict[str, np.ndarray]]
+    _reference: dict[str, np.ndarray] | None = None
+
+    @property
+    def reference(self) -> dict[str, np.ndarray]:
+        if self._reference is None:
+            self._reference = calibration.model_outputs(self.runner, self.batches)
+        return self._reference
+
+    def model_error(self, overrides: dict[int, np.ndarray]) -> float:
+        return datafit.relative_error(self.reference, calibration.model_outputs(self.runner, self.batches, overrides))
+
+
+def _errors(pair_plan: PairPlan, fit: Any, comparison: Comparison) -> tuple[float, float]:
+    """Relative output error of the pair's down layer (of the model, for a Q·Kᵀ pair: it has no down
+    layer whose outputs show its error): per-matrix plan, and joint fit (same samples)."""
+    pair, runner, batches = pair_plan.pair, comparison.runner, comparison.batches
+    if isinstance(pair, scores.ScorePair):
+        per_matrix = {g.slot: g.dense_weight(g.scheme, g.rank) for g in pair_plan.groups if g.factorized}
+        return comparison.model_error(per_matrix), comparison.model_error(pair_plan.feeds_of(fit))
     down_matrix = pair.down_matrix().astype(np.float64)
     down_bias = pair.down_bias()
     bias = np.zeros(down_matrix.shape[1]) if down_bias is None else down_bias.astype(np.float64)

@@ -24,8 +24,7 @@ calibration takes anyway (G_hh its head-h block, λ the ridge of onnxlr.joint):
 
 Keeping all d dimensions returns the original weights unchanged, so it is exact.
 
-Q·Kᵀ pairs (the query and key projections of the same heads) are recognized and reported as not
-compressed jointly: they keep their per-matrix factorization.
+Q·Kᵀ pairs (the query and key projections of the same heads) are onnxlr.scores'.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from onnxlr import joint
 from onnxlr.pairs import Linear, Slice, _attr, _const, _like, _problem, _read_linear
 
 SPLIT_PERM = (0, 2, 1, 3)  # (b, s, H, d) -> (b, H, s, d); the merge's transpose is the same permutation
+QUERY_OR_KEY = "query or key heads: a Q·Kᵀ pair is found from its query projection (onnxlr.scores)"
 
 
 @dataclasses.dataclass
@@ -82,7 +82,7 @@ class HeadPair:
     merge: ShapeEntry | None  # None: the merge's last entry is -1
     inner: list[ir.Value]  # V's output .. O's input: their head-size axis shrinks
 
-    kind = "attention"
+    kind = "attention-vo"
     block = 1
     norm = None
 
@@ -269,7 +269,7 @@ def find_head_pairs(model: ir.Model) -> tuple[list[HeadPair], list[tuple[ir.Node
         layer = _read_linear(node)
         if layer is None:
             continue
-        split = _only_reader(layer.output, "Reshape", 0)
+        split = only_reader(layer.output, "Reshape", 0)
         if split is None:
             continue  # not split into heads: not a candidate
         result = _head_pair(layer, split)
@@ -285,7 +285,7 @@ def _head_pair(up: Linear, split: ir.Node) -> HeadPair | str:
     if problem:
         return problem
     inner = [up.output, split.outputs[0]]
-    transpose = _only_reader(split.outputs[0], "Transpose", 0)
+    transpose = only_reader(split.outputs[0], "Transpose", 0)
     if transpose is None or tuple(_attr(transpose, "perm", ())) not in (SPLIT_PERM, (0, 2, 3, 1)):
         return "split into heads, but not by a Transpose (0, 2, 1, 3) or (0, 2, 3, 1)"
     inner.append(transpose.outputs[0])
@@ -294,13 +294,13 @@ def _head_pair(up: Linear, split: ir.Node) -> HeadPair | str:
         return "the heads are not read by one MatMul"
     product, index = uses[0].node, uses[0].idx
     if index == 0 or tuple(_attr(transpose, "perm", ())) != SPLIT_PERM:
-        return "query or key heads: Q·Kᵀ is not compressed jointly (per-matrix factorization)"
+        return QUERY_OR_KEY
     inner.append(product.outputs[0])
-    merge_transpose = _only_reader(product.outputs[0], "Transpose", 0)
+    merge_transpose = only_reader(product.outputs[0], "Transpose", 0)
     if merge_transpose is None or tuple(_attr(merge_transpose, "perm", ())) != SPLIT_PERM:
         return "the attention's context is not merged by a Transpose (0, 2, 1, 3)"
     inner.append(merge_transpose.outputs[0])
-    merge = _only_reader(merge_transpose.outputs[0], "Reshape", 0)
+    merge = only_reader(merge_transpose.outputs[0], "Reshape", 0)
     if merge is None:
         return "the attention's context is not merged by a Reshape"
     inner.append(merge.outputs[0])
@@ -321,7 +321,22 @@ def _head_pair(up: Linear, split: ir.Node) -> HeadPair | str:
 
 def _with_shapes(up: Linear, down: Linear, split: ir.Node, merge: ir.Node, inner: list[ir.Value]) -> HeadPair | str:
     """The pair once the split's (H, d) and the merge's H·d are read off their constant entries."""
+    found = head_split(up, split)
+    if isinstance(found, str):
+        return found
+    heads, width, editable = found
     size = up.shape[1]
+    merge_entries = _trailing_entries(merge, 1)
+    if merge_entries is None or merge_entries[0][1] not in (-1, size):
+        return f"the merge's shape does not end in a constant -1 or {size}"
+    merge_entry, merged = merge_entries[0]
+    return HeadPair(up=up, down=down, activation=merge.outputs[0], heads=heads, width=width, split=editable,
+                    merge=merge_entry if merged == size else None, inner=inner)
+
+
+def head_split(layer: Linear, split: ir.Node) -> tuple[int, int, ShapeEntry | None] | str:
+    """(H, d, the entry holding d, None when it is -1) of the Reshape splitting the layer's outputs into heads."""
+    size = layer.shape[1]
     split_entries = _trailing_entries(split, 2)
     if split_entries is None:
         return "the head split's shape does not end in constant (heads, head size) entries"
@@ -335,12 +350,7 @@ def _with_shapes(up: Linear, down: Linear, split: ir.Node, merge: ir.Node, inner
     heads = size // width if width and size % width == 0 else 0
     if not heads or heads_value not in (-1, heads):
         return f"the head split ({heads_value}, {head_size}) does not divide {size} columns"
-    merge_entries = _trailing_entries(merge, 1)
-    if merge_entries is None or merge_entries[0][1] not in (-1, size):
-        return f"the merge's shape does not end in a constant -1 or {size}"
-    merge_entry, merged = merge_entries[0]
-    return HeadPair(up=up, down=down, activation=merge.outputs[0], heads=heads, width=width, split=editable,
-                    merge=merge_entry if merged == size else None, inner=inner)
+    return heads, width, editable
 
 
 def _trailing_entries(reshape: ir.Node, count: int) -> list[tuple[ShapeEntry, int]] | None:
@@ -370,7 +380,7 @@ def _trailing_entries(reshape: ir.Node, count: int) -> list[tuple[ShapeEntry, in
     return None
 
 
-def _only_reader(value: ir.Value, op_type: str, index: int) -> ir.Node | None:
+def only_reader(value: ir.Value, op_type: str, index: int) -> ir.Node | None:
     """The one node reading `value`, when it is an `op_type` reading it at `index` (and it is no graph output)."""
     uses = list(value.uses())
     if len(uses) != 1 or value.is_graph_output():
