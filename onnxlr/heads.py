@@ -30,6 +30,7 @@ Q·Kᵀ pairs (the query and key projections of the same heads) are onnxlr.score
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
@@ -37,6 +38,7 @@ from onnxlr import joint
 from onnxlr.pairs import Linear, Slice, _attr, _const, _like, _problem, _read_linear
 
 SPLIT_PERM = (0, 2, 1, 3)  # (b, s, H, d) -> (b, H, s, d); the merge's transpose is the same permutation
+HEAD_AXIS = 3  # of (b, H, s, d)
 QUERY_OR_KEY = "query or key heads: a Q·Kᵀ pair is found from its query projection (onnxlr.scores)"
 
 
@@ -81,6 +83,7 @@ class HeadPair:
     split: ShapeEntry | None  # None: the split's head-size entry is -1 (inferred)
     merge: ShapeEntry | None  # None: the merge's last entry is -1
     inner: list[ir.Value]  # V's output .. O's input: their head-size axis shrinks
+    context: ShapeEntry | None = None  # a Reshape of the context back to (b, H, s, d) (SDPA exports), d written out
 
     kind = "attention-vo"
     block = 1
@@ -164,6 +167,8 @@ class HeadPair:
             slices.append((self.split.node, self.split.value, self.split.replaced(keep)))
         if self.merge is not None:
             slices.append((self.merge.node, self.merge.value, self.merge.replaced(self.heads * keep)))
+        if self.context is not None:
+            slices.append((self.context.node, self.context.value, self.context.replaced(keep)))
         return slices
 
     def fed_biases(self) -> list[tuple[ir.Node, ir.Value]]:
@@ -288,15 +293,32 @@ def _head_pair(up: Linear, split: ir.Node) -> HeadPair | str:
     transpose = only_reader(split.outputs[0], "Transpose", 0)
     if transpose is None or tuple(_attr(transpose, "perm", ())) not in (SPLIT_PERM, (0, 2, 3, 1)):
         return "split into heads, but not by a Transpose (0, 2, 1, 3) or (0, 2, 3, 1)"
-    inner.append(transpose.outputs[0])
-    uses = list(transpose.outputs[0].uses())
-    if len(uses) != 1 or uses[0].node.op_type != "MatMul" or transpose.outputs[0].is_graph_output():
-        return "the heads are not read by one MatMul"
+    values = transpose.outputs[0]
+    inner.append(values)
+    uses = data_uses(values)
+    if isinstance(uses, str) or len(uses) != 1:
+        return "the heads are not read by one node"
     product, index = uses[0].node, uses[0].idx
-    if index == 0 or tuple(_attr(transpose, "perm", ())) != SPLIT_PERM:
-        return QUERY_OR_KEY
-    inner.append(product.outputs[0])
-    merge_transpose = only_reader(product.outputs[0], "Transpose", 0)
+    if product.op_type in ("Mul", "Div") or (product.op_type == "MatMul" and index == 0) or \
+            tuple(_attr(transpose, "perm", ())) != SPLIT_PERM:
+        return QUERY_OR_KEY  # scaled, or the left side of a product, or transposed for it
+    if product.op_type != "MatMul":
+        return "the heads are not read by one MatMul"
+    context = product.outputs[0]
+    inner.append(context)
+    sources = {id(values), id(context)}  # where a run-time read of the head size is the new k
+    for value in (values, context):
+        problem = size_reads(value, HEAD_AXIS, lambda read: _feeds_context_shape(read, context))
+        if problem:
+            return problem
+    found = _context_reshape(context, sources)
+    if isinstance(found, str):
+        return found
+    reshape, context_entry = found
+    if reshape is not None:
+        context = reshape.outputs[0]
+        inner.append(context)
+    merge_transpose = only_reader(context, "Transpose", 0)
     if merge_transpose is None or tuple(_attr(merge_transpose, "perm", ())) != SPLIT_PERM:
         return "the attention's context is not merged by a Transpose (0, 2, 1, 3)"
     inner.append(merge_transpose.outputs[0])
@@ -316,10 +338,11 @@ def _head_pair(up: Linear, split: ir.Node) -> HeadPair | str:
         return f"widths differ: the values have {size} columns, '{down.node.name}' reads {down.shape[0]}"
     if _const(up.weight).dtype != _const(down.weight).dtype:
         return f"weight types differ: {_const(up.weight).dtype} and {_const(down.weight).dtype}"
-    return _with_shapes(up, down, split, merge, inner)
+    return _with_shapes(up, down, split, merge, inner, context_entry)
 
 
-def _with_shapes(up: Linear, down: Linear, split: ir.Node, merge: ir.Node, inner: list[ir.Value]) -> HeadPair | str:
+def _with_shapes(up: Linear, down: Linear, split: ir.Node, merge: ir.Node, inner: list[ir.Value],
+                 context_entry: ShapeEntry | None = None) -> HeadPair | str:
     """The pair once the split's (H, d) and the merge's H·d are read off their constant entries."""
     found = head_split(up, split)
     if isinstance(found, str):
@@ -330,8 +353,10 @@ def _with_shapes(up: Linear, down: Linear, split: ir.Node, merge: ir.Node, inner
     if merge_entries is None or merge_entries[0][1] not in (-1, size):
         return f"the merge's shape does not end in a constant -1 or {size}"
     merge_entry, merged = merge_entries[0]
+    if context_entry is not None and _const(context_entry.value).numpy().reshape(-1)[context_entry.position] != width:
+        return f"the context's reshape does not end in the head size {width}"
     return HeadPair(up=up, down=down, activation=merge.outputs[0], heads=heads, width=width, split=editable,
-                    merge=merge_entry if merged == size else None, inner=inner)
+                    merge=merge_entry if merged == size else None, inner=inner, context=context_entry)
 
 
 def head_split(layer: Linear, split: ir.Node) -> tuple[int, int, ShapeEntry | None] | str:
@@ -378,6 +403,89 @@ def _trailing_entries(reshape: ir.Node, count: int) -> list[tuple[ShapeEntry, in
             if len(entries) == count:
                 return entries
     return None
+
+
+def data_uses(value: ir.Value) -> list[ir.Usage] | str:
+    """The uses of `value` other than Shape nodes (which read its shape, not its values; size_reads checks them)."""
+    if value.is_graph_output():
+        return f"'{value.name}' is a graph output"
+    return [use for use in value.uses() if not _is_shape(use.node)]
+
+
+def size_reads(value: ir.Value, axis: int, allowed: Callable[[ir.Value], bool]) -> str | None:
+    """Why the Shape nodes reading `value` (rank 4) block shrinking its `axis`, or None: each must be read
+    by Gathers of constant indices, and one that reads `axis` is allowed only where `allowed` says so
+    (SDPA exports read the head size to reshape the context; a size feeding a scale would change it)."""
+    for use in value.uses():
+        if not _is_shape(use.node):
+            continue
+        shape = use.node
+        if "start" in shape.attributes or "end" in shape.attributes:
+            return f"Shape node '{shape.name}' reads a slice of the heads' shape"
+        for read in shape.outputs[0].uses():
+            gather = read.node
+            index = _const(gather.inputs[1]) if gather.op_type == "Gather" and read.idx == 0 else None
+            if index is None or index.size != 1 or _attr(gather, "axis", 0) != 0:
+                return f"the heads' shape is read by {gather.op_type} node '{gather.name}'"
+            if int(index.numpy().reshape(-1)[0]) % 4 == axis and not allowed(gather.outputs[0]):
+                return f"the head size is read at run time by Gather node '{gather.name}'"
+    return None
+
+
+def _is_shape(node: ir.Node) -> bool:
+    return node.op_type == "Shape" and node.domain in ("", "ai.onnx")
+
+
+def _feeds_context_shape(size: ir.Value, context: ir.Value) -> bool:
+    """Whether a run-time head size only ends, through Unsqueeze and Concat, as the last entry of the shape
+    of a Reshape of `context` (SDPA's (b, H, s, d) reshape of P·V: the size is then the new k)."""
+    for use in size.uses():
+        unsqueeze = use.node
+        if unsqueeze.op_type != "Unsqueeze":
+            return False
+        for inner in unsqueeze.outputs[0].uses():
+            concat = inner.node
+            if concat.op_type != "Concat" or inner.idx != len(concat.inputs) - 1:
+                return False
+            if any(u.node.op_type != "Reshape" or u.idx != 1 or u.node.inputs[0] is not context
+                   for u in concat.outputs[0].uses()):
+                return False
+    return True
+
+
+def _context_reshape(context: ir.Value, sources: set[int]) -> tuple[ir.Node | None, ShapeEntry | None] | str:
+    """An optional Reshape of P·V to (b, H, s, d) before the merge (SDPA exports): (the Reshape, its constant
+    head-size entry to rewrite, or None when it is -1 or read at run time from the heads); (None, None)
+    when the context goes straight to the merge's Transpose."""
+    uses = data_uses(context)
+    if isinstance(uses, str) or len(uses) != 1:
+        return "the attention's context is read by more than the merge"
+    reshape = uses[0].node
+    if reshape.op_type != "Reshape" or uses[0].idx != 0:
+        return None, None
+    if any(_is_shape(u.node) for u in reshape.outputs[0].uses()):
+        return "the reshaped context's shape is read at run time"
+    entries = _trailing_entries(reshape, 1)
+    if entries is not None:
+        entry, value = entries[0]
+        return reshape, (entry if value != -1 else None)
+    shape = reshape.inputs[1]
+    concat = shape.producer() if shape is not None else None
+    last = concat.inputs[-1] if concat is not None and concat.op_type == "Concat" and concat.inputs else None
+    if last is None or not _reads_head_size(last, sources):
+        return "the context's reshape does not end in a constant or a run-time read of the head size"
+    return reshape, None
+
+
+def _reads_head_size(value: ir.Value, sources: set[int]) -> bool:
+    """Whether `value` is Unsqueeze(Gather(Shape(v), head axis)) of one of the `sources` (by id)."""
+    unsqueeze = value.producer()
+    gather = unsqueeze.inputs[0].producer() if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" else None
+    shape = gather.inputs[0].producer() if gather is not None and gather.op_type == "Gather" else None
+    if shape is None or not _is_shape(shape) or id(shape.inputs[0]) not in sources:
+        return False
+    index = _const(gather.inputs[1])
+    return index is not None and index.size == 1 and int(index.numpy().reshape(-1)[0]) % 4 == HEAD_AXIS
 
 
 def only_reader(value: ir.Value, op_type: str, index: int) -> ir.Node | None:

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxlr import joint
-from onnxlr.heads import SPLIT_PERM, ShapeEntry, head_split, only_reader
+from onnxlr.heads import SPLIT_PERM, ShapeEntry, data_uses, head_split, only_reader, size_reads
 from onnxlr.pairs import Linear, Slice, _attr, _const, _like, _problem, _read_linear, _scalar
 
 KEY_PERM = (0, 2, 3, 1)  # (b, s, H, d) -> (b, H, d, s): the keys, transposed for Q·Kᵀ
@@ -242,13 +242,18 @@ def _heads_reader(layer: Linear, perm: tuple[int, ...]) -> tuple[ir.Node, ir.Nod
         return None
     path = [layer.output, split.outputs[0], transpose.outputs[0]]
     value = transpose.outputs[0]
-    uses = list(value.uses())
+    axis = perm.index(3)  # where the head size went
+    uses = data_uses(value)
+    if isinstance(uses, str) or size_reads(value, axis, lambda _: False):
+        return None  # a run-time read of the head size could feed the scale
     if len(uses) == 1 and uses[0].node.op_type in ("Mul", "Div") and uses[0].idx == 0 and \
-            _scalar(uses[0].node.inputs[1]) and not value.is_graph_output():
+            _scalar(uses[0].node.inputs[1]):
         value = uses[0].node.outputs[0]  # a scale on one side: it commutes with A_h (B_h)
         path.append(value)
-        uses = list(value.uses())
-    if len(uses) != 1 or uses[0].node.op_type != "MatMul" or value.is_graph_output():
+        uses = data_uses(value)
+        if isinstance(uses, str) or size_reads(value, axis, lambda _: False):
+            return None
+    if len(uses) != 1 or uses[0].node.op_type != "MatMul":
         return None
     return transpose, uses[0].node, uses[0].idx, path
 

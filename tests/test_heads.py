@@ -321,3 +321,102 @@ def test_target_search_measures_what_is_written():
     written = np.concatenate([run(result, f)[0] for f in heldout]).ravel()
     measured = float(reference @ written / np.linalg.norm(reference) / np.linalg.norm(written))
     assert measured == pytest.approx(chosen["cosine"], abs=2e-5)
+
+
+# ----------------------------------------------------------------------------- a real exporter's graph
+
+
+def tiny_bert(path):
+    """transformers' BertModel from a small config (random weights), exported by torch.onnx as models/minilm does."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from models.minilm import export
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    bert = transformers.BertModel(config).eval()
+    with torch.no_grad():  # trained-like: no two parameters equal (the exporter shares equal ones via Identity)
+        for parameter in bert.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    rng = np.random.default_rng(0)
+    example = {"input_ids": rng.integers(0, 120, (2, 12)).astype(np.int64), "attention_mask": np.ones((2, 12), np.int64)}
+    export(Encoder(), example, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_path(tmp_path_factory):
+    return tiny_bert(tmp_path_factory.mktemp("bert") / "bert.onnx")
+
+
+def bert_batch(count, seed):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((count, 12), np.int64)
+    mask[: count // 2, 9:] = 0  # padded sentences too
+    return {"input_ids": rng.integers(0, 120, (count, 12)).astype(np.int64), "attention_mask": mask}
+
+
+def test_a_transformers_bert_export_has_both_head_pairs_in_every_layer(bert_path):
+    path = bert_path
+    model = onnxlr.load(path).model
+    values, value_rejected = heads.find_head_pairs(model)
+    from onnxlr import scores
+
+    products, product_rejected = scores.find_score_pairs(model)
+    assert [p.up.node.name.split("/")[3] for p in values] == ["layer.0", "layer.1"]
+    assert all((p.heads, p.width) == (4, 8) for p in values + products)
+    assert len(products) == 2 and not product_rejected
+    assert {reason for _, reason in value_rejected} == {heads.QUERY_OR_KEY}
+    calibration = [bert_batch(16, seed) for seed in range(4)]
+    original = onnx.load(path)
+    result, report = onnxlr.optimize(original, calibration=calibration, param_budget=0.6, ops=("MatMul",))
+    kinds = sorted(entry["kind"] for entry in report["calibration"]["pairs"]["found"])
+    assert kinds == ["attention-qk"] * 2 + ["attention-vo"] * 2 + ["mlp"] * 2
+    assert report["calibration"]["pairs"]["not_pairs"] == []
+    chosen = [e for e in report["calibration"]["pairs"]["found"] if e["chosen"] and e["kind"].startswith("attention")]
+    assert chosen, report["calibration"]["pairs"]["found"]
+    onnx.checker.check_model(result, full_check=True)
+    data = bert_batch(6, 99)
+    reference, out = run(original, data)[0], run(result, data)[0]
+    assert out.shape == reference.shape and np.isfinite(out).all()
+    cosine = float(np.sum(reference * out) / np.linalg.norm(reference) / np.linalg.norm(out))
+    assert cosine > 0.9, cosine
+
+
+@pytest.mark.parametrize("keep", [3, 8])
+def test_sdpa_export_sliced_is_padded_and_keep_all_is_the_original(bert_path, keep):
+    """transformers' SDPA attention as torch exports it reads the heads' shapes at run time (the query length,
+    the value head size for a reshape of P·V) and scales both sides: every pair of both layers, sliced at k,
+    computes what the padded feeds compute; at k = d it is the original."""
+    from onnxlr import scores
+
+    original = onnx.load(bert_path)
+    data = bert_batch(4, 5)
+
+    def pairs_of(model):
+        return heads.find_head_pairs(model)[0] + scores.find_score_pairs(model)[0]
+
+    model = ir.serde.deserialize_model(original)
+    identity = np.eye(33)
+    fits = [pair.eliminate((identity, identity) if pair.kind == "attention-qk" else identity).fit(keep)
+            for pair in pairs_of(model)]
+    assert [pair.kind for pair in pairs_of(model)] == ["attention-vo"] * 2 + ["attention-qk"] * 2
+    slices = [s for pair, fit in zip(pairs_of(model), fits) for s in pair.fit_slices(fit)]
+    sliced = rewritten(model, slices, [v for pair in pairs_of(model) for v in pair.inner_values()])
+    model = ir.serde.deserialize_model(original)
+    feeds_ = [(next(u.node for u in v.uses()), v, a) for pair, fit in zip(pairs_of(model), fits) for v, a in pair.fit_feeds(fit)]
+    padded = rewritten(model, feeds_)
+    out = run(sliced, data)[0]
+    np.testing.assert_allclose(out, run(padded, data)[0], rtol=1e-4, atol=1e-4)
+    if keep == 8:
+        np.testing.assert_allclose(out, run(original, data)[0], rtol=1e-5, atol=1e-5)
