@@ -1,22 +1,30 @@
-"""The joint stage of the pipeline (`--methods svd,joint`): coupled MLP pairs keep k of their D inner neurons.
+"""The joint stage of the pipeline (`--methods svd,joint`): coupled pairs shrink their shared inner width.
 
-A coupled pair (onnxlr.pairs: linear -> elementwise activation -> linear) whose two weights are
-factorization targets of their own can instead keep k neurons: the first weight's columns and bias
-entries, and the second weight refitted by least squares on the calibration activations
-(onnxlr.joint). Keeping k neurons only slices and replaces initializers: no node is added.
+A coupled pair whose two weights are factorization targets of their own can instead keep k of its
+inner dimensions, with no node added (only initializers and shape constants are replaced):
+- MLP, gated MLP and conv channel pairs (onnxlr.pairs, onnxlr.conv_pairs): keep k neurons, the
+  first weight's columns sliced, the second refitted by least squares on the calibration
+  activations (onnxlr.joint);
+- attention V·O pairs (onnxlr.heads): every head keeps k of its d dimensions, V projected per head
+  by a whitened SVD of the head's V·O product and O refitted;
+- attention Q·Kᵀ pairs (onnxlr.scores): the query and key heads projected onto k dimensions by a
+  two-sided whitened SVD. They have no down layer: their sensitivity and their comparison with
+  per-matrix plans are measured on the model's outputs.
 
+Every kind answers the same calls (eliminate, fit_at, effective_down, fit_feeds, fit_slices,
+fed_biases, role_params), so this module prices, compares and rewrites them alike:
 - With a whole-model budget (`--param-budget`, `--mac-budget`, and the `--target-cosine` /
   `--target-error` search over it), each pair is one more candidate of the allocation (a
-  onnxlr.plan.JointUnit): its error at every k comes from one greedy elimination (joint.eliminate), in
-  model-output units through the down layer's measured sensitivity. Once the budget gives a pair
-  k neurons, `settle` compares it with the best per-matrix plan of its two layers at the same cost,
-  both measured as the output error of the pair's second layer on calibration samples, and the pair
-  takes whichever loses less.
+  onnxlr.plan.JointUnit): its error at every k comes from one elimination, in model-output units
+  through the down layer's measured sensitivity (the pair's own for Q·Kᵀ). Once the budget gives a
+  pair k, `settle` compares it with the best per-matrix plan of its layers at the same cost, both
+  measured as the output error of the pair's second layer (the model's, for Q·Kᵀ) on calibration
+  samples, and the pair takes whichever loses less.
 - With a per-layer policy, `choose` compares the pair at its per-matrix plan's weight parameters.
 
-The chosen fit is fed to the calibration runner as the down weight (zeros at the dropped neurons,
-which is exactly the sliced pair) and the refitted down bias, so the target search, compensation
-and sensitivity see joint pairs as they will be written. Joint pairs need calibration data.
+The chosen fit is fed to the calibration runner at the original shapes (zeros at the dropped
+dimensions, which is exactly the sliced pair) with its changed biases, so the target search,
+compensation and sensitivity see joint pairs as they will be written. Joint pairs need calibration data.
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ from onnxlr.pairs import Linear, Slice, _attr, _const, _like, _problem, _read_li
 
 SPLIT_PERM = (0, 2, 1, 3)  # (b, s, H, d) -> (b, H, s, d); the merge's transpose is the same permutation
 HEAD_AXIS = 3  # of (b, H, s, d)
+# Attention written as one op (onnxruntime's fusions, ONNX opset 23): reported, not compressed jointly.
+FUSED_ATTENTION = frozenset({("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention"),
+                             ("com.microsoft", "GroupQueryAttention"), ("", "Attention"), ("ai.onnx", "Attention")})
 QUERY_OR_KEY = "query or key heads: a Q·Kᵀ pair is found from its query projection (onnxlr.scores)"
 
 
@@ -271,6 +274,10 @@ def find_head_pairs(model: ir.Model) -> tuple[list[HeadPair], list[tuple[ir.Node
     found: list[HeadPair] = []
     rejected: list[tuple[ir.Node, str]] = []
     for node in model.graph:
+        if (node.domain, node.op_type) in FUSED_ATTENTION:
+            rejected.append((node, f"fused {node.op_type} op: its heads are not compressed jointly (the "
+                                   "projections around it are factorized per matrix)"))
+            continue
         layer = _read_linear(node)
         if layer is None:
             continue

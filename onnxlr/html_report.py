@@ -328,11 +328,13 @@ def _layers(report: dict[str, Any]) -> str:
         groups.append(("", "", run))
     foot = ["total", "", "", "", "", "", "", *(_int(_sum(layers, key)) for key in
                                                ("params_before", "params_after", "macs_before", "macs_after")), "", ""]
-    legend = ("<p class='muted legend'>Joint pair (bracketed in blue): the two linear layers of an MLP (linear → "
-              "activation → linear) compressed together from calibration data. The pair keeps k of its D inner "
-              "neurons (the first layer's outputs, the second layer's inputs, that one refitted), so both rows show "
-              "k / D; the first layer comes first, its partner right below it. Their energy kept is 1 - the "
-              "relative squared output error of the pair's second layer.</p>"
+    legend = ("<p class='muted legend'>Joint pair (bracketed in blue): two layers compressed together from "
+              "calibration data, the first one first, its partner right below it. An MLP pair (linear → activation "
+              "→ linear) keeps k of its D inner neurons (the first layer's outputs, the second layer's inputs, that "
+              "one refitted); an attention pair keeps k of the d dimensions of every head, for the value and output "
+              "projections (V·O) or the query and key projections (Q·Kᵀ). Both rows show k / D (k / d). Their "
+              "energy kept is 1 - the relative squared output error of the pair's second layer (of the model's "
+              "outputs for Q·Kᵀ).</p>"
               if any(len(group) == 2 for group in layer_groups(layers)) else "")
     return ("<section class='card'><h2>Layers</h2><p class='muted'>One row per MatMul/Gemm/Conv node in graph "
             "order; params count the node's weight and bias. Energy kept: fraction of the squared singular values "
@@ -371,8 +373,10 @@ def _pair_head(pair: Sequence[dict[str, Any]], width: int) -> str:
     before, after = _sum(pair, "params_before"), _sum(pair, "params_after")
     params = (f" <span class='muted'>· params {_int(before)} → {_int(after)} ({_ratio(after, before)})</span>"
               if before is not None and after is not None else "")
+    kind = up.get("pair_kind") or ""
+    what = {"attention-vo": "dimensions of every head (V·O)", "attention-qk": "dimensions of every head (Q·Kᵀ)"}
     return (f"<tr class='pair-head'><th colspan='{width}'>joint pair: keeps {_int(up.get('rank'))} of "
-            f"{_int(up.get('full_rank'))} neurons{params}</th></tr>")
+            f"{_int(up.get('full_rank'))} {what.get(kind, 'neurons')}{params}</th></tr>")
 
 
 def _layer_row(layer: dict[str, Any]) -> tuple[str, list[str]]:

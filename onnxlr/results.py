@@ -44,10 +44,12 @@ class LayerRow:
 
     carried_by: str | None = None  # the row that counts the shared weight's parameters (None: this one)
     partner: str | None = None  # method "joint": the other layer of the coupled pair
+    pair_kind: str | None = None  # method "joint": mlp, gated, conv, attention-vo or attention-qk
 
     @classmethod
     def of_joint(cls, group: WeightGroup) -> LayerRow:
-        """A layer compressed with its coupled partner (onnxlr.coupled): rank = the kept inner neurons.
+        """A layer compressed with its coupled partner (onnxlr.coupled): rank = the kept inner neurons (an
+        attention pair's: the dimensions each head keeps, full_rank its head size).
 
         Its parameters are the weight's and the bias's (an up layer's bias shrinks with the neurons, and an
         up conv's row also counts the BatchNormalization after it)."""
@@ -64,6 +66,7 @@ class LayerRow:
             retained_energy=1.0 - plan.joint_error if plan.joint_error is not None else None,
             sensitivity=group.sensitivity, params_before=before, params_after=after, macs_before=macs_before,
             macs_after=macs_before * kept // width if macs_before is not None else None, partner=role.partner,
+            pair_kind=plan.pair.kind,
         )
 
     @classmethod

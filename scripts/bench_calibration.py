@@ -14,9 +14,9 @@ Methods, each at the same F:
   full        whitened + global allocation by measured sensitivity + --compensate
               (minilm: --param-budget F; digits: --mac-budget F)
   budget      whitened + the same global allocation, without --compensate
-  joint       budget with joint pairs (the default with calibration data): coupled MLP pairs compete in the
-              allocation, keeping k of their inner neurons with the second layer refitted, where that loses
-              less output error than the pair's per-matrix plan at the same cost
+  joint       budget with joint pairs (the default with calibration data): coupled MLP pairs and attention
+              V·O and Q·Kᵀ head pairs compete in the allocation, keeping k of their inner neurons (head
+              dimensions), where that loses less output error than the pair's per-matrix plan at the same cost
   target      --target-cosine C (default 0.99) with per-matrix factorization only, searched on the first
               half of the held-out set; target-joint: the same with joint pairs. `kept` shows C
   int8        onnxruntime's dynamic per-channel INT8 quantization alone (quantize_dynamic), once: the

@@ -420,3 +420,24 @@ def test_sdpa_export_sliced_is_padded_and_keep_all_is_the_original(bert_path, ke
     np.testing.assert_allclose(out, run(padded, data)[0], rtol=1e-4, atol=1e-4)
     if keep == 8:
         np.testing.assert_allclose(out, run(original, data)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_attention_op_is_reported_not_paired():
+    """onnxruntime's fused MultiHeadAttention (as its transformer optimizer writes it): the report says why."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", name], [f"{name}_out"], name=f"{name}_proj") for name in ("Wq", "Wk", "Wv")]
+    nodes += [helper.make_node("MultiHeadAttention", ["Wq_out", "Wk_out", "Wv_out"], ["context"], domain="com.microsoft",
+                               num_heads=HEADS, name="mha"),
+              helper.make_node("MatMul", ["context", "Wo"], ["y"], name="o_proj")]
+    weights = [init(name, rng.standard_normal((MODEL, HEADS * HEAD)).astype(np.float32)) for name in ("Wq", "Wk", "Wv")]
+    weights.append(init("Wo", rng.standard_normal((HEADS * HEAD, MODEL)).astype(np.float32)))
+    graph = helper.make_graph(nodes, "mha", [tensor_input("x", [2, SEQ, MODEL])], [tensor_input("y", [2, SEQ, MODEL])],
+                              weights)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    data = {"x": rng.standard_normal((2, SEQ, MODEL)).astype(np.float32)}
+    assert run(proto, data)[0].shape == (2, SEQ, MODEL)  # onnxruntime runs it
+    result, report = onnxlr.optimize(proto, calibration=[data] * 2, param_budget=0.8)
+    not_pairs = {entry["node"]: entry["reason"] for entry in report["calibration"]["pairs"]["not_pairs"]}
+    assert "fused MultiHeadAttention op" in not_pairs["mha"]
+    assert report["calibration"]["pairs"]["found"] == []
