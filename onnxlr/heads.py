@@ -204,12 +204,13 @@ class HeadElimination:
         weights, corr, ridge = joint._problem(pair.down_matrix(), pair.down_bias(), correlation, ridge_scale)
         heads, width = pair.heads, pair.width
         plain = np.asarray(pair.down_matrix(), dtype=np.float64)
-        directions = np.empty((heads, plain.shape[1], width))
+        directions = np.zeros((heads, plain.shape[1], width))  # zero columns past d_out when d_out < d
         for head in range(heads):
             own = slice(head * width, (head + 1) * width)
             values, vectors = np.linalg.eigh(corr[own, own] + ridge * np.eye(width))
             whitened = (vectors * np.sqrt(np.maximum(values, 0.0))).T @ plain[own]  # L_hᵀ·Wo_h
-            directions[head] = np.linalg.svd(whitened, full_matrices=False)[2].T[:, :width]
+            strongest = np.linalg.svd(whitened, full_matrices=False)[2][:width]
+            directions[head][:, :len(strongest)] = strongest.T
         total = float(np.sum(weights * (corr @ weights)))
         plain_total = float(np.sum(plain * (corr[:len(plain), :len(plain)] @ plain)))
         result = cls(pair, weights, corr, ridge, directions, np.zeros(width + 1), plain_total / total if total > 0 else 1.0)
