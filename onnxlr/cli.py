@@ -46,6 +46,7 @@ Examples:
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --calibration-samples 256
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --param-budget 0.7 --compensate
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --target-cosine 0.99
+  onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --target-cosine 0.98 --quantize int8
 """
 
 class OnnxlrGroup(click.Group):

@@ -141,11 +141,17 @@ calibration_options = _options(
 methods_option = _options(
     click.option("--methods", default=None, metavar="LIST",
                  callback=lambda _c, _p, v: None if v is None else tuple(split_list(v) or ()),
-                 help="svd: each weight its own factor pair. svd,joint: also coupled MLP pairs (linear -> "
-                      "activation -> linear) may keep k of their inner neurons, the second layer refitted on the "
-                      "--calibration data, where that loses less output error than the pair's per-matrix plan at "
-                      "the same cost (whole-model budgets allocate across both). Default: svd,joint with "
-                      "--calibration, svd without."),
+                 help="svd: each weight its own factor pair. svd,joint: also coupled pairs (MLP, gated MLP and "
+                      "conv channel pairs, attention V·O and Q·Kᵀ heads) may keep k of their inner neurons (head "
+                      "dimensions), fitted on the --calibration data, where that loses less output error than the "
+                      "pair's per-matrix plan at the same cost (whole-model budgets allocate across both). Default: "
+                      "svd,joint with --calibration, svd without."),
+    click.option("--quantize", type=click.Choice(["int8", "int8-static", "fp16"]), default=None,
+                 help="After the rewrite, quantize with onnxruntime's tools: int8 (dynamic, per-channel INT8 "
+                      "weights), int8-static (QDQ, calibrated on --calibration), fp16 (float16 weights and compute, "
+                      "float32 inputs and outputs). Verification and --target-cosine/--target-error measure the "
+                      "quantized model (the search takes the quantizer's own loss, measured on the original, off "
+                      "the goal)."),
 )
 
 output_options = _options(

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxlr import cost, coupled, datafit, lowrank, plan, rewrite
+from onnxlr import cost, coupled, datafit, lowrank, plan, quantize, rewrite
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.inputs import load_batches
@@ -82,8 +82,15 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
     original from its file, so external data is read beside it, or from a serialized copy.
     """
     data = calibration_data(loaded, source, calibration, calibration_samples, heldout, batch_size)
-    return factorize_model(loaded.model, settings, progress=progress, dry_run=dry_run, input_shapes=input_shapes,
-                           calibration_data=data, sink=sink)
+    if settings.quantize == "int8-static" and data is None:
+        raise OnnxlrError("{0} int8-static needs calibration data ({1})", "quantize", "calibration")
+    # The quantizer reads the whole model: factors stay in memory for it rather than going to `sink`.
+    result = factorize_model(loaded.model, settings, progress=progress, dry_run=dry_run, input_shapes=input_shapes,
+                             calibration_data=data, sink=None if settings.quantize else sink)
+    if settings.quantize and not dry_run:
+        loaded.model, result.report.quantization = quantize.quantize_stage(loaded.model, settings.quantize, data,
+                                                                           datafit.Goal.of(settings))
+    return result
 
 
 def calibration_data(loaded: LoadedModel, source: Any, calibration: Any, samples: int | None, heldout: Any,
@@ -119,7 +126,11 @@ class FactorizationPass(ir.passes.InPlacePass):
         self.report: dict | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        result = factorize_model(model, Settings(**self.settings))
+        settings = Settings(**self.settings)
+        if settings.quantize:
+            raise OnnxlrError("{0} is a stage of onnxlr.optimize (it writes a new model); the pass rewrites in place",
+                              "quantize")
+        result = factorize_model(model, settings)
         self.report = result.report.to_json()
         return ir.passes.PassResult(model, modified=result.report.modified)
 
@@ -246,6 +257,8 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
     assert data is not None
     result: dict[str, Any] = {"samples": data.samples, "compensate": settings.compensate}
     goal = datafit.Goal.of(settings)
+    if goal is not None and settings.quantize:  # the budget pays for both errors
+        goal, result["quantizer"] = quantize.low_rank_goal(goal, settings.quantize, data)
     whole_model = settings.budget is not None or goal is not None
     if whole_model:
         datafit.measure_sensitivity(groups, runner, data, lambda g: plan.candidate_schemes(g, settings)[0], progress)

@@ -72,6 +72,15 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"MACs (MatMul/Gemm/Conv with constant weights): {human(totals['macs_before'])} -> "
         f"{human(totals['macs_after'])} ({_ratio(totals['macs_after'], totals['macs_before'])})",
     ]
+    stage = report.get("quantization")
+    if stage:
+        lines.append(f"quantized ({stage['mode']}): {human(stage['bytes_low_rank'])}B -> {human(stage['bytes_after'])}B "
+                     f"({_ratio(stage['bytes_after'], totals['bytes_before'])} of the original's bytes)")
+        if "final" in stage:
+            final = stage["final"]
+            metric = next(key for key in final if key not in ("goal", "met"))
+            lines.append(f"after quantization: held-out {metric} {final[metric]:.4f} "
+                         f"({'meets' if final['met'] else 'misses'} {final['goal']:g})")
     cost = report.get("cost", {})
     if "after" in cost:
         before, after = cost["before"], cost["after"]
@@ -193,6 +202,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| MatMul/Gemm/Conv MACs | {human(totals['macs_before'])} | {human(totals['macs_after'])} | "
         f"{_ratio(totals['macs_after'], totals['macs_before'])} |",
     ]
+    stage = report.get("quantization")
+    if stage:
+        lines.append(f"| bytes after --quantize {stage['mode']} | {human(totals['bytes_before'])}B | "
+                     f"{human(stage['bytes_after'])}B | {_ratio(stage['bytes_after'], totals['bytes_before'])} |")
     cost = report.get("cost", {})
     if "after" in cost:
         lines.append(f"| model FLOPs | {human(cost['before']['flops'])} | {human(cost['after']['flops'])} | "

@@ -134,6 +134,7 @@ class Report:
     output: str | None = None
     verification: Any = None  # onnxlr.verify.VerificationResult
     targets: dict[str, Any] | None = None  # edge estimates (onnxlr.edge.before_after)
+    quantization: dict[str, Any] | None = None  # --quantize: the mode and the bytes of each stage
     onnxlr_version: str = __version__
 
     @property
@@ -145,7 +146,7 @@ class Report:
                                 "totals": self.totals, "layers": [layer.to_json() for layer in self.layers],
                                 "cost": self.cost}
         optional = {"calibration": self.calibration, "input": self.input, "output": self.output,
-                    "targets": self.targets,
+                    "targets": self.targets, "quantization": self.quantization,
                     "verification": self.verification.to_json() if self.verification is not None else None}
         data.update({key: value for key, value in optional.items() if value is not None})
         return data

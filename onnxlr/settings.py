@@ -25,10 +25,12 @@ POLICIES = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_
 
 # Settings added after the first release, with their defaults: left out of recorded() (the settings
 # recorded in the written model) while at the default.
-LATER_DEFAULTS = {"inputs_as_constants": False, "methods": None}
+LATER_DEFAULTS = {"inputs_as_constants": False, "methods": None, "quantize": None}
 # How weights may be compressed: "svd" (each weight its own factor pair) and "joint" (a coupled MLP pair
 # keeps k of its D inner neurons and refits the second layer on calibration data; onnxlr.coupled).
 METHODS = ("svd", "joint")
+# onnxruntime quantization after the rewrite (onnxlr.quantize).
+QUANTIZE_MODES = ("int8", "int8-static", "fp16")
 # Op types whose rules came after the first release, at the end of ALL_OPS: while `ops` is the default
 # (all of them), recorded() leaves these out of the recorded `ops`, so a default run writes the same
 # bytes as before they existed (a recorded MatMul,Gemm,Conv then means the default or exactly those;
@@ -76,6 +78,7 @@ class Settings:
     conv_scheme: str = "auto"
     compensate: bool = False
     methods: tuple[str, ...] | None = None  # None: svd,joint with calibration data, svd without
+    quantize: str | None = None  # one of QUANTIZE_MODES: onnxruntime's quantizer after the rewrite
     svd: str = "auto"
     device: str = "cpu"
     jobs: int | None = None  # None: one per available core (up to MAX_DEFAULT_JOBS); never changes the output
@@ -109,6 +112,8 @@ class Settings:
         if self.methods is not None and (not self.methods or any(m not in METHODS for m in self.methods)
                                          or "svd" not in self.methods):
             raise OnnxlrError(f"{{0}} must be svd or svd,joint; got {','.join(self.methods) or 'nothing'}", "methods")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise OnnxlrError(f"{{0}} must be one of {', '.join(QUANTIZE_MODES)}; got {self.quantize!r}", "quantize")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         unknown = [op for op in self.ops if op not in RULES]
