@@ -1,0 +1,195 @@
+"""The size / speed / fidelity frontier against onnxruntime's quantizer alone, in one run.
+
+    python scripts/bench_frontier.py minilm --json out/frontier-minilm.json --plot docs/frontier-minilm.png
+    python scripts/bench_frontier.py digits --json out/frontier-digits.json --plot docs/frontier-digits.png
+
+Rows, every one measured the same way in this process:
+  original          fp32, as built by `python -m models build minilm|digits-cnn`
+  ort-int8          onnxruntime's quantize_dynamic alone, its default (per-tensor INT8 weights)
+  ort-int8-pc       the same, per-channel (the strongest one-line alternative)
+  onnxlr F          onnxlr alone with calibration: --param-budget F (digits: --mac-budget F), joint pairs on
+  onnxlr F + MODE   that model quantized by --quantize MODE (int8, int8-static, fp16): the same call the
+                    pipeline makes after the rewrite (onnxlr.quantize.quantize)
+  target C + int8   --target-cosine C --quantize int8 (minilm only): the search pays for both errors
+Columns: the file's bytes (model and external data, as written), its ratio to the original and to
+ort-int8-pc, onnxruntime's CPU speedup over the original (interleaved A/B, median of per-run
+ratios, --threads, batch 32 x 64 tokens or 32 images), and fidelity on held-out data never used for
+calibration (minilm: mean cosine of the sentence embeddings; digits: accuracy). The plot puts file
+size against fidelity, one point per row, labelled with the speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxlr  # noqa: E402
+from onnxlr import bench, quantize  # noqa: E402
+from onnxlr.inputs import input_specs, load_inputs  # noqa: E402
+from scripts.bench_calibration import mean_cosine, run_model  # noqa: E402
+
+THREADS = 2
+
+
+def file_bytes(path: Path) -> int:
+    """The model file and its external data files."""
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
+
+
+def setup(name: str) -> dict:
+    folder = ROOT / ".cache" / "models" / ("minilm" if name == "minilm" else "digits-cnn")
+    model_path = folder / "model.onnx"
+    specs = input_specs(onnxlr.load(model_path).model)
+    eval_feeds = load_inputs(folder / "eval.npz", specs)
+    count = len(next(iter(eval_feeds.values())))
+    return {
+        "name": name, "path": model_path, "calibration": str(folder / "calib.npz"), "eval": eval_feeds,
+        "bench": {k: v[:32] for k, v in eval_feeds.items()},
+        "search": [{k: v[i:i + 16] for k, v in eval_feeds.items()} for i in range(0, count // 2, 16)],
+        "labels": np.load(folder / "eval.npz")["labels"] if name == "digits" else None,
+        "settings": {"ops": ("MatMul",)} if name == "minilm" else {"ops": ("Conv", "Gemm"), "min_params": 4096},
+        "budget": "param_budget" if name == "minilm" else "mac_budget",
+    }
+
+
+def measure(case: dict, label: str, path: Path, reference: np.ndarray, runs: int, seconds: float = 0.0) -> dict:
+    output = run_model(path, case["eval"])
+    speed = 1.0 if path == case["path"] else bench.benchmark(
+        [str(case["path"]), str(path)], case["bench"], "cpu", threads=THREADS, runs=runs, warmup=5)["speedup"]["median"]
+    row = {"model": case["name"], "row": label, "bytes": file_bytes(path), "speedup": speed, "seconds": round(seconds, 1)}
+    if case["labels"] is None:
+        row["fidelity"] = mean_cosine(reference, output)
+    else:
+        row["fidelity"] = float(np.mean(np.argmax(output, 1) == case["labels"]))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def ort_int8(source: Path, target: Path, per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(source, target, per_channel=per_channel, weight_type=QuantType.QInt8)
+
+
+def save(model: ir.Model, path: Path) -> Path:
+    ir.save(model, path)
+    return path
+
+
+def frontier(name: str, budgets: list[float], modes: list[str], target: float | None, runs: int) -> list[dict]:
+    case = setup(name)
+    reference = run_model(case["path"], case["eval"])
+    rows = [measure(case, "original", case["path"], reference, runs)]
+    with tempfile.TemporaryDirectory(prefix="onnxlr-frontier-") as folder:
+        work = Path(folder)
+        for label, per_channel in (("ort-int8", False), ("ort-int8-pc", True)):
+            ort_int8(case["path"], work / f"{label}.onnx", per_channel)
+            rows.append(measure(case, label, work / f"{label}.onnx", reference, runs))
+        for budget in budgets:
+            start = time.perf_counter()
+            model, _ = onnxlr.optimize(str(case["path"]), calibration=case["calibration"],
+                                       **{**case["settings"], case["budget"]: budget})
+            seconds = time.perf_counter() - start
+            path = save(model, work / f"lr-{budget}.onnx")
+            rows.append(measure(case, f"onnxlr {budget}", path, reference, runs, seconds))
+            for mode in modes:
+                start = time.perf_counter()
+                batches = [dict(np.load(case["calibration"]))] if mode == "int8-static" else None
+                if batches is not None:  # the pipeline's batches: 16 samples each
+                    whole = batches[0]
+                    count = len(next(iter(whole.values())))
+                    batches = [{k: v[i:i + 16] for k, v in whole.items()} for i in range(0, count, 16)]
+                quantized = quantize.quantize(ir.load(path), mode, batches)
+                label = f"onnxlr {budget} + {mode}"
+                rows.append(measure(case, label, save(quantized, work / f"lr-{budget}-{mode}.onnx"), reference, runs,
+                                    seconds + time.perf_counter() - start))
+        if target is not None and name == "minilm":
+            start = time.perf_counter()
+            model, report = onnxlr.optimize(str(case["path"]), calibration=case["calibration"], heldout=case["search"],
+                                            target_cosine=target, quantize="int8", **case["settings"])
+            path = save(model, work / "target-int8.onnx")
+            row = measure(case, f"target {target} + int8", path, reference, runs, time.perf_counter() - start)
+            row["searched_budget"] = min((t["budget"] for t in report["calibration"]["search"]
+                                          if t["cosine"] >= report["calibration"]["quantizer"]["low_rank_goal"]),
+                                         default=None)
+            rows.append(row)
+    int8 = next(r["bytes"] for r in rows if r["row"] == "ort-int8-pc")
+    for row in rows:
+        row["bytes_vs_original"] = row["bytes"] / rows[0]["bytes"]
+        row["bytes_vs_int8_pc"] = row["bytes"] / int8
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    fidelity = "held-out mean cosine" if rows[0]["model"] == "minilm" else "held-out accuracy"
+    lines = [f"| model | file | vs original | vs INT8 per-channel | CPU speedup | {fidelity} |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['row']} | {row['bytes'] / 1e6:.1f} MB | {row['bytes_vs_original']:.3f} | "
+                     f"{row['bytes_vs_int8_pc']:.2f} | {row['speedup']:.2f}x | {row['fidelity']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for index, row in enumerate(rows):
+        kind = "onnxruntime alone" if row["row"].startswith("ort") else (
+            "original" if row["row"] == "original" else ("onnxlr + quantizer" if "+" in row["row"] else "onnxlr alone"))
+        marker = {"original": "s", "onnxruntime alone": "D", "onnxlr alone": "o", "onnxlr + quantizer": "^"}[kind]
+        color = {"original": "black", "onnxruntime alone": "tab:red", "onnxlr alone": "tab:blue",
+                 "onnxlr + quantizer": "tab:green"}[kind]
+        axes.scatter(row["bytes"] / 1e6, row["fidelity"], marker=marker, color=color, label=kind)
+        axes.annotate(f"{row['row']} ({row['speedup']:.2f}x)", (row["bytes"] / 1e6, row["fidelity"]), fontsize=7,
+                      xytext=(4, 3 if index % 2 else -10), textcoords="offset points")  # staggered: fewer overlaps
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes.legend(unique.values(), unique.keys(), loc="lower right")
+    axes.set_xlabel("file size (MB)")
+    axes.set_ylabel("held-out mean cosine" if rows[0]["model"] == "minilm" else "held-out accuracy")
+    axes.set_title(f"{rows[0]['model']}: size / fidelity frontier (labels: CPU speedup, {THREADS} threads)")
+    axes.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    global THREADS
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=["minilm", "digits"])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6])
+    parser.add_argument("--modes", nargs="+", choices=quantize.MODES, default=list(quantize.MODES))
+    parser.add_argument("--target-cosine", type=float, default=0.98, help="minilm: the target + int8 row's goal")
+    parser.add_argument("--no-target", action="store_true", help="leave out the target + int8 row")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per model for the speedup")
+    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    THREADS = args.threads
+    rows = frontier(args.model, args.budgets, args.modes, None if args.no_target else args.target_cosine, args.runs)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
