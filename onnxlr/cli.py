@@ -350,7 +350,9 @@ def bench(state: State, model_path: str, compare_path: str | None, providers: st
         feeds = {name: (array[:samples] if array.ndim else array) for name, array in feeds.items()}
     models = [model_path] + ([compare_path] if compare_path else [])
     results = {"providers": {}, "inputs": {name: list(a.shape) for name, a in feeds.items()},
-               "synthesized": given.synthesized}
+               "synthesized": given.synthesized,
+               # what each model weighs on disk (its external data too): a quantized model's real size
+               "files": [{"model": str(path), "bytes": io.file_bytes(path)} for path in models]}
     if targets_estimate or targets_path:  # before timing: a bad targets file fails fast
         from onnxlr import edge
 

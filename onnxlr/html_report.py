@@ -182,6 +182,9 @@ def _summary(report: dict[str, Any]) -> str:
     rows = [("parameters", totals.get("params_before"), totals.get("params_after")),
             ("bytes (constant tensors)", totals.get("bytes_before"), totals.get("bytes_after")),
             ("MatMul/Gemm/Conv MACs", totals.get("macs_before"), totals.get("macs_after"))]
+    stage = report.get("quantization")
+    if stage:  # the final model is the quantized one: its bytes beside the low-rank stage's
+        rows.insert(2, (f"bytes after --quantize {stage['mode']}", totals.get("bytes_before"), stage.get("bytes_after")))
     cost = report.get("cost", {})
     if "after" in cost:
         rows.append(("model FLOPs", cost["before"]["flops"], cost["after"]["flops"]))
@@ -196,6 +199,8 @@ def _summary(report: dict[str, Any]) -> str:
         stat("layers factorized", f"{totals['factorized']} of {totals['factorized'] + totals['skipped']}"),
         stat("parameters kept", _ratio(totals.get("params_after"), totals.get("params_before"))),
         stat("bytes kept", _ratio(totals.get("bytes_after"), totals.get("bytes_before"))),
+        stat(f"bytes kept, {stage['mode']}", _ratio(stage.get("bytes_after"), totals.get("bytes_before")))
+        if stage else "",
         stat("MACs kept", _ratio(totals.get("macs_after"), totals.get("macs_before"))),
     ])
     pairs = sum(len(group) == 2 for group in layer_groups(report["layers"]))

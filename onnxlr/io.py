@@ -362,3 +362,11 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
     # Python ints: np.prod would wrap around on hostile dims; negative dims count as empty.
     count = math.prod(max(int(d), 0) for d in tensor.dims)
     return (count * bitwidth + 7) // 8
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """What a model weighs on disk: its file and the external-data files it reads."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    files = check_external_data(proto, path.resolve().parent, model_name=str(path))
+    return path.stat().st_size + sum(data_file.stat().st_size for data_file in files)

@@ -173,6 +173,11 @@ def print_bench(results: dict[str, Any], console: Console) -> None:
             table.add_row(provider, row["model"], f"{row['p50_ms']:.3f}", f"{row['p90_ms']:.3f}",
                           f"{row['p99_ms']:.3f}", f"{row['mean_ms']:.3f}", f"{row['std_ms']:.3f}", str(row["runs"]))
     console.print(table)
+    files = results.get("files") or []
+    if files:
+        sizes = ", ".join(f"{Path(f['model']).name} {human(f['bytes'])}B" for f in files)
+        ratio = f" ({files[1]['bytes'] / files[0]['bytes']:.3f}x)" if len(files) == 2 and files[0]["bytes"] else ""
+        console.print(f"files: {sizes}{ratio}", highlight=False)
     for provider, result in results["providers"].items():
         if "speedup" in result:
             s = result["speedup"]

@@ -144,3 +144,19 @@ def test_cli_writes_the_quantized_model_verified(tmp_path):
     assert out.stat().st_size < 0.4 * source.stat().st_size
     bad = onnxlr_cli("optimize", source, tmp_path / "bad.onnx", "--quantize", "int3")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and not (tmp_path / "bad.onnx").exists()
+
+
+def test_bench_compare_and_the_html_report_show_the_quantized_size(tmp_path):
+    source, out, report_path = tmp_path / "mlp.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(mlp(), source)
+    model, report = onnxlr.optimize(mlp(), rank_ratio=0.5, quantize="int8")
+    onnx.save(model, out)
+    from onnxlr.html_report import render_html
+
+    page = render_html(report)
+    assert "bytes after --quantize int8" in page and "bytes kept, int8" in page
+    result = onnxlr_cli("bench", source, "--compare", out, "--runs", "3", "--json", report_path)
+    assert result.returncode == 0, result.stderr
+    files = json.loads(report_path.read_text())["files"]
+    assert [f["bytes"] for f in files] == [source.stat().st_size, out.stat().st_size]
+    assert f"({out.stat().st_size / source.stat().st_size:.3f}x)" in result.stdout
