@@ -70,13 +70,17 @@ def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationDat
     measure it (one Gram needs every reader to multiply the same matrix from the same side).
     """
     main = [g for g in groups if not g.reason and all(t.node.graph is model.graph for t in g.targets)]
+    for group in main:
+        group.row_weights = row_weights(group, data.batches)
     keys = {t.node.outputs[0].name for g in main if g.uniform for t in g.targets}
     constants = any(t.context.inputs_as_constants for g in main for t in g.targets)
     found = [probe for probe in calibration.probes(model, constants) if probe.key in keys]
     if not found:
         return None
     probed = {probe.key for probe in found}
-    keyed = [g for g in main if not g.uniform or all(t.node.outputs[0].name in probed for t in g.targets)]
+    # Lookups (an embedding's Gather) take no statistics but get a feed: sensitivity and the search measure them.
+    keyed = [g for g in main if not g.uniform or not g.lead.rule.calibrated
+             or all(t.node.outputs[0].name in probed for t in g.targets)]
     slots = [_slot(g) for g in keyed] + [slot for slot in extra_slots if slot is not None]
     runner = calibration.Runner(data.source, model, found, slots)
     statistics = calibration.moments(runner, progress(data.batches, "calibration"))
@@ -87,6 +91,29 @@ def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationDat
             group.gram = np.sum([acc.result() for acc in found], axis=0)
             group.input_moments = (np.sum([acc.sums for acc in found], axis=0), sum(acc.count for acc in found))
     return runner
+
+
+def row_weights(group: WeightGroup, batches: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray | None:
+    """For a table only lookups read whose ids are a graph input: how often each row is looked up in the
+    calibration batches (padding left out when there is an attention mask of the ids' shape), plus 1."""
+    if group.lead.rule.calibrated or any(t.rule.calibrated for t in group.targets):
+        return None
+    ids = {t.node.inputs[1].name for t in group.targets if t.node.inputs[1] is not None and t.node.inputs[1].is_graph_input()}
+    if len(ids) != len(group.targets) or not batches or not all(name in batches[0] for name in ids):
+        return None  # computed ids (positions, token types): the plain SVD
+    rows = group.lead.array.shape[0]
+    counts = np.zeros(rows)
+    for batch in batches:
+        mask = batch.get(calibration.MASK_INPUT_NAME)
+        keep = np.asarray(mask) != 0 if mask is not None else None
+        for name in ids:
+            values = np.asarray(batch[name]).astype(np.int64)
+            if keep is not None and keep.shape == values.shape:
+                values = values[keep]
+            values = values.reshape(-1)
+            values = np.where(values < 0, values + rows, values)
+            counts += np.bincount(values[(values >= 0) & (values < rows)], minlength=rows)
+    return counts + 1.0
 
 
 def _slot(group: WeightGroup) -> calibration.Slot:

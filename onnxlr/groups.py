@@ -37,6 +37,7 @@ class WeightGroup:
     reason_code: str = ""  # and its stable code (passes.base.REASON_CODES)
     gram: np.ndarray | None = None  # activation second moment (calibration): whitened SVD when set
     cross: np.ndarray | None = None  # error compensation: sum x_c x_o^T (gram is then that of x_c)
+    row_weights: np.ndarray | None = None  # an embedding table's: occurrences of each id + 1 (calibration)
     # (sum of x: (groups, K), count) on the calibration data, beside the original gram (joint pairs use both).
     input_moments: tuple[np.ndarray, int] | None = None
     sensitivity: float | None = None  # end-to-end output error per unit of lost (whitened) energy
@@ -98,7 +99,9 @@ class WeightGroup:
         cached = self.decompositions.get(scheme.name)
         if cached is not None and (not cached.partial or (rank is not None and rank <= cached.full_rank)):
             return cached
-        if self.whitens(scheme):
+        if self.row_weights is not None and scheme.size_only:
+            result = lowrank.row_weighted_svd(scheme.matrices, self.row_weights)
+        elif self.whitens(scheme):
             result = lowrank.whitened_svd(scheme.matrices, self.gram, side=scheme.whiten_side, cross=self.cross)
         else:
             result = lowrank.decompose(scheme.matrices, rank, self.solver)

@@ -433,6 +433,19 @@ def whitened_svd(matrices: np.ndarray, gram: np.ndarray, damping: float = DEFAUL
     return Decomposition(u=np.swapaxes(vt, 1, 2), s=s, vt=np.swapaxes(u, 1, 2), method=method)
 
 
+def row_weighted_svd(matrices: np.ndarray, weights: np.ndarray) -> Decomposition:
+    """The SVD that minimizes Σ_i w_i ||row_i(W − A B)||²: an embedding table whose row i is looked up
+    w_i times (whitened_svd with the diagonal Gram of one-hot inputs). Row i is scaled by √w_i before
+    the SVD and A's rows by 1/√w_i after; s is the weighted spectrum, so energy rules measure the
+    lookups' error."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 1 or len(weights) != matrices.shape[1] or not np.all(weights > 0):
+        raise ValueError(f"row weights must be {matrices.shape[1]} positive numbers")
+    roots = np.sqrt(weights)
+    inner = svd(np.asarray(matrices, dtype=np.float64) * roots[None, :, None])
+    return Decomposition(u=inner.u / roots[None, :, None], s=inner.s, vt=inner.vt, method="frequency")
+
+
 def _per_group(matrix: np.ndarray, groups: int, size: int, what: str) -> np.ndarray:
     """A (K, K) matrix shared by every group, or one (groups, K, K) stack, as a stack."""
     matrix = np.asarray(matrix)

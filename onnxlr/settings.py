@@ -19,6 +19,9 @@ from onnxlr.passes.conv import SCHEMES as CONV_SCHEMES
 
 DEFAULT_RANK_RATIO = 0.25
 ALL_OPS = tuple(RULES)
+# Op types factorized only when --ops names them: Gather, an embedding table's lookup (it trades the
+# table's bytes for a small product per looked-up row, so it is never a default).
+OPT_IN_OPS = ("Gather",)
 MAX_DEFAULT_JOBS = 8
 POLICIES = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine",
             "target_error")
@@ -116,9 +119,10 @@ class Settings:
             raise OnnxlrError(f"{{0}} must be one of {', '.join(QUANTIZE_MODES)}; got {self.quantize!r}", "quantize")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        unknown = [op for op in self.ops if op not in RULES]
+        unknown = [op for op in self.ops if op not in RULES and op not in OPT_IN_OPS]
         if unknown:
-            raise OnnxlrError(f"unsupported op type(s) {', '.join(unknown)}; choose from {', '.join(RULES)}")
+            raise OnnxlrError(f"unsupported op type(s) {', '.join(unknown)}; choose from "
+                              f"{', '.join((*RULES, *OPT_IN_OPS))}")
         if self.conv_scheme not in ("auto", *CONV_SCHEMES):
             raise OnnxlrError(f"{{0}} must be auto, {', '.join(CONV_SCHEMES)}; got {self.conv_scheme!r}",
                               "conv_scheme")

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnxlr.groups import WeightGroup
 from onnxlr.passes import LEFT_ALONE, READER_RULES, RULES, Context, Skip, Target
 from onnxlr.passes.base import FLOAT_TYPES
+from onnxlr.passes.gather import is_table_lookup
 from onnxlr.passes.weights import FOLDABLE
 from onnxlr.settings import Settings
 
@@ -38,7 +39,7 @@ class FoundTargets(NamedTuple):
 
 def find_targets(model: ir.Model, settings: Settings, context: Context) -> FoundTargets:
     """Ask each node's rule whether it is a target; group targets by the weight they read."""
-    rules = {op: RULES[op]() for op in settings.ops}
+    rules = {op: (RULES.get(op) or READER_RULES[op])() for op in settings.ops}
     targets: list[Target] = []
     skipped: list[SkippedNode] = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
@@ -49,6 +50,8 @@ def find_targets(model: ir.Model, settings: Settings, context: Context) -> Found
             continue
         if node.op_type not in rules:
             continue
+        if node.op_type in READER_RULES and not is_table_lookup(node, context):
+            continue  # a Gather of a shape, of indices, of a 1-D table: not a candidate
         try:
             _check_filters(node, settings)
             target = rules[node.op_type].match(node, context)

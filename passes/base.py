@@ -147,6 +147,9 @@ class Scheme:
     # Which side of the (m, n) view the activation vectors enter: "rows" (x·W) or "cols" (W·x), as
     # lowrank.whitened_svd takes it; None when calibration statistics do not apply to this view.
     whiten_side: str | None = None
+    # A lookup table's view: the factorized lookup multiplies where the original only copied rows, so
+    # it gains by its parameters alone (it trades MACs for bytes).
+    size_only: bool = False
 
     @property
     def full_rank(self) -> int:
@@ -160,7 +163,8 @@ class Scheme:
 
     def gains(self, rank: int) -> bool:
         """True when the pair at `rank` has fewer parameters and fewer MACs than the original."""
-        return self.params_after(rank) < self.params_before and self.macs_after(rank) < max(self.macs_before, 1)
+        return self.params_after(rank) < self.params_before and (
+            self.size_only or self.macs_after(rank) < max(self.macs_before, 1))
 
     @property
     def break_even_rank(self) -> int:

@@ -1,9 +1,11 @@
-"""Gather (a row lookup) of a table that a MatMul/Gemm also reads: the tied embedding.
+"""Gather (a row lookup) of an embedding table: `Gather(E, ids)` becomes `MatMul(Gather(A, ids), B)`.
 
-A language model's input embedding E is often the output head's weight too (the head reads Eᵀ).
-Such a Gather is never a target on its own; it joins the weight's group as one more reader, so the
-table's factors serve both: with E ≈ A·B, `Gather(E, ids)` becomes `MatMul(Gather(A, ids), B)`
-(exact for axis 0: row i of A·B is row i of A times B) and the head reads Bᵀ·Aᵀ.
+With E ≈ A·B this is exact for axis 0 (row i of A·B is row i of A times B). A language model's input
+embedding is often the output head's weight too (the head reads Eᵀ): such a Gather joins the
+weight's group as one more reader, so the table's factors serve both (the head reads Bᵀ·Aᵀ). With
+`--ops ...,Gather` a table only lookups read is a target of its own (`is_table_lookup`), its rank
+chosen by the same policies and budgets; with calibration data its rows are weighted by how often
+each id occurs (onnxlr.datafit.row_weights).
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ from .weights import constant_weight
 @dataclasses.dataclass(frozen=True)
 class GatherView:
     """A row lookup (axis 0) of a 2-D table."""
+
+
+def is_table_lookup(node: ir.Node, context: Context) -> bool:
+    """A Gather of a 2-D float constant table (not an index lookup in a shape, a 1-D or an integer table)."""
+    if len(node.inputs) < 2 or node.inputs[0] is None:
+        return False
+    found = constant_weight(node.inputs[0], inputs_as_constants=context.inputs_as_constants)
+    return found.array is not None and found.array.ndim == 2 and found.array.dtype.kind == "f" and \
+        min(found.array.shape) > 1
 
 
 class GatherRule(FactorizationRule):
@@ -64,6 +75,7 @@ class GatherRule(FactorizationRule):
             macs_before=0,  # a lookup; the factorized one multiplies each looked-up row of A by B
             params_per_rank=rows + cols,
             macs_per_rank=lookups * cols,
+            size_only=True,
         )]
 
     def rewrite(self, target: Target, scheme: Scheme, a: ir.Value, b: ir.Value, names: NameGenerator) -> list[ir.Node]:
