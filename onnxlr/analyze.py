@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from onnxlr.groups import WeightGroup
 from onnxlr.passes import Context, Scheme
 from onnxlr.passes.base import old_ir
 from onnxlr.plan import plan_ranks
-from onnxlr.settings import Progress, Settings, no_progress
+from onnxlr.settings import ALL_OPS, Progress, Settings, no_progress
 from onnxlr.shapes import default_opset, infer_shapes
 from onnxlr.targets import attach_statistics, find_targets
 
@@ -149,7 +149,7 @@ def _savings(scheme: Scheme, rank: int) -> dict[str, Any]:
 def analyze_model(model: ir.Model, model_path: str = "MODEL", energy: float | None = None,
                   param_budget: float | None = None, statistics: Mapping[str, np.ndarray] | None = None,
                   calibration_path: str | None = None, power_law: bool = True,
-                  progress: Progress | None = None) -> dict[str, Any]:
+                  progress: Progress | None = None, ops: Sequence[str] | None = None) -> dict[str, Any]:
     """Analyze every factorizable weight of `model` (not modified) and plan ranks as optimize would.
 
     The plan uses `--energy` (default 0.95) or `--param-budget`; `statistics` (Grams from
@@ -158,7 +158,8 @@ def analyze_model(model: ir.Model, model_path: str = "MODEL", energy: float | No
     if energy is not None and param_budget is not None:
         raise OnnxlrError("choose {0} or {1}, not both", "energy", "param_budget")
     policy = {"param_budget": param_budget} if param_budget is not None else {"energy": energy or DEFAULT_ENERGY}
-    settings = Settings(**policy)  # discovery as optimize's defaults; validates the fractions
+    # Discovery as optimize's defaults (or `ops`, e.g. with Gather for embedding tables); validates the fractions.
+    settings = Settings(**policy, **({"ops": tuple(ops)} if ops else {}))
     level = energy or DEFAULT_ENERGY  # "compressible" is judged at this energy (also under a budget)
     progress = progress or no_progress
     context = Context(shapes=infer_shapes(model), opset=default_opset(model), inputs_as_constants=old_ir(model))
@@ -179,7 +180,8 @@ def analyze_model(model: ir.Model, model_path: str = "MODEL", energy: float | No
         "skipped": skipped_rows,
     }
     result["summary"] = _summary(layers, level)
-    result["recommendation"] = _recommendation(layers, model_path, policy, calibration_path)
+    result["recommendation"] = _recommendation(layers, model_path, policy, calibration_path,
+                                               None if settings.ops == ALL_OPS else settings.ops)
     return result
 
 
@@ -240,7 +242,7 @@ def _summary(layers: list[dict[str, Any]], energy: float) -> dict[str, Any]:
 
 
 def _recommendation(layers: list[dict[str, Any]], model_path: str, policy: dict[str, float],
-                    calibration_path: str | None) -> dict[str, Any]:
+                    calibration_path: str | None, ops: Sequence[str] | None = None) -> dict[str, Any]:
     dense = [layer for layer in layers if layer["recommended"]["dense"]]
     output = str(Path(model_path).with_name(Path(model_path).stem + "-lr.onnx"))
     command = ["onnxlr", "optimize", str(model_path), output]
@@ -255,6 +257,8 @@ def _recommendation(layers: list[dict[str, Any]], model_path: str, policy: dict[
         command += ["--param-budget", f"{policy['param_budget']:g}"]
     if calibration_path:
         command += ["--calibration", str(calibration_path)]
+    if ops:
+        command += ["--ops", ",".join(ops)]
     return {
         "command": shlex.join(command),
         "argv": command,

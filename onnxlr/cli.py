@@ -395,6 +395,8 @@ Examples:
 @click.option("--param-budget", type=FRACTION, default=None, metavar="P",
               help="Plan ranks as optimize --param-budget P instead (the factorizable layers keep <= P of their parameters).")
 @calibration_options
+@click.option("--ops", default=None, metavar="LIST",
+              help="Op types to analyze, as optimize --ops (default: optimize's; add Gather for embedding tables).")
 @click.option("--power-law/--no-power-law", default=True, show_default=True,
               help="Fit the heavy-tail exponent alpha of each weight's eigenvalues (WeightWatcher-style).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
@@ -404,7 +406,7 @@ Examples:
 @verbosity_options
 @click.pass_obj
 def analyze(state: State, model_path: str, energy: float | None, param_budget: float | None,
-            calibration_path: str | None, calibration_samples: int | None, power_law: bool,
+            calibration_path: str | None, calibration_samples: int | None, ops: str | None, power_law: bool,
             json_path: str | None, html_path: str | None) -> None:
     """Show how compressible each MatMul/Gemm/Conv weight of MODEL is, before choosing ranks.
 
@@ -422,7 +424,7 @@ def analyze(state: State, model_path: str, energy: float | None, param_budget: f
     statistics = _calibrate(model_path, loaded, calibration_path, calibration_samples, batch_size=16)
     result = a.analyze_model(loaded.model, model_path=model_path, energy=energy, param_budget=param_budget,
                              statistics=statistics, calibration_path=calibration_path, power_law=power_law,
-                             progress=state.progress)
+                             progress=state.progress, ops=split_ops(ops) if ops else None)
     if json_path:
         write_json(result, json_path)
     if html_path:

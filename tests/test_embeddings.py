@@ -144,3 +144,15 @@ def test_cli_accepts_gather_and_names_it_when_ops_are_wrong(tmp_path):
     assert bad.returncode == 2 and "Gather" in bad.stderr
     with pytest.raises(OnnxlrError, match="Gather"):
         onnxlr.optimize(embedding_model(), ops=("Lookup",))
+
+
+def test_analyze_covers_tables_when_asked(tmp_path):
+    source = tmp_path / "embed.onnx"
+    onnx.save(embedding_model(), source)
+    from onnxlr.analyze import analyze_model
+    from onnxlr.io import load
+
+    result = analyze_model(load(source).model, model_path=str(source), ops=("MatMul", "Gather"))
+    assert {layer["name"] for layer in result["layers"]} == {"embed", "head"}
+    assert "--ops MatMul,Gather" in result["recommendation"]["command"]
+    assert {layer["name"] for layer in analyze_model(load(source).model)["layers"]} == {"head"}
