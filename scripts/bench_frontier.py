@@ -7,7 +7,8 @@ Rows, every one measured the same way in this process:
   original          fp32, as built by `python -m models build minilm|digits-cnn`
   ort-int8          onnxruntime's quantize_dynamic alone, its default (per-tensor INT8 weights)
   ort-int8-pc       the same, per-channel (the strongest one-line alternative)
-  onnxlr F          onnxlr alone with calibration: --param-budget F (digits: --mac-budget F), joint pairs on
+  onnxlr F          onnxlr alone with calibration: --param-budget F (digits: --mac-budget F), joint pairs on;
+                    minilm: --ops MatMul,Gather (the embedding tables too; --no-tables: MatMul only)
   onnxlr F + MODE   that model quantized by --quantize MODE (int8, int8-static, fp16): the same call the
                     pipeline makes after the rewrite (onnxlr.quantize.quantize)
   target C + int8   --target-cosine C --quantize int8 (minilm only): the search pays for both errors
@@ -46,7 +47,7 @@ def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
-def setup(name: str) -> dict:
+def setup(name: str, tables: bool) -> dict:
     folder = ROOT / ".cache" / "models" / ("minilm" if name == "minilm" else "digits-cnn")
     model_path = folder / "model.onnx"
     specs = input_specs(onnxlr.load(model_path).model)
@@ -57,7 +58,8 @@ def setup(name: str) -> dict:
         "bench": {k: v[:32] for k, v in eval_feeds.items()},
         "search": [{k: v[i:i + 16] for k, v in eval_feeds.items()} for i in range(0, count // 2, 16)],
         "labels": np.load(folder / "eval.npz")["labels"] if name == "digits" else None,
-        "settings": {"ops": ("MatMul",)} if name == "minilm" else {"ops": ("Conv", "Gemm"), "min_params": 4096},
+        "settings": ({"ops": ("MatMul", "Gather") if tables else ("MatMul",)} if name == "minilm"
+                     else {"ops": ("Conv", "Gemm"), "min_params": 4096}),
         "budget": "param_budget" if name == "minilm" else "mac_budget",
     }
 
@@ -86,8 +88,9 @@ def save(model: ir.Model, path: Path) -> Path:
     return path
 
 
-def frontier(name: str, budgets: list[float], modes: list[str], target: float | None, runs: int) -> list[dict]:
-    case = setup(name)
+def frontier(name: str, budgets: list[float], modes: list[str], target: float | None, runs: int,
+             tables: bool) -> list[dict]:
+    case = setup(name, tables)
     reference = run_model(case["path"], case["eval"])
     rows = [measure(case, "original", case["path"], reference, runs)]
     with tempfile.TemporaryDirectory(prefix="onnxlr-frontier-") as folder:
@@ -176,13 +179,16 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=quantize.MODES, default=list(quantize.MODES))
     parser.add_argument("--target-cosine", type=float, default=0.98, help="minilm: the target + int8 row's goal")
     parser.add_argument("--no-target", action="store_true", help="leave out the target + int8 row")
+    parser.add_argument("--no-tables", action="store_true",
+                        help="minilm: MatMul weights only (default: the embedding tables too, --ops MatMul,Gather)")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per model for the speedup")
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     THREADS = args.threads
-    rows = frontier(args.model, args.budgets, args.modes, None if args.no_target else args.target_cosine, args.runs)
+    rows = frontier(args.model, args.budgets, args.modes, None if args.no_target else args.target_cosine, args.runs,
+                    not args.no_tables)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
