@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -139,21 +140,14 @@ class HeadPair:
 
     def effective_down(self, fit: HeadFit) -> tuple[np.ndarray, np.ndarray | None]:
         """(H·d, d_out) M and bias with c·M + bias the fitted pair's output for the original context c."""
-        return _block_diagonal(fit.transforms) @ fit.down_matrix, fit.down_bias
-
-    def _padded_columns(self, fit: HeadFit, array: np.ndarray) -> np.ndarray:
-        """(…, H·k) head-major columns placed at (…, H·d): head h's k in its first k of d, zeros elsewhere."""
-        keep = len(fit.kept)
-        full = np.zeros(array.shape[:-1] + (self.heads, self.width))
-        full[..., :keep] = array.reshape(array.shape[:-1] + (self.heads, keep))
-        return full.reshape(array.shape[:-1] + (self.heads * self.width,))
+        return block_diagonal(fit.transforms) @ fit.down_matrix, fit.down_bias
 
     def fit_feeds(self, fit: HeadFit) -> list[tuple[ir.Value, np.ndarray]]:
         """The fit at the original shapes (zeros for the dropped dimensions: exactly the sliced pair)."""
-        feeds = [(self.up.weight, self.up.stored(self._padded_columns(fit, fit.value_matrix))),
-                 (self.down.weight, self.down.stored(self._padded_columns(fit, fit.down_matrix.T).T))]
+        feeds = [(self.up.weight, self.up.stored(padded_columns(fit.value_matrix, self.heads, self.width))),
+                 (self.down.weight, self.down.stored(padded_columns(fit.down_matrix.T, self.heads, self.width).T))]
         if self.up.bias is not None:
-            feeds.append((self.up.bias, _like(self.up.bias, self._padded_columns(fit, fit.value_bias))))
+            feeds.append((self.up.bias, _like(self.up.bias, padded_columns(fit.value_bias, self.heads, self.width))))
         if self.down.bias is not None:
             feeds.append((self.down.bias, _like(self.down.bias, fit.down_bias)))
         return feeds
@@ -179,7 +173,17 @@ class HeadPair:
         return [(layer.bias_reader, layer.bias) for layer in (self.up, self.down) if layer.bias is not None]
 
 
-def _block_diagonal(transforms: np.ndarray) -> np.ndarray:
+def padded_columns(array: np.ndarray, heads: int, width: int) -> np.ndarray:
+    """(…, H·k) head-major columns placed at (…, H·d): head h's k in its first k of d, zeros elsewhere (a fit
+    fed at the original shapes computes exactly what the sliced heads compute)."""
+    keep = array.shape[-1] // heads
+    full = np.zeros(array.shape[:-1] + (heads, width))
+    full[..., :keep] = array.reshape(array.shape[:-1] + (heads, keep))
+    return full.reshape(array.shape[:-1] + (heads * width,))
+
+
+def block_diagonal(transforms: np.ndarray) -> np.ndarray:
+    """diag(T_1, .., T_H) of a (H, d, k) stack: (H·d, H·k)."""
     heads, width, keep = transforms.shape
     result = np.zeros((heads * width, heads * keep))
     for head in range(heads):
@@ -226,7 +230,7 @@ class HeadElimination:
     def _solve(self, keep: int) -> tuple[np.ndarray, np.ndarray, float]:
         """T (H, d, k), the refitted rows of W̃ ((H·k [+1]) × d_out) and the relative error."""
         transforms = self._transforms(keep)
-        reduce = _block_diagonal(transforms)
+        reduce = block_diagonal(transforms)
         if len(self.weights) > len(reduce):  # the bias row rides on the constant column
             reduce = np.block([[reduce, np.zeros((len(reduce), 1))], [np.zeros((1, reduce.shape[1])), np.ones((1, 1))]])
         projected = reduce.T @ self.corr
@@ -251,10 +255,10 @@ class HeadElimination:
         pair = self.pair
         if keep == self.width:  # the original, exactly
             transforms = np.broadcast_to(np.eye(keep), (pair.heads, keep, keep)).copy()
-            return HeadFit(np.arange(keep), transforms, pair.up.matrix().astype(np.float64), _float(pair.up.bias_array()),
-                           pair.down_matrix().astype(np.float64), _float(pair.down_bias()), 0.0)
+            return HeadFit(np.arange(keep), transforms, pair.up.matrix().astype(np.float64), as_float(pair.up.bias_array()),
+                           pair.down_matrix().astype(np.float64), as_float(pair.down_bias()), 0.0)
         transforms, fitted, error = self._solve(keep)
-        reduce = _block_diagonal(transforms)
+        reduce = block_diagonal(transforms)
         value_bias = pair.up.bias_array()
         rows = pair.heads * keep
         return HeadFit(np.arange(keep), transforms, pair.up.matrix().astype(np.float64) @ reduce,
@@ -262,7 +266,7 @@ class HeadElimination:
                        fitted[rows] if pair.down.bias is not None else None, error)
 
 
-def _float(array: np.ndarray | None) -> np.ndarray | None:
+def as_float(array: np.ndarray | None) -> np.ndarray | None:
     return None if array is None else np.asarray(array, dtype=np.float64).copy()
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnxlr import calibration, cost, datafit
+from onnxlr import cost, datafit
 from onnxlr.errors import OnnxlrError
 from onnxlr.runtime import make_session
 from onnxlr.settings import QUANTIZE_MODES as MODES

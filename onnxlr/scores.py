@@ -29,7 +29,17 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxlr import joint
-from onnxlr.heads import SPLIT_PERM, ShapeEntry, data_uses, head_split, only_reader, size_reads
+from onnxlr.heads import (
+    SPLIT_PERM,
+    ShapeEntry,
+    as_float,
+    block_diagonal,
+    data_uses,
+    head_split,
+    only_reader,
+    padded_columns,
+    size_reads,
+)
 from onnxlr.pairs import Linear, Slice, _attr, _const, _like, _problem, _read_linear, _scalar
 
 KEY_PERM = (0, 2, 3, 1)  # (b, s, H, d) -> (b, H, d, s): the keys, transposed for Q·Kᵀ
@@ -91,12 +101,6 @@ class ScorePair:
     def fit_at(self, correlations: tuple[np.ndarray, np.ndarray], keep: int) -> ScoreFit:
         return self.eliminate(correlations).fit(keep)
 
-    def _padded(self, fit: ScoreFit, array: np.ndarray) -> np.ndarray:
-        keep = len(fit.kept)
-        full = np.zeros(array.shape[:-1] + (self.heads, self.width))
-        full[..., :keep] = array.reshape(array.shape[:-1] + (self.heads, keep))
-        return full.reshape(array.shape[:-1] + (self.heads * self.width,))
-
     def _arrays(self, fit: ScoreFit) -> list[tuple[Linear, np.ndarray, np.ndarray | None]]:
         return [(self.up, fit.query_matrix, fit.query_bias), (self.down, fit.key_matrix, fit.key_bias)]
 
@@ -104,9 +108,9 @@ class ScorePair:
         """The fit at the original shapes (zero columns for the dropped dimensions: exactly the sliced pair)."""
         feeds = []
         for layer, matrix, bias in self._arrays(fit):
-            feeds.append((layer.weight, layer.stored(self._padded(fit, matrix))))
+            feeds.append((layer.weight, layer.stored(padded_columns(matrix, self.heads, self.width))))
             if layer.bias is not None:
-                feeds.append((layer.bias, _like(layer.bias, self._padded(fit, bias))))
+                feeds.append((layer.bias, _like(layer.bias, padded_columns(bias, self.heads, self.width))))
         return feeds
 
     def fit_slices(self, fit: ScoreFit) -> list[Slice]:
@@ -183,7 +187,7 @@ class ScoreElimination:
         pair = self.pair
         layers = (pair.up, pair.down)
         if keep == self.width:  # the original, exactly
-            matrices = [(layer.matrix().astype(np.float64), _float(layer.bias_array())) for layer in layers]
+            matrices = [(layer.matrix().astype(np.float64), as_float(layer.bias_array())) for layer in layers]
             return ScoreFit(np.arange(keep), *matrices[0], *matrices[1], 0.0)
         transforms = ([], [])
         for q_inverse, k_inverse, u, s, vt in self.factors:
@@ -192,21 +196,10 @@ class ScoreElimination:
             transforms[1].append(k_inverse @ vt[:keep].T * root)  # B_h
         results = []
         for layer, blocks in zip(layers, transforms):
-            reduce = _block_diagonal(blocks, pair.width, keep)
+            reduce = block_diagonal(np.stack(blocks))
             bias = layer.bias_array()
             results += [layer.matrix().astype(np.float64) @ reduce, None if bias is None else bias.astype(np.float64) @ reduce]
         return ScoreFit(np.arange(keep), *results, self.error(keep))
-
-
-def _block_diagonal(blocks: list[np.ndarray], width: int, keep: int) -> np.ndarray:
-    result = np.zeros((len(blocks) * width, len(blocks) * keep))
-    for head, block in enumerate(blocks):
-        result[head * width:(head + 1) * width, head * keep:(head + 1) * keep] = block
-    return result
-
-
-def _float(array: np.ndarray | None) -> np.ndarray | None:
-    return None if array is None else np.asarray(array, dtype=np.float64).copy()
 
 
 # ----------------------------------------------------------------------------- finding pairs

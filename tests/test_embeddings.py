@@ -107,8 +107,8 @@ def test_padding_is_not_counted_and_budgets_allocate_tables_too():
 
 def _group_of(model):
     import onnx_ir as ir
-
     from onnxlr.passes import Context
+
     from onnxlr.settings import Settings
     from onnxlr.targets import find_targets
 
