@@ -7,6 +7,8 @@ Rows, every one measured the same way in this process:
   original          fp32, as built by `python -m models build minilm|digits-cnn`
   ort-int8          onnxruntime's quantize_dynamic alone, its default (per-tensor INT8 weights)
   ort-int8-pc       the same, per-channel (the strongest one-line alternative)
+  ort-int4 + int8 tables  (minilm) 4-bit weight-only MatMulNBits (block 32) and INT8 embedding tables: the
+                    smallest onnxruntime configuration
   onnxlr F          onnxlr alone with calibration: --param-budget F (digits: --mac-budget F), joint pairs on;
                     minilm: --ops MatMul,Gather (the embedding tables too; --no-tables: MatMul only)
   onnxlr F + MODE   that model quantized by --quantize MODE (int8, int8-static, fp16): the same call the
@@ -83,6 +85,20 @@ def ort_int8(source: Path, target: Path, per_channel: bool) -> None:
     quantize_dynamic(source, target, per_channel=per_channel, weight_type=QuantType.QInt8)
 
 
+def ort_int4(source: Path, target: Path) -> None:
+    """onnxruntime's 4-bit weight-only MatMulNBits (block 32, symmetric) for the MatMuls, then dynamic INT8 for
+    the embedding tables (Gather): its smallest configuration for a transformer encoder."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(source), bits=4, block_size=32, is_symmetric=True)
+    quantizer.process()
+    middle = target.with_name("int4-matmul.onnx")
+    onnx.save(quantizer.model.model, middle)
+    quantize_dynamic(middle, target, op_types_to_quantize=["Gather"], per_channel=True, weight_type=QuantType.QInt8)
+
+
 def save(model: ir.Model, path: Path) -> Path:
     ir.save(model, path)
     return path
@@ -98,6 +114,9 @@ def frontier(name: str, budgets: list[float], modes: list[str], target: float | 
         for label, per_channel in (("ort-int8", False), ("ort-int8-pc", True)):
             ort_int8(case["path"], work / f"{label}.onnx", per_channel)
             rows.append(measure(case, label, work / f"{label}.onnx", reference, runs))
+        if name == "minilm":
+            ort_int4(case["path"], work / "ort-int4.onnx")
+            rows.append(measure(case, "ort-int4 + int8 tables", work / "ort-int4.onnx", reference, runs))
         for budget in budgets:
             start = time.perf_counter()
             model, _ = onnxlr.optimize(str(case["path"]), calibration=case["calibration"],
