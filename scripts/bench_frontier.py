@@ -168,8 +168,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for index, row in enumerate(rows):
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    floor = 0.9 if rows[0]["model"] == "minilm" else 0.0  # rows below it are listed, not drawn: they squash the rest
+    shown = [row for row in rows if row["fidelity"] >= floor]
+    hidden = [row for row in rows if row["fidelity"] < floor]
+    for index, row in enumerate(shown):
         kind = "onnxruntime alone" if row["row"].startswith("ort") else (
             "original" if row["row"] == "original" else ("onnxlr + quantizer" if "+" in row["row"] else "onnxlr alone"))
         marker = {"original": "s", "onnxruntime alone": "D", "onnxlr alone": "o", "onnxlr + quantizer": "^"}[kind]
@@ -177,10 +180,15 @@ def plot(rows: list[dict], path: Path) -> None:
                  "onnxlr + quantizer": "tab:green"}[kind]
         axes.scatter(row["bytes"] / 1e6, row["fidelity"], marker=marker, color=color, label=kind)
         axes.annotate(f"{row['row']} ({row['speedup']:.2f}x)", (row["bytes"] / 1e6, row["fidelity"]), fontsize=7,
-                      xytext=(4, 3 if index % 2 else -10), textcoords="offset points")  # staggered: fewer overlaps
+                      xytext=(6 if index % 2 else -6, -3), ha="left" if index % 2 else "right",
+                      textcoords="offset points")  # alternately right and left of the point: fewer overlaps
+    if hidden:
+        axes.text(0.99, 0.02, "off the chart: " + "; ".join(f"{r['row']} {r['fidelity']:.3f}" for r in hidden),
+                  transform=axes.transAxes, ha="right", va="bottom", fontsize=7, color="dimgray")
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    axes.legend(unique.values(), unique.keys(), loc="lower right")
+    axes.legend(unique.values(), unique.keys(), loc="center right")
+    axes.margins(x=0.2)  # room for the labels left of the smallest files
     axes.set_xlabel("file size (MB)")
     axes.set_ylabel("held-out mean cosine" if rows[0]["model"] == "minilm" else "held-out accuracy")
     axes.set_title(f"{rows[0]['model']}: size / fidelity frontier (labels: CPU speedup, {THREADS} threads)")
@@ -204,8 +212,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only draw --plot from the rows of an earlier --json")
     args = parser.parse_args()
     THREADS = args.threads
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.plot)
+        return
     rows = frontier(args.model, args.budgets, args.modes, None if args.no_target else args.target_cosine, args.runs,
                     not args.no_tables)
     if args.json:
