@@ -191,8 +191,27 @@ def block_diagonal(transforms: np.ndarray) -> np.ndarray:
     return result
 
 
+class KeepCurve:
+    """What the head pairs' eliminations share: every k's error read off `errors`, and the range check."""
+
+    pair: HeadPair
+    errors: np.ndarray  # (d + 1,): errors[k]
+
+    @property
+    def width(self) -> int:
+        return self.pair.width
+
+    def check(self, keep: int) -> None:
+        if not 1 <= keep <= self.width:
+            raise ValueError(f"keep must be within 1..{self.width}, got {keep}")
+
+    def error(self, keep: int) -> float:
+        self.check(keep)
+        return float(self.errors[keep])
+
+
 @dataclasses.dataclass
-class HeadElimination:
+class HeadElimination(KeepCurve):
     """Every k's fit of one V·O pair, priced without a second look at the data (as joint.Elimination)."""
 
     pair: HeadPair
@@ -240,18 +259,8 @@ class HeadElimination:
         lost = float(np.sum(residual * (self.corr @ residual)))
         return transforms, fitted, max(lost, 0.0) / total if total > 0 else 0.0
 
-    @property
-    def width(self) -> int:
-        return self.pair.width
-
-    def error(self, keep: int) -> float:
-        if not 1 <= keep <= self.width:
-            raise ValueError(f"keep must be within 1..{self.width}, got {keep}")
-        return float(self.errors[keep])
-
     def fit(self, keep: int) -> HeadFit:
-        if not 1 <= keep <= self.width:
-            raise ValueError(f"keep must be within 1..{self.width}, got {keep}")
+        self.check(keep)
         pair = self.pair
         if keep == self.width:  # the original, exactly
             transforms = np.broadcast_to(np.eye(keep), (pair.heads, keep, keep)).copy()

@@ -31,6 +31,7 @@ import onnx_ir as ir
 from onnxlr import joint
 from onnxlr.heads import (
     SPLIT_PERM,
+    KeepCurve,
     ShapeEntry,
     as_float,
     block_diagonal,
@@ -147,7 +148,7 @@ def _head_moments(layer: Linear, correlation: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class ScoreElimination:
+class ScoreElimination(KeepCurve):
     """Every k's error of one Q·Kᵀ pair (the singular values' tails) and its fit on demand."""
 
     pair: ScorePair
@@ -172,18 +173,8 @@ class ScoreElimination:
         errors[width] = 0.0
         return cls(pair, factors, errors)
 
-    @property
-    def width(self) -> int:
-        return self.pair.width
-
-    def error(self, keep: int) -> float:
-        if not 1 <= keep <= self.width:
-            raise ValueError(f"keep must be within 1..{self.width}, got {keep}")
-        return float(self.errors[keep])
-
     def fit(self, keep: int) -> ScoreFit:
-        if not 1 <= keep <= self.width:
-            raise ValueError(f"keep must be within 1..{self.width}, got {keep}")
+        self.check(keep)
         pair = self.pair
         layers = (pair.up, pair.down)
         if keep == self.width:  # the original, exactly
