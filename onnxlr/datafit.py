@@ -47,6 +47,9 @@ class CalibrationData:
     source: str | os.PathLike | bytes  # onnxruntime reads the original here (external data beside it)
     batches: list[dict[str, np.ndarray]]  # calibration samples
     heldout: list[dict[str, np.ndarray]] | None = None  # samples --target-cosine is measured on
+    # --quantize with a --target-* goal: loss the quantizer added beyond its loss on the original, found
+    # when a written model missed the goal (cosine loss, or squared relative error); the retry aims past it.
+    extra_quantizer_loss: float = 0.0
 
     @property
     def samples(self) -> int:

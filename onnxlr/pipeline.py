@@ -34,6 +34,9 @@ from onnxlr.targets import attach_statistics, find_targets
 
 logger = logging.getLogger(__name__)
 
+# --quantize with --target-cosine/--target-error: searches until the written, quantized model meets the goal.
+QUANTIZED_ATTEMPTS = 3
+
 
 @dataclasses.dataclass
 class Factorization:
@@ -84,12 +87,25 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
     data = calibration_data(loaded, source, calibration, calibration_samples, heldout, batch_size)
     if settings.quantize == "int8-static" and data is None:
         raise OnnxlrError("{0} int8-static needs calibration data ({1})", "quantize", "calibration")
-    # The quantizer reads the whole model: factors stay in memory for it rather than going to `sink`.
-    result = factorize_model(loaded.model, settings, progress=progress, dry_run=dry_run, input_shapes=input_shapes,
-                             calibration_data=data, sink=None if settings.quantize else sink)
-    if settings.quantize and not dry_run:
-        loaded.model, result.report.quantization = quantize.quantize_stage(loaded.model, settings.quantize, data,
-                                                                           datafit.Goal.of(settings))
+    goal = datafit.Goal.of(settings)
+    for attempt in range(1, QUANTIZED_ATTEMPTS + 1):
+        # The quantizer reads the whole model: factors stay in memory for it rather than going to `sink`.
+        result = factorize_model(loaded.model, settings, progress=progress, dry_run=dry_run,
+                                 input_shapes=input_shapes, calibration_data=data,
+                                 sink=None if settings.quantize else sink)
+        if not settings.quantize or dry_run:
+            return result
+        loaded.model, stage = quantize.quantize_stage(loaded.model, settings.quantize, data, goal)
+        result.report.quantization = {**stage, "attempts": attempt}
+        final = stage.get("final")
+        if final is None or final["met"] or attempt == QUANTIZED_ATTEMPTS:
+            return result
+        # The losses did not add up as the search assumed: search again from the original, aiming past
+        # what the quantizer added beyond its loss on the original.
+        data.extra_quantizer_loss += quantize.missed_by(goal, final[goal.metric])
+        logger.warning("the quantized model missed %s (%.4f): searching again with a stricter low-rank goal",
+                       goal, final[goal.metric])
+        loaded.model = quantize.load_source(data.source)
     return result
 
 

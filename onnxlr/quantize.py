@@ -141,21 +141,29 @@ def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData) 
     if not data.heldout:
         raise OnnxlrError("{0} needs held-out samples to measure on: give {1} (e.g. FILE.npz)",
                           f"target_{goal.metric}", "heldout")
-    original = _load(data.source)
+    original = load_source(data.source)
     alone = goal.measure(_outputs(data.source, data.heldout),
                          _outputs(quantize(original, mode, data.batches), data.heldout))
     if not goal.met(alone):
         raise OnnxlrError(f"{{0}} {mode} alone already gives a held-out {goal.metric} of {alone:.4f}, short of "
                           f"{goal}: no low-rank budget can meet it", "quantize")
+    extra = data.extra_quantizer_loss
     if goal.metric == "cosine":
-        value = 1.0 - ((1.0 - goal.value) - (1.0 - alone))
-    else:
-        value = float(np.sqrt(goal.value**2 - alone**2))
+        value = min(1.0, 1.0 - ((1.0 - goal.value) - (1.0 - alone) - extra))
+    else:  # at 0 no budget but all dense meets it: the search then keeps every layer
+        value = float(np.sqrt(max(goal.value**2 - alone**2 - extra, 0.0)))
     logger.info("%s alone: held-out %s %.4f; the low-rank search aims for %.4f", mode, goal.metric, alone, value)
-    return datafit.Goal(goal.metric, value), {"mode": mode, f"{goal.metric}_alone": alone, "low_rank_goal": value}
+    return datafit.Goal(goal.metric, value), {"mode": mode, f"{goal.metric}_alone": alone, "low_rank_goal": value,
+                                              "extra_loss": extra}
 
 
-def _load(source: str | os.PathLike | bytes) -> ir.Model:
+def missed_by(goal: datafit.Goal, measured: float) -> float:
+    """How much loss a retry must find room for (cosine loss, or squared relative error)."""
+    return goal.value - measured if goal.metric == "cosine" else measured**2 - goal.value**2
+
+
+def load_source(source: str | os.PathLike | bytes) -> ir.Model:
+    """The original model again, from what calibration ran it from (a path, or its serialized bytes)."""
     if isinstance(source, bytes):
         import onnx
 

@@ -160,3 +160,35 @@ def test_bench_compare_and_the_html_report_show_the_quantized_size(tmp_path):
     files = json.loads(report_path.read_text())["files"]
     assert [f["bytes"] for f in files] == [source.stat().st_size, out.stat().st_size]
     assert f"({out.stat().st_size / source.stat().st_size:.3f}x)" in result.stdout
+
+
+def test_a_written_model_that_misses_the_goal_is_searched_again(monkeypatch, caplog):
+    """When the quantized low-rank model loses more than the quantizer's loss on the original predicted (here:
+    the first quantized candidate gets its weights perturbed, as a kernel that saturates would), the search
+    runs again from the original with a stricter low-rank goal, and the written model meets the goal."""
+    real = quantize.quantize
+    calls = {"candidates": 0}
+
+    def lossy_once(model, mode, calibration=None):
+        result = real(model, mode, calibration)
+        factored = any(name.endswith("_lr_b") for name in model.graph.initializers)
+        if factored:
+            calls["candidates"] += 1
+            if calls["candidates"] == 1:
+                for value in result.graph.initializers.values():
+                    if value.name.endswith("_lr_b_scale"):  # the second factors' dequantization scales
+                        scales = value.const_value.numpy()
+                        noise = 1 + 0.3 * np.random.default_rng(0).standard_normal(scales.shape)
+                        value.const_value = ir.tensor((scales * noise).astype(scales.dtype))
+        return result
+
+    monkeypatch.setattr(quantize, "quantize", lossy_once)
+    calibration = [batch(32, seed) for seed in range(3)]
+    heldout = [batch(16, seed) for seed in (20, 21, 22, 23)]
+    with caplog.at_level("WARNING"):
+        result, report = onnxlr.optimize(mlp(), calibration=calibration, heldout=heldout, target_cosine=0.995,
+                                         quantize="int8")
+    stage, quantizer = report["quantization"], report["calibration"]["quantizer"]
+    assert stage["attempts"] == 2 and stage["final"]["met"]
+    assert quantizer["extra_loss"] > 0 and quantizer["low_rank_goal"] > 1 - (quantizer["cosine_alone"] - 0.995)
+    assert "searching again with a stricter low-rank goal" in caplog.text
