@@ -217,7 +217,7 @@ def attach_bias_slots(slots: Sequence[tuple[PairPlan, ir.Value, calibration.Slot
 def measurable(plans: Sequence[PairPlan], runner: Any) -> list[PairPlan]:
     """The pairs whose layers all have calibration feeds and statistics (a Q·Kᵀ pair: both inputs' moments)."""
     return [p for p in plans if all(g.slot is not None for g in p.groups) and p.key in runner.probes and
-            (not isinstance(p.pair, scores.ScorePair) or all(_augmented(g) is not None for g in p.groups))]
+            (not isinstance(p.pair, scores.ScorePair) or all(_has_moments(g) for g in p.groups))]
 
 
 def measure(plans: Sequence[PairPlan], runner: Any, batches: list[dict[str, np.ndarray]], progress: Progress
@@ -324,9 +324,12 @@ def _correlations(plans: list[PairPlan], runner: Any, batches: list[dict[str, np
                   ) -> dict[int, np.ndarray]:
     """Each pair's augmented correlation Σ [z,1][z,1]ᵀ of its down layer's input: from the statistics
     calibration already took (the down layer's Gram and sum), or from a pass of its own."""
-    result: dict[int, Any] = {id(p): (_augmented(p.ups[0]), _augmented(p.down)) for p in plans
-                              if isinstance(p.pair, scores.ScorePair)}
-    result.update({id(p): _augmented(p.down) for p in plans if id(p) not in result and _augmented(p.down) is not None})
+    result: dict[int, Any] = {}
+    for pair_plan in plans:
+        if isinstance(pair_plan.pair, scores.ScorePair):  # the query's and the key's inputs (measurable has them)
+            result[id(pair_plan)] = (_augmented(pair_plan.ups[0]), _augmented(pair_plan.down))
+        elif _has_moments(pair_plan.down):
+            result[id(pair_plan)] = _augmented(pair_plan.down)
     missing = [p for p in plans if id(p) not in result]
     if not missing:
         return result
@@ -341,9 +344,14 @@ def _correlations(plans: list[PairPlan], runner: Any, batches: list[dict[str, np
     return result
 
 
+def _has_moments(group: WeightGroup) -> bool:
+    """Whether calibration left the group's original input statistics (one conv group): Gram and sum."""
+    return group.input_moments is not None and group.gram is not None and group.cross is None and group.gram.ndim == 2
+
+
 def _augmented(group: WeightGroup) -> np.ndarray | None:
     """[[G, s], [sᵀ, n]] from the group's original statistics (one conv group), or None."""
-    if group.input_moments is None or group.gram is None or group.cross is not None or group.gram.ndim != 2:
+    if not _has_moments(group):
         return None
     sums, count = group.input_moments
     sums = sums.reshape(-1)

@@ -50,6 +50,7 @@ class CalibrationData:
     # --quantize with a --target-* goal: loss the quantizer added beyond its loss on the original, found
     # when a written model missed the goal (cosine loss, or squared relative error); the retry aims past it.
     extra_quantizer_loss: float = 0.0
+    quantizer_alone: float | None = None  # the quantizer's measure on the original (taken once, kept for retries)
 
     @property
     def samples(self) -> int:
@@ -101,7 +102,8 @@ def row_weights(group: WeightGroup, batches: Sequence[Mapping[str, np.ndarray]])
     calibration batches (padding left out when there is an attention mask of the ids' shape), plus 1."""
     if group.lead.rule.calibrated or any(t.rule.calibrated for t in group.targets):
         return None
-    ids = {t.node.inputs[1].name for t in group.targets if t.node.inputs[1] is not None and t.node.inputs[1].is_graph_input()}
+    # One ids input per lookup (two lookups of the same ids count twice: each reads the rows).
+    ids = [t.node.inputs[1].name for t in group.targets if t.node.inputs[1] is not None and t.node.inputs[1].is_graph_input()]
     if len(ids) != len(group.targets) or not batches or not all(name in batches[0] for name in ids):
         return None  # computed ids (positions, token types): the plain SVD
     rows = group.lead.array.shape[0]

@@ -95,7 +95,8 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
                                  sink=None if settings.quantize else sink)
         if not settings.quantize or dry_run:
             return result
-        loaded.model, stage = quantize.quantize_stage(loaded.model, settings.quantize, data, goal)
+        loaded.model, stage = quantize.quantize_stage(loaded.model, settings.quantize, data, goal,
+                                                      result.report.totals["bytes_after"])
         result.report.quantization = {**stage, "attempts": attempt}
         final = stage.get("final")
         if final is None or final["met"] or attempt == QUANTIZED_ATTEMPTS:

@@ -118,11 +118,11 @@ class _Reader:
 # ----------------------------------------------------------------------------- the pipeline's stage
 
 
-def quantize_stage(model: ir.Model, mode: str, data: datafit.CalibrationData | None,
-                   goal: datafit.Goal | None) -> tuple[ir.Model, dict]:
-    """The quantized model and what the report says of the stage: the weight bytes before and after, and
-    with a --target-* goal, the final model's measure on the held-out samples (the search aimed for it)."""
-    low_rank_bytes = cost.model_totals(model)["bytes"]
+def quantize_stage(model: ir.Model, mode: str, data: datafit.CalibrationData | None, goal: datafit.Goal | None,
+                   low_rank_bytes: int) -> tuple[ir.Model, dict]:
+    """The quantized model and what the report says of the stage: the weight bytes before (the rewrite's
+    total, `low_rank_bytes`) and after, and with a --target-* goal, the final model's measure on the
+    held-out samples (the search aimed for it)."""
     result = quantize(model, mode, data.batches if data is not None else None)
     stage = {"mode": mode, "bytes_low_rank": low_rank_bytes, "bytes_after": cost.model_totals(result)["bytes"]}
     if goal is not None and data is not None and data.heldout:
@@ -141,9 +141,10 @@ def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData) 
     if not data.heldout:
         raise OnnxlrError("{0} needs held-out samples to measure on: give {1} (e.g. FILE.npz)",
                           f"target_{goal.metric}", "heldout")
-    original = load_source(data.source)
-    alone = goal.measure(_outputs(data.source, data.heldout),
-                         _outputs(quantize(original, mode, data.batches), data.heldout))
+    if data.quantizer_alone is None:  # a retry (pipeline.optimize_loaded) reuses it
+        quantized = quantize(load_source(data.source), mode, data.batches)
+        data.quantizer_alone = goal.measure(_outputs(data.source, data.heldout), _outputs(quantized, data.heldout))
+    alone = data.quantizer_alone
     if not goal.met(alone):
         raise OnnxlrError(f"{{0}} {mode} alone already gives a held-out {goal.metric} of {alone:.4f}, short of "
                           f"{goal}: no low-rank budget can meet it", "quantize")

@@ -39,14 +39,10 @@ sys.path.insert(0, str(ROOT))
 import onnxlr  # noqa: E402
 from onnxlr import bench, quantize  # noqa: E402
 from onnxlr.inputs import input_specs, load_inputs  # noqa: E402
+from onnxlr.io import file_bytes  # noqa: E402
 from scripts.bench_calibration import mean_cosine, run_model  # noqa: E402
 
 THREADS = 2
-
-
-def file_bytes(path: Path) -> int:
-    """The model file and its external data files."""
-    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
 def setup(name: str, tables: bool) -> dict:
