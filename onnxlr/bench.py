@@ -98,7 +98,8 @@ def _name(model: Any) -> str:
 
 def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarray], provider: str = "cpu",
                    threads: int = 1, runs: int = 20) -> dict[str, Any]:
-    """Per factorized layer: the original node's kernel time against its pair's (onnxruntime profiler).
+    """Per factorized layer: the original node's kernel time against its pair's (onnxruntime profiler), whichever
+    of the two models is the rewritten one.
 
     Profiling runs separately from the timed runs (the profiler adds overhead) and at the "basic"
     optimization level, where onnxruntime keeps node names (the NCHWc and fusion passes of higher
@@ -106,6 +107,8 @@ def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarra
     """
     reference_times = _profile(reference, feeds, provider, threads, runs)
     candidate_times = _profile(candidate, feeds, provider, threads, runs)
+    if not _has_pairs(candidate_times) and _has_pairs(reference_times):  # MODEL is the rewritten one
+        reference_times, candidate_times = candidate_times, reference_times
     layers = []
     for name in sorted({n[: -len("_lr1")] for n in candidate_times if n.endswith("_lr1")}):
         original = reference_times.get(name)
@@ -117,6 +120,10 @@ def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarra
         })
     return {"optimization_level": "basic", "runs": runs, "layers": layers,
             "total_us": {"reference": sum(reference_times.values()), "candidate": sum(candidate_times.values())}}
+
+
+def _has_pairs(times: Mapping[str, float]) -> bool:
+    return any(name.endswith("_lr1") for name in times)
 
 
 def _profile(model: Any, feeds: Mapping[str, np.ndarray], provider: str, threads: int, runs: int) -> dict[str, float]:

@@ -21,6 +21,7 @@ from onnxlr.cli_options import (
     VERIFY_KEYS,
     State,
     calibration_options,
+    latency_options,
     methods_option,
     output_options,
     rank_policy_options,
@@ -47,6 +48,9 @@ Examples:
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --param-budget 0.7 --compensate
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --target-cosine 0.99
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --target-cosine 0.98 --quantize int8
+  onnxlr optimize model.onnx out.onnx --objective latency --rank-ratio 0.25 --shape input:32x3x224x224 --threads 4
+  onnxlr optimize model.onnx out.onnx --latency-budget 0.6 --calibration calib.npz
+  onnxlr optimize model.onnx out.onnx --param-budget 0.5 --latency-table phone.json --shape input:1x3x224x224
 """
 
 class OnnxlrGroup(click.Group):
@@ -103,6 +107,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=True))
 @click.argument("output_path", metavar="OUTPUT", type=click.Path(dir_okay=True), required=False)
 @rank_policy_options
+@latency_options
 @target_selection_options
 @calibration_options
 @methods_option
@@ -137,7 +142,7 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     its external data, if any, so a failed, gated or interrupted run leaves nothing behind.
     """
     from onnxlr.errors import GateFailed
-    from onnxlr.inputs import parse_shape_overrides
+    from onnxlr.inputs import batch_shapes, parse_shape_overrides
     from onnxlr.pipeline import optimize_loaded
     from onnxlr.settings import Settings
 
@@ -147,8 +152,13 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     external_data_threshold = options.pop("external_data_threshold")
     if output_path is None and not dry_run:
         raise OnnxlrError("missing OUTPUT: give an output path, or --dry-run to only plan")
+    options["latency_cache"] = not options.pop("no_latency_cache")
+    options["latency_provider"] = (split_list(verify_options["providers"]) or ["cpu"])[0].lower()
     config = Settings(ops=split_ops(ops), **options)
     loaded = io.load(input_path)
+    input_shapes = parse_shape_overrides(verify_options["shapes"])
+    if config.objective == "latency" and not input_shapes and not calibration_path and verify_options["inputs_path"]:
+        input_shapes = batch_shapes(verify_options["inputs_path"], loaded.model, verify_options["batch_size"])
     if output_path is not None and not dry_run:
         check_output_path(output_path, loaded)
     edge_targets = _edge_targets(loaded, report_path or html_path, targets_path, dry_run)
@@ -159,7 +169,7 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
                                  calibration_samples=calibration_samples,
                                  heldout=verify_options["inputs_path"] if calibration_path else None,
                                  batch_size=verify_options["batch_size"], progress=state.progress, dry_run=dry_run,
-                                 input_shapes=parse_shape_overrides(verify_options["shapes"]), sink=sink)
+                                 input_shapes=input_shapes, sink=sink)
         report = result.report
         report.input = str(input_path)
         if edge_targets:
@@ -295,6 +305,8 @@ Examples:
   onnxlr bench model.onnx --compare model-lr.onnx --threads 1 --runs 200
   onnxlr bench model.onnx --compare model-lr.onnx --inputs eval.npz --samples 1 --json bench.json
   onnxlr bench model.onnx --shape input_ids:1x128 --providers cpu,cuda
+  onnxlr bench model-lr.onnx --compare model.onnx --profile
+  onnxlr bench model.onnx --shape input:1x1x8x8 --threads 4 --export-latency-table device.json
 """
 
 
@@ -319,6 +331,10 @@ Examples:
               help="Write every figure and the run context as JSON.")
 @click.option("--profile", is_flag=True,
               help="With --compare: onnxruntime's per-node profile, each factorized layer against its pair.")
+@click.option("--export-latency-table", "table_path", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE.json", help="Time every factorizable layer of MODEL and its factor pairs at every rank a "
+                                        "plan may ask for, here, at the inputs' shapes; `onnxlr optimize "
+                                        "--latency-table FILE.json` plans with it on another machine.")
 @click.option("--targets-estimate", is_flag=True,
               help="Also ESTIMATE latency on edge targets (roofline from published peak figures, not measured).")
 @click.option("--targets", "targets_path", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -329,7 +345,7 @@ Examples:
 def bench(state: State, model_path: str, compare_path: str | None, providers: str, threads: int, runs: int,
           warmup: int, optimization_level: str, inputs_path: str | None, shapes: tuple[str, ...], samples: int,
           seed: int, json_path: str | None, profile: bool, targets_estimate: bool = False,
-          targets_path: str | None = None) -> None:
+          targets_path: str | None = None, table_path: str | None = None) -> None:
     """Measure MODEL's latency with onnxruntime (p50/p90/p99, mean, std), optionally against OTHER.
 
     With --compare, the two models run interleaved in one process (A B, B A, ...) after the same
@@ -368,6 +384,14 @@ def bench(state: State, model_path: str, compare_path: str | None, providers: st
             raise OnnxlrError("--profile needs --compare OTHER (it compares each layer with its factor pair)")
         for provider, result in results["providers"].items():
             result["profile"] = b.profile_layers(model_path, compare_path, feeds, provider, threads=threads)
+    if table_path:
+        from onnxlr import latency
+
+        provider = runtime.parse_providers(split_list(providers))[0]
+        results["latency_table"] = latency.export_table(loaded.model, {n: a.shape for n, a in feeds.items()},
+                                                        table_path, provider, threads, state.progress)
+        state.console.print(f"wrote the latency table {table_path}: {results['latency_table']['entries']} times of "
+                            f"{results['latency_table']['layers']} layers on {provider} ({threads} thread(s))")
     if json_path:
         write_json(results, json_path)
     print_bench(results, state.console)

@@ -128,6 +128,26 @@ target_selection_options = _options(
                       "auto picks the fewest MACs at equal error."),
 )
 
+latency_options = _options(
+    click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True,
+                 help="What the rank policy optimizes. latency: every candidate factor pair (layer, scheme, rank, "
+                      "its round-ups to multiples of 8) is timed against its original node with onnxruntime, on the "
+                      "first of --providers with --threads, at the shapes the model sees (--shape, else the "
+                      "--calibration or --inputs batch); only pairs measured 5% faster are kept, budgets allocate "
+                      "over them. Times are cached in ~/.cache/onnxlr."),
+    click.option("--latency-budget", type=FRACTION, default=None, metavar="P",
+                 help="Rank policy (implies --objective latency): keep <= fraction P of the factorizable layers' "
+                      "measured time, allocated greedily on energy per millisecond."),
+    click.option("--threads", "latency_threads", type=click.IntRange(min=0), default=1, show_default=True,
+                 help="onnxruntime intra-op threads when timing candidates (0: onnxruntime's default), as in "
+                      "`onnxlr bench --threads`."),
+    click.option("--latency-table", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE.json",
+                 help="Plan with the times `onnxlr bench MODEL --export-latency-table FILE.json` measured on the "
+                      "target device (implies --objective latency); nothing is timed here."),
+    click.option("--no-cache", "no_latency_cache", is_flag=True,
+                 help="Time every candidate again (the cache of measured times is neither read nor written)."),
+)
+
 calibration_options = _options(
     click.option("--calibration", "calibration_path", type=click.Path(exists=True), default=None,
                  metavar="FILE.npz|DIR",

@@ -257,7 +257,7 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: Any, batches: 
     per-matrix plan of its two layers at the same cost, whichever loses less on calibration samples."""
     assert settings.budget is not None
     measure_name, _ = settings.budget
-    flag = "--param-budget" if measure_name == "params" else "--mac-budget"
+    flag = "--" + settings.budget_setting.replace("_", "-")
     comparison = Comparison(runner, datafit.first_samples(batches, COMPARISON_SAMPLES))
     for pair_plan in plans:
         keep = pair_plan.keep if pair_plan.keep is not None else pair_plan.width
@@ -278,8 +278,8 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: Any, batches: 
 
 def _plan_per_matrix(pair_plan: PairPlan, settings: Settings, fraction: float) -> bool:
     """The two layers planned alone on the pair's share of the budget; False when no rank fits it."""
-    field = "param_budget" if settings.budget[0] == "params" else "mac_budget"
-    local = dataclasses.replace(settings, **{field: fraction, "target_cosine": None, "target_error": None})
+    local = dataclasses.replace(settings, **{settings.budget_setting: fraction, "target_cosine": None,
+                                             "target_error": None})
     try:
         planning.allocate_budget(pair_plan.groups, local)
     except OnnxlrError:  # the rank multiple in both layers is over the pair's share

@@ -123,6 +123,12 @@ def _embedding_rows(value: ir.Value, depth: int = 0) -> int | None:
     return None
 
 
+def batch_shapes(path: str, model: ir.Model, batch_size: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of one batch of an inputs .npz (its first `batch_size` samples): what a run feeds the model."""
+    arrays = load_inputs(path, input_specs(model))
+    return {name: (min(a.shape[0], batch_size), *a.shape[1:]) if a.ndim else () for name, a in arrays.items()}
+
+
 def parse_shape_overrides(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
     """`--shape name:1x128` -> {"name": (1, 128)}."""
     shapes = {}

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxlr import cost, coupled, datafit, lowrank, plan, quantize, rewrite
+from onnxlr import cost, coupled, datafit, latency, lowrank, plan, quantize, rewrite
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.inputs import load_batches
@@ -52,7 +52,7 @@ class Factorization:
 
 def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = False,
              calibration: Any = None, calibration_samples: int | None = None, heldout: Any = None,
-             **settings: Any) -> tuple[Any, dict]:
+             input_shapes: Mapping[str, Sequence[int]] | None = None, **settings: Any) -> tuple[Any, dict]:
     """Factorize a model's MatMul/Gemm/Conv weights; returns (new model, report as JSON-ready dict).
 
     `model` is a path, an `onnx.ModelProto`, an `onnx_ir.Model` or an onnx-graphsurgeon `Graph`;
@@ -63,7 +63,9 @@ def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = Fa
     svd ("auto", "exact", "randomized"), device ("cpu", "cuda"), jobs. `calibration` (an .npz, a folder of them, or an iterable of input
     dicts; at most `calibration_samples` samples) makes the factorization data-aware (whitened SVD;
     with param_budget or mac_budget, allocation by measured sensitivity); `heldout` (same kinds) is
-    what target_cosine / target_error are measured on.
+    what target_cosine / target_error are measured on. `input_shapes` ({input name: dims}, `--shape`) fixes
+    dynamic input dims for the cost model and for objective="latency", which times every candidate pair against
+    its original node (settings latency_budget, latency_provider, latency_threads, latency_table, latency_cache).
     """
     config = Settings(**settings)
     loaded = load(model)
@@ -71,7 +73,7 @@ def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = Fa
         raise OnnxlrError("{0} samples are only used with {1} data (target_cosine)", "heldout", "calibration")
     result = optimize_loaded(loaded, config, source=model, calibration=calibration,
                              calibration_samples=calibration_samples, heldout=heldout, progress=progress,
-                             dry_run=dry_run)
+                             dry_run=dry_run, input_shapes=input_shapes)
     return convert(loaded.model, loaded.kind), result.report.to_json()
 
 
@@ -203,16 +205,17 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     elif statistics:
         attach_statistics(groups, statistics)
     _check_data_needs(settings, runner, calibration_data)
-    # Per-layer policies plan each layer on its own, inside the streaming loop; whole-model budgets
-    # and calibration runs plan every layer first.
-    per_layer = runner is None and settings.budget is None
+    clock = _clock(model, settings, context, input_shapes, calibration_data)
+    # Per-layer policies plan each layer on its own, inside the streaming loop; whole-model budgets,
+    # calibration runs and latency planning (timing wants the cores to itself) plan every layer first.
+    per_layer = runner is None and settings.budget is None and clock is None
     calibration_report = None
     with lowrank.one_blas_thread():  # the same factors whatever --jobs and the core count
         if per_layer:
             plan.prepare_schemes(groups)
         else:
             calibration_report = plan_with_data(model, groups, settings, progress, runner, calibration_data,
-                                                pair_plans)
+                                                pair_plans, clock)
         rewrite.factorize_groups(model, groups, settings, progress, plan_here=per_layer, dry_run=dry_run, sink=sink)
     if calibration_report is not None and (pair_plans or not_pairs):
         calibration_report["pairs"] = coupled.summary(pair_plans, not_pairs)
@@ -230,7 +233,23 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
                            f"{totals_after['bytes']} bytes of weights); nothing was written")
     report = build_report(groups, skipped, settings.as_dict(), order, totals_before, totals_after, cost_report,
                           calibration_report)
+    if clock is not None:
+        report.latency = latency.plan_summary(groups, clock)
     return Factorization(report=report, costs_before=costs_before, costs_after=costs_after)
+
+
+def _clock(model: ir.Model, settings: Settings, context: Context, input_shapes: Mapping[str, Sequence[int]] | None,
+           data: datafit.CalibrationData | None) -> latency.Clock | None:
+    """--objective latency: the clock that times candidates at the shapes the model sees (--shape, else the first
+    calibration batch's)."""
+    if settings.objective != "latency":
+        return None
+    shapes = context.shapes
+    if not input_shapes and data is not None and data.batches:
+        shapes = infer_shapes(model, {name: array.shape for name, array in data.batches[0].items()
+                                      if name in {v.name for v in model.graph.inputs}})
+    return latency.Clock(shapes, settings.latency_provider, settings.latency_threads, settings.latency_table,
+                         settings.latency_cache)
 
 
 def _joint_candidates(model: ir.Model, groups: list[WeightGroup], settings: Settings,
@@ -265,11 +284,13 @@ def _check_data_needs(settings: Settings, runner: Any, data: datafit.Calibration
 
 def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Settings, progress: Progress,
                    runner: Any, data: datafit.CalibrationData | None,
-                   pair_plans: Sequence[coupled.PairPlan] = ()) -> dict[str, Any] | None:
-    """Plan ranks; with calibration, also measure sensitivity, search the budget, choose joint pairs and compensate."""
+                   pair_plans: Sequence[coupled.PairPlan] = (), clock: latency.Clock | None = None
+                   ) -> dict[str, Any] | None:
+    """Plan ranks; with calibration, also measure sensitivity, search the budget, choose joint pairs and compensate.
+    `clock`: plan by measured latency (onnxlr.latency)."""
     plan.prepare_schemes(groups)
     if runner is None:
-        plan.plan_ranks(groups, settings, progress)
+        plan.plan_ranks(groups, settings, progress, clock=clock)
         return None
     assert data is not None
     result: dict[str, Any] = {"samples": data.samples, "compensate": settings.compensate}
@@ -297,7 +318,7 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
             unit.reset()
         while True:
             restore(candidates)  # the pairs that declined keep their comparison for the report
-            plan.plan_ranks(groups, budget_settings, bars, candidates)
+            plan.plan_ranks(groups, budget_settings, bars, candidates, clock)
             bars = no_progress
             if not candidates:
                 return
@@ -322,7 +343,7 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
     elif settings.budget is not None:
         plan_budget(settings, progress)
     else:
-        plan.plan_ranks(groups, settings, progress)
+        plan.plan_ranks(groups, settings, progress, clock=clock)
         if pair_plans:
             coupled.choose(list(pair_plans), runner, data.batches, progress)
     if settings.compensate:

@@ -4,6 +4,9 @@ Per-layer policies (--rank-ratio, --rank, --energy, --param-ratio) plan each gro
 whole-model budgets (--param-budget, --mac-budget) allocate ranks across all groups greedily on
 retained energy per parameter (or MAC), weighted by measured sensitivity when calibration ran.
 A plan whose factor pair is not smaller and cheaper than the original stays dense (break-even).
+With --objective latency (a `clock`, onnxlr.latency) every candidate pair is timed against its original
+node: only pairs measured faster are planned, per-layer ranks round up to vector multiples when that is
+faster, and budgets allocate over each layer's faster ranks (a --latency-budget with measured time as cost).
 The planner asks each scheme what it costs and whether calibration can whiten it; it never asks
 which op a group came from.
 """
@@ -14,7 +17,7 @@ import heapq
 from collections.abc import Sequence
 from typing import Protocol
 
-from onnxlr import lowrank
+from onnxlr import latency, lowrank
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.passes import Scheme
@@ -41,9 +44,9 @@ class JointUnit(Protocol):
 
 
 def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress,
-               units: Sequence[JointUnit] = ()) -> None:
+               units: Sequence[JointUnit] = (), clock: latency.Clock | None = None) -> None:
     """Choose each group's scheme and rank (or leave it dense with a reason); with a budget, `units`
-    (coupled pairs) compete for it too, each setting its `keep`."""
+    (coupled pairs) compete for it too, each setting its `keep`. `clock`: plan by measured latency."""
     prepare_schemes(groups)
     active = [g for g in groups if not g.reason]
     if settings.budget is not None:
@@ -59,13 +62,25 @@ def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress
                 # target search feed their products many times.
                 held -= _vector_bytes(decomposition)
                 group.drop_vectors()
+        if clock is not None:
+            latency.prepare_ladders(active, lambda g: candidate_schemes(g, settings), settings.rank_multiple,
+                                    settings.budget[0], clock, progress)
+            active = [g for g in active if not g.reason or any(g in unit.groups for unit in units)]
         allocate_budget(active, settings, units)
         for group in active:
             if group.factorized:
                 apply_break_even(group, settings)
     else:
-        for group in progress(active, "SVD"):
-            plan_layer(group, settings)
+        unknown = []
+        for group in progress(active, "SVD" if clock is None else "SVD and timing"):
+            try:
+                plan_layer(group, settings, clock)
+            except latency.UnknownDims as exc:
+                unknown.append(f"{group.lead.name}: {exc}")
+                group.keep_dense("not_timed", f"not timed: {exc}")
+            except latency.NotTimed as exc:
+                group.keep_dense("not_timed", f"not timed: {exc}")
+        latency.check_timed(unknown, active)
 
 
 # Singular vectors that whole-model planning may keep for the rewrite; beyond, they are recomputed.
@@ -76,9 +91,9 @@ def _vector_bytes(decomposition: lowrank.Decomposition) -> int:
     return sum(v.nbytes for v in (decomposition.u, decomposition.vt) if v is not None)
 
 
-def plan_layer(group: WeightGroup, settings: Settings) -> None:
+def plan_layer(group: WeightGroup, settings: Settings, clock: latency.Clock | None = None) -> None:
     """A per-layer policy's scheme and final rank for one group (an SVD only where the policy needs a spectrum)."""
-    _plan_group(group, settings)
+    _plan_group(group, settings, clock)
     if group.factorized:
         apply_break_even(group, settings)
 
@@ -111,13 +126,16 @@ def policy_rank(group: WeightGroup, scheme: Scheme, settings: Settings) -> int:
     return lowrank.rank_for_param_ratio(settings.param_ratio, scheme.params_before, scheme.params_per_rank, full)
 
 
-def _plan_group(group: WeightGroup, settings: Settings) -> None:
-    """Rank by the policy on the reference scheme; several candidates: the fewest MACs at equal error."""
+def _plan_group(group: WeightGroup, settings: Settings, clock: latency.Clock | None = None) -> None:
+    """Rank by the policy on the reference scheme; several candidates: the fewest MACs at equal error
+    (with a clock: the fastest pair measured, each rank or its round-up to a vector multiple)."""
     candidates = candidate_schemes(group, settings)
     reference = candidates[0]
     rank = policy_rank(group, reference, settings)
     if len(candidates) == 1:
         group.scheme, group.rank = reference, rank
+        if clock is not None:
+            latency.choose_fastest(group, [(reference, rank)], settings.rank_multiple, clock, _fits(settings))
         return
     # "Same error": every scheme views the same kernel, so the Frobenius error of the kernel is
     # comparable; each other scheme gets the smallest rank that keeps at least the same energy.
@@ -129,6 +147,16 @@ def _plan_group(group: WeightGroup, settings: Settings) -> None:
             continue
         options.append((scheme.macs_after(scheme_rank), order, scheme, scheme_rank))
     _, _, group.scheme, group.rank = min(options, key=lambda o: (o[0], o[1]))
+    if clock is not None:
+        latency.choose_fastest(group, [(scheme, rank) for _, _, scheme, rank in options], settings.rank_multiple,
+                               clock, _fits(settings))
+
+
+def _fits(settings: Settings):
+    """Whether a rank rounded up for speed still keeps within --param-ratio (the other policies set no bound)."""
+    if settings.param_ratio is None:
+        return None
+    return lambda scheme, rank: scheme.params_after(rank) <= settings.param_ratio * scheme.params_before
 
 
 def apply_break_even(group: WeightGroup, settings: Settings) -> None:
@@ -158,17 +186,30 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
     """
     assert settings.budget is not None
     measure, fraction = settings.budget
-    flag = "--param-budget" if measure == "params" else "--mac-budget"
+    flag = {"params": "--param-budget", "macs": "--mac-budget", "latency": "--latency-budget"}[measure]
+    if measure == "latency" and any(g.ladder is None for g in groups):
+        raise OnnxlrError("{0} needs every layer timed first (--objective latency)", "latency_budget")
 
-    def before(scheme: Scheme) -> int:
-        return scheme.params_before if measure == "params" else scheme.macs_before
+    def before(group: WeightGroup) -> float:
+        if measure == "latency":
+            return group.timing.original_ms
+        return group.scheme.params_before if measure == "params" else group.scheme.macs_before
 
-    def after(scheme: Scheme, rank: int) -> int:
-        return scheme.params_after(rank) if measure == "params" else scheme.macs_after(rank)
+    def after(group: WeightGroup, rank: int) -> float:
+        if measure == "latency":
+            return group.timing.ms(group.scheme, rank)
+        return group.scheme.params_after(rank) if measure == "params" else group.scheme.macs_after(rank)
 
-    total_before = sum(before(g.scheme) for g in groups)
+    def unit_cost(unit: JointUnit, keep: int) -> float:
+        if measure != "latency":
+            return unit.cost(keep, measure)
+        # A pair only narrows dense layers (no new node): its time is taken to scale with its MACs.
+        original = sum(g.timing.original_ms if g.timing is not None else 0.0 for g in unit.groups)
+        return original * unit.cost(keep, "macs") / max(unit.cost(unit.width, "macs"), 1e-30)
+
+    total_before = sum(before(g) for g in groups)
     # A unit's cost counts its biases as its report rows do (an Add bias shrinks with the neurons too).
-    total_before += sum(unit.cost(unit.width, measure) - sum(before(g.scheme) for g in unit.groups) for unit in units)
+    total_before += sum(unit_cost(unit, unit.width) - sum(before(g) for g in unit.groups) for unit in units)
     budget = fraction * total_before
     in_units = {id(g) for unit in units for g in unit.groups}
     groups = [g for g in groups if id(g) not in in_units]
@@ -176,17 +217,22 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
     spent = 0.0
     state: dict[int, int] = {}  # group index -> rank (0 means dense); len(groups) + i -> unit i's neurons
     for index, group in enumerate(groups):
-        rank = min(step, group.scheme.full_rank)
-        # A layer with no gaining rank at all (a 64x1 weight: rank 1 keeps 65 of 64) can only stay dense.
-        state[index] = rank if group.scheme.gains(rank) else 0
-        spent += after(group.scheme, rank) if state[index] else before(group.scheme)
+        if group.ladder is not None:  # measured: only its faster ranks
+            rank = group.ladder[0] if group.ladder else 0
+        else:
+            rank = min(step, group.scheme.full_rank)
+            # A layer with no gaining rank at all (a 64x1 weight: rank 1 keeps 65 of 64) can only stay dense.
+            rank = rank if group.scheme.gains(rank) else 0
+        state[index] = rank
+        spent += after(group, rank) if rank else before(group)
     for offset, unit in enumerate(units):
         state[len(groups) + offset] = min(step, unit.width)
-        spent += unit.cost(state[len(groups) + offset], measure)
+        spent += unit_cost(unit, state[len(groups) + offset])
     if spent > budget:
+        smallest = "the lowest rank measured faster" if any(g.ladder is not None for g in groups) else f"rank {step}"
         raise OnnxlrError(
-            f"{{0}} {fraction} is too small: rank {step} in every layer that can be "
-            f"factorized already keeps {spent / max(total_before, 1):.3f} of the {measure}", settings.budget_setting
+            f"{{0}} {fraction} is too small: {smallest} in every layer that can be "
+            f"factorized already keeps {spent / max(total_before, 1e-30):.3f} of the {measure}", settings.budget_setting
         )
     heap: list[tuple[float, int, int, float]] = []  # (-value per param, index, new rank, cost)
 
@@ -197,12 +243,16 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         scheme = group.scheme
         decomposition = group.decomposition(scheme)
         current_loss = 1.0 - decomposition.retained_energy(rank)
-        new_rank = min(rank + step, scheme.full_rank)
+        if group.ladder is not None:
+            position = group.ladder.index(rank) + 1
+            new_rank = group.ladder[position] if position < len(group.ladder) else rank
+        else:
+            new_rank = min(rank + step, scheme.full_rank)
         if new_rank == rank or not scheme.gains(new_rank):
-            new_rank, gain, cost = 0, current_loss, before(scheme) - after(scheme, rank)
+            new_rank, gain, cost = 0, current_loss, before(group) - after(group, rank)
         else:
             gain = decomposition.retained_energy(new_rank) - decomposition.retained_energy(rank)
-            cost = after(scheme, new_rank) - after(scheme, rank)
+            cost = after(group, new_rank) - after(group, rank)
         if group.sensitivity is not None:  # measured: energy counts by how much it moves the outputs
             gain *= group.sensitivity
         if cost <= 0 or gain <= 0:
@@ -212,7 +262,7 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
     def push_unit(index: int) -> None:
         unit, keep = units[index - len(groups)], state[index]
         new_keep = min(keep + step, unit.width)
-        gain, cost = unit.loss(keep) - unit.loss(new_keep), unit.cost(new_keep, measure) - unit.cost(keep, measure)
+        gain, cost = unit.loss(keep) - unit.loss(new_keep), unit_cost(unit, new_keep) - unit_cost(unit, keep)
         if new_keep > keep and cost > 0 and gain > 0:
             heapq.heappush(heap, (-gain / cost, index, new_keep, cost))
 
@@ -230,7 +280,10 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         if new_rank:
             push(index)
     for index, group in enumerate(groups):
-        if state[index] == 0:
+        if state[index] == 0 and group.ladder == []:
+            group.keep_dense("not_faster", f"no factor pair measured {latency.MARGIN:.0%} faster than the original "
+                                           f"({group.timing.original_ms:.3f} ms)")
+        elif state[index] == 0:
             group.keep_dense("kept_dense_by_budget", f"kept dense by the {flag} allocation")
         else:
             group.rank = state[index]

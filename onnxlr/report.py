@@ -81,6 +81,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             metric = next(key for key in final if key not in ("goal", "met"))
             lines.append(f"after quantization: held-out {metric} {final[metric]:.4f} "
                          f"({'meets' if final['met'] else 'misses'} {final['goal']:g})")
+    plan = report.get("latency")
+    if plan:
+        lines.append(f"latency plan ({plan['source']}, {plan['provider']}, {plan['threads']} thread(s)): the "
+                     f"{plan['timed_layers']} timed layers {plan['targets_ms']:.3f} -> {plan['planned_ms']:.3f} ms "
+                     f"in isolation ({plan['planned_saving']:.1%} saved); {plan['timed_models']} models timed in "
+                     f"{plan['timing_s']:.1f} s, {plan['reused_entries']} times reused")
     cost = report.get("cost", {})
     if "after" in cost:
         before, after = cost["before"], cost["after"]
@@ -211,6 +217,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     if stage:
         lines.append(f"| bytes after --quantize {stage['mode']} | {human(totals['bytes_before'])}B | "
                      f"{human(stage['bytes_after'])}B | {_ratio(stage['bytes_after'], totals['bytes_before'])} |")
+    plan = report.get("latency")
+    if plan:
+        lines.append(f"latency plan ({plan['source']}, {plan['provider']}, {plan['threads']} thread(s)): the "
+                     f"{plan['timed_layers']} timed layers {plan['targets_ms']:.3f} -> {plan['planned_ms']:.3f} ms "
+                     f"in isolation ({plan['planned_saving']:.1%} saved); {plan['timed_models']} models timed in "
+                     f"{plan['timing_s']:.1f} s, {plan['reused_entries']} times reused")
     cost = report.get("cost", {})
     if "after" in cost:
         lines.append(f"| model FLOPs | {human(cost['before']['flops'])} | {human(cost['after']['flops'])} | "

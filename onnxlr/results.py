@@ -45,6 +45,9 @@ class LayerRow:
     carried_by: str | None = None  # the row that counts the shared weight's parameters (None: this one)
     partner: str | None = None  # method "joint": the other layer of the coupled pair
     pair_kind: str | None = None  # method "joint": mlp, gated, conv, attention-vo or attention-qk
+    # --objective latency: the node's measured time and its pair's at the planned rank (ms, in isolation)
+    original_ms: float | None = None
+    pair_ms: float | None = None
 
     @classmethod
     def of_joint(cls, group: WeightGroup) -> LayerRow:
@@ -110,6 +113,8 @@ class LayerRow:
             macs_after=own.macs_after(rank) if (own and rank) else macs_before,
             shared_with=[t.name for t in group.targets if t is not target],
             carried_by=None if carries else group.targets[carrier].name,
+            original_ms=group.timing.original_ms if group.timing is not None and carries else None,
+            pair_ms=group.timing.ms(group.scheme, rank) if group.timing is not None and carries and rank else None,
         )
 
     @classmethod
@@ -135,6 +140,7 @@ class Report:
     verification: Any = None  # onnxlr.verify.VerificationResult
     targets: dict[str, Any] | None = None  # edge estimates (onnxlr.edge.before_after)
     quantization: dict[str, Any] | None = None  # --quantize: the mode and the bytes of each stage
+    latency: dict[str, Any] | None = None  # --objective latency: the measured plan (onnxlr.latency.plan_summary)
     onnxlr_version: str = __version__
 
     @property
@@ -146,7 +152,7 @@ class Report:
                                 "totals": self.totals, "layers": [layer.to_json() for layer in self.layers],
                                 "cost": self.cost}
         optional = {"calibration": self.calibration, "input": self.input, "output": self.output,
-                    "targets": self.targets, "quantization": self.quantization,
+                    "targets": self.targets, "quantization": self.quantization, "latency": self.latency,
                     "verification": self.verification.to_json() if self.verification is not None else None}
         data.update({key: value for key, value in optional.items() if value is not None})
         return data

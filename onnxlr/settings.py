@@ -28,7 +28,12 @@ POLICIES = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_
 
 # Settings added after the first release, with their defaults: left out of recorded() (the settings
 # recorded in the written model) while at the default.
-LATER_DEFAULTS = {"inputs_as_constants": False, "methods": None, "quantize": None}
+LATER_DEFAULTS = {"inputs_as_constants": False, "methods": None, "quantize": None, "objective": "size",
+                  "latency_budget": None, "latency_provider": "cpu", "latency_threads": 1, "latency_table": None,
+                  "latency_cache": True}
+# What planning minimizes for the rank policy: "size" (parameters and MACs) or "latency" (every candidate pair
+# timed against its original node with onnxruntime; only pairs measured faster are planned: onnxlr.latency).
+OBJECTIVES = ("size", "latency")
 # How weights may be compressed: "svd" (each weight its own factor pair) and "joint" (a coupled MLP pair
 # keeps k of its D inner neurons and refits the second layer on calibration data; onnxlr.coupled).
 METHODS = ("svd", "joint")
@@ -82,6 +87,12 @@ class Settings:
     compensate: bool = False
     methods: tuple[str, ...] | None = None  # None: svd,joint with calibration data, svd without
     quantize: str | None = None  # one of QUANTIZE_MODES: onnxruntime's quantizer after the rewrite
+    objective: str = "size"  # one of OBJECTIVES; latency_budget and latency_table imply "latency"
+    latency_budget: float | None = None  # rank policy: keep <= this fraction of the targets' measured time
+    latency_provider: str = "cpu"  # where --objective latency times candidates (onnxlr.runtime.PROVIDERS)
+    latency_threads: int = 1  # onnxruntime intra-op threads of the timing sessions (0: onnxruntime's default)
+    latency_table: str | None = None  # plan with an exported table (bench --export-latency-table), time nothing
+    latency_cache: bool = True  # read and extend the user's cache of measured times
     svd: str = "auto"
     device: str = "cpu"
     jobs: int | None = None  # None: one per available core (up to MAX_DEFAULT_JOBS); never changes the output
@@ -95,8 +106,10 @@ class Settings:
                               + ", ".join(f"{{{i}}}" for i in range(len(policies))), *policies)
         if not policies:
             object.__setattr__(self, "rank_ratio", DEFAULT_RANK_RATIO)
-        for name in ("rank_ratio", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine"):
+        for name in ("rank_ratio", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine",
+                     "latency_budget"):
             _check_fraction(name, getattr(self, name))
+        self._check_latency()
         if self.target_error is not None and (isinstance(self.target_error, bool)
                                               or not isinstance(self.target_error, (int, float))
                                               or not math.isfinite(self.target_error) or self.target_error <= 0):
@@ -130,6 +143,21 @@ class Settings:
             raise OnnxlrError(f"{{0}} must be a positive integer, got {self.jobs!r}", "jobs")
         lowrank.check_device(self.solver.device)  # validates svd and device first
 
+    def _check_latency(self) -> None:
+        from onnxlr.runtime import PROVIDERS
+
+        if self.objective not in OBJECTIVES:
+            raise OnnxlrError(f"{{0}} must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}", "objective")
+        if self.latency_budget is not None or self.latency_table is not None:
+            object.__setattr__(self, "objective", "latency")
+        if self.latency_provider not in PROVIDERS:
+            raise OnnxlrError(f"{{0}} must be one of {', '.join(PROVIDERS)}; got {self.latency_provider!r}",
+                              "latency_provider")
+        if isinstance(self.latency_threads, bool) or not isinstance(self.latency_threads, int) or self.latency_threads < 0:
+            raise OnnxlrError(f"{{0}} must be a non-negative integer, got {self.latency_threads!r}", "latency_threads")
+        if not isinstance(self.latency_cache, bool):
+            raise OnnxlrError(f"{{0}} must be True or False, got {self.latency_cache!r}", "latency_cache")
+
     @property
     def solver(self) -> lowrank.Solver:
         return lowrank.Solver(svd=self.svd, device=self.device)
@@ -139,17 +167,20 @@ class Settings:
 
     @property
     def budget(self) -> tuple[str, float] | None:
-        """The whole-model budget, ("params" or "macs", fraction kept), when one is the policy."""
+        """The whole-model budget, ("params", "macs" or "latency", fraction kept), when one is the policy."""
         if self.param_budget is not None:
             return "params", self.param_budget
         if self.mac_budget is not None:
             return "macs", self.mac_budget
+        if self.latency_budget is not None:
+            return "latency", self.latency_budget
         return None
 
     @property
     def budget_setting(self) -> str:
-        """The name of the budget setting in force (param_budget or mac_budget)."""
-        return "param_budget" if self.param_budget is not None else "mac_budget"
+        """The name of the budget setting in force (param_budget, mac_budget or latency_budget)."""
+        return {"params": "param_budget", "macs": "mac_budget", "latency": "latency_budget"}[
+            self.budget[0] if self.budget else "params"]
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting (the report's `settings`)."""

@@ -60,6 +60,9 @@ REASON_CODES = {
                     "net: the planner should not have chosen it)",
     "kept_dense_by_budget": "the whole-model budget allocation left the layer dense",
     "target_not_reached": "no budget reaches the --target-cosine/--target-error goal",
+    "not_faster": "--objective latency: no factor pair of the layer measured faster than the original node",
+    "not_timed": "--objective latency: the layer could not be timed (a non-float input, dynamic dims, or not in "
+                 "--latency-table)",
 }
 
 
