@@ -153,7 +153,10 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     if output_path is None and not dry_run:
         raise OnnxlrError("missing OUTPUT: give an output path, or --dry-run to only plan")
     options["latency_cache"] = not options.pop("no_latency_cache")
-    options["latency_provider"] = (split_list(verify_options["providers"]) or ["cpu"])[0].lower()
+    if options["objective"] == "latency" or options["latency_budget"] or options["latency_table"]:
+        from onnxlr.runtime import parse_providers
+
+        options["latency_provider"] = parse_providers(split_list(verify_options["providers"]))[0]
     config = Settings(ops=split_ops(ops), **options)
     loaded = io.load(input_path)
     input_shapes = parse_shape_overrides(verify_options["shapes"])

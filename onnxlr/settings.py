@@ -24,7 +24,7 @@ ALL_OPS = tuple(RULES)
 OPT_IN_OPS = ("Gather",)
 MAX_DEFAULT_JOBS = 8
 POLICIES = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine",
-            "target_error")
+            "target_error", "latency_budget")
 
 # Settings added after the first release, with their defaults: left out of recorded() (the settings
 # recorded in the written model) while at the default.

@@ -23,6 +23,7 @@ import onnxlr
 from onnxlr import lowrank
 from onnxlr.errors import OnnxlrError
 from onnxlr.save import DATA_ALIGNMENT
+from onnxlr.settings import LATER_DEFAULTS
 
 
 def known_spectrum(m: int, n: int, s: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -227,8 +228,7 @@ def test_api_keeps_settings_names_and_reports_the_solver(scale_model):
     _, exact_report = onnxlr.optimize(scale_model, rank_ratio=0.25, svd="exact")
     assert {layer["svd"] for layer in exact_report["layers"]} == {"exact"}
     # The model records every setting but --jobs (and settings added later, while at their default).
-    recorded = {k: v for k, v in report["settings"].items()
-                if k not in ("jobs", "inputs_as_constants", "methods", "quantize")}
+    recorded = {k: v for k, v in report["settings"].items() if k != "jobs" and k not in LATER_DEFAULTS}
     assert recorded["ops"] == ["MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN"]
     recorded["ops"] = ["MatMul", "Gemm", "Conv"]  # the default ops, recorded without those added later
     assert model.metadata_props["onnxlr.settings"] == json.dumps(recorded, sort_keys=True)

@@ -1,0 +1,313 @@
+"""--objective latency: candidates timed as micro-models, the planner keeping only pairs measured faster.
+
+Planning decisions are tested with latency tables whose times are set by the test (the format `onnxlr bench
+--export-latency-table` writes, with the keys it wrote): a plan must follow the times it is given, whatever this
+machine's noise. Real timing is tested for what it must do whatever the times are: the micro-models run, the
+cache is reused, the report's figures agree with the plan.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graphs import onnxlr_cli, parse_text
+from onnxlr.passes import Context
+
+import onnxlr
+from onnxlr import latency
+from onnxlr.errors import OnnxlrError
+from onnxlr.settings import Settings
+from onnxlr.shapes import default_opset, infer_shapes
+from onnxlr.targets import find_targets
+
+ROWS = 64
+BATCH = {"x0": (32, ROWS), "x1": (32, ROWS), "x2": (32, ROWS)}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Every test times into its own cache folder: nothing leaks between tests or into ~/.cache."""
+    monkeypatch.setenv("ONNXLR_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def matmuls(count: int = 3, seed: int = 0) -> ir.Model:
+    """layer{i}: y{i} = MatMul(x{i}, W{i}), x{i} (N, 64) with a dynamic N, W{i} 64x64 with a decaying spectrum."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for i in range(count):
+        u, _ = np.linalg.qr(rng.standard_normal((ROWS, ROWS)))
+        v, _ = np.linalg.qr(rng.standard_normal((ROWS, ROWS)))
+        weights[f"W{i}"] = ((u * 0.9 ** np.arange(ROWS)) @ v.T).astype(np.float32)
+    inputs = ", ".join(f"float[N,{ROWS}] x{i}" for i in range(count))
+    outputs = ", ".join(f"float[N,{ROWS}] y{i}" for i in range(count))
+    body = "\n".join(f"    [layer{i}] y{i} = MatMul(x{i}, W{i})" for i in range(count))
+    return parse_text(f'<ir_version: 10, opset_import: ["" : 17]>\ng ({inputs}) => ({outputs}) {{\n{body}\n}}',
+                      **weights)
+
+
+def crafted_table(model: ir.Model, path, pair_time, shapes=BATCH) -> dict:
+    """Export the model's table (real keys), then set every time: originals 1 ms, each pair pair_time(rank) ms.
+    (The layers have the same shapes, so they share their keys and the crafted times.)"""
+    latency.export_table(model, shapes, path)
+    table = json.loads(path.read_text())
+    for key in table["entries"]:
+        table["entries"][key] = 1.0 if key.endswith("|original") else pair_time(int(key.rsplit("|r", 1)[1]))
+    path.write_text(json.dumps(table))
+    return table
+
+
+def planned(model: ir.Model, **settings) -> dict:
+    _, report = onnxlr.optimize(model, input_shapes=BATCH, **settings)
+    return report
+
+
+def rows(report: dict) -> dict[str, dict]:
+    return {row["name"]: row for row in report["layers"]}
+
+
+# ----------------------------------------------------------------------------- ranks and ladders
+
+
+def test_ladders_are_vector_multiples_below_break_even():
+    groups = _groups(matmuls(1))
+    (scheme,) = groups[0].schemes
+    assert scheme.break_even_rank == 32
+    assert latency.ladder_ranks(scheme) == [8, 16, 24]
+    assert latency.ladder_ranks(scheme, rank_multiple=16) == [16]
+    assert latency.table_ranks(scheme) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 24]
+    assert latency.rounded_ranks(13, scheme) == [13, 16]  # 32 is break-even: not a candidate
+    assert latency.rounded_ranks(40, scheme) == []
+
+
+def _groups(model: ir.Model):
+    context = Context(shapes=infer_shapes(model), opset=default_opset(model))
+    found = find_targets(model, Settings(), context)
+    for group in found.groups:
+        group.prepare_schemes()
+    return found.groups
+
+
+# ----------------------------------------------------------------------------- plans follow the times
+
+
+def test_a_pair_slower_than_its_original_is_never_planned(tmp_path):
+    model = matmuls(1)
+    crafted_table(model, tmp_path / "slow.json", lambda rank: 1.2)
+    report = planned(model, rank_ratio=0.25, latency_table=str(tmp_path / "slow.json"))
+    row = rows(report)["layer0"]
+    assert row["status"] == "skipped" and row["reason_code"] == "not_faster"
+    assert report["latency"]["timed_models"] == 0 and report["latency"]["source"].startswith("table")
+    # Barely faster (within the 5% margin) is not faster either.
+    crafted_table(model, tmp_path / "close.json", lambda rank: 0.97)
+    assert rows(planned(model, rank_ratio=0.25, latency_table=str(tmp_path / "close.json")))["layer0"][
+        "reason_code"] == "not_faster"
+
+
+@pytest.mark.parametrize(("rounded_ms", "expected"), [(0.5, 16), (0.9, 13)])
+def test_a_per_layer_rank_rounds_up_only_when_that_is_faster(tmp_path, rounded_ms, expected):
+    model = matmuls(1)
+    # --rank-ratio 0.2 gives rank 13; the table has no rank 13 (not a multiple of 8): time it here.
+    table = crafted_table(model, tmp_path / "t.json", lambda rank: rounded_ms if rank == 16 else 0.8)
+    key16 = next(k for k in table["entries"] if k.endswith("|r16"))
+    table["entries"][key16.replace("|r16", "|r13")] = 0.7
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    row = rows(planned(model, rank_ratio=0.2, latency_table=str(tmp_path / "t.json")))["layer0"]
+    assert row["status"] == "factorized" and row["rank"] == expected
+    assert row["pair_ms"] == pytest.approx(min(rounded_ms, 0.7)) and row["original_ms"] == 1.0
+
+
+def test_a_param_budget_allocates_only_ranks_measured_faster(tmp_path):
+    model = matmuls(3)
+    crafted_table(model, tmp_path / "t.json", lambda rank: 0.5 if rank <= 8 else 1.5)
+    report = planned(model, param_budget=0.9, latency_table=str(tmp_path / "t.json"))
+    factorized = [row for row in report["layers"] if row["status"] == "factorized"]
+    assert factorized and all(row["rank"] == 8 for row in factorized)  # 16 and 24 would fit the budget, but are slower
+    assert report["totals"]["params_after"] <= 0.9 * report["totals"]["params_before"]
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.7, 0.9])
+def test_a_latency_budget_keeps_the_measured_time_within_it(tmp_path, budget):
+    model = matmuls(3)
+    # Time grows with the rank; rank 24 is no faster than 16 (dropped from the ladder: 16 gives more for less).
+    times = {8: 0.3, 16: 0.45, 24: 0.5}
+    crafted_table(model, tmp_path / "t.json", lambda rank: times.get(rank, 0.25))
+    report = planned(model, latency_budget=budget, latency_table=str(tmp_path / "t.json"))
+    plan = report["latency"]
+    assert report["settings"]["objective"] == "latency"
+    assert plan["planned_ms"] <= budget * plan["targets_ms"] + 1e-9
+    used = sum(row["pair_ms"] if row["status"] == "factorized" else row["original_ms"] for row in report["layers"])
+    assert used == pytest.approx(plan["planned_ms"])
+    assert all(row["rank"] in (8, 16, 24) for row in report["layers"] if row["status"] == "factorized")
+
+
+def test_a_larger_latency_budget_keeps_more(tmp_path):
+    model = matmuls(3)
+    crafted_table(model, tmp_path / "t.json", lambda rank: 0.2 + rank / 40)
+    kept = []
+    for budget in (0.4, 0.6, 0.8):
+        report = planned(model, latency_budget=budget, latency_table=str(tmp_path / "t.json"))
+        kept.append(report["totals"]["params_after"])
+    assert kept == sorted(kept) and kept[0] < kept[-1]
+
+
+def test_a_latency_budget_below_the_fastest_plan_is_refused(tmp_path):
+    model = matmuls(2)
+    crafted_table(model, tmp_path / "t.json", lambda rank: 0.6)
+    with pytest.raises(OnnxlrError, match="latency_budget 0.3 is too small: the lowest rank measured faster"):
+        planned(model, latency_budget=0.3, latency_table=str(tmp_path / "t.json"))
+
+
+def test_a_layer_missing_from_the_table_stays_dense(tmp_path):
+    model = matmuls(1)
+    table = crafted_table(model, tmp_path / "t.json", lambda rank: 0.5)
+    table["entries"] = {}
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    row = rows(planned(model, rank_ratio=0.25, latency_table=str(tmp_path / "t.json")))["layer0"]
+    assert row["reason_code"] == "not_timed" and "not in the latency table" in row["reason"]
+
+
+# ----------------------------------------------------------------------------- real timing
+
+
+def test_every_planned_pair_was_measured_faster_and_the_totals_add_up():
+    report = planned(matmuls(3), rank_ratio=0.25, objective="latency")
+    plan = report["latency"]
+    assert plan["source"] == "measured" and plan["timed_models"] > 0 and plan["timing_s"] > 0
+    for row in report["layers"]:
+        assert row["original_ms"] > 0
+        if row["status"] == "factorized":
+            assert row["pair_ms"] * (1 + latency.MARGIN) <= row["original_ms"]
+        else:
+            assert row["reason_code"] == "not_faster" and row["pair_ms"] is None
+    saving = sum(row["original_ms"] - row["pair_ms"] for row in report["layers"] if row["status"] == "factorized")
+    assert plan["planned_saving_ms"] == pytest.approx(saving, abs=1e-3)
+
+
+def test_measurements_are_cached_per_device_and_reused(tmp_path):
+    model = matmuls(2)
+    first = planned(model, rank_ratio=0.25, objective="latency")["latency"]
+    assert first["timed_models"] > 0 and first["cache"] is not None
+    cached = json.loads(open(first["cache"]).read())
+    assert cached["context"]["provider"] == "cpu" and cached["context"]["threads"] == 1 and cached["entries"]
+    again = planned(model, rank_ratio=0.25, objective="latency")["latency"]
+    assert again["timed_models"] == 0 and again["reused_entries"] > 0
+    # Another thread count is another device context: timed anew.
+    assert planned(model, rank_ratio=0.25, objective="latency", latency_threads=2)["latency"]["timed_models"] > 0
+    fresh = planned(model, rank_ratio=0.25, objective="latency", latency_cache=False)["latency"]
+    assert fresh["timed_models"] > 0 and fresh["cache"] is None
+
+
+CONV_CASES = [
+    dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    dict(kernel_shape=[3, 3], strides=[2, 2], dilations=[1, 1]),
+    dict(kernel_shape=[3, 1], pads=[1, 0, 1, 0], dilations=[2, 1]),
+    dict(kernel_shape=[3, 3], group=2, auto_pad="SAME_UPPER"),
+]
+
+
+@pytest.mark.parametrize("attributes", CONV_CASES)
+def test_conv_micro_models_run_every_view(attributes):
+    """The original micro-model computes what the node computes; every view's pair runs and keeps the output shape."""
+    rng = np.random.default_rng(0)
+    group = attributes.get("group", 1)
+    kh, kw = attributes["kernel_shape"]
+    weight = rng.standard_normal((16, 8 // group, kh, kw)).astype(np.float32)
+    bias = rng.standard_normal(16).astype(np.float32)
+    node = onnx.helper.make_node("Conv", ["x", "W", "B"], ["y"], name="conv", **attributes)
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", 1, ["N", 8, 10, 10])],
+                                   [onnx.helper.make_tensor_value_info("y", 1, None)],
+                                   [onnx.numpy_helper.from_array(weight, "W"), onnx.numpy_helper.from_array(bias, "B")])
+    model = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    shapes = infer_shapes(model, {"x": (2, 8, 10, 10)})
+    (group_,) = _groups_at(model, shapes)
+    target = group_.lead
+    import onnxruntime as ort
+
+    original, feeds = latency.original_model(target, shapes)
+    whole = ort.InferenceSession(ir.to_proto(model).SerializeToString()).run(None, {"x": feeds["x"]})[0]
+    micro = ort.InferenceSession(original).run(None, feeds)[0]
+    np.testing.assert_allclose(micro, whole, rtol=1e-5, atol=1e-5)
+    for scheme in group_.schemes:
+        for rank in latency.table_ranks(scheme)[:3]:
+            pair, pair_feeds = latency.pair_model(target, scheme, rank, shapes)
+            assert ort.InferenceSession(pair).run(None, pair_feeds)[0].shape == whole.shape
+
+
+def _groups_at(model: ir.Model, shapes):
+    found = find_targets(model, Settings(), Context(shapes=shapes, opset=default_opset(model)))
+    for group in found.groups:
+        group.prepare_schemes()
+    return found.groups
+
+
+# ----------------------------------------------------------------------------- settings, CLI, tables
+
+
+def test_settings_for_latency():
+    assert Settings(latency_budget=0.5).objective == "latency"
+    assert Settings(latency_budget=0.5).budget == ("latency", 0.5)
+    with pytest.raises(OnnxlrError, match="objective"):
+        Settings(objective="speed")
+    with pytest.raises(OnnxlrError, match="choose one rank policy"):
+        Settings(latency_budget=0.5, param_budget=0.5)
+    with pytest.raises(OnnxlrError, match="latency_provider"):
+        Settings(objective="latency", latency_provider="tpu")
+    # Later settings at their defaults are not recorded: a size run writes the same bytes as before.
+    assert "objective" not in Settings().recorded() and Settings(objective="latency").recorded()["objective"]
+
+
+def test_dynamic_dims_without_shapes_say_what_to_pass(tmp_path):
+    source = tmp_path / "m.onnx"
+    onnx.save(ir.to_proto(matmuls(1)), source)
+    result = onnxlr_cli("optimize", str(source), str(tmp_path / "out.onnx"), "--objective", "latency")
+    assert result.returncode == 2, result.stderr
+    assert "--shape NAME:DIMS" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_file_that_is_no_latency_table_is_refused(tmp_path):
+    source = tmp_path / "m.onnx"
+    onnx.save(ir.to_proto(matmuls(1)), source)
+    (tmp_path / "t.json").write_text('{"entries": 3}')
+    result = onnxlr_cli("optimize", str(source), str(tmp_path / "out.onnx"), "--latency-table",
+                        str(tmp_path / "t.json"), "--shape", "x0:32x64")
+    assert result.returncode == 2 and "not an onnxlr latency table" in result.stderr
+
+
+def test_the_table_round_trip_through_the_cli(tmp_path):
+    """bench --export-latency-table on one machine, optimize --latency-table on another: nothing timed there."""
+    source = tmp_path / "m.onnx"
+    onnx.save(ir.to_proto(matmuls(2)), source)
+    exported = onnxlr_cli("bench", str(source), "--shape", "x0:32x64", "--shape", "x1:32x64", "--runs", "2",
+                          "--export-latency-table", str(tmp_path / "device.json"), "--json", str(tmp_path / "b.json"))
+    assert exported.returncode == 0, exported.stderr
+    table = json.loads((tmp_path / "device.json").read_text())
+    assert table["format"] == latency.TABLE_FORMAT and table["context"]["provider"] == "cpu"
+    assert json.loads((tmp_path / "b.json").read_text())["latency_table"]["layers"] == 2
+    result = onnxlr_cli("optimize", str(source), str(tmp_path / "out.onnx"), "--param-budget", "0.6",
+                        "--latency-table", str(tmp_path / "device.json"), "--shape", "x0:32x64", "--shape",
+                        "x1:32x64", "--report", str(tmp_path / "r.json"), "--no-gate")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["latency"]["timed_models"] == 0 and "latency plan (table" in result.stdout
+    for row in report["layers"]:
+        if row["status"] == "factorized":
+            assert row["pair_ms"] * (1 + latency.MARGIN) <= row["original_ms"]
+
+
+def test_bench_profile_pairs_layers_whichever_model_is_rewritten(tmp_path):
+    source = tmp_path / "m.onnx"
+    onnx.save(ir.to_proto(matmuls(2)), source)
+    rewritten, _ = onnxlr.optimize(str(source), rank_ratio=0.25)
+    ir.save(rewritten, tmp_path / "lr.onnx")
+    for first, second in ((source, tmp_path / "lr.onnx"), (tmp_path / "lr.onnx", source)):
+        result = onnxlr_cli("bench", str(first), "--compare", str(second), "--profile", "--runs", "2",
+                            "--shape", "x0:32x64", "--shape", "x1:32x64", "--json", str(tmp_path / "p.json"))
+        assert result.returncode == 0, result.stderr
+        layers = json.loads((tmp_path / "p.json").read_text())["providers"]["cpu"]["profile"]["layers"]
+        assert sorted(layer["name"] for layer in layers) == ["layer0", "layer1"]
+        assert all(layer["original_us"] and layer["pair_us"] for layer in layers)
