@@ -99,7 +99,8 @@ def _name(model: Any) -> str:
 def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarray], provider: str = "cpu",
                    threads: int = 1, runs: int = 20) -> dict[str, Any]:
     """Per factorized layer: the original node's kernel time against its pair's (onnxruntime profiler), whichever
-    of the two models is the rewritten one.
+    of the two models is the rewritten one; a layer narrowed with its coupled partner (joint compression, no new
+    node) is timed against itself in the original (`kind` "joint").
 
     Profiling runs separately from the timed runs (the profiler adds overhead) and at the "basic"
     optimization level, where onnxruntime keeps node names (the NCHWc and fusion passes of higher
@@ -107,19 +108,37 @@ def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarra
     """
     reference_times = _profile(reference, feeds, provider, threads, runs)
     candidate_times = _profile(candidate, feeds, provider, threads, runs)
-    if not _has_pairs(candidate_times) and _has_pairs(reference_times):  # MODEL is the rewritten one
-        reference_times, candidate_times = candidate_times, reference_times
+    joint = joint_layers(candidate)
+    if not _has_pairs(candidate_times) and not joint and (_has_pairs(reference_times) or joint_layers(reference)):
+        reference_times, candidate_times = candidate_times, reference_times  # MODEL is the rewritten one
+        joint = joint_layers(reference)
     layers = []
     for name in sorted({n[: -len("_lr1")] for n in candidate_times if n.endswith("_lr1")}):
         original = reference_times.get(name)
         pair = [candidate_times.get(f"{name}_lr1"), candidate_times.get(f"{name}_lr2")]
         pair_us = sum(pair) if all(t is not None for t in pair) else None
-        layers.append({
-            "name": name, "original_us": original, "pair_us": pair_us,
-            "speedup": original / pair_us if original and pair_us else None,
-        })
+        layers.append({"name": name, "kind": "pair", "original_us": original, "pair_us": pair_us,
+                       "speedup": original / pair_us if original and pair_us else None})
+    for name in sorted(joint):
+        original, narrowed = reference_times.get(name), candidate_times.get(name)
+        layers.append({"name": name, "kind": "joint", "original_us": original, "pair_us": narrowed,
+                       "speedup": original / narrowed if original and narrowed else None})
     return {"optimization_level": "basic", "runs": runs, "layers": layers,
             "total_us": {"reference": sum(reference_times.values()), "candidate": sum(candidate_times.values())}}
+
+
+def joint_layers(model: Any) -> list[str]:
+    """The layers onnxlr narrowed jointly with a coupled partner (metadata `onnxlr.joint` of a written model)."""
+    import json
+
+    import onnx
+
+    try:
+        proto = onnx.load(model, load_external_data=False) if not isinstance(model, bytes) else onnx.load_from_string(model)
+    except Exception:  # not readable as a model here: onnxruntime has read it already, so no joint layers named
+        return []
+    recorded = next((p.value for p in proto.metadata_props if p.key == "onnxlr.joint"), None)
+    return sorted(json.loads(recorded)) if recorded else []
 
 
 def _has_pairs(times: Mapping[str, float]) -> bool:

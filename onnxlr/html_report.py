@@ -195,6 +195,12 @@ def _summary(report: dict[str, Any]) -> str:
     unknown = ("<p class='muted'>Some dimensions were unknown to shape inference and counted as 1: MACs and FLOPs "
                "are per unit of those dimensions (give --shape to fix them).</p>"
                if cost.get("before", {}).get("unknown_dims") else "")
+    plan = report.get("latency")
+    if plan:  # --objective latency: what the measured plan saves, in isolation
+        unknown += (f"<p>Latency plan ({esc(plan['source'])}, {esc(str(plan['provider']))}, {plan['threads']} "
+                    f"thread(s)): the {plan['timed_layers']} timed layers take {plan['targets_ms']:.3f} ms, planned "
+                    f"{plan['planned_ms']:.3f} ms measured in isolation ({plan['planned_saving']:.1%} saved); "
+                    f"{plan['timed_models']} micro-models timed in {plan['timing_s']:.1f} s.</p>")
     stats = "".join([
         stat("layers factorized", f"{totals['factorized']} of {totals['factorized'] + totals['skipped']}"),
         stat("parameters kept", _ratio(totals.get("params_after"), totals.get("params_before"))),

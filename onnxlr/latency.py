@@ -36,7 +36,7 @@ VECTOR_WIDTH = 8  # fp32 lanes of an AVX2 register: ranks at its multiples are t
 ROUNDINGS = (VECTOR_WIDTH, 2 * VECTOR_WIDTH, 4 * VECTOR_WIDTH)  # a per-layer rank may round up to these
 LADDER_POINTS = 16  # ranks a budget may give one layer (at multiples of VECTOR_WIDTH)
 SECONDS_PER_LAYER = 1.0  # timing budget of one layer's candidates together (rounds are clamped below)
-MIN_ROUNDS, MAX_ROUNDS, WARMUP = 5, 40, 2
+MIN_ROUNDS, MAX_ROUNDS, WARMUP = 5, 200, 2
 TABLE_FORMAT = "onnxlr-latency-table"
 TABLE_VERSION = 1
 

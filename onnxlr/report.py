@@ -219,10 +219,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{human(stage['bytes_after'])}B | {_ratio(stage['bytes_after'], totals['bytes_before'])} |")
     plan = report.get("latency")
     if plan:
-        lines.append(f"latency plan ({plan['source']}, {plan['provider']}, {plan['threads']} thread(s)): the "
-                     f"{plan['timed_layers']} timed layers {plan['targets_ms']:.3f} -> {plan['planned_ms']:.3f} ms "
-                     f"in isolation ({plan['planned_saving']:.1%} saved); {plan['timed_models']} models timed in "
-                     f"{plan['timing_s']:.1f} s, {plan['reused_entries']} times reused")
+        lines.append(f"| timed layers, ms in isolation ({plan['provider']}, {plan['threads']} thread(s)) | "
+                     f"{plan['targets_ms']:.3f} | {plan['planned_ms']:.3f} | "
+                     f"{_ratio(plan['planned_ms'], plan['targets_ms'])} |")
     cost = report.get("cost", {})
     if "after" in cost:
         lines.append(f"| model FLOPs | {human(cost['before']['flops'])} | {human(cost['after']['flops'])} | "
@@ -299,7 +298,7 @@ def profile_table(provider: str, profile: dict[str, Any]) -> Table:
             speedup = f"[green]{row['speedup']:.2f}x[/]"
         else:  # fewer MACs but slower: exactly what a user must see
             speedup = f"[red]{row['speedup']:.2f}x (slower)[/]"
-        table.add_row(row["name"], original, pair, speedup)
+        table.add_row(row["name"] + (" (joint)" if row.get("kind") == "joint" else ""), original, pair, speedup)
     return table
 
 

@@ -3,10 +3,12 @@
     python scripts/bench_latency.py digits --fractions 0.5 0.3 --json out/latency-digits.json
     python scripts/bench_latency.py minilm --fractions 0.7 0.5 --json out/latency-minilm.json
 
-Rows, each with calibration data (joint pairs on, the default):
+Rows, each with calibration data:
   size F       --param-budget F (digits: --mac-budget F): ranks by parameters (MACs) and measured sensitivity
   latency F    the same budget with --objective latency: only ranks measured faster than their original node
                (timed at the benchmark's batch, --threads) are allocated
+  ... (svd)    the same with --methods svd (every layer its own factor pair; without it, coupled pairs may be
+               narrowed jointly instead, the default with calibration data)
   int8         onnxruntime's quantize_dynamic, per-channel INT8, alone
 Columns: fidelity on held-out data (minilm: mean cosine of the sentence embeddings; digits: accuracy), the
 end-to-end CPU speedup over the original (interleaved A/B runs in this process, median of per-run ratios,
@@ -64,11 +66,11 @@ def measure(case: dict, reference: np.ndarray, label: str, path: Path, runs: int
     return row
 
 
-def optimize(case: dict, fraction: float, objective: str, output: Path) -> dict:
+def optimize(case: dict, fraction: float, objective: str, methods: str, output: Path) -> dict:
     started = time.perf_counter()
     shapes = {name: array.shape for name, array in case["bench"].items()}
     model, report = onnxlr.optimize(str(case["path"]), calibration=case["calibration"], objective=objective,
-                                    latency_threads=THREADS, input_shapes=shapes,
+                                    latency_threads=THREADS, input_shapes=shapes, methods=tuple(methods.split(",")),
                                     **{case["budget"]: fraction}, **case["settings"])
     ir.save(model, output)
     extra = {"optimize_s": round(time.perf_counter() - started, 1),
@@ -82,7 +84,7 @@ def optimize(case: dict, fraction: float, objective: str, output: Path) -> dict:
     return extra
 
 
-def run(name: str, fractions: list[float], runs: int) -> list[dict]:
+def run(name: str, fractions: list[float], runs: int, methods: list[str]) -> list[dict]:
     case = setup(name, tables=False)
     reference = run_model(case["path"], case["eval"])
     rows = []
@@ -91,11 +93,13 @@ def run(name: str, fractions: list[float], runs: int) -> list[dict]:
         os.environ["ONNXLR_CACHE_DIR"] = str(work / "cache")  # cold: the timing cost is counted in full
         ort_int8(case["path"], work / "int8.onnx", per_channel=True)
         rows.append(measure(case, reference, "int8", work / "int8.onnx", runs, {}))
-        for fraction in fractions:
-            for objective in ("size", "latency"):
-                path = work / f"{objective}-{fraction}.onnx"
-                extra = optimize(case, fraction, objective, path)
-                rows.append(measure(case, reference, f"{objective} {fraction}", path, runs, extra))
+        for method in methods:
+            suffix = " (svd)" if method == "svd" else ""
+            for fraction in fractions:
+                for objective in ("size", "latency"):
+                    path = work / f"{objective}-{fraction}-{method}.onnx"
+                    extra = optimize(case, fraction, objective, method, path)
+                    rows.append(measure(case, reference, f"{objective} {fraction}{suffix}", path, runs, extra))
     return rows
 
 
@@ -118,10 +122,15 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=None,
                         help="Budgets (default: digits 0.5 0.3 of the MACs, minilm 0.7 0.5 of the parameters).")
     parser.add_argument("--runs", type=int, default=50, help="Interleaved timed runs per comparison.")
+    parser.add_argument("--methods", nargs="+", default=["svd,joint", "svd"], choices=["svd,joint", "svd"],
+                        help="Methods to run each budget with (default both).")
+    parser.add_argument("--threads", type=int, default=THREADS, help="onnxruntime intra-op threads (timing, bench).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     fractions = args.fractions or ([0.5, 0.3] if args.model == "digits" else [0.7, 0.5])
-    rows = run(args.model, fractions, args.runs)
+    global THREADS
+    THREADS = args.threads
+    rows = run(args.model, fractions, args.runs, args.methods)
     print(markdown(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -311,3 +311,19 @@ def test_bench_profile_pairs_layers_whichever_model_is_rewritten(tmp_path):
         layers = json.loads((tmp_path / "p.json").read_text())["providers"]["cpu"]["profile"]["layers"]
         assert sorted(layer["name"] for layer in layers) == ["layer0", "layer1"]
         assert all(layer["original_us"] and layer["pair_us"] for layer in layers)
+
+
+def test_bench_profile_lists_layers_narrowed_jointly(tmp_path):
+    """A layer narrowed with its coupled partner keeps its node: its time is compared with the original's."""
+    from onnxlr import bench
+
+    original = matmuls(2)
+    narrowed = matmuls(2)
+    narrowed.metadata_props["onnxlr.joint"] = json.dumps({"layer1": [32, 64]})  # as onnxlr records it
+    ir.save(original, tmp_path / "m.onnx")
+    ir.save(narrowed, tmp_path / "joint.onnx")
+    feeds = {f"x{i}": np.ones((32, ROWS), np.float32) for i in range(2)}
+    for first, second in (("m.onnx", "joint.onnx"), ("joint.onnx", "m.onnx")):
+        profile = bench.profile_layers(str(tmp_path / first), str(tmp_path / second), feeds, runs=2)
+        assert [(layer["name"], layer["kind"]) for layer in profile["layers"]] == [("layer1", "joint")]
+        assert profile["layers"][0]["original_us"] > 0 and profile["layers"][0]["pair_us"] > 0
