@@ -106,8 +106,7 @@ def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarra
     optimization level, where onnxruntime keeps node names (the NCHWc and fusion passes of higher
     levels rename nodes, and a pair could no longer be matched to its layer).
     """
-    reference_times = _profile(reference, feeds, provider, threads, runs)
-    candidate_times = _profile(candidate, feeds, provider, threads, runs)
+    reference_times, candidate_times = _profiles([reference, candidate], feeds, provider, threads, runs)
     joint = joint_layers(candidate)
     if not _has_pairs(candidate_times) and not joint and (_has_pairs(reference_times) or joint_layers(reference)):
         reference_times, candidate_times = candidate_times, reference_times  # MODEL is the rewritten one
@@ -145,28 +144,42 @@ def _has_pairs(times: Mapping[str, float]) -> bool:
     return any(name.endswith("_lr1") for name in times)
 
 
-def _profile(model: Any, feeds: Mapping[str, np.ndarray], provider: str, threads: int, runs: int) -> dict[str, float]:
-    """Mean kernel time in microseconds per node name, from onnxruntime's profiler."""
+def _profiles(models: Sequence[Any], feeds: Mapping[str, np.ndarray], provider: str, threads: int,
+              runs: int) -> list[dict[str, float]]:
+    """Median kernel time in microseconds per node name of each model, from onnxruntime's profiler; the models
+    run interleaved (A B, B A, ...) after a warm-up, so drift and noisy neighbours hit them alike, and the median
+    keeps a preempted run from moving a layer's figure."""
     import json
     import os
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="onnxlr-profile-") as folder:
-        session = make_session(model, provider, threads=threads, optimization_level="basic",
-                               profile_prefix=os.path.join(folder, "profile"))
-        names = [o.name for o in session.get_outputs()]
-        session.run(names, dict(feeds))  # warm-up, dropped below by counting only the last `runs`
-        for _ in range(runs):
-            session.run(names, dict(feeds))
-        with open(session.end_profiling(), encoding="utf-8") as stream:
-            events = json.load(stream)
-    totals: dict[str, list[float]] = {}
+        sessions = [make_session(model, provider, threads=threads, optimization_level="basic",
+                                 profile_prefix=os.path.join(folder, f"profile{index}"))
+                    for index, model in enumerate(models)]
+        names = [[o.name for o in session.get_outputs()] for session in sessions]
+        for session, outputs in zip(sessions, names):
+            session.run(outputs, dict(feeds))  # warm-up, dropped below by counting only the last `runs`
+        for step in range(runs):
+            order = range(len(sessions)) if step % 2 == 0 else reversed(range(len(sessions)))
+            for index in order:
+                sessions[index].run(names[index], dict(feeds))
+        files = [session.end_profiling() for session in sessions]
+        results = []
+        for path in files:
+            with open(path, encoding="utf-8") as stream:
+                results.append(_kernel_times(json.load(stream), runs))
+    return results
+
+
+def _kernel_times(events: list[dict[str, Any]], runs: int) -> dict[str, float]:
+    durations: dict[str, list[float]] = {}
     for event in events:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
             continue
         name = event["name"][: -len("_kernel_time")].removeprefix("fused ")
-        totals.setdefault(name, []).append(float(event["dur"]))
-    return {name: float(np.mean(durations[-runs:])) for name, durations in totals.items()}
+        durations.setdefault(name, []).append(float(event["dur"]))
+    return {name: float(np.median(times[-runs:])) for name, times in durations.items()}
 
 
 def run_context(threads: int, optimization_level: str, warmup: int, runs: int) -> dict[str, Any]:

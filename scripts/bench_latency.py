@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50, help="Interleaved timed runs per comparison.")
     parser.add_argument("--methods", nargs="+", default=["svd,joint", "svd"], choices=["svd,joint", "svd"],
                         help="Methods to run each budget with (default both).")
-    parser.add_argument("--threads", type=int, default=THREADS, help="onnxruntime intra-op threads (timing, bench).")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (timing, bench).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     fractions = args.fractions or ([0.5, 0.3] if args.model == "digits" else [0.7, 0.5])
