@@ -15,6 +15,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 from graphs import onnxlr_cli, parse_text
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnxlr.passes import Context
 
 import onnxlr
@@ -327,3 +329,55 @@ def test_bench_profile_lists_layers_narrowed_jointly(tmp_path):
         profile = bench.profile_layers(str(tmp_path / first), str(tmp_path / second), feeds, runs=2)
         assert [(layer["name"], layer["kind"]) for layer in profile["layers"]] == [("layer1", "joint")]
         assert profile["layers"][0]["original_us"] > 0 and profile["layers"][0]["pair_us"] > 0
+
+
+# ----------------------------------------------------------------------------- any times, any budget
+
+SHAPES = ((64, 64), (64, 96), (96, 48))  # distinct shapes: each layer its own table entries
+
+
+@pytest.fixture(scope="module")
+def mixed_table(tmp_path_factory):
+    """A model of three MatMuls of distinct shapes and its exported table (real keys; times set per example)."""
+    rng = np.random.default_rng(1)
+    weights = {f"W{i}": (rng.standard_normal(shape) * 0.9 ** np.arange(shape[1])).astype(np.float32)
+               for i, shape in enumerate(SHAPES)}
+    inputs = ", ".join(f"float[N,{rows}] x{i}" for i, (rows, _) in enumerate(SHAPES))
+    outputs = ", ".join(f"float[N,{cols}] y{i}" for i, (_, cols) in enumerate(SHAPES))
+    body = "\n".join(f"    [layer{i}] y{i} = MatMul(x{i}, W{i})" for i in range(len(SHAPES)))
+    model = parse_text(f'<ir_version: 10, opset_import: ["" : 17]>\ng ({inputs}) => ({outputs}) {{\n{body}\n}}',
+                       **weights)
+    shapes = {f"x{i}": (32, rows) for i, (rows, _) in enumerate(SHAPES)}
+    folder = tmp_path_factory.mktemp("mixed")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ONNXLR_CACHE_DIR", str(folder / "cache"))
+        latency.export_table(model, shapes, folder / "table.json")
+    return model, shapes, json.loads((folder / "table.json").read_text()), folder
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(times=st.lists(st.floats(0.05, 2.0), min_size=200, max_size=200),
+       policy=st.sampled_from(["latency_budget", "param_budget", "mac_budget", "rank_ratio", "energy"]),
+       fraction=st.floats(0.2, 1.0))
+def test_any_times_give_a_plan_of_faster_pairs_within_the_budget(mixed_table, times, policy, fraction):
+    model, shapes, table, folder = mixed_table
+    crafted = dict(table, entries={key: times[index % len(times)] for index, key in enumerate(sorted(table["entries"]))})
+    path = folder / "crafted.json"
+    path.write_text(json.dumps(crafted))
+    try:
+        _, report = onnxlr.optimize(model, input_shapes=shapes, latency_table=str(path), **{policy: fraction})
+    except OnnxlrError as exc:
+        assert "too small" in str(exc) and policy.endswith("budget")
+        return
+    plan = report["latency"]
+    for row in report["layers"]:
+        if row["status"] == "factorized":
+            assert row["pair_ms"] * (1 + latency.MARGIN) <= row["original_ms"]
+            assert row["rank"] < row["break_even_rank"]
+        else:
+            assert row["reason_code"] in ("not_faster", "kept_dense_by_budget", "no_gain")
+    if policy == "latency_budget":
+        assert plan["planned_ms"] <= fraction * plan["targets_ms"] + 1e-9
+    if policy == "param_budget":
+        kept = sum(row["params_after"] for row in report["layers"])
+        assert kept <= fraction * sum(row["params_before"] for row in report["layers"]) + 1e-9
