@@ -32,6 +32,9 @@ from onnxlr.passes import Context, NameGenerator, Scheme, Target
 from onnxlr.passes.weights import constant_weight
 
 MARGIN = 0.05  # a pair must measure at least 5% faster than its original node to be kept
+# ... and save at least this much: a few microseconds measured in isolation do not survive in a whole model (its
+# extra intermediate tensor and kernel dispatch), nor this machine's noise.
+MIN_SAVING_MS = 0.005
 VECTOR_WIDTH = 8  # fp32 lanes of an AVX2 register: ranks at its multiples are the rounding candidates
 ROUNDINGS = (VECTOR_WIDTH, 2 * VECTOR_WIDTH, 4 * VECTOR_WIDTH)  # a per-layer rank may round up to these
 LADDER_POINTS = 16  # ranks a budget may give one layer (at multiples of VECTOR_WIDTH)
@@ -60,9 +63,13 @@ class LayerTiming:
         return self.pair_ms.get((scheme.name, rank))
 
     def faster(self, scheme: Scheme, rank: int) -> bool:
-        """The pair measured at least MARGIN faster than the original."""
+        """The pair measured at least MARGIN (and MIN_SAVING_MS) faster than the original."""
         ms = self.ms(scheme, rank)
-        return ms is not None and ms * (1 + MARGIN) <= self.original_ms
+        return ms is not None and measurably_faster(ms, self.original_ms)
+
+
+def measurably_faster(ms: float, than_ms: float) -> bool:
+    return ms * (1 + MARGIN) <= than_ms and than_ms - ms >= MIN_SAVING_MS
 
 
 # ----------------------------------------------------------------------------- which ranks are timed
@@ -417,10 +424,11 @@ def _runner(session: Any, feeds: Mapping[str, np.ndarray]) -> Any:
 
 def choose_fastest(group: Any, options: Sequence[tuple[Scheme, int]], rank_multiple: int, clock: Clock,
                    fits: Any = None) -> bool:
-    """Per-layer policies: among each option's rank (scheme, policy rank) and its round-ups to vector multiples,
-    the fastest pair measured faster than the original becomes the group's plan. False when no option gains at
-    all (break-even decides then); a group whose gaining pairs are all slower stays dense (`not_faster`).
-    `fits(scheme, rank)`: whether a round-up stays within the policy (--param-ratio)."""
+    """Per-layer policies: each option (scheme, policy rank), in the size objective's order of preference, then its
+    round-ups to vector multiples. The first pair measured faster than the original is the plan, and a later
+    candidate replaces it only when measurably faster than it (a round-up costs parameters; a near tie is noise).
+    False when no option gains at all (break-even decides then); a group whose gaining pairs are all slower stays
+    dense (`not_faster`). `fits(scheme, rank)`: whether a round-up stays within the policy (--param-ratio)."""
     best: tuple[float, Scheme, int] | None = None
     timing = None
     for scheme, rank in options:
@@ -432,7 +440,7 @@ def choose_fastest(group: Any, options: Sequence[tuple[Scheme, int]], rank_multi
         timing = clock.group_timing(group, scheme, ranks)
         for r in ranks:
             ms = timing.ms(scheme, r)
-            if timing.faster(scheme, r) and (best is None or ms < best[0]):
+            if timing.faster(scheme, r) and (best is None or measurably_faster(ms, best[0])):
                 best = (ms, scheme, r)
     if timing is None:
         return False
@@ -483,7 +491,8 @@ def check_timed(unknown: Sequence[str], groups: Sequence[Any]) -> None:
 
 
 def _fastest_scheme(group: Any, schemes: Sequence[Scheme], rank_multiple: int, clock: Clock) -> Scheme:
-    """The view whose pair is fastest at the energy the first view keeps at the middle of its ladder."""
+    """The view whose pair is fastest at the energy the first view keeps at the middle of its ladder (another view
+    than the first only when measurably faster)."""
     reference = schemes[0]
     if len(schemes) == 1:
         return reference
@@ -501,7 +510,7 @@ def _fastest_scheme(group: Any, schemes: Sequence[Scheme], rank_multiple: int, c
         if rank is None:
             continue
         ms = clock.group_timing(group, scheme, [rank]).ms(scheme, rank)
-        if ms is not None and (ms, order) < best[:2]:
+        if ms is not None and (order == 0 or best[0] == math.inf or measurably_faster(ms, best[0])):
             best = (ms, order, scheme)
     return best[2]
 

@@ -148,7 +148,8 @@ def _plan_group(group: WeightGroup, settings: Settings, clock: latency.Clock | N
         options.append((scheme.macs_after(scheme_rank), order, scheme, scheme_rank))
     _, _, group.scheme, group.rank = min(options, key=lambda o: (o[0], o[1]))
     if clock is not None:
-        latency.choose_fastest(group, [(scheme, rank) for _, _, scheme, rank in options], settings.rank_multiple,
+        preferred = sorted(options, key=lambda o: (o[0], o[1]))  # the size objective's order
+        latency.choose_fastest(group, [(scheme, rank) for _, _, scheme, rank in preferred], settings.rank_multiple,
                                clock, _fits(settings))
 
 
@@ -230,6 +231,10 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         spent += unit_cost(unit, state[len(groups) + offset])
     if spent > budget:
         smallest = "the lowest rank measured faster" if any(g.ladder is not None for g in groups) else f"rank {step}"
+        slower = sum(g.ladder == [] for g in groups)
+        if slower:
+            smallest += (f" (and {slower} of the {len(groups)} layers have no factor pair measured faster at all: a "
+                         f"--latency-budget, or --objective size, plans without that limit)")
         raise OnnxlrError(
             f"{{0}} {fraction} is too small: {smallest} in every layer that can be "
             f"factorized already keeps {spent / max(total_before, 1e-30):.3f} of the {measure}", settings.budget_setting

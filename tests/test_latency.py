@@ -62,8 +62,8 @@ def crafted_table(model: ir.Model, path, pair_time, shapes=BATCH) -> dict:
     return table
 
 
-def planned(model: ir.Model, **settings) -> dict:
-    _, report = onnxlr.optimize(model, input_shapes=BATCH, **settings)
+def planned(model: ir.Model, shapes=BATCH, **settings) -> dict:
+    _, report = onnxlr.optimize(model, input_shapes=shapes, **settings)
     return report
 
 
@@ -176,7 +176,8 @@ def test_a_layer_missing_from_the_table_stays_dense(tmp_path):
 
 
 def test_every_planned_pair_was_measured_faster_and_the_totals_add_up():
-    report = planned(matmuls(3), rank_ratio=0.25, objective="latency")
+    big = {name: (4096, ROWS) for name in BATCH}  # large enough that rank-16 pairs save a measurable time
+    report = planned(matmuls(3), big, rank_ratio=0.25, objective="latency")
     plan = report["latency"]
     assert plan["source"] == "measured" and plan["timed_models"] > 0 and plan["timing_s"] > 0
     for row in report["layers"]:
@@ -284,15 +285,16 @@ def test_the_table_round_trip_through_the_cli(tmp_path):
     """bench --export-latency-table on one machine, optimize --latency-table on another: nothing timed there."""
     source = tmp_path / "m.onnx"
     onnx.save(ir.to_proto(matmuls(2)), source)
-    exported = onnxlr_cli("bench", str(source), "--shape", "x0:32x64", "--shape", "x1:32x64", "--runs", "2",
+    big = ["--shape", "x0:4096x64", "--shape", "x1:4096x64"]  # rank 8 pairs then save a measurable time
+    exported = onnxlr_cli("bench", str(source), *big, "--runs", "2",
                           "--export-latency-table", str(tmp_path / "device.json"), "--json", str(tmp_path / "b.json"))
     assert exported.returncode == 0, exported.stderr
     table = json.loads((tmp_path / "device.json").read_text())
     assert table["format"] == latency.TABLE_FORMAT and table["context"]["provider"] == "cpu"
     assert json.loads((tmp_path / "b.json").read_text())["latency_table"]["layers"] == 2
-    result = onnxlr_cli("optimize", str(source), str(tmp_path / "out.onnx"), "--param-budget", "0.6",
-                        "--latency-table", str(tmp_path / "device.json"), "--shape", "x0:32x64", "--shape",
-                        "x1:32x64", "--report", str(tmp_path / "r.json"), "--no-gate")
+    result = onnxlr_cli("optimize", str(source), str(tmp_path / "out.onnx"), "--param-budget", "0.9",
+                        "--latency-table", str(tmp_path / "device.json"), *big, "--report", str(tmp_path / "r.json"),
+                        "--no-gate")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["latency"]["timed_models"] == 0 and "latency plan (table" in result.stdout
