@@ -135,6 +135,7 @@ class Clock:
         self.shapes, self.provider, self.threads = shapes, provider, threads
         self.table = str(table) if table is not None else None
         self.entries: dict[str, float] = {}
+        self.dynamic_inputs: list[str] = []  # the model's inputs with dims left unknown (the error names them)
         self.used: set[str] = set()  # the keys this run asked for (what an exported table holds)
         self.cache_path: Path | None = None
         self.timed = self.reused = 0
@@ -261,7 +262,7 @@ def export_table(model: ir.Model, input_shapes: Mapping[str, Sequence[int]], pat
             unknown.append(f"{group.lead.name}: {exc}")
         except NotTimed:
             continue
-    check_timed(unknown, active)
+    check_timed(unknown, active, dynamic_inputs(model, shapes))
     entries = {key: clock.entries[key] for key in sorted(clock.used) if key in clock.entries}
     Path(path).write_text(json.dumps({"format": TABLE_FORMAT, "version": TABLE_VERSION, "context": clock.context,
                                       "entries": entries}, indent=1) + "\n")
@@ -480,14 +481,21 @@ def prepare_ladders(groups: Sequence[Any], candidates: Any, rank_multiple: int, 
                     fastest_above = timing.ms(scheme, rank)
             ladder = kept[::-1]
         group.scheme, group.ladder = scheme, ladder
-    check_timed(unknown, groups)
+    check_timed(unknown, groups, clock.dynamic_inputs)
 
 
-def check_timed(unknown: Sequence[str], groups: Sequence[Any]) -> None:
+def dynamic_inputs(model: ir.Model, shapes: Mapping[str, tuple | None]) -> list[str]:
+    """The model's inputs whose dims stay unknown at `shapes` (what --shape must fix)."""
+    return [v.name for v in model.graph.inputs
+            if not all(isinstance(d, int) and d > 0 for d in (shapes.get(v.name) or [None]))]
+
+
+def check_timed(unknown: Sequence[str], groups: Sequence[Any], dynamic_inputs: Sequence[str] = ()) -> None:
     """Every layer untimed for dynamic dims: the run cannot plan by latency; say which shapes to pass."""
     if unknown and len(unknown) == len(groups):
+        names = f" ({', '.join(dynamic_inputs)})" if dynamic_inputs else ""
         raise OnnxlrError(f"--objective latency times each layer at the shapes the model sees, but {unknown[0]}: "
-                          "pass --shape NAME:DIMS for the model's dynamic inputs (or --calibration data)")
+                          f"pass --shape NAME:DIMS for the model's dynamic inputs{names} (or --calibration data)")
 
 
 def _fastest_scheme(group: Any, schemes: Sequence[Scheme], rank_multiple: int, clock: Clock) -> Scheme:

@@ -248,8 +248,10 @@ def _clock(model: ir.Model, settings: Settings, context: Context, input_shapes: 
     if not input_shapes and data is not None and data.batches:
         shapes = infer_shapes(model, {name: array.shape for name, array in data.batches[0].items()
                                       if name in {v.name for v in model.graph.inputs}})
-    return latency.Clock(shapes, settings.latency_provider, settings.latency_threads, settings.latency_table,
-                         settings.latency_cache)
+    clock = latency.Clock(shapes, settings.latency_provider, settings.latency_threads, settings.latency_table,
+                          settings.latency_cache)
+    clock.dynamic_inputs = latency.dynamic_inputs(model, shapes)
+    return clock
 
 
 def _joint_candidates(model: ir.Model, groups: list[WeightGroup], settings: Settings,

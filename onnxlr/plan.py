@@ -80,7 +80,7 @@ def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress
                 group.keep_dense("not_timed", f"not timed: {exc}")
             except latency.NotTimed as exc:
                 group.keep_dense("not_timed", f"not timed: {exc}")
-        latency.check_timed(unknown, active)
+        latency.check_timed(unknown, active, clock.dynamic_inputs if clock is not None else ())
 
 
 # Singular vectors that whole-model planning may keep for the rewrite; beyond, they are recomputed.

@@ -268,7 +268,7 @@ def test_dynamic_dims_without_shapes_say_what_to_pass(tmp_path):
     onnx.save(ir.to_proto(matmuls(1)), source)
     result = onnxlr_cli("optimize", str(source), str(tmp_path / "out.onnx"), "--objective", "latency")
     assert result.returncode == 2, result.stderr
-    assert "--shape NAME:DIMS" in result.stderr and "Traceback" not in result.stderr
+    assert "--shape NAME:DIMS for the model's dynamic inputs (x0)" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.onnx").exists()
 
 
