@@ -92,6 +92,10 @@ class WeightGroup:
             return None
         return _matching(self.scheme or self.schemes[0], self.reader_options[index])
 
+    def reader_view(self, index: int, scheme: Scheme) -> Scheme:
+        """Target `index`'s own costs under the lead's view `scheme` (the view itself before schemes are prepared)."""
+        return _matching(scheme, self.reader_options[index]) if self.reader_options else scheme
+
     def whitens(self, scheme: Scheme) -> bool:
         """Calibration statistics apply to this view (the rule says which views take them)."""
         return self.gram is not None and scheme.whiten_side is not None

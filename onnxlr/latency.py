@@ -141,8 +141,8 @@ class Clock:
         self.timed = self.reused = 0
         self.seconds = 0.0
         if table is not None:
-            self.context = read_table(table)["context"]
-            self.entries = dict(read_table(table)["entries"])
+            exported = read_table(table)
+            self.context, self.entries = exported.get("context", {}), dict(exported["entries"])
         else:
             self.context = device_context(provider, threads)
             if cache:
@@ -153,12 +153,10 @@ class Clock:
     def group_timing(self, group: Any, scheme: Scheme, ranks: Sequence[int]) -> LayerTiming:
         """The group's original time and its pairs' at `ranks` of `scheme` (each reader timed and summed);
         ranks a table lacks are left out. Adds to (and returns) `group.timing`."""
-        from onnxlr.groups import _matching
-
         original = 0.0
         totals: dict[int, float] = dict.fromkeys(ranks, 0.0)
         for index, target in enumerate(group.targets):
-            own = _matching(scheme, group.reader_options[index]) if group.reader_options else scheme
+            own = group.reader_view(index, scheme)
             reader_original, times = self.reader_times(target, own, ranks)
             original += reader_original
             for rank in list(totals):
