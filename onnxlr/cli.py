@@ -127,6 +127,9 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
               help="Compare the result with the input on onnxruntime before writing it.")
 @verification_options
 @click.option("--keep-failed", is_flag=True, help="Write the model even when a verification gate fails (exit 1).")
+@click.option("--no-memory-check", is_flag=True,
+              help="Do not stop when verification or calibration looks too large for the memory available "
+                   "(onnxruntime's session estimated against MemAvailable and the cgroup limit).")
 @click.option("--targets", "targets_path", type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="FILE.toml", help="Extra edge targets for the report's latency ESTIMATES (same schema as "
                                         "onnxlr/data/devices.toml); prints the estimate table.")
@@ -134,7 +137,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.pass_obj
 def optimize(state: State, input_path: str, output_path: str | None, report_path: str | None,
              markdown_path: str | None, html_path: str | None, external_data: bool | None, dry_run: bool, run_verify: bool, keep_failed: bool, ops: str,
-             **options: Any) -> None:
+             no_memory_check: bool, **options: Any) -> None:
     """Factorize INPUT's MatMul, Gemm and Conv weights and write OUTPUT.
 
     The input is never modified. OUTPUT is verified against INPUT with onnxruntime (see
@@ -164,6 +167,9 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
         input_shapes = batch_shapes(verify_options["inputs_path"], loaded.model, verify_options["batch_size"])
     if output_path is not None and not dry_run:
         check_output_path(output_path, loaded)
+    if not no_memory_check:
+        _check_memory(loaded, input_shapes, verify_options, verifying=run_verify and not dry_run,
+                      calibrating=calibration_path is not None)
     edge_targets = _edge_targets(loaded, report_path or html_path, targets_path, dry_run)
 
     def factorize(sink: Any) -> Any:
@@ -211,6 +217,32 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
         print_estimates(report.targets, state.console)
     if failure:
         raise GateFailed(failure)
+
+
+def _check_memory(loaded: Any, input_shapes: dict, verify_options: dict, verifying: bool, calibrating: bool) -> None:
+    """Before hours are spent: the original's onnxruntime session (verification runs one model at a time, and the
+    rewritten one is never larger) must fit the memory available, at the batch the runs use."""
+    if not (verifying or calibrating):
+        return
+    from onnxlr import cost, memory
+    from onnxlr.shapes import infer_shapes
+
+    batch = verify_options["batch_size"] if verify_options["inputs_path"] or calibrating else min(
+        verify_options["samples"], verify_options["batch_size"])
+    shapes = infer_shapes(loaded.model, {name: (min(dims[0], batch), *dims[1:]) if dims else dims
+                                         for name, dims in input_shapes.items()})
+    weights = cost.model_totals(loaded.model)["bytes"]
+    scale = batch if not input_shapes else 1
+    activations = memory.peak_activation_bytes(loaded.model, shapes) * scale
+    free = memory.available()
+    if free is not None and memory.input_bytes(loaded.model, shapes) * scale > free.bytes:
+        return  # the inputs alone cannot exist: the input stage names the one at fault, more precisely than this
+    if verifying:
+        memory.check("verification", weights, activations, "pass --no-verify, or a smaller --batch-size / --samples "
+                     "(per-layer verification of models that do not fit is not built yet)", free)
+    if calibrating:
+        memory.check("calibration", weights, activations, "pass a smaller --batch-size, or leave out --calibration",
+                     free)
 
 
 def _calibrate(input_path: str, loaded: Any, calibration_path: str | None, samples: int | None,
