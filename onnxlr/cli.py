@@ -237,9 +237,17 @@ def _check_memory(loaded: Any, input_shapes: dict, verify_options: dict, verifyi
     free = memory.available()
     if free is not None and memory.input_bytes(loaded.model, shapes) * scale > free.bytes:
         return  # the inputs alone cannot exist: the input stage names the one at fault, more precisely than this
-    if verifying:
-        memory.check("verification", weights, activations, "pass --no-verify, or a smaller --batch-size / --samples "
-                     "(per-layer verification of models that do not fit is not built yet)", free)
+    if verifying and not memory.fits(weights, activations, free):
+        # One model at a time does not fit either: run each in segments of consecutive nodes (onnxlr.segments).
+        budget = memory.segment_budget(activations, free)
+        memory.check("verification", weights if budget is None else 0, activations, "pass --no-verify, or a smaller "
+                     "--batch-size / --samples", free)
+        verify_options["segment_budget"] = budget
+        logging.getLogger("onnxlr").warning(
+            "verification: onnxruntime would need about %s for the whole model, %s is available (%s): verifying "
+            "in segments of at most %s of weights, one at a time", memory.gb(memory.session_bytes(weights,
+                                                                                                 activations)),
+            memory.gb(free.bytes), free.source, memory.gb(budget))
     if calibrating:
         memory.check("calibration", weights, activations, "pass a smaller --batch-size, or leave out --calibration",
                      free)

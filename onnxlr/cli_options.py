@@ -253,7 +253,8 @@ def run_verification(reference: Any, candidate_path: Any, reference_model: Any, 
                                 default_gate=not options["no_gate"])
     per_layer = verify.factorized_outputs(candidate_path) if options["per_layer"] else []
     return verify.verify(reference, candidate_path, feeds.arrays, providers, gates, batch_size=options["batch_size"],
-                         per_layer=per_layer, synthesized=feeds.synthesized, reference_model=reference_model)
+                         per_layer=per_layer, synthesized=feeds.synthesized, reference_model=reference_model,
+                         segment_budget=options.get("segment_budget"))
 
 
 def split_ops(text: str) -> tuple[str, ...]:

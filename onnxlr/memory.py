@@ -119,6 +119,22 @@ def session_bytes(weight_bytes: int, activation_bytes: int) -> int:
     return int(SESSION_WEIGHT_FACTOR * weight_bytes) + activation_bytes + SESSION_OVERHEAD_BYTES
 
 
+# Segments smaller than this would spend the run creating sessions: below it, verification is refused instead.
+MIN_SEGMENT_BYTES = 16 << 20
+
+
+def fits(weight_bytes: int, activation_bytes: int, free: Available | None) -> bool:
+    return free is None or session_bytes(weight_bytes, activation_bytes) <= free.bytes
+
+
+def segment_budget(activation_bytes: int, free: Available | None) -> int | None:
+    """Weight bytes per segment that keep one segment's session within the memory available (None: none can)."""
+    if free is None:
+        return None
+    budget = int((free.bytes - activation_bytes - SESSION_OVERHEAD_BYTES) / SESSION_WEIGHT_FACTOR)
+    return budget if budget >= MIN_SEGMENT_BYTES else None
+
+
 def check(stage: str, weight_bytes: int, activation_bytes: int, advice: str,
           free: Available | None = None) -> None:
     """Stop before `stage` (one line, exit 2) when its session would not fit in the memory available."""
@@ -126,10 +142,10 @@ def check(stage: str, weight_bytes: int, activation_bytes: int, advice: str,
     need = session_bytes(weight_bytes, activation_bytes)
     if free is None or need <= free.bytes:
         return
-    raise OnnxlrError(f"{stage} would need about {_gb(need)} in onnxruntime ({_gb(weight_bytes)} of weights x "
-                      f"{SESSION_WEIGHT_FACTOR}, {_gb(activation_bytes)} of activations at the batch used) but "
-                      f"{_gb(free.bytes)} is available ({free.source}): {advice}; --no-memory-check runs it anyway")
+    raise OnnxlrError(f"{stage} would need about {gb(need)} in onnxruntime ({gb(weight_bytes)} of weights x "
+                      f"{SESSION_WEIGHT_FACTOR}, {gb(activation_bytes)} of activations at the batch used) but "
+                      f"{gb(free.bytes)} is available ({free.source}): {advice}; --no-memory-check runs it anyway")
 
 
-def _gb(count: int) -> str:
+def gb(count: int) -> str:
     return f"{count / 1e9:.1f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"

@@ -33,7 +33,16 @@ import numpy as np
 import onnx
 
 from onnxlr.errors import OnnxlrError
-from onnxlr.runtime import GIVEN_HINT, SYNTHESIZED_HINT, error_text, input_error, make_session, run_all
+from onnxlr.runtime import (
+    GIVEN_HINT,
+    PROVIDERS,
+    SYNTHESIZED_HINT,
+    batches,
+    error_text,
+    input_error,
+    make_session,
+    run_all,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +213,12 @@ def _gate_failure(ref, out, diff, metrics, gates: Gates, integer: bool = False) 
 def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | bytes,
            feeds: Mapping[str, np.ndarray], providers: Sequence[str], gates: Gates,
            batch_size: int = 16, per_layer: Sequence[str] = (), threads: int = 0,
-           synthesized: bool = False, reference_model: Any = None) -> VerificationResult:
+           synthesized: bool = False, reference_model: Any = None, segment_budget: int | None = None
+           ) -> VerificationResult:
     """Run both models on each provider and compare (metrics: see the module doc).
+
+    `segment_budget` (bytes of weights): models given as paths run in segments of at most that much, one
+    onnxruntime session at a time (onnxlr.segments), for models that do not fit in memory whole.
 
     The reference runs first: when it fails, the inputs are at fault (OnnxlrError, exit 2, naming the
     input: `reference_model`, the reference loaded with onnx-ir, traces a failing node to it); when
@@ -213,25 +226,38 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
     `per_layer` names intermediate tensors present in both models (the outputs of factorized
     nodes); they are exposed as extra outputs and compared too.
     """
-    reference_bytes = _with_outputs(reference, per_layer) if per_layer else reference
-    candidate_bytes = _with_outputs(candidate, per_layer) if per_layer else candidate
+    segmented = segment_budget is not None and not isinstance(reference, bytes) and not isinstance(candidate, bytes)
+    if segmented:  # the extra outputs are asked of the segments' runs; the files stay as they are
+        reference_bytes, candidate_bytes = reference, candidate
+    else:
+        reference_bytes = _with_outputs(reference, per_layer) if per_layer else reference
+        candidate_bytes = _with_outputs(candidate, per_layer) if per_layer else candidate
     result = VerificationResult(passed=True, gated=False, providers={}, gates=dataclasses.asdict(gates),
                                 samples=_sample_count(feeds), failures=[],
                                 inputs={name: list(np.shape(a)) for name, a in feeds.items()}, synthesized=synthesized)
     cpu_reference: dict[str, np.ndarray] | None = None
     for provider in providers:
-        ref_session = make_session(reference_bytes, provider, threads)
-        names = [o.name for o in ref_session.get_outputs()]
         try:
-            ref_out = run_all(ref_session, feeds, batch_size, names)
-        except MemoryError:
+            if segmented:
+                names = _graph_outputs(reference) + [n for n in per_layer if n not in _graph_outputs(reference)]
+                ref_out = _run_segmented(reference, feeds, batch_size, names, segment_budget, provider, threads)
+            else:
+                ref_session = make_session(reference_bytes, provider, threads)
+                names = [o.name for o in ref_session.get_outputs()]
+                ref_out = run_all(ref_session, feeds, batch_size, names)
+                del ref_session  # one model in memory at a time
+        except (MemoryError, OnnxlrError):
             raise
         except Exception as exc:  # the input model itself fails (bad attributes, shapes): bad input, not a bug
             raise input_error(exc, feeds, f"onnxruntime cannot run the reference model on {provider}",
                               SYNTHESIZED_HINT if synthesized else GIVEN_HINT, reference_model) from exc
-        del ref_session  # one model in memory at a time
         try:
-            cand_session, cand_out = _run_candidate(candidate_bytes, provider, threads, feeds, batch_size, names)
+            if segmented:
+                cand_providers = [PROVIDERS[provider]]
+                cand_out = _run_segmented(candidate, feeds, batch_size, names, segment_budget, provider, threads)
+            else:
+                cand_session, cand_out = _run_candidate(candidate_bytes, provider, threads, feeds, batch_size, names)
+                cand_providers = cand_session.get_providers()
         except MemoryError:
             raise
         except Exception as exc:  # the reference ran on these inputs: the candidate is at fault
@@ -240,7 +266,9 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             result.providers[provider] = {"session_providers": [], "outputs": {}, "layers": {}, "error": error_text(exc)}
             continue
         model_outputs = [n for n in names if n not in per_layer]
-        entry: dict[str, Any] = {"session_providers": cand_session.get_providers(), "outputs": {}, "layers": {}}
+        entry: dict[str, Any] = {"session_providers": cand_providers, "outputs": {}, "layers": {}}
+        if segmented:
+            entry["segment_budget_bytes"] = segment_budget
         for name in names:
             metrics = compare_arrays(ref_out[name], cand_out[name], gates if name in model_outputs else Gates(),
                                      name=name)
@@ -257,6 +285,20 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             entry["reference_vs_cpu"] = {n: _noise(cpu_reference[n], ref_out[n]) for n in model_outputs}
         result.providers[provider] = entry
     return result
+
+
+def _graph_outputs(model: str | os.PathLike) -> list[str]:
+    return [o.name for o in onnx.load(str(model), load_external_data=False).graph.output]
+
+
+def _run_segmented(model: str | os.PathLike, feeds: Mapping[str, np.ndarray], batch_size: int, names: Sequence[str],
+                   budget: int, provider: str, threads: int) -> dict[str, np.ndarray]:
+    """run_all's result, the model run in segments of at most `budget` bytes of weights (onnxlr.segments)."""
+    from onnxlr.segments import run_in_segments
+
+    parts = run_in_segments(model, list(batches(feeds, batch_size)), names, budget, provider, threads)
+    return {name: (np.concatenate([p[name] for p in parts]) if parts[0][name].ndim and len(parts) > 1
+                   else parts[0][name]) for name in names}
 
 
 def _run_candidate(candidate: str | os.PathLike | bytes, provider: str, threads: int,

@@ -1,0 +1,111 @@
+"""Running a model in segments (one onnxruntime session of a run of nodes at a time) gives the whole model's outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from model_files import save_external
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxlr import segments
+from onnxlr.runtime import make_session
+
+
+def mlp_file(tmp_path, layers: int = 4, width: int = 32):
+    """x (N, S, width) -> [MatMul W_i -> Relu] x layers, with a Shape/Reshape pair (a non-batched 1-D value
+    crossing the cuts) and an If whose branches read a value of the outer graph; weights in external data."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    nodes.append(helper.make_node("Shape", ["x"], ["shape"]))
+    current = "x"
+    for i in range(layers):
+        inits.append(numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) / 6, f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [f"h{i}"]))
+        nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"]))
+        current = f"r{i}"
+    nodes.append(helper.make_node("Reshape", [current, "shape"], ["flat"]))
+    # A condition computed at run time (onnxruntime cannot fold an If on an external-data constant condition).
+    nodes += [helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0), helper.make_node("IsNaN", ["peak"], ["nan"]),
+              helper.make_node("Not", ["nan"], ["cond"])]
+    then = helper.make_graph([helper.make_node("Add", ["flat", "r0"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Sub", ["flat", "r0"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes.append(helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, width]),
+                               helper.make_tensor_value_info("r1", TensorProto.FLOAT, ["N", 3, width])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "m.onnx"
+    return save_external(model, path, location="m.data")
+
+
+@pytest.mark.parametrize("budget", [1, 5000, 10**9])
+def test_segments_give_the_whole_models_outputs(tmp_path, budget):
+    path = mlp_file(tmp_path)
+    model = onnx.load(str(path), load_external_data=False)
+    planned = segments.plan(model.graph, budget, ["y", "r1"])
+    assert sum(len(s.nodes) for s in planned) == len(model.graph.node)
+    if budget == 1:  # every weight its own segment: no segment holds more than one 32x32 float matrix
+        assert max(s.weight_bytes for s in planned) <= 32 * 32 * 4 + 1 and len(planned) >= 4
+    rng = np.random.default_rng(1)
+    batches = [{"x": rng.standard_normal((n, 3, 32)).astype(np.float32)} for n in (2, 5)]
+    pieces = segments.run_in_segments(path, batches, ["y", "r1"], budget)
+    whole = make_session(str(path), "cpu")
+    for batch, piece in zip(batches, pieces):
+        expected = whole.run(["y", "r1"], batch)
+        np.testing.assert_allclose(piece["y"], expected[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(piece["r1"], expected[1], rtol=1e-6, atol=1e-6)
+
+
+def test_verification_in_segments_matches_the_whole_model(tmp_path):
+    """The same metrics, per output and per factorized layer, whether the models run whole or in pieces."""
+    import onnxlr
+    from onnxlr import verify
+
+    path = mlp_file(tmp_path)
+    rewritten, _ = onnxlr.optimize(str(path), rank_ratio=0.25)
+    onnxlr.save(rewritten, tmp_path / "lr.onnx", external_data=True)
+    feeds = {"x": np.random.default_rng(2).standard_normal((6, 3, 32)).astype(np.float32)}
+    layers = verify.factorized_outputs(tmp_path / "lr.onnx")
+    gates = verify.Gates.chosen(default_gate=False)
+    whole = verify.verify(str(path), str(tmp_path / "lr.onnx"), feeds, ["cpu"], gates, batch_size=4)
+    pieces = verify.verify(str(path), str(tmp_path / "lr.onnx"), feeds, ["cpu"], gates, batch_size=4,
+                           per_layer=layers, segment_budget=5000)
+    assert pieces.providers["cpu"]["segment_budget_bytes"] == 5000 and layers
+    for name, metrics in whole.providers["cpu"]["outputs"].items():
+        assert pieces.providers["cpu"]["outputs"][name]["cosine"] == pytest.approx(metrics["cosine"], abs=1e-6)
+    assert set(pieces.providers["cpu"]["layers"]) == set(layers)  # --per-layer works with external data here
+
+
+def wide_file(tmp_path, layers: int = 4):
+    """x (N, 1024) -> MatMul/Relu x layers of 1024x2560 / 2560x1024 weights (about 10.5 MB each), external data."""
+    rng = np.random.default_rng(0)
+    nodes, inits, current, width = [], [], "x", 1024
+    for i in range(layers):
+        out = 2560 if i % 2 == 0 else 1024
+        inits.append(numpy_helper.from_array((rng.standard_normal((width, out)) / 40).astype(np.float32), f"W{i}"))
+        nodes += [helper.make_node("MatMul", [current, f"W{i}"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
+        current, width = f"r{i}", out
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1024])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["N", width])], inits)
+    return save_external(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "wide.onnx")
+
+
+def test_optimize_verifies_in_segments_when_the_whole_model_does_not_fit(tmp_path, monkeypatch):
+    from graphs import onnxlr_cli
+
+    source = wide_file(tmp_path)
+    # The whole model's session is estimated at about 246 MB (42 MB of weights x 1.1 + 200 MB); 240 MB is "free".
+    monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "240MB")
+    result = onnxlr_cli("optimize", str(source), str(tmp_path / "out.onnx"), "--no-gate", "--external-data",
+                        "--report", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    assert "verifying in segments of at most" in result.stderr
+    import json
+
+    verification = json.loads((tmp_path / "r.json").read_text())["verification"]
+    entry = verification["providers"]["cpu"]
+    assert 16 << 20 <= entry["segment_budget_bytes"] < 42 << 20 and entry["outputs"]
