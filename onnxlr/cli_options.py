@@ -248,7 +248,8 @@ def run_verification(reference: Any, candidate_path: Any, reference_model: Any, 
     providers = runtime.parse_providers(split_list(options["providers"]))
     # Synthesized inputs are sized by running the reference (never the candidate) on a probe.
     feeds = synthesis.model_feeds(reference, inputs.input_specs(reference_model), options["inputs_path"],
-                                  options["seed"], options["samples"], inputs.parse_shape_overrides(options["shapes"]))
+                                  options["seed"], options["samples"], inputs.parse_shape_overrides(options["shapes"]),
+                                  options.get("segment_budget"))
     gates = verify.Gates.chosen(atol=options["atol"], rtol=options["rtol"], min_cosine=options["min_cosine"],
                                 default_gate=not options["no_gate"])
     per_layer = verify.factorized_outputs(candidate_path) if options["per_layer"] else []

@@ -40,18 +40,21 @@ class Feeds:
 
 def model_feeds(reference_source: str | os.PathLike | bytes, specs: Mapping[str, InputSpec],
                 inputs_path: str | os.PathLike | None, seed: int, samples: int,
-                shapes: Mapping[str, tuple[int, ...]] | None) -> Feeds:
+                shapes: Mapping[str, tuple[int, ...]] | None, segment_budget: int | None = None) -> Feeds:
     """The feeds of verify, optimize's verification and bench: --inputs as given, else synthesized ones
     the reference accepts."""
     if inputs_path:
         return Feeds(load_inputs(inputs_path, specs), synthesized=False)
-    return Feeds(feeds_the_model_accepts(reference_source, specs, seed, samples, shapes), synthesized=True)
+    return Feeds(feeds_the_model_accepts(reference_source, specs, seed, samples, shapes, segment_budget),
+                 synthesized=True)
 
 
 def feeds_the_model_accepts(reference_source: str | os.PathLike | bytes, specs: Mapping[str, InputSpec],
                             seed: int = 0, samples: int = 8,
-                            shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
-    """Synthesized feeds at the first ladder step whose one-sample probe the reference runs on the CPU."""
+                            shapes: Mapping[str, tuple[int, ...]] | None = None,
+                            segment_budget: int | None = None) -> dict[str, np.ndarray]:
+    """Synthesized feeds at the first ladder step whose one-sample probe the reference runs on the CPU
+    (`segment_budget`: in segments of at most that many bytes of weights, for a model that does not fit whole)."""
     steps = _distinct_steps(specs, shapes)
     if len(steps) == 1:  # nothing onnxlr chooses: a failing reference is reported by verify itself
         return synthesize_inputs(specs, seed, samples, shapes)
@@ -59,14 +62,14 @@ def feeds_the_model_accepts(reference_source: str | os.PathLike | bytes, specs: 
                   <= MAX_SYNTHESIZED_BYTES]
     if not affordable:
         return synthesize_inputs(specs, seed, samples, shapes)  # raises: the inputs would be too large
-    from onnxlr.runtime import error_text, make_session
+    from onnxlr.runtime import error_text
 
-    session = make_session(reference_source, "cpu")
+    run = _probe_runner(reference_source, segment_budget)
     error = ""
     for step in affordable:
         probe = synthesize_inputs(specs, seed, 1, shapes, step)
         try:
-            session.run(None, probe)
+            run(probe)
         except MemoryError:
             raise
         except Exception as exc:  # onnxruntime's own exception types: this step's shapes do not fit the model
@@ -75,6 +78,21 @@ def feeds_the_model_accepts(reference_source: str | os.PathLike | bytes, specs: 
             continue
         return synthesize_inputs(specs, seed, samples, shapes, step)
     raise _no_shape_runs(specs, shapes, affordable, error)
+
+
+def _probe_runner(reference_source: str | os.PathLike | bytes, segment_budget: int | None):
+    """Runs the reference once on a probe: one session, or segment by segment (onnxlr.segments)."""
+    if segment_budget is not None and not isinstance(reference_source, bytes):
+        import onnx
+
+        from onnxlr.segments import run_in_segments
+
+        outputs = [o.name for o in onnx.load(str(reference_source), load_external_data=False).graph.output]
+        return lambda probe: run_in_segments(reference_source, [probe], outputs, segment_budget)
+    from onnxlr.runtime import make_session
+
+    session = make_session(reference_source, "cpu")
+    return lambda probe: session.run(None, probe)
 
 
 def _shapes_text(feeds: Mapping[str, np.ndarray]) -> str:
