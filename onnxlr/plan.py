@@ -192,8 +192,8 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         raise OnnxlrError("{0} needs every layer timed first (--objective latency)", "latency_budget")
 
     def before(group: WeightGroup) -> float:
-        if measure == "latency":
-            return group.timing.original_ms
+        if measure == "latency":  # a layer that could not be timed (in a coupled pair) counts for nothing
+            return group.timing.original_ms if group.timing is not None else 0.0
         return group.scheme.params_before if measure == "params" else group.scheme.macs_before
 
     def after(group: WeightGroup, rank: int) -> float:
