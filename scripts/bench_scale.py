@@ -9,7 +9,10 @@ For each model (built or reused with `python -m models build NAME` into the git-
           again with onnx (external data when the input had it): the least any rewriting tool pays
           to read and write the same bytes.
   onnxlr  `onnxlr optimize MODEL OUT --rank-ratio 0.25 --no-verify -q --jobs N` (plus --onnxlr-args)
-          in its own process, once for each N of --jobs.
+          in its own process, once for each N of --jobs. With --verify, the default verification runs
+          too (`--no-gate`: the reference models' weights are random); with $ONNXLR_MEMORY_LIMIT below
+          what one whole model needs, it runs in segments (issue 19):
+              ONNXLR_MEMORY_LIMIT=2.5GB python scripts/bench_scale.py --models llm-1b --jobs 2 --verify
 
 Both are timed as whole processes (interpreter start-up and imports included) after one warm-up
 read of the model's files, so both see the same page cache. Peak anonymous memory is the largest
@@ -131,7 +134,8 @@ def onnxlr_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "onnxlr"]
 
 
-def bench_model(name: str, work: Path, jobs: list[int], extra: list[str], interval: float) -> list[dict]:
+def bench_model(name: str, work: Path, jobs: list[int], extra: list[str], interval: float,
+                verify: bool = False) -> list[dict]:
     model = ensure_built(name)
     facts = model_facts(model)
     out_dir = work / name
@@ -146,8 +150,9 @@ def bench_model(name: str, work: Path, jobs: list[int], extra: list[str], interv
     for count in jobs:
         report = out_dir / "report.json"
         output = out_dir / "model-lr.onnx"
+        checks = ["--no-gate"] if verify else ["--no-verify"]
         command = [*onnxlr_command(), "optimize", str(model), str(output), "--rank-ratio", "0.25",
-                   "--no-verify", "-q", "--jobs", str(count), "--report", str(report), *extra]
+                   *checks, "-q", "--jobs", str(count), "--report", str(report), *extra]
         run = measure(command, interval)
         solvers: dict[str, int] = {}
         for layer in json.loads(report.read_text())["layers"]:
@@ -204,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the outputs (default: .cache/bench-scale)")
     parser.add_argument("--interval", type=float, default=0.02, help="memory sampling interval in seconds")
     parser.add_argument("--keep", action="store_true", help="keep the written models")
+    parser.add_argument("--verify", action="store_true",
+                        help="run optimize's default verification too (--no-gate), instead of --no-verify")
     args = parser.parse_args(argv)
     extra = shlex.split(args.onnxlr_args)
     jobs = [int(j) for j in args.jobs.split(",") if j.strip()]
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-            results.extend(bench_model(name, args.work, jobs, extra, args.interval))
+            results.extend(bench_model(name, args.work, jobs, extra, args.interval, args.verify))
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
