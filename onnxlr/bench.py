@@ -41,7 +41,8 @@ def speedup(baseline: Sequence[float], candidate: Sequence[float]) -> dict[str, 
     }
 
 
-def _timer(session, feeds: Mapping[str, np.ndarray]) -> Callable[[], float]:
+def timer(session, feeds: Mapping[str, np.ndarray]) -> Callable[[], float]:
+    """A function that runs the session once on `feeds` and returns the seconds it took."""
     names = [o.name for o in session.get_outputs()]
 
     def run_once() -> float:
@@ -61,7 +62,7 @@ def benchmark(models: Sequence[Any], feeds: Mapping[str, np.ndarray], provider: 
     A model onnxruntime cannot run on `feeds` is an OnnxlrError naming the input at fault (`graphs`: the
     models loaded with onnx-ir, to trace a failing node back to its inputs) and saying what to pass (`hint`)."""
     sessions = [make_session(m, provider, threads=threads, optimization_level=optimization_level) for m in models]
-    timers = [_timer(s, feeds) for s in sessions]
+    timers = [timer(s, feeds) for s in sessions]
     times: list[list[float]] = [[] for _ in timers]
     current = 0
     try:

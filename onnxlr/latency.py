@@ -207,7 +207,7 @@ class Clock:
             self.cache_path = None
 
     def summary(self) -> dict[str, Any]:
-        """The report's `latency.measurement`: where the times came from and what timing cost."""
+        """Where the times came from and what timing cost (merged into the report's `latency`)."""
         return {"provider": self.provider if self.table is None else self.context.get("provider"),
                 "threads": self.threads if self.table is None else self.context.get("threads"),
                 "source": f"table {self.table}" if self.table else "measured", "context": self.context,
@@ -284,7 +284,7 @@ def layer_key(target: Target, shapes: Mapping[str, tuple | None]) -> str:
             parts.append(f"c{'x'.join(map(str, array.shape))}:{array.dtype}")
         else:
             dims, dtype = _activation_spec(target, value, shapes)
-            parts.append(f"{'x'.join(map(str, dims))}:{dtype}")
+            parts.append(f"{'x'.join(map(str, dims))}:{dtype.name.lower()}")
     attributes = ",".join(f"{name}={_plain(attr.value)}" for name, attr in sorted(node.attributes.items()))
     return f"{node.op_type}({';'.join(parts)}){{{attributes}}}"
 
@@ -302,7 +302,8 @@ def _constant_input(target: Target, index: int) -> np.ndarray | None:
     return weight.array
 
 
-def _activation_spec(target: Target, value: ir.Value, shapes: Mapping[str, tuple | None]) -> tuple[list[int], str]:
+def _activation_spec(target: Target, value: ir.Value, shapes: Mapping[str, tuple | None]
+                     ) -> tuple[list[int], ir.DataType]:
     dims = shapes.get(value.name or "")
     # An intermediate value's type is often not stored; the ops timed take activations of the weight's type.
     dtype = value.type.dtype if value.type is not None and hasattr(value.type, "dtype") else target.dtype
@@ -311,7 +312,7 @@ def _activation_spec(target: Target, value: ir.Value, shapes: Mapping[str, tuple
     if dtype is None or dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE,
                                       ir.DataType.BFLOAT16):
         raise NotTimed(f"its input {value.name!r} is not a float tensor")
-    return list(dims), dtype.name.lower()
+    return list(dims), dtype
 
 
 def original_model(target: Target, shapes: Mapping[str, tuple | None]) -> tuple[bytes, dict[str, np.ndarray]]:
@@ -361,8 +362,7 @@ def _micro(target: Target, shapes: Mapping[str, tuple | None]) -> tuple[ir.Model
             value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
             initializers.append(value)
         else:
-            dims, dtype_name = _activation_spec(target, original, shapes)
-            dtype = ir.DataType[dtype_name.upper()]
+            dims, dtype = _activation_spec(target, original, shapes)
             value = ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(dtype))
             inputs.append(value)
             feeds[name] = rng.standard_normal(dims).astype(dtype.numpy())
@@ -388,10 +388,11 @@ def _ir_version(opset: int) -> int:
 
 def time_models(models: Sequence[bytes], feeds: Mapping[str, np.ndarray], provider: str, threads: int) -> list[float]:
     """Median milliseconds of each model on `feeds`, interleaved (0..n, then n..0, ...) after warm-up."""
+    from onnxlr.bench import timer
     from onnxlr.runtime import make_session
 
     sessions = [make_session(m, provider, threads=threads) for m in models]
-    runs = [_runner(session, feeds) for session in sessions]
+    runs = [timer(session, feeds) for session in sessions]
     estimate = 0.0
     for run in runs:
         for _ in range(WARMUP - 1):
@@ -404,18 +405,6 @@ def time_models(models: Sequence[bytes], feeds: Mapping[str, np.ndarray], provid
         for index in order:
             times[index].append(runs[index]())
     return [float(np.median(t)) * 1e3 for t in times]
-
-
-def _runner(session: Any, feeds: Mapping[str, np.ndarray]) -> Any:
-    names = [o.name for o in session.get_outputs()]
-    fed = dict(feeds)
-
-    def run() -> float:
-        start = time.perf_counter()
-        session.run(names, fed)
-        return time.perf_counter() - start
-
-    return run
 
 
 # ----------------------------------------------------------------------------- planning with measured times

@@ -65,7 +65,8 @@ def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress
         if clock is not None:
             latency.prepare_ladders(active, lambda g: candidate_schemes(g, settings), settings.rank_multiple,
                                     settings.budget[0], clock, progress)
-            active = [g for g in active if not g.reason or any(g in unit.groups for unit in units)]
+            in_units = {id(g) for unit in units for g in unit.groups}  # by identity: groups hold arrays
+            active = [g for g in active if not g.reason or id(g) in in_units]
         allocate_budget(active, settings, units)
         for group in active:
             if group.factorized:

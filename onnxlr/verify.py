@@ -239,7 +239,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
     for provider in providers:
         try:
             if segmented:
-                names = _graph_outputs(reference) + [n for n in per_layer if n not in _graph_outputs(reference)]
+                outputs = _graph_outputs(reference)
+                names = outputs + [n for n in per_layer if n not in outputs]
                 ref_out = _run_segmented(reference, feeds, batch_size, names, segment_budget, provider, threads)
             else:
                 ref_session = make_session(reference_bytes, provider, threads)
