@@ -30,7 +30,7 @@ def _list(cache: str | None) -> None:
     print(f"cache: {cache_root(cache)}")
     for name, builder in BUILDERS.items():
         state = "built" if is_up_to_date(model_dir(name, cache), name, builder.version) else "not built"
-        print(f"  {name:<11} {state:<10} {builder.description}")
+        print(f"  {name:<12} {state:<10} {builder.description}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,11 +24,12 @@ MANIFEST = "manifest.json"
 @dataclass(frozen=True)
 class Builder:
     name: str
-    module: str  # a module with build(out_dir: Path) -> dict (extra manifest fields)
+    module: str  # a module with a function(out_dir: Path) -> dict (extra manifest fields)
     # Bump when the module's output changes so cached copies get rebuilt. It lives here, not in the
     # module, so that the up-to-date check does not have to import torch or transformers.
     version: int
     description: str
+    function: str = "build"
 
 
 BUILDERS = {
@@ -37,10 +38,12 @@ BUILDERS = {
         Builder("digits-cnn", "models.digits_cnn", 1, "small CNN trained on sklearn digits (Conv, Gemm)"),
         Builder("minilm", "models.minilm", 1, "all-MiniLM-L6-v2 sentence encoder, stdlib-docstring text"),
         Builder("synthetic", "models.synthetic", 1, "random-weight MLP, transformer block, conv variants"),
-        Builder("llm-1b", "models.llm_1b", 1, "LLM-shaped random model, ~1.06B fp32 params (~4.2 GB)"),
+        Builder("llm-1b", "models.llm", 1, "LLM-shaped random model, ~1.06B fp32 params (~4.2 GB)", "build_1b"),
+        Builder("llm-8b", "models.llm", 1, "LLM-shaped random model, ~8.0B fp16 params (~16 GB)", "build_8b"),
+        Builder("llm-8b-fp32", "models.llm", 1, "the llm-8b stack in fp32 (~32 GB)", "build_8b_fp32"),
     )
 }
-# What `build all` means: everything except the multi-GB llm-1b.
+# What `build all` means: everything except the multi-GB llm models.
 ALL = ("digits-cnn", "minilm", "synthetic")
 
 
@@ -90,7 +93,8 @@ def build(name: str, cache: str | os.PathLike | None = None, force: bool = False
     start = time.perf_counter()
     tmp = _fresh_dir(target.parent, f".{name}.tmp")
     try:
-        info = importlib.import_module(BUILDERS[name].module).build(tmp)
+        builder = BUILDERS[name]
+        info = getattr(importlib.import_module(builder.module), builder.function)(tmp)
         seconds = round(time.perf_counter() - start, 1)
         _write_manifest(tmp, name, version, seconds, info)
         _replace_dir(tmp, target)

@@ -121,6 +121,10 @@ def session_bytes(weight_bytes: int, activation_bytes: int) -> int:
 
 # Segments smaller than this would spend the run creating sessions: below it, verification is refused instead.
 MIN_SEGMENT_BYTES = 16 << 20
+# Segments larger than this run no faster (a session's creation time follows its bytes either way), and what they
+# would take is better left to the page cache that feeds them (and to the rest of the machine): one decoder layer
+# of an 8B-parameter fp16 model is 0.49 GB.
+MAX_SEGMENT_BYTES = 512 << 20
 
 
 def fits(weight_bytes: int, activation_bytes: int, free: Available | None) -> bool:
@@ -128,11 +132,12 @@ def fits(weight_bytes: int, activation_bytes: int, free: Available | None) -> bo
 
 
 def segment_budget(activation_bytes: int, free: Available | None) -> int | None:
-    """Weight bytes per segment that keep one segment's session within the memory available (None: none can)."""
+    """Weight bytes per segment that keep one segment's session within the memory available, at most
+    MAX_SEGMENT_BYTES (None: none can)."""
     if free is None:
         return None
     budget = int((free.bytes - activation_bytes - SESSION_OVERHEAD_BYTES) / SESSION_WEIGHT_FACTOR)
-    return budget if budget >= MIN_SEGMENT_BYTES else None
+    return min(budget, MAX_SEGMENT_BYTES) if budget >= MIN_SEGMENT_BYTES else None
 
 
 def check(stage: str, weight_bytes: int, activation_bytes: int, advice: str,

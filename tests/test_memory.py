@@ -70,6 +70,15 @@ def test_check_passes_what_fits_and_stops_what_does_not():
         memory.check("verification", 10**6, 10**5, "advice", memory.Available(10**6, "test"))
 
 
+def test_segments_follow_the_memory_available_up_to_a_cap():
+    free = memory.Available(300 << 20, "test")
+    budget = memory.segment_budget(10 << 20, free)
+    assert budget is not None and memory.session_bytes(budget, 10 << 20) <= free.bytes < memory.session_bytes(
+        budget + (2 << 20), 10 << 20)
+    assert memory.segment_budget(0, memory.Available(20 << 30, "test")) == memory.MAX_SEGMENT_BYTES
+    assert memory.segment_budget(0, memory.Available(200 << 20, "test")) is None  # under MIN_SEGMENT_BYTES
+
+
 def test_optimize_stops_before_the_rewrite_when_verification_cannot_fit(tmp_path, monkeypatch):
     source = tmp_path / "m.onnx"
     onnx.save(ir.to_proto(chain(256)), source)
