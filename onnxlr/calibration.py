@@ -138,6 +138,21 @@ def probes(model: ir.Model, inputs_as_constants: bool = False) -> list[Probe]:
     return found
 
 
+def gram_bytes(model: ir.Model, shapes: Mapping[str, tuple | None]) -> int:
+    """Bytes the statistics of `model`'s probes take (one float64 K x K Gram per activation and group; K from the
+    inferred `shapes`, unknown sizes counted as 0): for the memory check before calibration."""
+    sizes: dict[tuple, int] = {}
+    for probe in probes(model):
+        if probe.unfold is not None:
+            size = probe.unfold["channels"] // probe.groups * int(np.prod(probe.unfold["spatial"]))
+        else:
+            dims = shapes.get(probe.activation) or ()
+            axis = -1 if probe.layout == "rows" else -2
+            size = dims[axis] if len(dims) >= -axis and isinstance(dims[axis], int) else 0
+        sizes[(probe.activation, probe.layout, probe.groups)] = probe.groups * size * size * 8
+    return sum(sizes.values())
+
+
 def _patch_probe(node: ir.Node, activation: Activation, kernel: np.ndarray, dtype: ir.DataType, index: int) -> Probe:
     """A conv's patches: read by a one-hot depthwise conv with the node's own patch attributes."""
     cin, spatial = kernel.shape[1] * activation.groups, kernel.shape[2:]
@@ -187,17 +202,28 @@ class Runner:
 
     With `slots`, each slot's weight is a graph input (its initializer the default), so `run` can
     feed a factorized weight in its place without rebuilding the session.
+
+    With `segment_budget` (bytes of weights; a model that does not fit in memory whole) there is no session:
+    `moments` runs the probe model block by block (onnxlr.segments), and `run` (whole-model runs: sensitivity,
+    pairs, compensation, target search) refuses.
     """
 
     def __init__(self, model_source: str | os.PathLike | bytes, model: ir.Model, found: list[Probe],
-                 slots: list[Slot] = ()):
+                 slots: list[Slot] = (), segment_budget: int | None = None):
         self.specs = input_specs(model)
         self.model = model  # traces a node onnxruntime fails on back to the input at fault
         self.outputs = [value.name for value in model.graph.outputs]
         self.probes = {probe.key: probe for probe in found}
         self.slots = list(slots)  # feed index -> Slot
-        proto_bytes, folder, self.slot_inputs = _probe_model(model_source, found, list(slots))
-        self.session = make_session(proto_bytes, "cpu", external_data_folder=folder)
+        self.segment_budget = segment_budget
+        if segment_budget is not None and isinstance(model_source, bytes):
+            raise OnnxlrError("calibrating in segments needs the model's path (its weights are read there)")
+        # In segments nothing is fed: the slots' weights stay initializers.
+        proto_bytes, folder, self.slot_inputs = _probe_model(model_source, found,
+                                                             list(slots) if segment_budget is None else [])
+        self.source, self.probe_model = model_source, proto_bytes
+        self.session = None if segment_budget is not None else make_session(proto_bytes, "cpu",
+                                                                            external_data_folder=folder)
         mask = self.specs.get(MASK_INPUT_NAME)
         self.mask_input = MASK_INPUT_NAME if mask is not None and len(mask.shape) == 2 else None
         self.masked = masked_probes(model, found) if self.mask_input else frozenset()  # probe keys
@@ -209,6 +235,10 @@ class Runner:
         for index, array in (overrides or {}).items():
             feeds[self.slot_inputs[index]] = array
         names = list(dict.fromkeys(names))
+        if self.session is None:
+            raise OnnxlrError("this step runs the whole model, which does not fit in memory (calibration runs it in "
+                              "segments): leave out --param-budget, --target-cosine/--target-error, --compensate and "
+                              "--quantize int8-static")
         try:
             return dict(zip(names, self.session.run(names, feeds)))
         except Exception as exc:  # onnxruntime's own exception types: bad shapes or values
@@ -306,15 +336,38 @@ def grams(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Ite
 
 def moments(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Iterable[str] | None = None,
             overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, GramAccumulator]:
-    """The accumulated statistics (Gram, sum, count) of the probes `keys` that saw any vector."""
+    """The accumulated statistics (Gram, sum, count) of the probes `keys` that saw any vector.
+
+    Probes that read the same activation the same way (q, k and v of one attention) share one accumulator: the
+    same object under each key, never modified after."""
     keys = list(runner.probes if keys is None else keys)
-    sums = {key: GramAccumulator() for key in keys}
-    for batch in batches:
-        outputs = runner.run(batch, [runner.probes[key].activation for key in keys], overrides)
+    shares: dict[tuple, list[str]] = {}
+    for key in keys:
+        probe = runner.probes[key]
+        shares.setdefault((probe.activation, probe.layout, probe.groups, key in runner.masked), []).append(key)
+    sums = {share: GramAccumulator() for share in shares}
+
+    def add(batch: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         keep = runner.keep(batch)
-        for key in keys:
-            sums[key].add(runner.vectors(key, outputs, keep))
-    return {key: acc for key, acc in sums.items() if acc.result() is not None}
+        for share, members in shares.items():
+            if share[0] in outputs:
+                sums[share].add(runner.vectors(members[0], outputs, keep))
+
+    names = list(dict.fromkeys(share[0] for share in shares))
+    if runner.session is None:  # block by block: each activation is reduced as soon as its segment makes it
+        from onnxlr.segments import run_in_segments
+
+        if overrides:
+            raise OnnxlrError("statistics of a partly factorized model need the whole model in memory")
+        batches = list(batches)
+        run_in_segments(runner.source, batches, [], runner.segment_budget,
+                        structure=onnx.load_from_string(runner.probe_model), observe=names,
+                        on_value=lambda index, name, array: add(batches[index], {name: array}))
+    else:
+        for batch in batches:
+            add(batch, runner.run(batch, names, overrides))
+    return {key: sums[share] for share, members in shares.items() for key in members
+            if sums[share].result() is not None}
 
 
 def compensation_statistics(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Iterable[str],

@@ -169,7 +169,7 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
         check_output_path(output_path, loaded)
     if not no_memory_check:
         _check_memory(loaded, input_shapes, verify_options, verifying=run_verify and not dry_run,
-                      calibrating=calibration_path is not None)
+                      calibrating=calibration_path is not None, config=config)
     edge_targets = _edge_targets(loaded, report_path or html_path, targets_path, dry_run)
 
     def factorize(sink: Any) -> Any:
@@ -178,7 +178,8 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
                                  calibration_samples=calibration_samples,
                                  heldout=verify_options["inputs_path"] if calibration_path else None,
                                  batch_size=verify_options["batch_size"], progress=state.progress, dry_run=dry_run,
-                                 input_shapes=input_shapes, sink=sink)
+                                 input_shapes=input_shapes, sink=sink,
+                                 calibration_segment_budget=verify_options.get("calibration_segment_budget"))
         report = result.report
         report.input = str(input_path)
         if edge_targets:
@@ -219,7 +220,8 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
         raise GateFailed(failure)
 
 
-def _check_memory(loaded: Any, input_shapes: dict, verify_options: dict, verifying: bool, calibrating: bool) -> None:
+def _check_memory(loaded: Any, input_shapes: dict, verify_options: dict, verifying: bool, calibrating: bool,
+                  config: Any) -> None:
     """Before hours are spent: the original's onnxruntime session (verification runs one model at a time, and the
     rewritten one is never larger) must fit the memory available, at the batch the runs use."""
     if not (verifying or calibrating):
@@ -237,20 +239,63 @@ def _check_memory(loaded: Any, input_shapes: dict, verify_options: dict, verifyi
     free = memory.available()
     if free is not None and memory.input_bytes(loaded.model, shapes) * scale > free.bytes:
         return  # the inputs alone cannot exist: the input stage names the one at fault, more precisely than this
-    if verifying and not memory.fits(weights, activations, free):
-        # One model at a time does not fit either: run each in segments of consecutive nodes (onnxlr.segments).
-        budget = memory.segment_budget(activations, free)
-        memory.check("verification", weights if budget is None else 0, activations, "pass --no-verify, or a smaller "
-                     "--batch-size / --samples", free)
-        verify_options["segment_budget"] = budget
-        logging.getLogger("onnxlr").warning(
-            "verification: onnxruntime would need about %s for the whole model, %s is available (%s): verifying "
-            "in segments of at most %s of weights, one at a time", memory.gb(memory.session_bytes(weights,
-                                                                                                 activations)),
-            memory.gb(free.bytes), free.source, memory.gb(budget))
+    if verifying:
+        _plan_verification(weights, activations, free, verify_options)
     if calibrating:
-        memory.check("calibration", weights, activations, "pass a smaller --batch-size, or leave out --calibration",
-                     free)
+        _plan_calibration(loaded.model, shapes, weights, activations, free, config, verify_options)
+
+
+def _plan_verification(weights: int, activations: int, free: Any, verify_options: dict) -> None:
+    """Whole models when they fit and are small; else in segments of consecutive nodes (onnxlr.segments), one at a
+    time: peak memory follows one segment, and the comparison is still of the models' outputs."""
+    from onnxlr import memory
+
+    fits = memory.fits(weights, activations, free)
+    if fits and weights <= memory.SEGMENTED_ABOVE_BYTES:
+        return
+    budget = memory.segment_budget(activations, free)
+    memory.check("verification", weights if budget is None else 0, activations, "pass --no-verify, or a smaller "
+                 "--batch-size / --samples", free)
+    verify_options["segment_budget"] = budget
+    log = logging.getLogger("onnxlr")
+    if not fits:
+        log.warning("verification: onnxruntime would need about %s for the whole model, %s is available (%s): "
+                    "verifying in segments of at most %s of weights, one at a time",
+                    memory.gb(memory.session_bytes(weights, activations)), memory.gb(free.bytes), free.source,
+                    memory.gb(budget))
+    else:
+        log.info("verification: %s of weights (over %s): verifying in segments of at most %s of weights, one at a "
+                 "time", memory.gb(weights), memory.gb(memory.SEGMENTED_ABOVE_BYTES), memory.gb(budget))
+
+
+def _plan_calibration(model: Any, shapes: dict, weights: int, activations: int, free: Any, config: Any,
+                      verify_options: dict) -> None:
+    """The whole original in one session when it fits; else its statistics block by block (segments), which the
+    steps that run the whole model (sensitivity, target search, compensation, static quantization) cannot use.
+    Either way the Gram matrices (K x K float64 per activation) must fit beside it."""
+    from onnxlr import memory
+    from onnxlr.calibration import gram_bytes
+
+    grams = gram_bytes(model, shapes)
+    if free is None or memory.session_bytes(weights, activations) + grams <= free.bytes:
+        return
+    whole = [flag for flag, wanted in (("--param-budget/--mac-budget", config.budget is not None),
+                                       ("--target-cosine/--target-error", config.target_cosine is not None
+                                        or config.target_error is not None),
+                                       ("--compensate", config.compensate),
+                                       ("--quantize int8-static", config.quantize == "int8-static")) if wanted]
+    budget = memory.segment_budget(activations + grams, free)
+    if whole or budget is None:
+        reason = f"{', '.join(whole)} run the whole model; " if whole else ""
+        memory.check("calibration", weights if whole else 0, activations, f"{reason}pass a smaller --batch-size, "
+                     "or leave out --calibration", free, statistics_bytes=grams)
+        return
+    verify_options["calibration_segment_budget"] = budget
+    logging.getLogger("onnxlr").warning(
+        "calibration: onnxruntime would need about %s for the whole model beside %s of statistics, %s is available "
+        "(%s): collecting the statistics block by block, in segments of at most %s of weights",
+        memory.gb(memory.session_bytes(weights, activations)), memory.gb(grams), memory.gb(free.bytes),
+        free.source, memory.gb(budget))
 
 
 def _calibrate(input_path: str, loaded: Any, calibration_path: str | None, samples: int | None,

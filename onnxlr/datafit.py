@@ -51,6 +51,9 @@ class CalibrationData:
     # when a written model missed the goal (cosine loss, or squared relative error); the retry aims past it.
     extra_quantizer_loss: float = 0.0
     quantizer_alone: float | None = None  # the quantizer's measure on the original (taken once, kept for retries)
+    # Bytes of weights per segment when the model does not fit in memory whole: statistics are collected block by
+    # block (onnxlr.segments), and the steps that run the whole model are not available.
+    segment_budget: int | None = None
 
     @property
     def samples(self) -> int:
@@ -86,13 +89,13 @@ def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationDat
     keyed = [g for g in main if not g.uniform or not g.lead.rule.calibrated
              or all(t.node.outputs[0].name in probed for t in g.targets)]
     slots = [_slot(g) for g in keyed] + [slot for slot in extra_slots if slot is not None]
-    runner = calibration.Runner(data.source, model, found, slots)
+    runner = calibration.Runner(data.source, model, found, slots, data.segment_budget)
     statistics = calibration.moments(runner, progress(data.batches, "calibration"))
     for index, group in enumerate(keyed):
         group.slot = index
         found = [statistics[t.node.outputs[0].name] for t in group.targets if t.node.outputs[0].name in statistics]
-        if found and group.uniform:
-            group.gram = np.sum([acc.result() for acc in found], axis=0)
+        if found and group.uniform:  # one reader: its (possibly shared) Gram as it is, not a copy
+            group.gram = found[0].result() if len(found) == 1 else np.sum([acc.result() for acc in found], axis=0)
             group.input_moments = (np.sum([acc.sums for acc in found], axis=0), sum(acc.count for acc in found))
     return runner
 

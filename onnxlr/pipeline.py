@@ -80,13 +80,18 @@ def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = Fa
 def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, calibration: Any = None,
                     calibration_samples: int | None = None, heldout: Any = None, batch_size: int = 16,
                     progress: Progress | None = None, dry_run: bool = False,
-                    input_shapes: Mapping[str, Sequence[int]] | None = None, sink: Any = None) -> Factorization:
+                    input_shapes: Mapping[str, Sequence[int]] | None = None, sink: Any = None,
+                    calibration_segment_budget: int | None = None) -> Factorization:
     """Read the calibration data (if any) against the original, then factorize `loaded.model` in place.
 
     `source` is what the caller loaded (a path, or an in-memory model): onnxruntime runs the
     original from its file, so external data is read beside it, or from a serialized copy.
+    `calibration_segment_budget` (bytes of weights): collect the statistics block by block, for a model that does
+    not fit in memory (datafit.CalibrationData.segment_budget).
     """
     data = calibration_data(loaded, source, calibration, calibration_samples, heldout, batch_size)
+    if data is not None:
+        data.segment_budget = calibration_segment_budget
     if settings.quantize == "int8-static" and data is None:
         raise OnnxlrError("{0} int8-static needs calibration data ({1})", "quantize", "calibration")
     goal = datafit.Goal.of(settings)
@@ -270,6 +275,10 @@ def _joint_candidates(model: ir.Model, groups: list[WeightGroup], settings: Sett
             logger.info("%d coupled pairs could be compressed jointly with --calibration data", len(found))
         return [], []
     plans, not_pairs = coupled.find(model, groups)
+    if plans and data.segment_budget is not None:
+        logger.warning("%d coupled pairs are factorized per matrix: choosing a joint fit compares whole-model runs, "
+                       "and the model does not fit in memory whole", len(plans))
+        return [], not_pairs
     for entry in not_pairs:
         logger.info("not a coupled pair at %s: %s", entry["node"], entry["reason"])
     return plans, not_pairs

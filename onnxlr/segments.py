@@ -4,14 +4,15 @@ The model's structure is read without its weights; each segment is a model of a 
 weights stay references into the original's external-data file (onnxruntime reads only that segment's bytes), its
 inputs the values earlier segments (or the caller) produced, its outputs the values later segments or the caller
 need. Segments run in order, each over every batch before the next starts, so memory holds one segment's weights
-and the values crossing the cut, never the whole model: what verification of a model that does not fit uses.
+and the values crossing the cut, never the whole model: what verification of a large model, and calibration of one
+that does not fit, use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,20 +110,33 @@ def value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
 
 
 def run_in_segments(path: str | os.PathLike, batches: Sequence[Mapping[str, np.ndarray]], output_names: Sequence[str],
-                    budget_bytes: int, provider: str = "cpu", threads: int = 0) -> list[dict[str, np.ndarray]]:
+                    budget_bytes: int, provider: str = "cpu", threads: int = 0,
+                    structure: onnx.ModelProto | None = None, observe: Sequence[str] = (),
+                    on_value: Callable[[int, str, np.ndarray], None] | None = None) -> list[dict[str, np.ndarray]]:
     """Run the model at `path` on every batch, one segment (of at most `budget_bytes` of weights) at a time; returns
-    each batch's `output_names`."""
-    model = onnx.load(str(path), load_external_data=False)
-    segments = plan(model.graph, budget_bytes, output_names)
+    each batch's `output_names`.
+
+    `structure`: the graph to run instead of the file's own (the same weights, e.g. with extra nodes); its external
+    data is read next to `path`. `observe`: values handed to `on_value(batch index, name, array)` as soon as a segment
+    makes them (graph inputs at the start), then dropped unless something later reads them: calibration statistics
+    collected block by block."""
+    model = structure if structure is not None else onnx.load(str(path), load_external_data=False)
+    segments = plan(model.graph, budget_bytes, [*output_names, *observe])
     types = value_types(model)
     carried = [dict(batch) for batch in batches]
+    watched = set(observe)
+    for index, values in enumerate(carried):
+        for name in watched.intersection(values):
+            on_value(index, name, values[name])
     for index, segment in enumerate(segments):
-        if not segment.nodes:
+        if not segment.nodes or not segment.outputs:  # nothing later, and nothing watched, needs what it makes
             continue
         session = _session_beside(Path(path), segment_model(model, segment, types), provider, threads)
-        for values in carried:
+        for number, values in enumerate(carried):
             produced = session.run(segment.outputs, {name: values[name] for name in segment.inputs})
             values.update(zip(segment.outputs, produced))
+            for name in watched.intersection(segment.outputs):
+                on_value(number, name, values[name])
         del session
         still_read = set(output_names).union(*(set(s.inputs) for s in segments[index + 1:]))
         for values in carried:

@@ -109,3 +109,77 @@ def test_optimize_verifies_in_segments_when_the_whole_model_does_not_fit(tmp_pat
     verification = json.loads((tmp_path / "r.json").read_text())["verification"]
     entry = verification["providers"]["cpu"]
     assert 16 << 20 <= entry["segment_budget_bytes"] < 42 << 20 and entry["outputs"]
+
+
+def shared_input_file(tmp_path):
+    """mlp_file's chain plus two more MatMuls reading x (as q/k/v read one normalized input)."""
+    path = mlp_file(tmp_path)
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(3)
+    for name in ("Wa", "Wb"):
+        model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), name))
+        model.graph.node.append(helper.make_node("MatMul", ["x", name], [f"out_{name}"]))
+        model.graph.output.append(helper.make_tensor_value_info(f"out_{name}", TensorProto.FLOAT, ["N", 3, 32]))
+    return save_external(model, tmp_path / "shared.onnx", location="shared.data")
+
+
+def test_statistics_in_segments_match_the_whole_model(tmp_path):
+    """Block by block (every weight its own segment) the Grams, sums and counts are the whole model's."""
+    import onnx_ir as ir
+
+    from onnxlr import calibration
+
+    path = shared_input_file(tmp_path)
+    model = ir.load(str(path))
+    found = calibration.probes(model)
+    rng = np.random.default_rng(4)
+    batches = [{"x": rng.standard_normal((n, 3, 32)).astype(np.float32)} for n in (2, 5)]
+    whole = calibration.moments(calibration.Runner(str(path), model, found), batches)
+    runner = calibration.Runner(str(path), model, found, segment_budget=1)
+    pieces = calibration.moments(runner, batches)
+    assert set(pieces) == set(whole) and len(whole) == 6
+    for key, acc in whole.items():
+        np.testing.assert_allclose(pieces[key].result(), acc.result(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(pieces[key].sums, acc.sums, rtol=1e-6, atol=1e-6)
+        assert pieces[key].count == acc.count == 7 * 3
+    # The three readers of x share one accumulator (one Gram in memory, not three).
+    readers_of_x = [p.key for p in found if p.activation == "x"]
+    assert len(readers_of_x) == 3 and len({id(pieces[key]) for key in readers_of_x}) == 1
+    with pytest.raises(Exception, match="does not fit in memory"):
+        runner.run(batches[0], ["x"])  # whole-model steps refuse
+
+
+def test_optimize_calibrates_in_segments_when_the_whole_model_does_not_fit(tmp_path, monkeypatch):
+    from graphs import onnxlr_cli
+
+    from onnxlr import calibration
+    from onnxlr.shapes import infer_shapes
+
+    source = wide_file(tmp_path)
+    import onnx_ir as ir
+
+    model = ir.load(str(source))
+    # One float64 Gram per activation: K = 1024, 2560, 1024, 2560.
+    assert calibration.gram_bytes(model, infer_shapes(model, {"x": (16, 1024)})) == (2 * 1024**2 + 2 * 2560**2) * 8
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((24, 1024)).astype(np.float32))
+    common = ["--calibration", str(tmp_path / "calib.npz"), "--rank-ratio", "0.25", "--no-gate", "--external-data",
+              "--methods", "svd"]  # per matrix: joint pairs compare whole-model runs, which segments do not allow
+    whole = onnxlr_cli("optimize", str(source), str(tmp_path / "whole.onnx"), *common)
+    assert whole.returncode == 0, whole.stderr
+    # Whole: 42 MB of weights x 1.1 + 122 MB of Grams + 200 MB is over 360 MB; a segment of 25 MB fits beside them.
+    monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "360MB")
+    pieces = onnxlr_cli("optimize", str(source), str(tmp_path / "pieces.onnx"), *common)
+    assert pieces.returncode == 0, pieces.stderr
+    assert "collecting the statistics block by block" in pieces.stderr
+    # The same statistics give the same factors (up to rotations within near-equal singular values): same outputs.
+    x = np.load(tmp_path / "calib.npz")["x"]
+    from_whole, from_pieces = (make_session(str(tmp_path / f"{n}.onnx"), "cpu").run(None, {"x": x})[0]
+                               for n in ("whole", "pieces"))
+    np.testing.assert_allclose(from_pieces, from_whole, rtol=1e-4, atol=1e-4 * np.abs(from_whole).max())
+    paired = onnxlr_cli("optimize", str(source), str(tmp_path / "p.onnx"), *common[:-2])
+    assert paired.returncode == 0 and "coupled pairs are factorized per matrix" in paired.stderr
+    # A step that runs the whole model cannot run in segments: exit 2 before any work, naming it.
+    refused = onnxlr_cli("optimize", str(source), str(tmp_path / "t.onnx"), "--calibration", str(tmp_path / "calib.npz"),
+                         "--target-cosine", "0.9")
+    assert refused.returncode == 2 and "--target-cosine/--target-error run the whole model" in refused.stderr
+    assert not (tmp_path / "t.onnx").exists()
