@@ -227,11 +227,15 @@ verification_options = _options(
                  help="No default gate: outputs are compared and reported, but only --atol/--rtol/--min-cosine "
                       "(when given) and NaN/Inf the reference does not have can fail the run."),
     click.option("--per-layer", is_flag=True, help="Also compare the output of every factorized node."),
+    click.option("--min-layer-cosine", type=click.FloatRange(-1, 1), default=None,
+                 help="Gate: each factorized layer, run on the original layer's input, keeps at least this cosine to "
+                      "the original layer's output (the per-layer check, worst layers first; it always runs when the "
+                      "models are verified in segments)."),
 )
 
 
 VERIFY_KEYS = ("providers", "inputs_path", "shapes", "seed", "samples", "batch_size", "atol", "rtol",
-               "min_cosine", "no_gate", "per_layer")
+               "min_cosine", "no_gate", "per_layer", "min_layer_cosine")
 
 
 def split_list(text: str | None) -> list[str] | None:
@@ -255,7 +259,7 @@ def run_verification(reference: Any, candidate_path: Any, reference_model: Any, 
     per_layer = verify.factorized_outputs(candidate_path) if options["per_layer"] else []
     return verify.verify(reference, candidate_path, feeds.arrays, providers, gates, batch_size=options["batch_size"],
                          per_layer=per_layer, synthesized=feeds.synthesized, reference_model=reference_model,
-                         segment_budget=options.get("segment_budget"))
+                         segment_budget=options.get("segment_budget"), min_layer_cosine=options["min_layer_cosine"])
 
 
 def split_ops(text: str) -> tuple[str, ...]:

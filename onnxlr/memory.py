@@ -123,8 +123,9 @@ def session_bytes(weight_bytes: int, activation_bytes: int) -> int:
 MIN_SEGMENT_BYTES = 16 << 20
 # Segments larger than this run no faster (a session's creation time follows its bytes either way), and what they
 # would take is better left to the page cache that feeds them (and to the rest of the machine): one decoder layer
-# of an 8B-parameter fp16 model is 0.49 GB.
-MAX_SEGMENT_BYTES = 512 << 20
+# of an 8B-parameter fp16 model is 0.49 GB (0.35 GB its MLP): at 256 MB the 8B reference verifies with a peak
+# of about 1.x GB.
+MAX_SEGMENT_BYTES = 256 << 20
 # Above this many bytes of weights verification runs in segments even when the whole model would fit: measured
 # on the 1.06B-parameter llm-1b (4.2 GB), segments took less time than one whole session (203 s vs 227 s for
 # optimize) at half the peak memory, and an 8B model's 16 GB would otherwise take most of a 24 GB machine.

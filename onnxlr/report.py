@@ -129,6 +129,21 @@ def verification_table(result: dict[str, Any]) -> Table:
     return table
 
 
+LAYER_ROWS_SHOWN = 10
+
+
+def layer_check_table(provider: str, rows: list[dict[str, Any]]) -> Table:
+    """The per-layer check (each factorized layer on the original's inputs), the worst layers first."""
+    table = Table(title=f"onnxlr: per-layer check on {provider}, each layer on the original's inputs (worst first, "
+                        f"{min(len(rows), LAYER_ROWS_SHOWN)} of {len(rows)})", title_justify="left")
+    for column in ("layer", "rel error", "cosine", "result"):
+        table.add_column(column, justify="left" if column in ("layer", "result") else "right")
+    for row in rows[:LAYER_ROWS_SHOWN]:
+        verdict = "-" if not row["gated"] else ("[green]pass[/]" if row["passed"] else "[red]FAIL[/]")
+        table.add_row(row["layer"], f"{row['relative_error']:.4f}", f"{row['cosine']:.6f}", verdict)
+    return table
+
+
 def output_verdict(metrics: dict[str, Any]) -> str:
     """"pass" only when a gate checked the output; "not gated" when none did; else "FAIL"."""
     if not metrics["passed"]:
@@ -153,6 +168,9 @@ def print_verification(result: dict[str, Any], console: Console) -> None:
     if result.get("inputs"):
         console.print(inputs_line(result["inputs"], result.get("synthesized", False)), highlight=False)
     console.print(verification_table(result))
+    for provider, entry in result["providers"].items():
+        if entry.get("layer_checks"):
+            console.print(layer_check_table(provider, entry["layer_checks"]))
     for provider, entry in result["providers"].items():
         for name, noise in entry.get("reference_vs_cpu", {}).items():
             console.print(f"{provider} vs cpu (reference only, provider noise) {name}: max abs "

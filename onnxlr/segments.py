@@ -131,7 +131,7 @@ def run_in_segments(path: str | os.PathLike, batches: Sequence[Mapping[str, np.n
     for index, segment in enumerate(segments):
         if not segment.nodes or not segment.outputs:  # nothing later, and nothing watched, needs what it makes
             continue
-        session = _session_beside(Path(path), segment_model(model, segment, types), provider, threads)
+        session = session_beside(Path(path), segment_model(model, segment, types), provider, threads)
         for number, values in enumerate(carried):
             produced = session.run(segment.outputs, {name: values[name] for name in segment.inputs})
             values.update(zip(segment.outputs, produced))
@@ -145,7 +145,7 @@ def run_in_segments(path: str | os.PathLike, batches: Sequence[Mapping[str, np.n
     return [{name: values[name] for name in output_names} for values in carried]
 
 
-def _session_beside(path: Path, piece: bytes, provider: str, threads: int):
+def session_beside(path: Path, piece: bytes, provider: str, threads: int):
     """A session of a segment written (a few kB: its weights are references) next to the model, where onnxruntime
     resolves the external data's relative locations; the file is gone once the session has read it."""
     import tempfile

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from onnxlr.errors import OnnxlrError
+from onnxlr.layer_check import LayerCheck, summary_failures
 from onnxlr.runtime import (
     GIVEN_HINT,
     PROVIDERS,
@@ -213,8 +214,8 @@ def _gate_failure(ref, out, diff, metrics, gates: Gates, integer: bool = False) 
 def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | bytes,
            feeds: Mapping[str, np.ndarray], providers: Sequence[str], gates: Gates,
            batch_size: int = 16, per_layer: Sequence[str] = (), threads: int = 0,
-           synthesized: bool = False, reference_model: Any = None, segment_budget: int | None = None
-           ) -> VerificationResult:
+           synthesized: bool = False, reference_model: Any = None, segment_budget: int | None = None,
+           min_layer_cosine: float | None = None) -> VerificationResult:
     """Run both models on each provider and compare (metrics: see the module doc).
 
     `segment_budget` (bytes of weights): models given as paths run in segments of at most that much, one
@@ -225,8 +226,15 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
     only the candidate fails (loads, lacks an output or raises), that is a failed verification.
     `per_layer` names intermediate tensors present in both models (the outputs of factorized
     nodes); they are exposed as extra outputs and compared too.
+
+    Models run in segments also get the per-layer check (onnxlr.layer_check: each factorized layer on the original's
+    inputs, worst first, in `layer_checks`); `min_layer_cosine` gates on it, running the models as one segment
+    when no budget asks for more.
     """
-    segmented = segment_budget is not None and not isinstance(reference, bytes) and not isinstance(candidate, bytes)
+    paths = not isinstance(reference, bytes) and not isinstance(candidate, bytes)
+    if min_layer_cosine is not None and segment_budget is None and paths:
+        segment_budget = 1 << 62  # one segment: the whole model, with the layers' values observed
+    segmented = segment_budget is not None and paths
     if segmented:  # the extra outputs are asked of the segments' runs; the files stay as they are
         reference_bytes, candidate_bytes = reference, candidate
     else:
@@ -241,7 +249,9 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             if segmented:
                 outputs = _graph_outputs(reference)
                 names = outputs + [n for n in per_layer if n not in outputs]
-                ref_out = _run_segmented(reference, feeds, batch_size, names, segment_budget, provider, threads)
+                check = _layer_check(reference, candidate, feeds, batch_size, provider, threads)
+                ref_out = _run_segmented(reference, feeds, batch_size, names, segment_budget, provider, threads,
+                                         check)
             else:
                 ref_session = make_session(reference_bytes, provider, threads)
                 names = [o.name for o in ref_session.get_outputs()]
@@ -270,6 +280,9 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
         entry: dict[str, Any] = {"session_providers": cand_providers, "outputs": {}, "layers": {}}
         if segmented:
             entry["segment_budget_bytes"] = segment_budget
+            entry["layer_checks"] = check.results(min_layer_cosine)
+            result.failures += summary_failures(entry["layer_checks"], min_layer_cosine, provider)
+            result.passed = result.passed and all(row["passed"] for row in entry["layer_checks"])
         for name in names:
             metrics = compare_arrays(ref_out[name], cand_out[name], gates if name in model_outputs else Gates(),
                                      name=name)
@@ -292,12 +305,22 @@ def _graph_outputs(model: str | os.PathLike) -> list[str]:
     return [o.name for o in onnx.load(str(model), load_external_data=False).graph.output]
 
 
+def _layer_check(reference: str | os.PathLike, candidate: str | os.PathLike, feeds: Mapping[str, np.ndarray],
+                 batch_size: int, provider: str, threads: int) -> LayerCheck:
+    from onnxlr.segments import value_types
+
+    proto = onnx.load(str(reference), load_external_data=False)
+    return LayerCheck(candidate, proto, len(list(batches(feeds, batch_size))), value_types(proto), provider, threads)
+
+
 def _run_segmented(model: str | os.PathLike, feeds: Mapping[str, np.ndarray], batch_size: int, names: Sequence[str],
-                   budget: int, provider: str, threads: int) -> dict[str, np.ndarray]:
-    """run_all's result, the model run in segments of at most `budget` bytes of weights (onnxlr.segments)."""
+                   budget: int, provider: str, threads: int, check: LayerCheck | None = None) -> dict[str, np.ndarray]:
+    """run_all's result, the model run in segments of at most `budget` bytes of weights (onnxlr.segments); `check`
+    observes the layers' values as they are made."""
     from onnxlr.segments import run_in_segments
 
-    parts = run_in_segments(model, list(batches(feeds, batch_size)), names, budget, provider, threads)
+    parts = run_in_segments(model, list(batches(feeds, batch_size)), names, budget, provider, threads,
+                            observe=check.watched if check else (), on_value=check.take if check else None)
     return {name: (np.concatenate([p[name] for p in parts]) if parts[0][name].ndim and len(parts) > 1
                    else parts[0][name]) for name in names}
 
