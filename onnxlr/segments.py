@@ -159,6 +159,6 @@ def session_beside(path: Path, piece: bytes, provider: str, threads: int):
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(piece)
-        return make_session(name, provider, threads)
+        return make_session(name, provider, threads, prepack=False)  # run a few times: packing would not pay
     finally:
         os.unlink(name)

@@ -19,8 +19,8 @@ For each model (built or reused with `python -m models build NAME` into the git-
           what one whole model needs, it runs in segments (issue 19):
               ONNXLR_MEMORY_LIMIT=2.5GB python scripts/bench_scale.py --models llm-1b --jobs 2 --verify
 
-Both are timed as whole processes (interpreter start-up and imports included) after one warm-up
-read of the model's files, so both see the same page cache. Peak anonymous memory is the largest
+Each is timed as a whole process (interpreter start-up and imports included) after a warm-up read of
+the model's files, so all see the same page cache; onnxlr runs first, the floors after it. Peak anonymous memory is the largest
 RssAnon of /proc/PID/status sampled every --interval seconds (heap, not the memory-mapped weights);
 VmHWM (all resident memory, mapped files included) is reported too. Targets (issue 8): onnxlr's
 wall time <= 3x the floor and peak anonymous memory <= 1 GB on the >= 0.8B-parameter model.
@@ -48,6 +48,7 @@ DEFAULT_MODELS = ("llm-1b", "digits-cnn", "minilm")
 WALL_TARGET = 3.0  # x the floor
 ANON_TARGET_BYTES = 10**9  # 1 GB
 WALL_TARGET_WITH_SVD = 1.25  # x (floor + svd floor), issue 19
+ANON_TARGET_VERIFIED_BYTES = 2 * 10**9  # 2 GB with the default verification, issue 19
 RANK_RATIO = 0.25
 
 FLOOR_CODE = """
@@ -164,19 +165,15 @@ def bench_model(name: str, work: Path, jobs: list[int], extra: list[str], interv
     out_dir = work / name
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    warm_up(model)
-    floor = measure([sys.executable, "-c", FLOOR_CODE, str(model), str(out_dir / "floor.onnx"),
-                     "1" if facts["external_data"] else "0"], interval)
-    for path in data_files(out_dir / "floor.onnx"):
-        path.unlink()  # free the disk (and the page cache) before onnxlr runs
-    svd = measure([sys.executable, "-c", SVD_FLOOR_CODE, str(model), str(RANK_RATIO)], interval) if svd_floor else None
-    results = []
+    results: list[dict] = []
+    runs = []
     for count in jobs:
         report = out_dir / "report.json"
         output = out_dir / "model-lr.onnx"
         checks = ["--no-gate"] if verify else ["--no-verify"]
         command = [*onnxlr_command(), "optimize", str(model), str(output), "--rank-ratio", str(RANK_RATIO),
                    *checks, "-q", "--jobs", str(count), "--report", str(report), *extra]
+        warm_up(model)
         run = measure(command, interval)
         solvers: dict[str, int] = {}
         for layer in json.loads(report.read_text())["layers"]:
@@ -186,6 +183,16 @@ def bench_model(name: str, work: Path, jobs: list[int], extra: list[str], interv
         sha256 = digest(output)
         for path in data_files(output):
             path.unlink()
+        runs.append((count, run, solvers, output_bytes, sha256))
+    # The floors after onnxlr: a long benchmark can then be watched (and the machine used) while onnxlr runs, and
+    # left alone while the floors are measured, without flattering onnxlr.
+    warm_up(model)
+    floor = measure([sys.executable, "-c", FLOOR_CODE, str(model), str(out_dir / "floor.onnx"),
+                     "1" if facts["external_data"] else "0"], interval)
+    for path in data_files(out_dir / "floor.onnx"):
+        path.unlink()  # free the disk (and the page cache)
+    svd = measure([sys.executable, "-c", SVD_FLOOR_CODE, str(model), str(RANK_RATIO)], interval) if svd_floor else None
+    for count, run, solvers, output_bytes, sha256 in runs:
         ratio = run["wall_s"] / floor["wall_s"]
         with_svd = {}
         if svd is not None:
@@ -194,10 +201,11 @@ def bench_model(name: str, work: Path, jobs: list[int], extra: list[str], interv
                         "wall_target_with_svd_met": svd_ratio <= WALL_TARGET_WITH_SVD}
         results.append({"model": name, "jobs": count, **facts, "floor": floor, **with_svd, "onnxlr": run,
                         "output_bytes": output_bytes, "output_sha256": sha256,
-                        "same_output_as_first_jobs": sha256 == (results[0]["output_sha256"] if results else sha256),
+                        "same_output_as_first_jobs": sha256 == runs[0][4],
                         "solvers": solvers, "wall_ratio": round(ratio, 2),
                         "wall_target_met": ratio <= WALL_TARGET,
-                        "anon_target_met": run["peak_anon_bytes"] <= ANON_TARGET_BYTES})
+                        "anon_target_met": run["peak_anon_bytes"] <= (ANON_TARGET_VERIFIED_BYTES if verify
+                                                                       else ANON_TARGET_BYTES)})
     return results
 
 
@@ -265,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     summary = {"machine": facts, "command": shlex.join([Path(sys.executable).name, *sys.argv]),
                "targets": {"wall_x_floor": WALL_TARGET, "peak_anon_bytes": ANON_TARGET_BYTES,
-                           "wall_x_floor_plus_svd": WALL_TARGET_WITH_SVD}, "results": results}
+                           "wall_x_floor_plus_svd": WALL_TARGET_WITH_SVD,
+                           "peak_anon_bytes_verified": ANON_TARGET_VERIFIED_BYTES}, "results": results}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
