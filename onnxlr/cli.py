@@ -221,7 +221,7 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
 
 
 def _check_memory(loaded: Any, input_shapes: dict, verify_options: dict, verifying: bool, calibrating: bool,
-                  config: Any) -> None:
+                  config: Any = None) -> None:
     """Before hours are spent: the original's onnxruntime session (verification runs one model at a time, and the
     rewritten one is never larger) must fit the memory available, at the batch the runs use."""
     if not (verifying or calibrating):
@@ -360,9 +360,13 @@ Examples:
 @verification_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
               help="Write every metric as JSON.")
+@click.option("--no-memory-check", is_flag=True,
+              help="Run each model whole, even when it looks too large for the memory available (by default such "
+                   "models, and any over 2 GB of weights, run in segments of consecutive nodes).")
 @verbosity_options
 @click.pass_obj
-def verify(state: State, reference_path: str, candidate_path: str, json_path: str | None, **options: Any) -> None:
+def verify(state: State, reference_path: str, candidate_path: str, json_path: str | None, no_memory_check: bool,
+           **options: Any) -> None:
     """Run REFERENCE and CANDIDATE with onnxruntime and compare their outputs.
 
     Metrics per output and execution provider: max/mean absolute error, max relative error,
@@ -372,10 +376,13 @@ def verify(state: State, reference_path: str, candidate_path: str, json_path: st
     >= 99% of elements equal); --no-gate turns it off.
     """
     from onnxlr.errors import GateFailed
+    from onnxlr.inputs import parse_shape_overrides
     from onnxlr.report import print_verification, write_json
 
     reference = io.load(reference_path)
     io.load(candidate_path)  # the same safety checks (external data inside its folder) before onnxruntime reads it
+    if not no_memory_check:
+        _check_memory(reference, parse_shape_overrides(options["shapes"]), options, verifying=True, calibrating=False)
     result = run_verification(reference_path, candidate_path, reference.model, options)
     if json_path:
         write_json(result.to_json(), json_path)

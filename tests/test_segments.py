@@ -183,3 +183,25 @@ def test_optimize_calibrates_in_segments_when_the_whole_model_does_not_fit(tmp_p
                          "--target-cosine", "0.9")
     assert refused.returncode == 2 and "--target-cosine/--target-error run the whole model" in refused.stderr
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_verify_runs_in_segments_when_the_whole_model_does_not_fit(tmp_path, monkeypatch):
+    """`onnxlr verify` plans its memory as optimize does, and lists the per-layer check there."""
+    import json
+
+    import onnxlr
+    from graphs import onnxlr_cli
+
+    source = wide_file(tmp_path)
+    model, _ = onnxlr.optimize(str(source), rank_ratio=0.25)
+    onnxlr.save(model, tmp_path / "lr.onnx", external_data=True)
+    monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "240MB")
+    result = onnxlr_cli("verify", str(source), str(tmp_path / "lr.onnx"), "--no-gate", "--json", str(tmp_path / "v.json"))
+    assert result.returncode == 0, result.stderr
+    entry = json.loads((tmp_path / "v.json").read_text())["providers"]["cpu"]
+    assert entry["segment_budget_bytes"] < 42 << 20 and len(entry["layer_checks"]) == 4
+    assert "per-layer check on cpu" in result.stdout
+    whole = onnxlr_cli("verify", str(source), str(tmp_path / "lr.onnx"), "--no-gate", "--no-memory-check",
+                       "--json", str(tmp_path / "w.json"))
+    assert whole.returncode == 0 and "segment_budget_bytes" not in json.loads((tmp_path / "w.json").read_text())[
+        "providers"]["cpu"]
