@@ -61,6 +61,8 @@ class Probe:
     layout: str  # "rows": along the last axis; "cols": along the second-to-last; "patches": unfolded conv
     groups: int = 1  # conv groups: one Gram per group
     unfold: dict | None = None  # conv only: how to build the one-hot Conv that reads the patches
+    node: str = ""  # the target node's name and op type (which probes the memory check counts)
+    op: str = ""
 
 
 @dataclasses.dataclass
@@ -134,15 +136,19 @@ def probes(model: ir.Model, inputs_as_constants: bool = False) -> list[Probe]:
         if activation.layout == "patches":
             found.append(_patch_probe(node, activation, target.array, target.dtype, len(found)))
         elif activation.value.name:
-            found.append(Probe(key=node.outputs[0].name, activation=activation.value.name, layout=activation.layout))
+            found.append(Probe(key=node.outputs[0].name, activation=activation.value.name, layout=activation.layout,
+                               node=node.name or "", op=node.op_type))
     return found
 
 
-def gram_bytes(model: ir.Model, shapes: Mapping[str, tuple | None]) -> int:
+def gram_bytes(model: ir.Model, shapes: Mapping[str, tuple | None], wanted: Any = None) -> tuple[int, int]:
     """Bytes the statistics of `model`'s probes take (one float64 K x K Gram per activation and group; K from the
-    inferred `shapes`, unknown sizes counted as 0): for the memory check before calibration."""
+    inferred `shapes`, unknown sizes counted as 0), and the largest one: for the memory check before calibration.
+    `wanted(probe)`: the probes the run will collect (--include/--exclude, --ops)."""
     sizes: dict[tuple, int] = {}
     for probe in probes(model):
+        if wanted is not None and not wanted(probe):
+            continue
         if probe.unfold is not None:
             size = probe.unfold["channels"] // probe.groups * int(np.prod(probe.unfold["spatial"]))
         else:
@@ -150,7 +156,7 @@ def gram_bytes(model: ir.Model, shapes: Mapping[str, tuple | None]) -> int:
             axis = -1 if probe.layout == "rows" else -2
             size = dims[axis] if len(dims) >= -axis and isinstance(dims[axis], int) else 0
         sizes[(probe.activation, probe.layout, probe.groups)] = probe.groups * size * size * 8
-    return sum(sizes.values())
+    return sum(sizes.values()), max(sizes.values(), default=0)
 
 
 def _patch_probe(node: ir.Node, activation: Activation, kernel: np.ndarray, dtype: ir.DataType, index: int) -> Probe:
@@ -161,7 +167,7 @@ def _patch_probe(node: ir.Node, activation: Activation, kernel: np.ndarray, dtyp
     unfold = {"input": activation.value.name, "channels": cin, "spatial": tuple(spatial),
               "dtype": dtype.numpy(), "attributes": attrs}
     return Probe(key=node.outputs[0].name, activation=f"onnxlr_calibration_patches_{index}", layout="patches",
-                 groups=activation.groups, unfold=unfold)
+                 groups=activation.groups, unfold=unfold, node=node.name or "", op=node.op_type)
 
 
 def vectors(array: np.ndarray, layout: str, groups: int = 1, keep: np.ndarray | None = None) -> np.ndarray:

@@ -275,8 +275,12 @@ def _plan_calibration(model: Any, shapes: dict, weights: int, activations: int, 
     Either way the Gram matrices (K x K float64 per activation) must fit beside it."""
     from onnxlr import memory
     from onnxlr.calibration import gram_bytes
+    from onnxlr.targets import selected
 
-    grams = gram_bytes(model, shapes)
+    total, largest = gram_bytes(model, shapes, lambda probe: probe.op in config.ops and selected(probe.node, config))
+    # Whitening one layer takes a few more K x K float64 matrices (the damped copy, the root, its inverse, the
+    # right-hand side): measured on llm-1b (largest K 5632, 0.25 GB Grams), 2.1 GB of statistics peaked at 4.1 GB.
+    grams = total + memory.WHITENING_COPIES * largest
     if free is None or memory.session_bytes(weights, activations) + grams <= free.bytes:
         return
     whole = [flag for flag, wanted in (("--param-budget/--mac-budget", config.budget is not None),
@@ -287,8 +291,10 @@ def _plan_calibration(model: Any, shapes: dict, weights: int, activations: int, 
     budget = memory.segment_budget(activations + grams, free)
     if whole or budget is None:
         reason = f"{', '.join(whole)} run the whole model; " if whole else ""
-        memory.check("calibration", weights if whole else 0, activations, f"{reason}pass a smaller --batch-size, "
-                     "or leave out --calibration", free, statistics_bytes=grams)
+        # In segments the least it can take is the smallest segment beside the statistics.
+        memory.check("calibration" if whole else "calibration, even in segments,",
+                     weights if whole else memory.MIN_SEGMENT_BYTES, activations, f"{reason}pass a smaller "
+                     "--batch-size, --include fewer layers, or leave out --calibration", free, statistics_bytes=grams)
         return
     verify_options["calibration_segment_budget"] = budget
     logging.getLogger("onnxlr").warning(

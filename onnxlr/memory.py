@@ -27,6 +27,8 @@ from onnxlr.errors import OnnxlrError
 SESSION_WEIGHT_FACTOR = 1.1
 SESSION_OVERHEAD_BYTES = 200 << 20  # the runtime itself, kernels' scratch and the arena's slack
 MEMORY_LIMIT_ENV = "ONNXLR_MEMORY_LIMIT"
+# The whitened SVD of a layer holds about this many more copies of its K x K Gram while it runs (onnxlr.lowrank).
+WHITENING_COPIES = 5
 
 
 @dataclasses.dataclass

@@ -71,6 +71,15 @@ def _check_filters(node: ir.Node, settings: Settings) -> None:
         raise Skip("excluded", "matched by --exclude")
 
 
+def selected(name: str, settings: Settings) -> bool:
+    """Whether --include/--exclude leave a node of this name to factorize."""
+    try:
+        _check_filters(ir.Node("", "Identity", [], name=name), settings)
+    except Skip:
+        return False
+    return True
+
+
 def _check_weight(target: Target) -> None:
     if target.dtype not in FLOAT_TYPES:
         raise Skip("dtype", f"weight dtype {target.dtype.name} is not a float type")

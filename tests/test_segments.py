@@ -160,14 +160,17 @@ def test_optimize_calibrates_in_segments_when_the_whole_model_does_not_fit(tmp_p
 
     model = ir.load(str(source))
     # One float64 Gram per activation: K = 1024, 2560, 1024, 2560.
-    assert calibration.gram_bytes(model, infer_shapes(model, {"x": (16, 1024)})) == (2 * 1024**2 + 2 * 2560**2) * 8
+    shapes = infer_shapes(model, {"x": (16, 1024)})
+    assert calibration.gram_bytes(model, shapes) == ((2 * 1024**2 + 2 * 2560**2) * 8, 2560**2 * 8)
+    assert calibration.gram_bytes(model, shapes, lambda probe: probe.activation == "x") == (1024**2 * 8,) * 2
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((24, 1024)).astype(np.float32))
     common = ["--calibration", str(tmp_path / "calib.npz"), "--rank-ratio", "0.25", "--no-gate", "--external-data",
               "--methods", "svd"]  # per matrix: joint pairs compare whole-model runs, which segments do not allow
     whole = onnxlr_cli("optimize", str(source), str(tmp_path / "whole.onnx"), *common)
     assert whole.returncode == 0, whole.stderr
-    # Whole: 42 MB of weights x 1.1 + 122 MB of Grams + 200 MB is over 360 MB; a segment of 25 MB fits beside them.
-    monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "360MB")
+    # Whole: 42 MB of weights x 1.1 + 122 MB of Grams + 5 x 52 MB whitening + 200 MB is over 620 MB; a segment of
+    # 25 MB fits beside them.
+    monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "620MB")
     pieces = onnxlr_cli("optimize", str(source), str(tmp_path / "pieces.onnx"), *common)
     assert pieces.returncode == 0, pieces.stderr
     assert "collecting the statistics block by block" in pieces.stderr
@@ -189,8 +192,9 @@ def test_verify_runs_in_segments_when_the_whole_model_does_not_fit(tmp_path, mon
     """`onnxlr verify` plans its memory as optimize does, and lists the per-layer check there."""
     import json
 
-    import onnxlr
     from graphs import onnxlr_cli
+
+    import onnxlr
 
     source = wide_file(tmp_path)
     model, _ = onnxlr.optimize(str(source), rank_ratio=0.25)
