@@ -131,12 +131,16 @@ class LayerCheck:
     segment runner's `on_value`."""
 
     def __init__(self, candidate_path: str | Path, reference: onnx.ModelProto, batches: int,
-                 types: Mapping[str, onnx.ValueInfoProto], provider: str = "cpu", threads: int = 0):
+                 types: Mapping[str, onnx.ValueInfoProto], provider: str = "cpu", threads: int = 0,
+                 candidate_model: onnx.ModelProto | None = None):
+        """`candidate_model`: the candidate's structure when it is not to be read from `candidate_path`."""
         self.path = Path(candidate_path)
-        self.candidate = onnx.load(str(candidate_path), load_external_data=False)
+        self.candidate = candidate_model if candidate_model is not None else onnx.load(
+            str(candidate_path), load_external_data=False)
         self.layers = layers(self.candidate, reference)
         self.batches, self.types, self.provider, self.threads = batches, types, provider, threads
         self.sums = {layer.output: Sums() for layer in self.layers}
+        self.errors: dict[str, str] = {}  # layer output -> why its nodes failed (the candidate is at fault)
         self.sessions: dict[str, Any] = {}
         self.held: list[dict[str, np.ndarray]] = [{} for _ in range(batches)]
         self.readers: dict[str, list[Layer]] = {}
@@ -158,36 +162,56 @@ class LayerCheck:
             del held[key]  # every layer that reads it has taken this batch
 
     def _check(self, layer: Layer, batch: int) -> None:
-        session = self.sessions.get(layer.output)
-        if session is None:
-            session = session_beside(self.path, layer_model(self.candidate, layer, self.types), self.provider,
-                                     self.threads)
-            self.sessions[layer.output] = session
         held = self.held[batch]
-        (output,) = session.run([layer.output], {name: held[name] for name in layer.inputs})
-        self.sums[layer.output].add(held[layer.output], output)
+        if layer.output not in self.errors:
+            try:
+                session = self.sessions.get(layer.output)
+                if session is None:
+                    session = session_beside(self.path, layer_model(self.candidate, layer, self.types),
+                                             self.provider, self.threads)
+                    self.sessions[layer.output] = session
+                (output,) = session.run([layer.output], {name: held[name] for name in layer.inputs})
+                self.sums[layer.output].add(held[layer.output], output)
+            except MemoryError:
+                raise
+            except Exception as exc:  # the reference made these inputs: the candidate's nodes are at fault
+                from onnxlr.runtime import error_text
+
+                self.errors[layer.output] = error_text(exc)
+                self.sessions.pop(layer.output, None)
+        if layer.output in self.errors:
+            self.sums[layer.output].batches += 1  # counted as taken, so the values it held are let go
         if self.sums[layer.output].batches == self.batches:
-            del self.sessions[layer.output]  # one layer's factors in memory at a time, give or take a segment
+            self.sessions.pop(layer.output, None)  # one layer's factors in memory at a time, give or take a segment
 
     def results(self, min_cosine: float | None = None) -> list[dict[str, Any]]:
         """Per layer, the worst (lowest cosine) first; `passed` against `min_cosine` (None: not gated)."""
         rows = []
         for layer in self.layers:
             sums = self.sums[layer.output]
+            if layer.output in self.errors:
+                rows.append({"layer": layer.source, "output": layer.output, "relative_error": None, "cosine": None,
+                             "passed": False, "gated": True, "error": self.errors[layer.output]})
+                continue
             if sums.batches == 0:
                 continue
             metrics = sums.metrics()
             passed = min_cosine is None or metrics["cosine"] >= min_cosine
             rows.append({"layer": layer.source, "output": layer.output, **metrics, "passed": passed,
                          "gated": min_cosine is not None})
-        return sorted(rows, key=lambda row: row["cosine"])
+        return sorted(rows, key=lambda row: -2.0 if row["cosine"] is None else row["cosine"])  # failed runs first
 
 
 def summary_failures(rows: Sequence[Mapping[str, Any]], min_cosine: float | None, provider: str) -> list[str]:
-    """One failure line per layer under `min_cosine` (at most 5 named)."""
-    failing = [row for row in rows if not row["passed"]]
-    if not failing:
-        return []
-    named = ", ".join(f"{row['layer']} {row['cosine']:.4f}" for row in failing[:5])
-    more = f" and {len(failing) - 5} more" if len(failing) > 5 else ""
-    return [f"{len(failing)} layer(s) on {provider} under --min-layer-cosine {min_cosine:g}: {named}{more}"]
+    """A line for the layers whose new nodes failed to run, and one for those under `min_cosine` (5 named each)."""
+    lines = []
+    broken = [row for row in rows if row.get("error")]
+    if broken:
+        lines.append(f"{len(broken)} factorized layer(s) fail on {provider}: "
+                     + "; ".join(f"{row['layer']}: {row['error']}" for row in broken[:5]))
+    failing = [row for row in rows if not row["passed"] and not row.get("error")]
+    if failing:
+        named = ", ".join(f"{row['layer']} {row['cosine']:.4f}" for row in failing[:5])
+        more = f" and {len(failing) - 5} more" if len(failing) > 5 else ""
+        lines.append(f"{len(failing)} layer(s) on {provider} under --min-layer-cosine {min_cosine:g}: {named}{more}")
+    return lines

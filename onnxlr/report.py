@@ -139,6 +139,9 @@ def layer_check_table(provider: str, rows: list[dict[str, Any]]) -> Table:
     for column in ("layer", "rel error", "cosine", "result"):
         table.add_column(column, justify="left" if column in ("layer", "result") else "right")
     for row in rows[:LAYER_ROWS_SHOWN]:
+        if row.get("error"):
+            table.add_row(row["layer"], "-", "-", f"[red]{row['error']}[/]")
+            continue
         verdict = "-" if not row["gated"] else ("[green]pass[/]" if row["passed"] else "[red]FAIL[/]")
         table.add_row(row["layer"], f"{row['relative_error']:.4f}", f"{row['cosine']:.6f}", verdict)
     return table

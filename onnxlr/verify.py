@@ -275,6 +275,10 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             result.passed = False
             result.failures.append(f"the candidate fails on {provider}: {error_text(exc)}")
             result.providers[provider] = {"session_providers": [], "outputs": {}, "layers": {}, "error": error_text(exc)}
+            if segmented:  # which layers fail, from the check that ran beside the reference
+                result.providers[provider]["layer_checks"] = check.results(min_layer_cosine)
+                result.failures += summary_failures(result.providers[provider]["layer_checks"], min_layer_cosine,
+                                                    provider)
             continue
         model_outputs = [n for n in names if n not in per_layer]
         entry: dict[str, Any] = {"session_providers": cand_providers, "outputs": {}, "layers": {}}
@@ -307,10 +311,16 @@ def _graph_outputs(model: str | os.PathLike) -> list[str]:
 
 def _layer_check(reference: str | os.PathLike, candidate: str | os.PathLike, feeds: Mapping[str, np.ndarray],
                  batch_size: int, provider: str, threads: int) -> LayerCheck:
+    """The per-layer check, or one with no layers when the candidate cannot be read (its own run says why)."""
     from onnxlr.segments import value_types
 
     proto = onnx.load(str(reference), load_external_data=False)
-    return LayerCheck(candidate, proto, len(list(batches(feeds, batch_size))), value_types(proto), provider, threads)
+    count = len(list(batches(feeds, batch_size)))
+    try:
+        return LayerCheck(candidate, proto, count, value_types(proto), provider, threads)
+    except Exception as exc:  # a candidate onnx cannot parse: the candidate's run fails and reports it
+        logger.info("no per-layer check: %s", error_text(exc))
+        return LayerCheck(reference, proto, count, {}, provider, threads, candidate_model=onnx.ModelProto())
 
 
 def _run_segmented(model: str | os.PathLike, feeds: Mapping[str, np.ndarray], batch_size: int, names: Sequence[str],

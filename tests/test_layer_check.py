@@ -65,3 +65,20 @@ def test_min_layer_cosine_gates_whole_or_in_segments(tmp_path):
         assert result.passed
     cli = onnxlr_cli("verify", str(reference), str(candidate), "--no-gate", "--min-layer-cosine", "0.999")
     assert cli.returncode != 0 and "per-layer check on cpu" in cli.stdout and "FAIL" in cli.stdout
+
+
+def test_a_layer_that_fails_to_run_fails_verification_not_the_reference(tmp_path):
+    """A broken factor (wrong inner size) is the candidate's fault: a failed layer row, never a bad-input error."""
+    from model_files import save_external
+
+    reference, candidate = rewritten(tmp_path, rank_ratio=0.25)
+    model = onnx.load(str(candidate))
+    index = next(i for i, t in enumerate(model.graph.initializer) if t.name.startswith("W0_lr") and t.dims[0] < 32)
+    broken = numpy_helper.to_array(model.graph.initializer[index])
+    model.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.vstack([broken, broken[:1]]),
+                                                                    model.graph.initializer[index].name))
+    save_external(model, tmp_path / "broken.onnx", location="broken.data")
+    result, rows = layer_rows(reference, tmp_path / "broken.onnx", FEEDS, segment_budget=5000)
+    assert not result.passed and rows[0]["output"] == "h0" and rows[0]["error"]
+    assert any("factorized layer(s) fail on cpu: h0" in failure for failure in result.failures)
+    assert all(row["cosine"] is not None for row in rows[1:])  # the other layers are still checked
