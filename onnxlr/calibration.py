@@ -3,7 +3,8 @@
 For every MatMul/Gemm/Conv target of the main graph, the input the weight multiplies is exposed
 as an extra graph output of a copy of the ORIGINAL model. Each batch's activations are reduced at
 once to the running float64 second moment G = sum x x^T over the K-vectors the weight multiplies,
-so memory stays at one (K, K) matrix per target whatever the amount of data:
+so memory stays at one (K, K) matrix per target whatever the amount of data (block by block, an activation
+seen by fewer vectors than half its width keeps the vectors instead, on disk: SampleAccumulator):
 
   MatMul right  X (..., K) · W (K, N)     the rows of X
   MatMul left   W (M, K) · X (..., K, N)  the columns of X
@@ -31,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxlr import lowrank
 from onnxlr.errors import OnnxlrError
 from onnxlr.inputs import input_specs, load_batches
 from onnxlr.masks import MASK_INPUT_NAME, masked_probes
@@ -88,6 +91,74 @@ class GramAccumulator:
         if self.gram is None:
             return None
         return self.gram[0] if len(self.gram) == 1 else self.gram
+
+
+# Block by block, an activation keeps its vectors (not a Gram) while they number at most this fraction of its width.
+SAMPLE_FRACTION = 0.5
+
+
+class SampleAccumulator:
+    """Statistics of an activation when the model is calibrated block by block: the vectors themselves (n x K),
+    appended to an unlinked temporary file in $TMPDIR, while n <= SAMPLE_FRACTION x K; past that, a running Gram
+    as in GramAccumulator. A few samples of a wide model (an 8B model's 129 activations on 512 tokens) then cost
+    disk, not memory: K x K float64 Grams would take 66 GB. `result()` is a lowrank.SampleGram over the
+    memory-mapped file, or the Gram."""
+
+    def __init__(self) -> None:
+        self.file: Any = None
+        self.width = 0
+        self.dtype: np.dtype = np.dtype(np.float32)
+        self.stored = 0  # vectors in the file
+        self.stored_sums: np.ndarray | None = None
+        self.gram: GramAccumulator | None = None  # once the vectors outnumber the limit
+
+    @property
+    def count(self) -> int:
+        return self.gram.count if self.gram is not None else self.stored
+
+    @property
+    def sums(self) -> np.ndarray | None:
+        return self.gram.sums if self.gram is not None else self.stored_sums
+
+    def add(self, vectors: np.ndarray) -> None:
+        if self.gram is not None:
+            self.gram.add(vectors)
+            return
+        vectors = np.asarray(vectors)
+        if self.file is None:
+            self.width = vectors.shape[1]
+            self.dtype = vectors.dtype if vectors.dtype.kind == "f" else np.dtype(np.float32)
+            self.stored_sums = np.zeros((1, self.width))
+            self.file = tempfile.TemporaryFile(prefix="onnxlr-statistics-")
+        if self.stored + len(vectors) > SAMPLE_FRACTION * self.width:
+            self._to_gram()
+            self.gram.add(vectors)
+            return
+        self.file.write(np.ascontiguousarray(vectors, dtype=self.dtype).tobytes())
+        self.stored_sums += vectors.sum(axis=0, dtype=np.float64)
+        self.stored += len(vectors)
+
+    def _stored(self) -> np.ndarray:
+        self.file.flush()
+        return np.memmap(self.file, dtype=self.dtype, mode="r", shape=(self.stored, self.width))
+
+    def _to_gram(self) -> None:
+        self.gram = GramAccumulator()
+        if self.stored:
+            stored = self._stored()
+            for start in range(0, self.stored, 4096):
+                self.gram.add(stored[start:start + 4096])
+            del stored
+        self.file.close()
+        self.file = None
+
+    def result(self) -> Any:
+        """A lowrank.SampleGram (the vectors, memory-mapped), or the (K, K) Gram past the limit."""
+        if self.gram is not None:
+            return self.gram.result()
+        if not self.stored:
+            return None
+        return lowrank.SampleGram([self._stored()])
 
 
 @dataclasses.dataclass
@@ -141,22 +212,39 @@ def probes(model: ir.Model, inputs_as_constants: bool = False) -> list[Probe]:
     return found
 
 
-def gram_bytes(model: ir.Model, shapes: Mapping[str, tuple | None], wanted: Any = None) -> tuple[int, int]:
-    """Bytes the statistics of `model`'s probes take (one float64 K x K Gram per activation and group; K from the
-    inferred `shapes`, unknown sizes counted as 0), and the largest one: for the memory check before calibration.
-    `wanted(probe)`: the probes the run will collect (--include/--exclude, --ops)."""
-    sizes: dict[tuple, int] = {}
+def statistics_bytes(model: ir.Model, shapes: Mapping[str, tuple | None], wanted: Any = None,
+                     batches: int | None = None) -> tuple[int, int]:
+    """What the statistics of `model`'s probes take, for the memory check before calibration: (bytes held in memory
+    while collecting, bytes of the largest whitening's working set). `wanted(probe)`: the probes the run will
+    collect (--include/--exclude, --ops); sizes come from the inferred `shapes` (unknown ones count as 0).
+
+    Whole model (`batches` None): one float64 K x K Gram per activation and group, and whitening one takes
+    memory.WHITENING_COPIES more. Block by block (`batches`: how many batches of the shapes' size the data makes),
+    an activation with at most SAMPLE_FRACTION x K vectors keeps them on disk (SampleAccumulator): nothing held,
+    and whitening it takes about two float64 n x K copies."""
+    from onnxlr.memory import WHITENING_COPIES
+
+    sizes: dict[tuple, tuple[int, int | None]] = {}  # (activation, layout, groups) -> (K, vectors)
     for probe in probes(model):
         if wanted is not None and not wanted(probe):
             continue
         if probe.unfold is not None:
-            size = probe.unfold["channels"] // probe.groups * int(np.prod(probe.unfold["spatial"]))
+            size, count = probe.unfold["channels"] // probe.groups * int(np.prod(probe.unfold["spatial"])), None
         else:
             dims = shapes.get(probe.activation) or ()
             axis = -1 if probe.layout == "rows" else -2
             size = dims[axis] if len(dims) >= -axis and isinstance(dims[axis], int) else 0
-        sizes[(probe.activation, probe.layout, probe.groups)] = probe.groups * size * size * 8
-    return sum(sizes.values()), max(sizes.values(), default=0)
+            known = size and all(isinstance(d, int) for d in dims)
+            count = int(np.prod(dims)) // size * batches if known and batches is not None else None
+        sizes[(probe.activation, probe.layout, probe.groups)] = (size, count)
+    held = working = 0
+    for (_, layout, groups), (size, count) in sizes.items():
+        if count is not None and layout != "patches" and groups == 1 and count <= SAMPLE_FRACTION * size:
+            working = max(working, 2 * count * size * 8)
+        else:
+            held += groups * size * size * 8
+            working = max(working, WHITENING_COPIES * groups * size * size * 8)
+    return held, working
 
 
 def _patch_probe(node: ir.Node, activation: Activation, kernel: np.ndarray, dtype: ir.DataType, index: int) -> Probe:
@@ -341,7 +429,7 @@ def grams(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Ite
 
 
 def moments(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Iterable[str] | None = None,
-            overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, GramAccumulator]:
+            overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, GramAccumulator | SampleAccumulator]:
     """The accumulated statistics (Gram, sum, count) of the probes `keys` that saw any vector.
 
     Probes that read the same activation the same way (q, k and v of one attention) share one accumulator: the
@@ -351,7 +439,9 @@ def moments(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: I
     for key in keys:
         probe = runner.probes[key]
         shares.setdefault((probe.activation, probe.layout, probe.groups, key in runner.masked), []).append(key)
-    sums = {share: GramAccumulator() for share in shares}
+    # Block by block, activations of one vector stack (not a grouped conv's patches) may keep their vectors.
+    sums = {share: SampleAccumulator() if runner.session is None and share[1] != "patches" and share[2] == 1
+            else GramAccumulator() for share in shares}
 
     def add(batch: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         keep = runner.keep(batch)
@@ -372,8 +462,7 @@ def moments(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: I
     else:
         for batch in batches:
             add(batch, runner.run(batch, names, overrides))
-    return {key: sums[share] for share, members in shares.items() for key in members
-            if sums[share].result() is not None}
+    return {key: sums[share] for share, members in shares.items() for key in members if sums[share].count}
 
 
 def compensation_statistics(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Iterable[str],

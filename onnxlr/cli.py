@@ -34,6 +34,7 @@ from onnxlr.cli_options import (
     verification_options,
 )
 from onnxlr.errors import OnnxlrError
+from onnxlr.memory_plan import check_memory
 from onnxlr.save import check_output_path, staging, use_external_data
 
 EXAMPLES_OPTIMIZE = """
@@ -168,8 +169,9 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     if output_path is not None and not dry_run:
         check_output_path(output_path, loaded)
     if not no_memory_check:
-        _check_memory(loaded, input_shapes, verify_options, verifying=run_verify and not dry_run,
-                      calibrating=calibration_path is not None, config=config)
+        check_memory(loaded, input_shapes, verify_options, verifying=run_verify and not dry_run,
+                      calibration=(calibration_path, calibration_samples) if calibration_path else None,
+                      config=config)
     edge_targets = _edge_targets(loaded, report_path or html_path, targets_path, dry_run)
 
     def factorize(sink: Any) -> Any:
@@ -218,90 +220,6 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
         print_estimates(report.targets, state.console)
     if failure:
         raise GateFailed(failure)
-
-
-def _check_memory(loaded: Any, input_shapes: dict, verify_options: dict, verifying: bool, calibrating: bool,
-                  config: Any = None) -> None:
-    """Before hours are spent: the original's onnxruntime session (verification runs one model at a time, and the
-    rewritten one is never larger) must fit the memory available, at the batch the runs use."""
-    if not (verifying or calibrating):
-        return
-    from onnxlr import cost, memory
-    from onnxlr.shapes import infer_shapes
-
-    batch = verify_options["batch_size"] if verify_options["inputs_path"] or calibrating else min(
-        verify_options["samples"], verify_options["batch_size"])
-    shapes = infer_shapes(loaded.model, {name: (min(dims[0], batch), *dims[1:]) if dims else dims
-                                         for name, dims in input_shapes.items()})
-    weights = cost.model_totals(loaded.model)["bytes"]
-    scale = batch if not input_shapes else 1
-    activations = memory.peak_activation_bytes(loaded.model, shapes) * scale
-    free = memory.available()
-    if free is not None and memory.input_bytes(loaded.model, shapes) * scale > free.bytes:
-        return  # the inputs alone cannot exist: the input stage names the one at fault, more precisely than this
-    if verifying:
-        _plan_verification(weights, activations, free, verify_options)
-    if calibrating:
-        _plan_calibration(loaded.model, shapes, weights, activations, free, config, verify_options)
-
-
-def _plan_verification(weights: int, activations: int, free: Any, verify_options: dict) -> None:
-    """Whole models when they fit and are small; else in segments of consecutive nodes (onnxlr.segments), one at a
-    time: peak memory follows one segment, and the comparison is still of the models' outputs."""
-    from onnxlr import memory
-
-    fits = memory.fits(weights, activations, free)
-    if fits and weights <= memory.SEGMENTED_ABOVE_BYTES:
-        return
-    budget = memory.segment_budget(activations, free)
-    memory.check("verification", weights if budget is None else 0, activations, "pass --no-verify, or a smaller "
-                 "--batch-size / --samples", free)
-    verify_options["segment_budget"] = budget
-    log = logging.getLogger("onnxlr")
-    if not fits:
-        log.warning("verification: onnxruntime would need about %s for the whole model, %s is available (%s): "
-                    "verifying in segments of at most %s of weights, one at a time",
-                    memory.gb(memory.session_bytes(weights, activations)), memory.gb(free.bytes), free.source,
-                    memory.gb(budget))
-    else:
-        log.info("verification: %s of weights (over %s): verifying in segments of at most %s of weights, one at a "
-                 "time", memory.gb(weights), memory.gb(memory.SEGMENTED_ABOVE_BYTES), memory.gb(budget))
-
-
-def _plan_calibration(model: Any, shapes: dict, weights: int, activations: int, free: Any, config: Any,
-                      verify_options: dict) -> None:
-    """The whole original in one session when it fits; else its statistics block by block (segments), which the
-    steps that run the whole model (sensitivity, target search, compensation, static quantization) cannot use.
-    Either way the Gram matrices (K x K float64 per activation) must fit beside it."""
-    from onnxlr import memory
-    from onnxlr.calibration import gram_bytes
-    from onnxlr.targets import selected
-
-    total, largest = gram_bytes(model, shapes, lambda probe: probe.op in config.ops and selected(probe.node, config))
-    # Whitening one layer takes a few more K x K float64 matrices (the damped copy, the root, its inverse, the
-    # right-hand side): measured on llm-1b (largest K 5632, 0.25 GB Grams), 2.1 GB of statistics peaked at 4.1 GB.
-    grams = total + memory.WHITENING_COPIES * largest
-    if free is None or memory.session_bytes(weights, activations) + grams <= free.bytes:
-        return
-    whole = [flag for flag, wanted in (("--param-budget/--mac-budget", config.budget is not None),
-                                       ("--target-cosine/--target-error", config.target_cosine is not None
-                                        or config.target_error is not None),
-                                       ("--compensate", config.compensate),
-                                       ("--quantize int8-static", config.quantize == "int8-static")) if wanted]
-    budget = memory.segment_budget(activations + grams, free)
-    if whole or budget is None:
-        reason = f"{', '.join(whole)} run the whole model; " if whole else ""
-        # In segments the least it can take is the smallest segment beside the statistics.
-        memory.check("calibration" if whole else "calibration, even in segments,",
-                     weights if whole else memory.MIN_SEGMENT_BYTES, activations, f"{reason}pass a smaller "
-                     "--batch-size, --include fewer layers, or leave out --calibration", free, statistics_bytes=grams)
-        return
-    verify_options["calibration_segment_budget"] = budget
-    logging.getLogger("onnxlr").warning(
-        "calibration: onnxruntime would need about %s for the whole model beside %s of statistics, %s is available "
-        "(%s): collecting the statistics block by block, in segments of at most %s of weights",
-        memory.gb(memory.session_bytes(weights, activations)), memory.gb(grams), memory.gb(free.bytes),
-        free.source, memory.gb(budget))
 
 
 def _calibrate(input_path: str, loaded: Any, calibration_path: str | None, samples: int | None,
@@ -388,7 +306,7 @@ def verify(state: State, reference_path: str, candidate_path: str, json_path: st
     reference = io.load(reference_path)
     io.load(candidate_path)  # the same safety checks (external data inside its folder) before onnxruntime reads it
     if not no_memory_check:
-        _check_memory(reference, parse_shape_overrides(options["shapes"]), options, verifying=True, calibrating=False)
+        check_memory(reference, parse_shape_overrides(options["shapes"]), options, verifying=True)
     result = run_verification(reference_path, candidate_path, reference.model, options)
     if json_path:
         write_json(result.to_json(), json_path)

@@ -95,7 +95,7 @@ def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationDat
         group.slot = index
         found = [statistics[t.node.outputs[0].name] for t in group.targets if t.node.outputs[0].name in statistics]
         if found and group.uniform:  # one reader: its (possibly shared) Gram as it is, not a copy
-            group.gram = found[0].result() if len(found) == 1 else np.sum([acc.result() for acc in found], axis=0)
+            group.gram = lowrank.summed_grams([acc.result() for acc in found])
             group.input_moments = (np.sum([acc.sums for acc in found], axis=0), sum(acc.count for acc in found))
     return runner
 

@@ -108,7 +108,8 @@ class WeightGroup:
         if self.row_weights is not None and scheme.size_only:
             result = lowrank.row_weighted_svd(scheme.matrices, self.row_weights)
         elif self.whitens(scheme):
-            result = lowrank.whitened_svd(scheme.matrices, self.gram, side=scheme.whiten_side, cross=self.cross)
+            result = lowrank.whitened_svd(scheme.matrices, self.gram, side=scheme.whiten_side, cross=self.cross,
+                                          rank=rank, solver=self.solver)
         else:
             result = lowrank.decompose(scheme.matrices, rank, self.solver)
         self.decompositions[scheme.name] = result

@@ -386,8 +386,53 @@ DEFAULT_DAMPING = 1e-6
 MAX_CONDITION = 1e12
 
 
-def whitened_svd(matrices: np.ndarray, gram: np.ndarray, damping: float = DEFAULT_DAMPING,
-                 side: str = "rows", cross: np.ndarray | None = None) -> Decomposition:
+@dataclasses.dataclass
+class SampleGram:
+    """A Gram G = XᵀX kept as its vectors X (n x K) because they are fewer than their width K.
+
+    A wide layer calibrated on a few samples (an 8B model's 14336-wide down projection on 512 tokens) then takes
+    n x K numbers instead of K x K, and is whitened in the span of its samples (whitened_svd). `blocks` (each
+    (n_i, K), any float dtype) may be memory maps: block-by-block calibration spills them to disk.
+    """
+
+    blocks: list[np.ndarray]
+    ndim = 2
+
+    @property
+    def width(self) -> int:
+        return int(self.blocks[0].shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.width, self.width)
+
+    @property
+    def count(self) -> int:
+        return sum(len(block) for block in self.blocks)
+
+    def vectors(self) -> np.ndarray:
+        """X, (n, K) float64."""
+        return np.concatenate([np.asarray(block, dtype=np.float64) for block in self.blocks])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The K x K Gram itself, for steps that need the matrix (joint pairs' augmented statistics)."""
+        vectors = self.vectors()
+        gram = vectors.T @ vectors
+        return gram if dtype is None else gram.astype(dtype)
+
+
+def summed_grams(grams: list) -> Any:
+    """The Gram of several readers' inputs together: their vectors side by side when all are SampleGrams."""
+    if len(grams) == 1:
+        return grams[0]
+    if all(isinstance(gram, SampleGram) for gram in grams):
+        return SampleGram([block for gram in grams for block in gram.blocks])
+    return np.sum([np.asarray(gram) for gram in grams], axis=0)
+
+
+def whitened_svd(matrices: np.ndarray, gram: np.ndarray | SampleGram, damping: float = DEFAULT_DAMPING,
+                 side: str = "rows", cross: np.ndarray | None = None, rank: int | None = None,
+                 solver: Solver = Solver()) -> Decomposition:
     """SVD that minimizes the error on the calibration activations instead of on the weight (SVD-LLM).
 
     `gram` (K, K), or (groups, K, K) with one per matrix, is the second moment sum x x^T of the
@@ -400,10 +445,16 @@ def whitened_svd(matrices: np.ndarray, gram: np.ndarray, damping: float = DEFAUL
     Error compensation: with `cross` C = sum x_c x_o^T, where x_c is the input the layer sees in the
     partially compressed model and x_o the original input, the pair minimizes ||X_c A B - X_o W||
     instead (G is then the Gram of x_c): the truncated SVD of S^-1 C W, un-whitened the same way.
+
+    A SampleGram is whitened in its samples' span (`rank` and `solver` then choose the SVD, as for a plain one).
     """
     if side not in ("rows", "cols"):
         raise ValueError(f"side must be rows or cols, got {side!r}")
     work = matrices if side == "rows" else np.swapaxes(matrices, 1, 2)
+    if isinstance(gram, SampleGram):
+        if cross is not None:
+            raise ValueError("error compensation needs the Gram itself, not its samples")
+        return _oriented(_whitened_by_samples(work, gram, damping, rank, solver), side)
     groups, size = work.shape[0], work.shape[1]
     grams = _per_group(gram, groups, size, "gram")
     crosses = _per_group(cross, groups, size, "cross") if cross is not None else None
@@ -425,12 +476,54 @@ def whitened_svd(matrices: np.ndarray, gram: np.ndarray, damping: float = DEFAUL
         us.append(inverse_t @ inner.u[0])  # un-whiten: A = S^-T U (the sqrt(s) split stays in factors())
         ss.append(inner.s[0])
         vts.append(inner.vt[0])
-    u, s, vt = np.stack(us), np.stack(ss), np.stack(vts)
     method = "whitened" if cross is None else "compensated"
+    return _oriented(Decomposition(u=np.stack(us), s=np.stack(ss), vt=np.stack(vts), method=method), side)
+
+
+def _oriented(result: Decomposition, side: str) -> Decomposition:
+    """The decomposition of the weight from that of the matrix whitened on its `side`."""
     if side == "rows":
-        return Decomposition(u=u, s=s, vt=vt, method=method)
+        return result
     # W^T ~= (S^-T U) diag(s) Vt, hence W ~= V diag(s) (S^-T U)^T.
-    return Decomposition(u=np.swapaxes(vt, 1, 2), s=s, vt=np.swapaxes(u, 1, 2), method=method)
+    return dataclasses.replace(result, u=np.swapaxes(result.vt, 1, 2), vt=np.swapaxes(result.u, 1, 2))
+
+
+def _whitened_by_samples(work: np.ndarray, gram: SampleGram, damping: float, rank: int | None,
+                         solver: Solver) -> Decomposition:
+    """whitened_svd of one (1, K, N) weight for G = XᵀX with n < K samples, without a K x K matrix.
+
+    With X = P diag(σ) Qᵀ, the symmetric root of G + dI is R = √d I + Q diag(√(σ²+d) - √d) Qᵀ, and
+    R⁻¹ = I/√d + Q diag(1/√(σ²+d) - 1/√d) Qᵀ: the target R W and the un-whitening R⁻¹ U are rank-n updates (n x K
+    and n x N products), and the SVD of R W costs what the plain SVD does. R is another root than the Cholesky
+    factor the Gram path takes; both give the same optimal pair. d is the same relative damping (d = damping x
+    mean(diag G), raised where the largest eigenvalue would make R's condition exceed MAX_CONDITION).
+    """
+    if work.shape[0] != 1 or work.shape[1] != gram.width:
+        raise ValueError(f"samples of width {gram.width} do not fit a weight stack of shape {work.shape}")
+    samples = gram.vectors()
+    size, columns = work.shape[1], work.shape[2]
+    scale = float(np.einsum("ij,ij->", samples, samples)) / size
+    if not np.isfinite(scale) or scale <= 0.0:  # all-zero activations carry no information
+        return decompose(np.asarray(work), rank, solver)
+    _, sigma, basis_t = np.linalg.svd(samples, full_matrices=False)  # basis_t: Qᵀ, (n, K)
+    del samples
+    values = sigma**2
+    d = max(damping * scale, float(values.max()) / MAX_CONDITION)
+    up = np.sqrt(values + d) - np.sqrt(d)
+    down = 1.0 / np.sqrt(values + d) - 1.0 / np.sqrt(d)
+    dtype = np.float64 if size * columns <= FLOAT64_MAX_ELEMENTS else np.float32  # as svd() and the sketch work
+    basis = basis_t.astype(dtype)
+    weight = np.asarray(work[0], dtype=dtype)
+    # R W = √d (W + Q diag(up/√d) Qᵀ W), built in one K x N array.
+    target = basis.T @ ((up / np.sqrt(d))[:, None].astype(dtype) * (basis @ weight))
+    target += weight
+    target *= np.sqrt(d)
+    del weight
+    inner = decompose(target[None], rank, solver)
+    del target
+    u = inner.u[0].astype(np.float64)
+    u = u / np.sqrt(d) + basis_t.T @ (down[:, None] * (basis_t @ u))
+    return dataclasses.replace(inner, u=u[None], method="whitened")
 
 
 def row_weighted_svd(matrices: np.ndarray, weights: np.ndarray) -> Decomposition:

@@ -152,7 +152,7 @@ def test_statistics_in_segments_match_the_whole_model(tmp_path):
 def test_optimize_calibrates_in_segments_when_the_whole_model_does_not_fit(tmp_path, monkeypatch):
     from graphs import onnxlr_cli
 
-    from onnxlr import calibration
+    from onnxlr import calibration, memory
     from onnxlr.shapes import infer_shapes
 
     source = wide_file(tmp_path)
@@ -161,8 +161,14 @@ def test_optimize_calibrates_in_segments_when_the_whole_model_does_not_fit(tmp_p
     model = ir.load(str(source))
     # One float64 Gram per activation: K = 1024, 2560, 1024, 2560.
     shapes = infer_shapes(model, {"x": (16, 1024)})
-    assert calibration.gram_bytes(model, shapes) == ((2 * 1024**2 + 2 * 2560**2) * 8, 2560**2 * 8)
-    assert calibration.gram_bytes(model, shapes, lambda probe: probe.activation == "x") == (1024**2 * 8,) * 2
+    whitening = memory.WHITENING_COPIES * 2560**2 * 8
+    assert calibration.statistics_bytes(model, shapes) == ((2 * 1024**2 + 2 * 2560**2) * 8, whitening)
+    assert calibration.statistics_bytes(model, shapes, lambda probe: probe.activation == "x") == (
+        1024**2 * 8, memory.WHITENING_COPIES * 1024**2 * 8)
+    # Block by block, 2 batches of 16 vectors: every activation keeps its 32 vectors on disk (32 <= K / 2).
+    assert calibration.statistics_bytes(model, shapes, batches=2) == (0, 2 * 32 * 2560 * 8)
+    # 40 batches (640 vectors): the 1024-wide activations take Grams, the 2560-wide ones keep their vectors.
+    assert calibration.statistics_bytes(model, shapes, batches=40) == (2 * 1024**2 * 8, memory.WHITENING_COPIES * 1024**2 * 8)
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((24, 1024)).astype(np.float32))
     common = ["--calibration", str(tmp_path / "calib.npz"), "--rank-ratio", "0.25", "--no-gate", "--external-data",
               "--methods", "svd"]  # per matrix: joint pairs compare whole-model runs, which segments do not allow
