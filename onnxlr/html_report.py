@@ -235,9 +235,29 @@ def _verification(report: dict[str, Any]) -> str:
         f"<div class='muted'>{esc(result.get('samples', '?'))} sample(s); gates: {esc(gate_text)}</div>"
         + (f"<ul class='failures'>{failures}</ul>" if failures else "")
         + _table(columns, rows, "verification")
+        + "".join(_layer_checks(provider, entry.get("layer_checks") or [])
+                  for provider, entry in result["providers"].items())
         + (f"<h3>Provider noise (the reference against itself on CPU)</h3><ul>{''.join(noise)}</ul>" if noise else "")
         + _figure("errors", error_plot(result)) + "</section>"
     )
+
+
+def _layer_checks(provider: str, rows: list[dict[str, Any]]) -> str:
+    """The per-layer check (each factorized layer on the original layer's inputs), every layer, worst first."""
+    if not rows:
+        return ""
+    cells = []
+    for row in rows:
+        if row.get("error"):
+            cells.append(("bad", [f"<code>{esc(row['layer'])}</code>", "–", "–", _badge(row["error"], "bad")]))
+            continue
+        verdict = "–" if not row["gated"] else (_badge("pass", "ok") if row["passed"] else _badge("FAIL", "bad"))
+        cells.append(("" if row["passed"] else "bad", [f"<code>{esc(row['layer'])}</code>",
+                                                       _num(row["relative_error"], ".4f"), _num(row["cosine"], ".6f"),
+                                                       verdict]))
+    return (f"<h3>Per-layer check on {esc(provider)} (each layer on the original's inputs, worst first)</h3>"
+            + _table([("layer", False), ("rel error", True), ("cosine", True), ("result", False)], cells,
+                     f"layer-check-{provider}"))
 
 
 def _verification_rows(provider: str, entry: dict[str, Any]) -> Iterable[tuple[str, list[str]]]:

@@ -265,6 +265,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {provider} | `{name}` | {m['max_abs']:.3g} | {similarity(m)} | {snr} | {top1} | "
                              f"{result} |")
         lines.append("")
+        for provider, entry in verification["providers"].items():
+            lines += _layer_check_markdown(provider, entry.get("layer_checks") or [])
     lines += ["### Layers", "",
               "| node | op | weight | scheme | rank | params | MACs | energy | status |",
               "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
@@ -280,6 +282,22 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_before_after(layer['params_before'], layer['params_after'], factorized)} | "
                      f"{_before_after(layer['macs_before'], layer['macs_after'], factorized)} | {energy} | {status} |")
     return "\n".join(lines).replace("->", "→") + "\n"
+
+
+def _layer_check_markdown(provider: str, rows: list[dict[str, Any]]) -> list[str]:
+    """The per-layer check's worst LAYER_ROWS_SHOWN layers, as layer_check_table prints them."""
+    if not rows:
+        return []
+    lines = [f"#### Per-layer check on {provider}, each layer on the original's inputs (worst first, "
+             f"{min(len(rows), LAYER_ROWS_SHOWN)} of {len(rows)})", "",
+             "| layer | rel error | cosine | result |", "| --- | ---: | ---: | --- |"]
+    for row in rows[:LAYER_ROWS_SHOWN]:
+        if row.get("error"):
+            lines.append(f"| `{row['layer']}` | - | - | FAIL: {row['error']} |")
+            continue
+        verdict = "-" if not row["gated"] else ("pass" if row["passed"] else "FAIL")
+        lines.append(f"| `{row['layer']}` | {row['relative_error']:.4f} | {row['cosine']:.6f} | {verdict} |")
+    return [*lines, ""]
 
 
 def _new_file_mode() -> int:

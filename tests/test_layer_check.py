@@ -82,3 +82,23 @@ def test_a_layer_that_fails_to_run_fails_verification_not_the_reference(tmp_path
     assert not result.passed and rows[0]["output"] == "h0" and rows[0]["error"]
     assert any("factorized layer(s) fail on cpu: h0" in failure for failure in result.failures)
     assert all(row["cosine"] is not None for row in rows[1:])  # the other layers are still checked
+
+
+def test_markdown_and_html_reports_show_the_per_layer_check(tmp_path):
+    """optimize's --markdown and --html list the per-layer check, worst first, with its gate's verdicts."""
+    source = mlp_file(tmp_path)
+    result = onnxlr_cli("optimize", str(source), str(tmp_path / "out.onnx"), "--rank-ratio", "0.25", "--no-gate",
+                        "--min-layer-cosine", "0.0", "--markdown", str(tmp_path / "r.md"), "--html",
+                        str(tmp_path / "r.html"), "--report", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    import json
+
+    rows = json.loads((tmp_path / "r.json").read_text())["verification"]["providers"]["cpu"]["layer_checks"]
+    markdown = (tmp_path / "r.md").read_text()
+    assert "#### Per-layer check on cpu" in markdown
+    section = markdown.split("#### Per-layer check on cpu", 1)[1].split("\n\n")[1]  # the table after the heading
+    table = [line for line in section.splitlines() if line.startswith("| `")]
+    assert [line.split("`")[1] for line in table] == [row["layer"] for row in rows]
+    assert all(line.endswith("| pass |") for line in table)
+    page = (tmp_path / "r.html").read_text()
+    assert "Per-layer check on cpu" in page and f"{rows[0]['cosine']:.6f}" in page

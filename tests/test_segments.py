@@ -215,3 +215,29 @@ def test_verify_runs_in_segments_when_the_whole_model_does_not_fit(tmp_path, mon
                        "--json", str(tmp_path / "w.json"))
     assert whole.returncode == 0 and "segment_budget_bytes" not in json.loads((tmp_path / "w.json").read_text())[
         "providers"]["cpu"]
+
+
+def test_calibration_in_segments_counts_only_the_statistics_that_take_grams(tmp_path, monkeypatch):
+    """Under one memory limit, a few samples (kept on disk) calibrate block by block, while enough samples to make
+    every activation a K x K Gram stop before any work, with the statistics named and nothing written."""
+    from graphs import onnxlr_cli
+
+    source = wide_file(tmp_path)
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "few.npz", x=rng.standard_normal((24, 1024)).astype(np.float32))
+    np.savez(tmp_path / "many.npz", x=rng.standard_normal((1400, 1024)).astype(np.float32))
+    monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "400MB")
+    common = ["--rank-ratio", "0.25", "--no-verify", "--methods", "svd", "--report"]
+    few = onnxlr_cli("optimize", str(source), str(tmp_path / "few.onnx"), "--calibration", str(tmp_path / "few.npz"),
+                     *common, str(tmp_path / "few.json"))
+    assert few.returncode == 0, few.stderr
+    assert "collecting the statistics block by block" in few.stderr
+    import json
+
+    layers = json.loads((tmp_path / "few.json").read_text())["layers"]
+    assert [layer["method"] for layer in layers] == ["whitened"] * 4
+    # 1400 vectors: every activation takes a Gram (122 MB, and five copies of the largest to whiten): no fit.
+    many = onnxlr_cli("optimize", str(source), str(tmp_path / "many.onnx"), "--calibration",
+                      str(tmp_path / "many.npz"), *common, str(tmp_path / "many.json"))
+    assert many.returncode == 2 and "calibration, even in segments, would need" in many.stderr
+    assert "of calibration statistics" in many.stderr and not (tmp_path / "many.onnx").exists()
