@@ -111,6 +111,7 @@ class SampleAccumulator:
         self.stored = 0  # vectors in the file
         self.stored_sums: np.ndarray | None = None
         self.gram: GramAccumulator | None = None  # once the vectors outnumber the limit
+        self.mapped: np.memmap | None = None  # the vectors once collection is over (result())
 
     @property
     def count(self) -> int:
@@ -121,6 +122,8 @@ class SampleAccumulator:
         return self.gram.sums if self.gram is not None else self.stored_sums
 
     def add(self, vectors: np.ndarray) -> None:
+        if self.mapped is not None:
+            raise ValueError("the statistics were already taken (result())")
         if self.gram is not None:
             self.gram.add(vectors)
             return
@@ -153,12 +156,16 @@ class SampleAccumulator:
         self.file = None
 
     def result(self) -> Any:
-        """A lowrank.SampleGram (the vectors, memory-mapped), or the (K, K) Gram past the limit."""
+        """A lowrank.SampleGram (the vectors, memory-mapped), or the (K, K) Gram past the limit. Collection is over
+        once it is asked for: the file is mapped once and closed (the map keeps it, one descriptor per activation)."""
         if self.gram is not None:
             return self.gram.result()
         if not self.stored:
             return None
-        return lowrank.SampleGram([self._stored()])
+        if self.mapped is None:
+            self.mapped = self._stored()
+            self.file.close()
+        return lowrank.SampleGram([self.mapped])
 
 
 @dataclasses.dataclass

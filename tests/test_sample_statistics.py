@@ -114,10 +114,14 @@ def test_sample_accumulator_keeps_vectors_on_disk_and_agrees_with_the_gram():
     np.testing.assert_allclose(np.asarray(result), gram.result(), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(samples.sums, gram.sums, rtol=1e-9)
     assert samples.count == gram.count == 26
+    assert samples.result().blocks[0] is result.blocks[0] and samples.file.closed  # mapped once, file closed
+    with pytest.raises(ValueError, match="already taken"):
+        samples.add(batches[0])
     # Past half the width the vectors become a Gram, with every vector seen so far in it.
-    more = rng.standard_normal((8, width)).astype(np.float32)
-    samples.add(more)
-    gram.add(more)
+    samples, gram = calibration.SampleAccumulator(), calibration.GramAccumulator()
+    for batch in [*batches, rng.standard_normal((8, width)).astype(np.float32)]:
+        samples.add(batch)
+        gram.add(batch)
     assert samples.file is None and isinstance(samples.result(), np.ndarray)
     np.testing.assert_allclose(samples.result(), gram.result(), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(samples.sums, gram.sums, rtol=1e-9)
