@@ -89,10 +89,7 @@ def _working_set(group: WeightGroup, settings: Settings) -> int:
     known_rank = group.rank
     if known_rank is None and settings.budget is None and settings.energy is None and len(group.schemes) == 1:
         known_rank = plan.policy_rank(group, scheme, settings)
-    working = lowrank.working_set_bytes(scheme.matrices.shape, known_rank, settings.svd)
-    if isinstance(group.gram, lowrank.SampleGram):  # whitening by samples builds the whitened matrix beside it
-        working += scheme.matrices[0].size * (8 if scheme.matrices[0].size <= lowrank.FLOAT64_MAX_ELEMENTS else 4)
-    return working * len(group.schemes)
+    return lowrank.working_set_bytes(scheme.matrices.shape, known_rank, settings.svd) * len(group.schemes)
 
 
 class FactorTensors:
