@@ -100,7 +100,7 @@ SAMPLE_FRACTION = 0.5
 class SampleAccumulator:
     """Statistics of an activation when the model is calibrated block by block: the vectors themselves (n x K),
     appended to an unlinked temporary file in $TMPDIR, while n <= SAMPLE_FRACTION x K; past that, a running Gram
-    as in GramAccumulator. A few samples of a wide model (an 8B model's 129 activations on 512 tokens) then cost
+    as in GramAccumulator. A few samples of a wide model (an 8B model's 129 activations on 256 tokens) then cost
     disk, not memory: K x K float64 Grams would take 66 GB. `result()` is a lowrank.SampleGram over the
     memory-mapped file, or the Gram."""
 

@@ -390,7 +390,7 @@ MAX_CONDITION = 1e12
 class SampleGram:
     """A Gram G = XᵀX kept as its vectors X (n x K) because they are fewer than their width K.
 
-    A wide layer calibrated on a few samples (an 8B model's 14336-wide down projection on 512 tokens) then takes
+    A wide layer calibrated on a few samples (an 8B model's 14336-wide down projection on 256 tokens) then takes
     n x K numbers instead of K x K, and is whitened in the span of its samples (whitened_svd). `blocks` (each
     (n_i, K), any float dtype) may be memory maps: block-by-block calibration spills them to disk.
     """
