@@ -9,8 +9,9 @@ For each model (built or reused with `python -m models build NAME` into the git-
           again with onnx (external data when the input had it): the least any rewriting tool pays
           to read and write the same bytes.
   svd     with --svd-floor: a fresh Python process reads every MatMul/Gemm weight and decomposes it at
-          the rank --rank-ratio 0.25 gives, with onnxlr.lowrank.decompose's default solver (randomized
-          where onnxlr's would be), as many at once as the largest --jobs (one BLAS thread each, as
+          the rank --rank-ratio 0.25 gives, with the solver onnxlr's default --svd auto picks (randomized
+          for large matrices; before 2026-12-02 this floor took the exact SVD, far slower than what
+          onnxlr runs), as many at once as the largest --jobs (one BLAS thread each, as
           onnxlr runs them): the least the SVDs themselves cost. Issue 19's
           target: onnxlr <= 1.25 x (floor + svd) on the 8B-parameter llm-8b, peak anonymous memory <= 2 GB:
               python scripts/bench_scale.py --models llm-8b --jobs 2 --verify --svd-floor
@@ -80,7 +81,8 @@ names = dict.fromkeys(n.input[1] for n in model.graph.node
 base = source.rsplit("/", 1)[0] if "/" in source else "."
 def one(name):  # one weight in memory per thread
     array = onnx.numpy_helper.to_array(weights[name], base)
-    lowrank.decompose(array.astype(np.float32)[None], lowrank.rank_for_ratio(ratio, min(array.shape)))
+    lowrank.decompose(array.astype(np.float32)[None], lowrank.rank_for_ratio(ratio, min(array.shape)),
+                      lowrank.Solver("auto"))  # onnxlr optimize's default --svd
 if jobs > 1:  # as onnxlr --jobs runs them: that many at once, one BLAS thread each
     with lowrank.one_blas_thread(), ThreadPoolExecutor(jobs) as pool:
         list(pool.map(one, names))
