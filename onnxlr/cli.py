@@ -176,7 +176,8 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
 
     def factorize(sink: Any) -> Any:
         # The same function as onnxlr.optimize(); held-out --inputs serve --target-cosine/--target-error.
-        result = optimize_loaded(loaded, config, source=input_path, calibration=calibration_path,
+        calibration = verify_options.get("calibration_batches") or calibration_path  # read by the memory check
+        result = optimize_loaded(loaded, config, source=input_path, calibration=calibration,
                                  calibration_samples=calibration_samples,
                                  heldout=verify_options["inputs_path"] if calibration_path else None,
                                  batch_size=verify_options["batch_size"], progress=state.progress, dry_run=dry_run,

@@ -82,7 +82,12 @@ def plan_calibration(model: Any, shapes: dict, weights: int, activations: int, f
                                       ("--compensate", config.compensate),
                                       ("--quantize int8-static", config.quantize == "int8-static")) if asked]
     if not whole:
-        held, working = statistics_in_segments(model, data, verify_options["batch_size"], wanted)
+        from onnxlr.inputs import load_batches
+
+        # Read once: optimize calibrates on these batches (verify_options["calibration_batches"]), not the file again.
+        batches = load_batches(model, data[0], data[1], verify_options["batch_size"])
+        verify_options["calibration_batches"] = batches
+        held, working = statistics_in_segments(model, batches, wanted)
     statistics = held + working
     budget = memory.segment_budget(activations + statistics, free)
     if whole or budget is None:
@@ -101,13 +106,11 @@ def plan_calibration(model: Any, shapes: dict, weights: int, activations: int, f
         memory.gb(statistics), memory.gb(budget))
 
 
-def statistics_in_segments(model: Any, data: tuple, batch_size: int, wanted: Any) -> tuple[int, int]:
+def statistics_in_segments(model: Any, batches: list, wanted: Any) -> tuple[int, int]:
     """statistics_bytes block by block: the vectors each activation sees, from shapes inferred at the calibration
     data's first batch and its number of batches."""
     from onnxlr.calibration import statistics_bytes
-    from onnxlr.inputs import load_batches
     from onnxlr.shapes import infer_shapes
 
-    batches = load_batches(model, data[0], data[1], batch_size)
     shapes = infer_shapes(model, {name: array.shape for name, array in batches[0].items()})
     return statistics_bytes(model, shapes, wanted, batches=len(batches))
