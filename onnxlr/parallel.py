@@ -3,8 +3,8 @@
 numpy and LAPACK release the GIL, so threads overlap the SVDs without copying the memory-mapped
 weights into worker processes. Results come back in input order whatever finishes first, so what
 is written does not depend on `jobs`. At most `jobs` items are in flight (running, or finished and
-waiting for their turn), and together no more than `budget_bytes` of estimated working set; an
-item larger than the budget runs alone.
+waiting for their turn), and together no more than `budget_bytes` of estimated working set
+(default: a quarter of the memory available, at least 512 MB); an item larger than the budget runs alone.
 """
 
 from __future__ import annotations
@@ -14,16 +14,27 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from onnxlr import memory
+
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Working set allowed in flight across jobs. With the process's own ~200 MB this keeps a run near
-# the 1 GB target of the scale benchmark (README, Scale).
+# Working set allowed in flight across jobs: at least this much (an item larger than the budget runs alone) ...
 DEFAULT_BUDGET_BYTES = 512 << 20
+# ... and up to this share of the memory available, so that two 4096 x 14336 randomized SVDs (about 600 MB each,
+# an 8B model's MLP weights) run at once on a machine that has the room, as the SVD floor runs them.
+AVAILABLE_SHARE = 0.25
+
+
+def working_set_budget() -> int:
+    """Bytes of estimated working set allowed in flight: a quarter of the memory available
+    (onnxlr.memory.available, so $ONNXLR_MEMORY_LIMIT lowers it), never below DEFAULT_BUDGET_BYTES."""
+    free = memory.available()
+    return max(DEFAULT_BUDGET_BYTES, int(AVAILABLE_SHARE * free.bytes)) if free is not None else DEFAULT_BUDGET_BYTES
 
 
 def ordered_map(func: Callable[[T], R], items: Iterable[T], jobs: int = 1,
-                cost: Callable[[T], int] | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> Iterator[R]:
+                cost: Callable[[T], int] | None = None, budget_bytes: int | None = None) -> Iterator[R]:
     """func(item) for each item, in input order; up to `jobs` at once within `budget_bytes`.
 
     Close the iterator (contextlib.closing) when stopping early: that cancels what has not
@@ -33,6 +44,8 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], jobs: int = 1,
         for item in items:
             yield func(item)
         return
+    if budget_bytes is None:
+        budget_bytes = working_set_budget()
     pending: collections.deque[tuple[Future[Any], int]] = collections.deque()
     in_flight = 0
     executor = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="onnxlr")
