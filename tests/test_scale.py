@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from graphs import ONNXLR, init, make_model, tensor_input
 from onnx import helper, numpy_helper
 
 import onnxlr
-from onnxlr import lowrank
+from onnxlr import lowrank, parallel
 from onnxlr.errors import OnnxlrError
 from onnxlr.save import DATA_ALIGNMENT
 from onnxlr.settings import LATER_DEFAULTS
@@ -262,6 +263,34 @@ def test_jobs_give_byte_identical_output(scale_model, tmp_path):
     reports = [json.loads((out / "report.json").read_text()) for out in (one, three)]
     assert reports[0]["layers"] == reports[1]["layers"]
     assert {layer["svd"] for layer in reports[0]["layers"]} == {"randomized", "exact (fallback)", "exact"}
+
+
+def _overlaps(costs: list[int]) -> int:
+    """How many pairs of items ran at the same time, two jobs under ordered_map's default budget."""
+    spans: list[tuple[float, float]] = []
+
+    def work(index: int) -> int:
+        start = time.perf_counter()
+        time.sleep(0.2)
+        spans.append((start, time.perf_counter()))
+        return index
+
+    results = parallel.ordered_map(work, range(len(costs)), jobs=2, cost=lambda i: costs[i])
+    assert list(results) == list(range(len(costs)))
+    return sum(1 for i, (a, b) in enumerate(spans) for c, d in spans[i + 1:] if a < d and c < b)
+
+
+def test_jobs_budget_follows_the_memory_available(monkeypatch):
+    # Two 600 MB working sets (an 8B model's MLP SVDs) run at once where a quarter of the memory holds both ...
+    monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "8GB")
+    assert parallel.working_set_budget() == 2 * 10**9
+    assert _overlaps([600 << 20] * 2) == 1
+    # ... one at a time where it does not (never below the 512 MB floor, so a large item still runs) ...
+    monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "1GB")
+    assert parallel.working_set_budget() == parallel.DEFAULT_BUDGET_BYTES
+    assert _overlaps([600 << 20] * 2) == 0
+    # ... and small items two at a time either way.
+    assert _overlaps([100 << 20] * 2) == 1
 
 
 # ----------------------------------------------------------------------------- bad values on the CLI
