@@ -19,6 +19,8 @@ from onnxlr.errors import OnnxlrError
 from onnxlr.save import PROTOBUF_LIMIT_BYTES
 from onnxlr.settings import ALL_OPS
 
+logger = logging.getLogger(__name__)
+
 
 class ByteSize(click.ParamType):
     """A size in bytes: 1000000, 500MB, 1.5GiB (kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
@@ -250,16 +252,30 @@ def run_verification(reference: Any, candidate_path: Any, reference_model: Any, 
     from onnxlr import inputs, runtime, synthesis, verify
 
     providers = runtime.parse_providers(split_list(options["providers"]))
-    # Synthesized inputs are sized by running the reference (never the candidate) on a probe.
-    feeds = synthesis.model_feeds(reference, inputs.input_specs(reference_model), options["inputs_path"],
-                                  options["seed"], options["samples"], inputs.parse_shape_overrides(options["shapes"]),
-                                  options.get("segment_budget"))
+    specs = inputs.input_specs(reference_model)
+    shapes = inputs.parse_shape_overrides(options["shapes"])
     gates = verify.Gates.chosen(atol=options["atol"], rtol=options["rtol"], min_cosine=options["min_cosine"],
                                 default_gate=not options["no_gate"])
     per_layer = verify.factorized_outputs(candidate_path) if options["per_layer"] else []
-    return verify.verify(reference, candidate_path, feeds.arrays, providers, gates, batch_size=options["batch_size"],
-                         per_layer=per_layer, synthesized=feeds.synthesized, reference_model=reference_model,
-                         segment_budget=options.get("segment_budget"), min_layer_cosine=options["min_layer_cosine"])
+
+    def run(feeds: dict, synthesized: bool) -> Any:
+        return verify.verify(reference, candidate_path, feeds, providers, gates, batch_size=options["batch_size"],
+                             per_layer=per_layer, synthesized=synthesized, reference_model=reference_model,
+                             segment_budget=options.get("segment_budget"), min_layer_cosine=options["min_layer_cosine"])
+
+    if options.get("segment_budget") is not None and not options["inputs_path"]:
+        # In segments a probe costs a whole pass over the weights: try the first synthesized shapes on the
+        # reference itself, and probe only if it refuses them.
+        guess = synthesis.unprobed_feeds(specs, options["seed"], options["samples"], shapes)
+        if guess is not None:
+            try:
+                return run(guess, synthesized=True)
+            except verify.ReferenceFailed as exc:
+                logger.info("the reference refuses the first synthesized shapes (%s); probing others", exc)
+    # Synthesized inputs are sized by running the reference (never the candidate) on a probe.
+    feeds = synthesis.model_feeds(reference, specs, options["inputs_path"], options["seed"], options["samples"],
+                                  shapes, options.get("segment_budget"))
+    return run(feeds.arrays, feeds.synthesized)
 
 
 def split_ops(text: str) -> tuple[str, ...]:

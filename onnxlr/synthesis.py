@@ -4,7 +4,8 @@ Dims that --shape, the declared signature or the graph fix are used as they are;
 from a short ladder per class of dim (onnxlr.inputs.LADDERS: spatial 32 -> 64 -> 224 -> 320 -> 640,
 sequence 16 -> 128 -> 512 -> 16000, ...). Each ladder step is tried by running the reference model
 (never the candidate) once on one sample on the CPU; the first step it runs gives the feeds. When
-no step runs, the error names the input and says what to pass instead.
+no step runs, the error names the input and says what to pass instead. A model verified in segments takes
+step 0 unprobed (unprobed_feeds): its probe would be a whole pass over the weights.
 """
 
 from __future__ import annotations
@@ -80,6 +81,20 @@ def feeds_the_model_accepts(reference_source: str | os.PathLike | bytes, specs: 
     raise _no_shape_runs(specs, shapes, affordable, error)
 
 
+def unprobed_feeds(specs: Mapping[str, InputSpec], seed: int = 0, samples: int = 8,
+                   shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray] | None:
+    """The feeds of the first ladder step, not probed; None when there is no step to choose.
+
+    For a model run in segments, a probe is a whole pass over the weights: verification runs the reference on
+    these first and probes (feeds_the_model_accepts) only when the reference refuses them."""
+    steps = _distinct_steps(specs, shapes)
+    if len(steps) == 1:
+        return None
+    affordable = [s for s in steps if synthesized_bytes(specs, resolve_shapes(specs, samples, shapes, s))
+                  <= MAX_SYNTHESIZED_BYTES]
+    return synthesize_inputs(specs, seed, samples, shapes, affordable[0]) if affordable else None
+
+
 def _probe_runner(reference_source: str | os.PathLike | bytes, segment_budget: int | None):
     """Runs the reference once on a probe: one session, or segment by segment (onnxlr.segments)."""
     if segment_budget is not None and not isinstance(reference_source, bytes):
@@ -123,4 +138,4 @@ def _no_shape_runs(specs: Mapping[str, InputSpec], shapes: Mapping[str, tuple[in
                        f"tried as {sizes} ({error}); pass --shape {name}:DIMS or --inputs FILE.npz")
 
 
-__all__ = ["Feeds", "feeds_the_model_accepts", "model_feeds"]
+__all__ = ["Feeds", "feeds_the_model_accepts", "model_feeds", "unprobed_feeds"]

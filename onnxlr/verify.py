@@ -211,6 +211,10 @@ def _gate_failure(ref, out, diff, metrics, gates: Gates, integer: bool = False) 
     return None
 
 
+class ReferenceFailed(OnnxlrError):
+    """onnxruntime cannot run the reference model on the feeds: the inputs are at fault (exit 2)."""
+
+
 def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | bytes,
            feeds: Mapping[str, np.ndarray], providers: Sequence[str], gates: Gates,
            batch_size: int = 16, per_layer: Sequence[str] = (), threads: int = 0,
@@ -260,8 +264,9 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
         except (MemoryError, OnnxlrError):
             raise
         except Exception as exc:  # the input model itself fails (bad attributes, shapes): bad input, not a bug
-            raise input_error(exc, feeds, f"onnxruntime cannot run the reference model on {provider}",
-                              SYNTHESIZED_HINT if synthesized else GIVEN_HINT, reference_model) from exc
+            error = input_error(exc, feeds, f"onnxruntime cannot run the reference model on {provider}",
+                                SYNTHESIZED_HINT if synthesized else GIVEN_HINT, reference_model)
+            raise ReferenceFailed(error.template) from exc
         try:
             if segmented:
                 cand_providers = [PROVIDERS[provider]]

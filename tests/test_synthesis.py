@@ -228,3 +228,35 @@ def test_a_candidate_whose_sizes_differ_is_not_probed(tmp_path):
     result, _ = verify_json(tmp_path, reference, candidate, "--samples", "1")
     assert result.returncode == 1, result.stderr
     assert "the candidate fails on cpu" in result.stderr
+
+
+# ----------------------------------------------------------------------------- in segments: no probe pass
+
+
+def verify_in_segments(path: str, monkeypatch) -> tuple[object, int]:
+    """optimize's verification of the model against itself, in segments (as for a model larger than memory),
+    on synthesized inputs; returns the result and how many passes over the model in segments it took."""
+    import onnxlr.segments
+    from onnxlr.cli_options import run_verification
+
+    passes = []
+    whole_run = onnxlr.segments.run_in_segments
+    monkeypatch.setattr(onnxlr.segments, "run_in_segments", lambda *a, **k: passes.append(1) or whole_run(*a, **k))
+    options = {"providers": "cpu", "inputs_path": None, "shapes": (), "seed": 0, "samples": 2, "batch_size": 16,
+               "atol": None, "rtol": None, "min_cosine": None, "no_gate": False, "per_layer": False,
+               "min_layer_cosine": None, "segment_budget": 1000}
+    result = run_verification(path, path, ir.load(path), options)
+    return result, len(passes)
+
+
+def test_in_segments_the_reference_run_is_the_probe(tmp_path, monkeypatch):
+    # A probe in segments is a whole pass over the weights: the first sizes go straight to the reference run.
+    result, passes = verify_in_segments(save(stride_net(levels=5), tmp_path / "net.onnx"), monkeypatch)
+    assert result.passed and result.inputs == {"x": [2, 3, 32, 32]} and result.synthesized
+    assert passes == 2  # the reference and the candidate, nothing else
+
+
+def test_in_segments_a_reference_that_refuses_the_first_sizes_is_probed(tmp_path, monkeypatch):
+    result, passes = verify_in_segments(save(stride_net(levels=6), tmp_path / "net.onnx"), monkeypatch)
+    assert result.passed and result.inputs == {"x": [2, 3, 64, 64]} and result.synthesized
+    assert passes == 1 + 2 + 2  # the refused reference run, probes at 32 and 64, then both models
