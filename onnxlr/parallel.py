@@ -2,9 +2,10 @@
 
 numpy and LAPACK release the GIL, so threads overlap the SVDs without copying the memory-mapped
 weights into worker processes. Results come back in input order whatever finishes first, so what
-is written does not depend on `jobs`. At most `jobs` items are in flight (running, or finished and
-waiting for their turn), and together no more than `budget_bytes` of estimated working set
-(default: a quarter of the memory available, at least 512 MB); an item larger than the budget runs alone.
+is written does not depend on `jobs`. At most `jobs` items run at once, and at most LOOKAHEAD x `jobs` are in
+flight (running, queued, or finished and waiting for their turn), together no more than `budget_bytes` of
+estimated working set (default: a quarter of the memory available, at least 512 MB); an item larger than the
+budget runs alone.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ DEFAULT_BUDGET_BYTES = 512 << 20
 # ... and up to this share of the memory available, so that two 4096 x 14336 randomized SVDs (about 600 MB each,
 # an 8B model's MLP weights) run at once on a machine that has the room, as the SVD floor runs them.
 AVAILABLE_SHARE = 0.25
+# Items in flight per job: while a long item runs, the shorter ones after it keep the other threads busy and
+# wait for their turn (a queue of `jobs` alone left a core idle behind each 8B MLP SVD).
+LOOKAHEAD = 4
 
 
 def working_set_budget() -> int:
@@ -51,9 +55,13 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], jobs: int = 1,
     executor = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="onnxlr")
     try:
         for item in items:
+            while pending and pending[0][0].done():  # results ready in order: hand them back now
+                future, done_weight = pending.popleft()
+                in_flight -= done_weight
+                yield future.result()
             weight = cost(item) if cost is not None else 0
             # Hand back the oldest results until this item fits: memory is freed in input order.
-            while pending and (len(pending) >= jobs or in_flight + weight > budget_bytes):
+            while pending and (len(pending) >= LOOKAHEAD * jobs or in_flight + weight > budget_bytes):
                 future, done_weight = pending.popleft()
                 in_flight -= done_weight
                 yield future.result()

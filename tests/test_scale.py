@@ -293,6 +293,23 @@ def test_jobs_budget_follows_the_memory_available(monkeypatch):
     assert _overlaps([100 << 20] * 2) == 1
 
 
+def test_short_items_run_beside_a_long_one_and_come_back_in_order(monkeypatch):
+    # An 8B block: a long MLP SVD, then the next block's short q/k/v: the other thread takes them while the long
+    # one runs (each waits for its turn), instead of one of two cores sitting idle.
+    monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "8GB")
+    durations = [0.8, 0.1, 0.1, 0.1]
+    spans: dict[int, tuple[float, float]] = {}
+
+    def work(index: int) -> int:
+        start = time.perf_counter()
+        time.sleep(durations[index])
+        spans[index] = (start, time.perf_counter())
+        return index
+
+    assert list(parallel.ordered_map(work, range(4), jobs=2, cost=lambda i: 100 << 20)) == [0, 1, 2, 3]
+    assert all(spans[i][1] < spans[0][1] for i in (1, 2, 3)), spans
+
+
 # ----------------------------------------------------------------------------- bad values on the CLI
 
 
