@@ -4,7 +4,7 @@ numpy and LAPACK release the GIL, so threads overlap the SVDs without copying th
 weights into worker processes. Results come back in input order whatever finishes first, so what
 is written does not depend on `jobs`. At most `jobs` items run at once, and at most LOOKAHEAD x `jobs` are in
 flight (running, queued, or finished and waiting for their turn), together no more than `budget_bytes` of
-estimated working set (default: a quarter of the memory available, at least 512 MB); an item larger than the
+estimated working set (default: 640 MB per job, at most a quarter of the memory available, at least 512 MB); an item larger than the
 budget runs alone.
 """
 
@@ -22,19 +22,24 @@ R = TypeVar("R")
 
 # Working set allowed in flight across jobs: at least this much (an item larger than the budget runs alone) ...
 DEFAULT_BUDGET_BYTES = 512 << 20
-# ... and up to this share of the memory available, so that two 4096 x 14336 randomized SVDs (about 600 MB each,
-# an 8B model's MLP weights) run at once on a machine that has the room, as the SVD floor runs them.
+# ... up to this much per job (a 4096 x 14336 randomized SVD, an 8B model's MLP weight, is estimated at 567 MB,
+# so two jobs run two of them at once, as the SVD floor does) ...
+JOB_BUDGET_BYTES = 640 << 20
+# ... and never more than this share of the memory available.
 AVAILABLE_SHARE = 0.25
 # Items in flight per job: while a long item runs, the shorter ones after it keep the other threads busy and
 # wait for their turn (a queue of `jobs` alone left a core idle behind each 8B MLP SVD).
 LOOKAHEAD = 4
 
 
-def working_set_budget() -> int:
-    """Bytes of estimated working set allowed in flight: a quarter of the memory available
-    (onnxlr.memory.available, so $ONNXLR_MEMORY_LIMIT lowers it), never below DEFAULT_BUDGET_BYTES."""
+def working_set_budget(jobs: int) -> int:
+    """Bytes of estimated working set allowed in flight: JOB_BUDGET_BYTES per job, at most a quarter of the memory
+    available (onnxlr.memory.available, so $ONNXLR_MEMORY_LIMIT lowers it), never below DEFAULT_BUDGET_BYTES."""
+    budget = jobs * JOB_BUDGET_BYTES
     free = memory.available()
-    return max(DEFAULT_BUDGET_BYTES, int(AVAILABLE_SHARE * free.bytes)) if free is not None else DEFAULT_BUDGET_BYTES
+    if free is not None:
+        budget = min(budget, int(AVAILABLE_SHARE * free.bytes))
+    return max(DEFAULT_BUDGET_BYTES, budget)
 
 
 def ordered_map(func: Callable[[T], R], items: Iterable[T], jobs: int = 1,
@@ -49,7 +54,7 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], jobs: int = 1,
             yield func(item)
         return
     if budget_bytes is None:
-        budget_bytes = working_set_budget()
+        budget_bytes = working_set_budget(jobs)
     pending: collections.deque[tuple[Future[Any], int]] = collections.deque()
     in_flight = 0
     executor = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="onnxlr")

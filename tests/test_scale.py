@@ -281,13 +281,14 @@ def _overlaps(costs: list[int]) -> int:
 
 
 def test_jobs_budget_follows_the_memory_available(monkeypatch):
-    # Two 600 MB working sets (an 8B model's MLP SVDs) run at once where a quarter of the memory holds both ...
+    # Two 600 MB working sets (an 8B model's MLP SVDs) run at once where a quarter of the memory holds both
+    # (the budget: 640 MB per job, at most a quarter of the memory) ...
     monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "8GB")
-    assert parallel.working_set_budget() == 2 * 10**9
+    assert parallel.working_set_budget(2) == 2 * parallel.JOB_BUDGET_BYTES and parallel.working_set_budget(8) == 2 * 10**9
     assert _overlaps([600 << 20] * 2) == 1
     # ... one at a time where it does not (never below the 512 MB floor, so a large item still runs) ...
     monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "1GB")
-    assert parallel.working_set_budget() == parallel.DEFAULT_BUDGET_BYTES
+    assert parallel.working_set_budget(2) == parallel.DEFAULT_BUDGET_BYTES
     assert _overlaps([600 << 20] * 2) == 0
     # ... and small items two at a time either way.
     assert _overlaps([100 << 20] * 2) == 1
