@@ -59,8 +59,7 @@ def feeds_the_model_accepts(reference_source: str | os.PathLike | bytes, specs: 
     steps = _distinct_steps(specs, shapes)
     if len(steps) == 1:  # nothing onnxlr chooses: a failing reference is reported by verify itself
         return synthesize_inputs(specs, seed, samples, shapes)
-    affordable = [s for s in steps if synthesized_bytes(specs, resolve_shapes(specs, samples, shapes, s))
-                  <= MAX_SYNTHESIZED_BYTES]
+    affordable = _affordable(steps, specs, samples, shapes)
     if not affordable:
         return synthesize_inputs(specs, seed, samples, shapes)  # raises: the inputs would be too large
     from onnxlr.runtime import error_text
@@ -90,8 +89,7 @@ def unprobed_feeds(specs: Mapping[str, InputSpec], seed: int = 0, samples: int =
     steps = _distinct_steps(specs, shapes)
     if len(steps) == 1:
         return None
-    affordable = [s for s in steps if synthesized_bytes(specs, resolve_shapes(specs, samples, shapes, s))
-                  <= MAX_SYNTHESIZED_BYTES]
+    affordable = _affordable(steps, specs, samples, shapes)
     return synthesize_inputs(specs, seed, samples, shapes, affordable[0]) if affordable else None
 
 
@@ -108,6 +106,13 @@ def _probe_runner(reference_source: str | os.PathLike | bytes, segment_budget: i
 
     session = make_session(reference_source, "cpu")
     return lambda probe: session.run(None, probe)
+
+
+def _affordable(steps: list[int], specs: Mapping[str, InputSpec], samples: int,
+                shapes: Mapping[str, tuple[int, ...]] | None) -> list[int]:
+    """The steps whose inputs stay under MAX_SYNTHESIZED_BYTES."""
+    return [s for s in steps
+            if synthesized_bytes(specs, resolve_shapes(specs, samples, shapes, s)) <= MAX_SYNTHESIZED_BYTES]
 
 
 def _shapes_text(feeds: Mapping[str, np.ndarray]) -> str:
