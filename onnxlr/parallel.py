@@ -4,8 +4,8 @@ numpy and LAPACK release the GIL, so threads overlap the SVDs without copying th
 weights into worker processes. Results come back in input order whatever finishes first, so what
 is written does not depend on `jobs`. At most `jobs` items run at once, and at most LOOKAHEAD x `jobs` are in
 flight (running, queued, or finished and waiting for their turn), together no more than `budget_bytes` of
-estimated working set (default: 640 MB per job, at most a quarter of the memory available, at least 512 MB); an item larger than the
-budget runs alone.
+estimated working set (default: 640 MB per job, at most a quarter of the memory available, at least
+512 MB); an item larger than the budget runs alone.
 """
 
 from __future__ import annotations
@@ -60,13 +60,10 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], jobs: int = 1,
     executor = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="onnxlr")
     try:
         for item in items:
-            while pending and pending[0][0].done():  # results ready in order: hand them back now
-                future, done_weight = pending.popleft()
-                in_flight -= done_weight
-                yield future.result()
             weight = cost(item) if cost is not None else 0
-            # Hand back the oldest results until this item fits: memory is freed in input order.
-            while pending and (len(pending) >= LOOKAHEAD * jobs or in_flight + weight > budget_bytes):
+            # Hand back the oldest results when ready, and until this item fits: memory is freed in input order.
+            while pending and (pending[0][0].done() or len(pending) >= LOOKAHEAD * jobs
+                               or in_flight + weight > budget_bytes):
                 future, done_weight = pending.popleft()
                 in_flight -= done_weight
                 yield future.result()
