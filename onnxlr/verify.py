@@ -212,7 +212,8 @@ def _gate_failure(ref, out, diff, metrics, gates: Gates, integer: bool = False) 
 
 
 class ReferenceFailed(OnnxlrError):
-    """onnxruntime cannot run the reference model on the feeds: the inputs are at fault (exit 2)."""
+    """onnxruntime cannot run the reference model on the feeds on the first provider: the inputs are at fault
+    (exit 2; synthesized inputs of other sizes may run)."""
 
 
 def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | bytes,
@@ -266,6 +267,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
         except Exception as exc:  # the input model itself fails (bad attributes, shapes): bad input, not a bug
             error = input_error(exc, feeds, f"onnxruntime cannot run the reference model on {provider}",
                                 SYNTHESIZED_HINT if synthesized else GIVEN_HINT, reference_model)
+            if result.providers:  # it ran on an earlier provider: other inputs would not help (no probing)
+                raise OnnxlrError(error.template) from exc
             raise ReferenceFailed(error.template) from exc
         try:
             if segmented:

@@ -233,7 +233,7 @@ def test_a_candidate_whose_sizes_differ_is_not_probed(tmp_path):
 # ----------------------------------------------------------------------------- in segments: no probe pass
 
 
-def verify_in_segments(path: str, monkeypatch) -> tuple[object, int]:
+def verify_in_segments(path: str, monkeypatch, providers: str = "cpu") -> tuple[object, int]:
     """optimize's verification of the model against itself, in segments (as for a model larger than memory),
     on synthesized inputs; returns the result and how many passes over the model in segments it took."""
     import onnxlr.segments
@@ -242,7 +242,7 @@ def verify_in_segments(path: str, monkeypatch) -> tuple[object, int]:
     passes = []
     whole_run = onnxlr.segments.run_in_segments
     monkeypatch.setattr(onnxlr.segments, "run_in_segments", lambda *a, **k: passes.append(1) or whole_run(*a, **k))
-    options = {"providers": "cpu", "inputs_path": None, "shapes": (), "seed": 0, "samples": 2, "batch_size": 16,
+    options = {"providers": providers, "inputs_path": None, "shapes": (), "seed": 0, "samples": 2, "batch_size": 16,
                "atol": None, "rtol": None, "min_cosine": None, "no_gate": False, "per_layer": False,
                "min_layer_cosine": None, "segment_budget": 1000}
     result = run_verification(path, path, ir.load(path), options)
@@ -260,3 +260,24 @@ def test_in_segments_a_reference_that_refuses_the_first_sizes_is_probed(tmp_path
     result, passes = verify_in_segments(save(stride_net(levels=6), tmp_path / "net.onnx"), monkeypatch)
     assert result.passed and result.inputs == {"x": [2, 3, 64, 64]} and result.synthesized
     assert passes == 1 + 2 + 2  # the refused reference run, probes at 32 and 64, then both models
+
+
+def test_in_segments_a_reference_failing_on_a_later_provider_is_not_probed(tmp_path, monkeypatch):
+    # The reference ran on the first provider with these inputs: a failure on the next one is that provider's,
+    # and probing other sizes (a pass over the weights each) would only fail the same way again.
+    import onnxlr.verify
+
+    calls = []
+    real_run = onnxlr.verify._run_segmented
+
+    def fail_third_run(*args, **kwargs):  # reference and candidate on "cpu", then the reference again
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected: this provider cannot run the model")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(onnxlr.verify, "_run_segmented", fail_third_run)
+    with pytest.raises(OnnxlrError, match="cannot run the reference model on cpu") as raised:
+        verify_in_segments(save(stride_net(levels=5), tmp_path / "net.onnx"), monkeypatch, providers="cpu,cpu")
+    assert not isinstance(raised.value, onnxlr.verify.ReferenceFailed)
+    assert len(calls) == 3  # no probe, no second verification
