@@ -245,6 +245,7 @@ def _randomized_one(ops: Any, matrix: np.ndarray, rank: int, sketch: int, seed: 
     omega = np.random.default_rng(seed).standard_normal((matrix.shape[1], sketch), dtype=np.float32)
     w, omega = ops.asarray(matrix), ops.asarray(omega.astype(matrix.dtype, copy=False))
     y = w @ omega
+    del omega  # n x sketch, as large as the biggest temporaries below: lm_head's peak was 144 MB higher with it
     for _ in range(power_iterations):
         # Re-normalizing between products keeps the small singular directions from underflowing.
         y = w @ ops.normalize(w.T @ ops.normalize(y))
@@ -317,7 +318,7 @@ class _NumpyOps:
         keep = s > (s[0] if len(s) else 0.0) * 1e-6  # rows for (numerically) zero values stay zero
         scale = np.where(keep, 1.0 / np.where(keep, s, 1.0), 0.0)
         u = vectors.astype(b.dtype)
-        vt = (u.T @ b) * scale[:, None].astype(b.dtype)
+        vt = (u * scale[None, :].astype(b.dtype)).T @ b  # S^-1 U^T b with one k x n array, not two
         return u, s.astype(b.dtype), vt
 
 
@@ -513,14 +514,15 @@ def _whitened_by_samples(work: np.ndarray, gram: SampleGram, damping: float, ran
     down = 1.0 / np.sqrt(values + d) - 1.0 / np.sqrt(d)
     dtype = np.float64 if size * columns <= FLOAT64_MAX_ELEMENTS else np.float32  # as svd() and the sketch work
     basis = basis_t.astype(dtype)
-    weight = np.asarray(work[0], dtype=dtype)
-    # R W = √d (W + Q diag(up/√d) Qᵀ W), built in one K x N array.
-    target = basis.T @ ((up / np.sqrt(d))[:, None].astype(dtype) * (basis @ weight))
-    target += weight
+    # R W = √d (W + Q diag(up/√d) Qᵀ W) in a copy of W, the update added a block of rows at a time (in place).
+    target = np.array(work[0], dtype=dtype)
+    update = (up / np.sqrt(d))[:, None].astype(dtype) * (basis @ target)  # n x N
+    parts = max(1, target.size // (1 << 22))  # no second K x N array: 0.5 GB on an 8B model's lm_head
+    for rows, basis_rows in zip(np.array_split(target, parts), np.array_split(basis, parts, axis=1)):
+        rows += basis_rows.T @ update
+    del update
     target *= np.sqrt(d)
-    del weight
     inner = decompose(target[None], rank, solver)
-    del target
     u = inner.u[0].astype(np.float64)
     u = u / np.sqrt(d) + basis_t.T @ (down[:, None] * (basis_t @ u))
     return dataclasses.replace(inner, u=u[None], method="whitened")
