@@ -514,17 +514,17 @@ def _whitened_by_samples(work: np.ndarray, gram: SampleGram, damping: float, ran
     down = 1.0 / np.sqrt(values + d) - 1.0 / np.sqrt(d)
     dtype = np.float64 if size * columns <= FLOAT64_MAX_ELEMENTS else np.float32  # as svd() and the sketch work
     basis = basis_t.astype(dtype)
-    # R W = √d (W + Q diag(up/√d) Qᵀ W) in a copy of W, the update added a block of rows at a time (in place).
-    target = np.array(work[0], dtype=dtype)
+    target = np.array(work[0], dtype=dtype)  # R W = √d (W + Q diag(up/√d) Qᵀ W), built in this copy of W
     update = (up / np.sqrt(d))[:, None].astype(dtype) * (basis @ target)  # n x N
     parts = max(1, target.size // (1 << 22))  # no second K x N array: 0.5 GB on an 8B model's lm_head
     for rows, basis_rows in zip(np.array_split(target, parts), np.array_split(basis, parts, axis=1)):
         rows += basis_rows.T @ update
-    del update
+    del update, rows, basis_rows  # the last block's view would keep target alive after the `del target` below
     target *= np.sqrt(d)
     inner = decompose(target[None], rank, solver)
-    u = inner.u[0].astype(np.float64)
-    u = u / np.sqrt(d) + basis_t.T @ (down[:, None] * (basis_t @ u))
+    del target  # first: a 14336-wide layer's K x rank float64 arrays below are 117 MB each
+    u = np.divide(inner.u[0], np.sqrt(d), dtype=np.float64)  # R⁻¹ U = U / √d + Q diag(down) Qᵀ U, in place:
+    u += basis_t.T @ ((np.sqrt(d) * down)[:, None] * (basis_t @ u))
     return dataclasses.replace(inner, u=u[None], method="whitened")
 
 

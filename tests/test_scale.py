@@ -66,14 +66,15 @@ def test_randomized_svd_memory_is_one_copy_and_two_sketches():
     assert (peak - 4 * m * n) / (4 * sketch * n) < 3  # was 4.3: the test matrix and vt's scaling kept alive
 
 
-def test_whitening_by_samples_builds_its_target_in_one_copy():
-    # R W is built in the weight's working copy a block of rows at a time, not beside it.
-    m, n, rank = 2048, 16384, 128
+@pytest.mark.parametrize(("m", "n", "rank", "bound"), [(2048, 16384, 128, 1.5), (8192, 2560, 640, 2.3)])
+def test_whitening_by_samples_builds_its_target_in_one_copy(m, n, rank, bound):
+    # R W is built in the weight's working copy a block of rows at a time, not beside it (wide: was 2.04 copies),
+    # and that copy is gone before the un-whitening's K x rank float64 arrays (tall: 2.9 when a view kept it).
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((1, m, n), dtype=np.float32).astype(np.float16)
     samples = lowrank.SampleGram([rng.standard_normal((64, m)).astype(np.float16)])
     peak = traced_peak(lambda: lowrank.whitened_svd(weight, samples, rank=rank, solver=lowrank.Solver("auto")))
-    assert peak / (4 * m * n) < 1.5  # was 2.04: a second K x N array
+    assert peak / (4 * m * n) < bound
 
 
 @pytest.mark.parametrize("spectrum", list(SPECTRA))
