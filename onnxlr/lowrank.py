@@ -516,10 +516,10 @@ def _whitened_by_samples(work: np.ndarray, gram: SampleGram, damping: float, ran
     basis = basis_t.astype(dtype)
     target = np.array(work[0], dtype=dtype)  # R W = √d (W + Q diag(up/√d) Qᵀ W), built in this copy of W
     update = (up / np.sqrt(d))[:, None].astype(dtype) * (basis @ target)  # n x N
-    parts = max(1, target.size // (1 << 22))  # no second K x N array: 0.5 GB on an 8B model's lm_head
-    for rows, basis_rows in zip(np.array_split(target, parts), np.array_split(basis, parts, axis=1)):
-        rows += basis_rows.T @ update
-    del update, rows, basis_rows  # the last block's view would keep target alive after the `del target` below
+    step = max(1, (1 << 22) // max(1, columns))  # rows per block: no second K x N array (0.5 GB on lm_head 8B)
+    for start in range(0, size, step):  # slices, not kept views: `del target` below frees it
+        target[start:start + step] += basis[:, start:start + step].T @ update
+    del update
     target *= np.sqrt(d)
     inner = decompose(target[None], rank, solver)
     del target  # first: a 14336-wide layer's K x rank float64 arrays below are 117 MB each
