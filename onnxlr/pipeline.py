@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxlr import cost, coupled, datafit, latency, lowrank, plan, quantize, rewrite
+from onnxlr import cost, coupled, datafit, latency, lowrank, plan, quantize, rewrite, subnormals
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.inputs import load_batches
@@ -238,6 +238,8 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
                            f"{totals_after['bytes']} bytes of weights); nothing was written")
     report = build_report(groups, skipped, settings.as_dict(), order, totals_before, totals_after, cost_report,
                           calibration_report)
+    if not dry_run:  # values set to zero in what onnxlr wrote (onnxlr.subnormals)
+        report.totals["subnormals_flushed"] = subnormals.model_flushed(model)
     if clock is not None:
         report.latency = latency.plan_summary(groups, clock)
     return Factorization(report=report, costs_before=costs_before, costs_after=costs_after)

@@ -72,6 +72,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"MACs (MatMul/Gemm/Conv with constant weights): {human(totals['macs_before'])} -> "
         f"{human(totals['macs_after'])} ({_ratio(totals['macs_after'], totals['macs_before'])})",
     ]
+    if totals.get("subnormals_flushed"):
+        lines.append(f"subnormal values flushed to zero in the written factors: {totals['subnormals_flushed']} "
+                     "(they run many times slower on x86 CPUs)")
     stage = report.get("quantization")
     if stage:
         lines.append(f"quantized ({stage['mode']}): {human(stage['bytes_low_rank'])}B -> {human(stage['bytes_after'])}B "
@@ -234,6 +237,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| MatMul/Gemm/Conv MACs | {human(totals['macs_before'])} | {human(totals['macs_after'])} | "
         f"{_ratio(totals['macs_after'], totals['macs_before'])} |",
     ]
+    if totals.get("subnormals_flushed"):
+        lines.append(f"subnormal values flushed to zero in the written factors: {totals['subnormals_flushed']} "
+                     "(they run many times slower on x86 CPUs)")
     stage = report.get("quantization")
     if stage:
         lines.append(f"| bytes after --quantize {stage['mode']} | {human(totals['bytes_before'])}B | "

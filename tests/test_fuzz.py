@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from onnx import helper
 from onnxlr.passes import REASON_CODES
+from test_subnormals import written_subnormals
 
 import onnxlr
 
@@ -39,6 +40,7 @@ OP_OF = {"matmul_right": "MatMul", "matmul_left": "MatMul", "matmul_shared": "Ma
 # Relative tolerances at full rank: the factors are rounded to the weight's dtype, and each layer of
 # the chain adds its own rounding (onnxruntime's fp16 kernels also round every intermediate).
 TOLERANCE = {"float32": 1e-4, "float16": 3e-2, "float64": 1e-9}
+SUBNORMAL_SCALE = {"float32": 1e-39, "float64": 1e-309}  # what Chain.dead scales a weight's dead rows by
 
 
 @functools.cache
@@ -83,9 +85,13 @@ class Chain:
         return name
 
     source: str = "initializer"  # where weights come from: initializer, Constant node, or Transpose of one
+    dead: bool = False  # a dead row and column in each weight, scaled to subnormal magnitudes (trained models have them)
 
     def weight(self, shape: tuple[int, ...], fan_in: int) -> str:
         values = (self.rng.standard_normal(shape) / math.sqrt(max(fan_in, 1))).astype(self.dtype)
+        if self.dead and self.dtype != "float16":
+            values[(0,) * (values.ndim - 1)] *= SUBNORMAL_SCALE[self.dtype]
+            values[..., -1] *= SUBNORMAL_SCALE[self.dtype]
         if self.source == "constant":
             name = self.fresh("W")
             self.nodes.append(helper.make_node("Constant", [], [name], value=init(name, values)))
@@ -214,7 +220,8 @@ def chains(draw) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Chain]:
     dtype = draw(st.sampled_from([d for d in ("float32", "float32", "float16", "float64")
                                   if all(ort_cpu_runs(op, d) for op in ops)]))
     chain = Chain(dtype=dtype, rng=np.random.default_rng(draw(st.integers(0, 2**16))),
-                  source=draw(st.sampled_from(["initializer", "initializer", "constant", "transpose"])))
+                  source=draw(st.sampled_from(["initializer", "initializer", "constant", "transpose"])),
+                  dead=draw(st.booleans()))
     chain.shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))  # 1-D: a vector input
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     # A symbolic first dim sometimes (every Reshape keeps it with -1).
@@ -251,6 +258,7 @@ def test_full_rank_chain_is_exact(case):
     onnx.checker.check_model(new_model, full_check=True)
     statuses = [(layer["name"], layer["status"]) for layer in report["layers"]]
     assert statuses == chain.layers, (report["layers"], _describe(model))
+    assert written_subnormals(model, new_model) == 0
     tolerance = TOLERANCE[chain.dtype]
     assert_outputs_close(run(model, feeds), run(new_model, feeds), rtol=tolerance, atol=tolerance)
 
@@ -280,6 +288,7 @@ def test_random_rank_chain_is_valid_and_runs(case, policy, conv_scheme, allow_no
             reject()
         raise
     onnx.checker.check_model(new_model, full_check=True)
+    assert written_subnormals(model, new_model) == 0  # what onnxlr writes never slows x86 kernels down
     assert [layer["name"] for layer in report["layers"]] == [name for name, _ in chain.layers]
     for layer in report["layers"]:
         if layer["status"] == "factorized":
