@@ -98,7 +98,7 @@ def _name(model: Any) -> str:
 
 
 def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarray], provider: str = "cpu",
-                   threads: int = 1, runs: int = 20) -> dict[str, Any]:
+                   threads: int = 1, runs: int = 20, external_data_folder: Any = None) -> dict[str, Any]:
     """Per factorized layer: the original node's kernel time against its pair's (onnxruntime profiler), whichever
     of the two models is the rewritten one; a layer narrowed with its coupled partner (joint compression, no new
     node) is timed against itself in the original (`kind` "joint").
@@ -107,7 +107,8 @@ def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarra
     optimization level, where onnxruntime keeps node names (the NCHWc and fusion passes of higher
     levels rename nodes, and a pair could no longer be matched to its layer).
     """
-    reference_times, candidate_times = _profiles([reference, candidate], feeds, provider, threads, runs)
+    reference_times, candidate_times = _profiles([reference, candidate], feeds, provider, threads, runs,
+                                                 external_data_folder)
     joint = joint_layers(candidate)
     if not _has_pairs(candidate_times) and not joint and (_has_pairs(reference_times) or joint_layers(reference)):
         reference_times, candidate_times = candidate_times, reference_times  # MODEL is the rewritten one
@@ -146,7 +147,7 @@ def _has_pairs(times: Mapping[str, float]) -> bool:
 
 
 def _profiles(models: Sequence[Any], feeds: Mapping[str, np.ndarray], provider: str, threads: int,
-              runs: int) -> list[dict[str, float]]:
+              runs: int, external_data_folder: Any = None) -> list[dict[str, float]]:
     """Median kernel time in microseconds per node name of each model, from onnxruntime's profiler; the models
     run interleaved (A B, B A, ...) after a warm-up, so drift and noisy neighbours hit them alike, and the median
     keeps a preempted run from moving a layer's figure."""
@@ -156,7 +157,8 @@ def _profiles(models: Sequence[Any], feeds: Mapping[str, np.ndarray], provider: 
 
     with tempfile.TemporaryDirectory(prefix="onnxlr-profile-") as folder:
         sessions = [make_session(model, provider, threads=threads, optimization_level="basic",
-                                 profile_prefix=os.path.join(folder, f"profile{index}"))
+                                 profile_prefix=os.path.join(folder, f"profile{index}"),
+                                 external_data_folder=external_data_folder)
                     for index, model in enumerate(models)]
         names = [[o.name for o in session.get_outputs()] for session in sessions]
         for session, outputs in zip(sessions, names):

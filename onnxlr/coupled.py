@@ -42,6 +42,7 @@ from onnxlr import plan as planning
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.passes import NameGenerator
+from onnxlr.revert import JOINT_UNIT
 from onnxlr.rewrite import add_initializer
 from onnxlr.settings import Progress, Settings
 
@@ -434,6 +435,7 @@ def rewrite(model: ir.Model, plans: Sequence[PairPlan], sink: Any = None) -> Non
             continue
         for node, old, array in pair_plan.pair.fit_slices(pair_plan.fit):
             _replace(node, old, array, names, sink)
+            node.metadata_props[JOINT_UNIT] = pair_plan.key  # what onnxlr.revert puts back together
         for value in pair_plan.pair.inner_values():  # k, not D, neurons now: drop the recorded shapes
             value.shape = None
 

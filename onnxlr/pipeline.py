@@ -95,11 +95,15 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
     if settings.quantize == "int8-static" and data is None:
         raise OnnxlrError("{0} int8-static needs calibration data ({1})", "quantize", "calibration")
     goal = datafit.Goal.of(settings)
+    confirming = settings.objective == "latency" and settings.latency_table is None and not dry_run
     for attempt in range(1, QUANTIZED_ATTEMPTS + 1):
-        # The quantizer reads the whole model: factors stay in memory for it rather than going to `sink`.
+        # The quantizer reads the whole model, and a latency plan may put layers back: factors stay in memory for
+        # them rather than going to `sink` (where a reverted layer's factors would stay in the file).
         result = factorize_model(loaded.model, settings, progress=progress, dry_run=dry_run,
                                  input_shapes=input_shapes, calibration_data=data,
-                                 sink=None if settings.quantize else sink)
+                                 sink=None if settings.quantize or confirming else sink)
+        if confirming:
+            confirm_end_to_end(loaded, source, result, settings, data, input_shapes)
         if not settings.quantize or dry_run:
             return result
         loaded.model, stage = quantize.quantize_stage(loaded.model, settings.quantize, data, goal,
@@ -115,6 +119,38 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
                        goal, final[goal.metric])
         loaded.model = quantize.load_source(data.source)
     return result
+
+
+def confirm_end_to_end(loaded: LoadedModel, source: Any, result: Factorization, settings: Settings,
+                       data: datafit.CalibrationData | None, input_shapes: Mapping[str, Sequence[int]] | None
+                       ) -> None:
+    """--objective latency: time the rewritten model against its input, whole, and put back the layers that do not
+    pay there (onnxlr.confirm); the report's rows, totals, costs and `latency.end_to_end` say what was done."""
+    from onnxlr import confirm
+
+    if not result.report.modified:
+        return
+    original = load(source).model  # the caller's model is never modified; this copy is read only
+    if isinstance(source, (str, os.PathLike)):
+        reference: Any = source
+    else:
+        reference = confirm.session_source(original)
+    folder = loaded.path.parent if loaded.path is not None and loaded.uses_external_data else None
+    logger.info("timing the rewritten model against the original, end to end")
+    feeds = confirm.feeds_for(original, reference, data.batches if data is not None else None, input_shapes)
+    outcome = confirm.confirm_latency(original, reference, loaded.model, feeds, settings.latency_provider,
+                                      settings.latency_threads, external_data_folder=folder)
+    report = result.report
+    if outcome.reverted:
+        report.mark_reverted(outcome.reverted, cost.model_totals(loaded.model))
+        result.costs_after = cost.model_costs(loaded.model, infer_shapes(loaded.model, input_shapes))
+        report.cost["after"] = cost.totals(result.costs_after, loaded.model)
+        report.totals["subnormals_flushed"] = subnormals.model_flushed(loaded.model)
+    report.latency = {**(report.latency or {}), "end_to_end": outcome.to_json()}
+    speed = outcome.speed
+    if not report.modified:
+        logger.warning("no rewrite paid in the whole model (%.2fx end to end before putting them back): the "
+                       "model is written as it was", (outcome.first_speed or speed).speedup)
 
 
 def calibration_data(loaded: LoadedModel, source: Any, calibration: Any, samples: int | None, heldout: Any,

@@ -90,12 +90,35 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      f"{plan['timed_layers']} timed layers {plan['targets_ms']:.3f} -> {plan['planned_ms']:.3f} ms "
                      f"in isolation ({plan['planned_saving']:.1%} saved); {plan['timed_models']} models timed in "
                      f"{plan['timing_s']:.1f} s, {plan['reused_entries']} times reused")
+    lines += speed_lines(report)
     cost = report.get("cost", {})
     if "after" in cost:
         before, after = cost["before"], cost["after"]
         per_unit = " (dims unknown to shape inference count as 1)" if before["unknown_dims"] else ""
         lines.append(f"model FLOPs: {human(before['flops'])} -> {human(after['flops'])} "
                      f"({_ratio(after['flops'], before['flops'])}){per_unit}")
+    return lines
+
+
+def speed_lines(report: dict[str, Any]) -> list[str]:
+    """The written model against its input, end to end (--objective latency's confirmation, or the size objective's
+    speed check), and the layers the confirmation put back."""
+    confirmation = (report.get("latency") or {}).get("end_to_end")
+    speed = confirmation["speed"] if confirmation else report.get("speed")
+    if not speed:
+        return []
+    lines = [f"end to end ({speed['provider']}, {speed['threads']} thread(s), optimization level "
+             f"{speed['optimization_level']}, {speed['runs']} interleaved runs): {speed['speedup']:.2f}x "
+             f"(p10 {speed['p10']:.2f}, p90 {speed['p90']:.2f}; {speed['original_ms']:.3f} -> "
+             f"{speed['rewritten_ms']:.3f} ms)"]
+    if confirmation and confirmation["reverted"]:
+        first = confirmation["before_reverts"]
+        before = f" (the plan as first rewritten: {first['speedup']:.2f}x)" if first else ""
+        lines.append(f"put back {len(confirmation['reverted'])} layer(s) whose rewrite did not pay in the whole "
+                     f"model{before}")
+    if not confirmation and speed["p90"] < 1.0:
+        lines.append("[yellow]warning: the written model is measurably slower than its input end to end; "
+                     "--objective latency keeps only rewrites that pay[/]")
     return lines
 
 
@@ -238,8 +261,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{_ratio(totals['macs_after'], totals['macs_before'])} |",
     ]
     if totals.get("subnormals_flushed"):
-        lines.append(f"subnormal values flushed to zero in the written factors: {totals['subnormals_flushed']} "
-                     "(they run many times slower on x86 CPUs)")
+        lines.append(f"| subnormal values flushed to zero (written factors) | | {totals['subnormals_flushed']} | |")
     stage = report.get("quantization")
     if stage:
         lines.append(f"| bytes after --quantize {stage['mode']} | {human(totals['bytes_before'])}B | "
@@ -249,6 +271,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| timed layers, ms in isolation ({plan['provider']}, {plan['threads']} thread(s)) | "
                      f"{plan['targets_ms']:.3f} | {plan['planned_ms']:.3f} | "
                      f"{_ratio(plan['planned_ms'], plan['targets_ms'])} |")
+    speed = (plan or {}).get("end_to_end", {}).get("speed") or report.get("speed")
+    if speed:
+        lines.append(f"| whole model, ms end to end ({speed['provider']}, {speed['threads']} thread(s)) | "
+                     f"{speed['original_ms']:.3f} | {speed['rewritten_ms']:.3f} | {speed['speedup']:.2f}x faster "
+                     f"(p10 {speed['p10']:.2f}, p90 {speed['p90']:.2f}) |")
     cost = report.get("cost", {})
     if "after" in cost:
         lines.append(f"| model FLOPs | {human(cost['before']['flops'])} | {human(cost['after']['flops'])} | "

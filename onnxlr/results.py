@@ -143,6 +143,20 @@ class Report:
     latency: dict[str, Any] | None = None  # --objective latency: the measured plan (onnxlr.latency.plan_summary)
     onnxlr_version: str = __version__
 
+    def mark_reverted(self, reverted: dict[str, str], after: dict[str, int]) -> None:
+        """Rows of the layers the end-to-end confirmation put back (onnxlr.confirm): skipped, `not_faster_in_model`;
+        totals from `after` (the model's params and bytes as written)."""
+        for row in self.layers:
+            if row.status == "factorized" and row.name in reverted:
+                row.status, row.reason_code, row.reason = "skipped", "not_faster_in_model", reverted[row.name]
+                row.scheme = row.rank = row.method = row.svd = row.pair_ms = row.partner = row.pair_kind = None
+                row.retained_energy = row.svd_tail_excess = None
+                row.params_after, row.macs_after = row.params_before, row.macs_before
+        self.totals.update(params_after=after["params"], bytes_after=after["bytes"],
+                           macs_after=sum(row.macs_after or 0 for row in self.layers),
+                           factorized=sum(row.status == "factorized" for row in self.layers),
+                           skipped=sum(row.status == "skipped" for row in self.layers))
+
     @property
     def modified(self) -> bool:
         return any(layer.status == "factorized" for layer in self.layers)

@@ -61,6 +61,8 @@ REASON_CODES = {
     "kept_dense_by_budget": "the whole-model budget allocation left the layer dense",
     "target_not_reached": "no budget reaches the --target-cosine/--target-error goal",
     "not_faster": "--objective latency: no factor pair of the layer measured faster than the original node",
+    "not_faster_in_model": "--objective latency: the rewrite did not pay in the whole model (profiled or timed end "
+                           "to end against the original), so the layer was put back",
     "not_timed": "--objective latency: the layer could not be timed (a non-float input, dynamic dims, or not in "
                  "--latency-table)",
 }
