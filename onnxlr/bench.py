@@ -98,7 +98,8 @@ def _name(model: Any) -> str:
 
 
 def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarray], provider: str = "cpu",
-                   threads: int = 1, runs: int = 20, external_data_folder: Any = None) -> dict[str, Any]:
+                   threads: int = 1, runs: int = 20, external_data_folder: Any = None,
+                   deployed: bool = True) -> dict[str, Any]:
     """Per factorized layer: the original node's kernel time against its pair's (onnxruntime profiler), whichever
     of the two models is the rewritten one; a layer narrowed with its coupled partner (joint compression, no new
     node) is timed against itself in the original (`kind` "joint").
@@ -106,13 +107,17 @@ def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarra
     Profiling runs separately from the timed runs (the profiler adds overhead) and at the "basic"
     optimization level, where onnxruntime keeps node names (the NCHWc and fusion passes of higher
     levels rename nodes, and a pair could no longer be matched to its layer).
+
+    `deployed`: also profile both models at the "all" level users deploy with, and rank the kernels whose time grew
+    the most there (`grown`), the nodes onnxlr did not touch included: a slowdown shows where it happens.
     """
-    reference_times, candidate_times = _profiles([reference, candidate], feeds, provider, threads, runs,
-                                                 external_data_folder)
+    models = [reference, candidate]
+    reference_times, candidate_times = _profiles(models, feeds, provider, threads, runs, external_data_folder)
     joint = joint_layers(candidate)
     if not _has_pairs(candidate_times) and not joint and (_has_pairs(reference_times) or joint_layers(reference)):
         reference_times, candidate_times = candidate_times, reference_times  # MODEL is the rewritten one
         joint = joint_layers(reference)
+        models = models[::-1]
     layers = []
     for name in sorted({n[: -len("_lr1")] for n in candidate_times if n.endswith("_lr1")}):
         original = reference_times.get(name)
@@ -124,8 +129,36 @@ def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarra
         original, narrowed = reference_times.get(name), candidate_times.get(name)
         layers.append({"name": name, "kind": "joint", "original_us": original, "pair_us": narrowed,
                        "speedup": original / narrowed if original and narrowed else None})
-    return {"optimization_level": "basic", "runs": runs, "layers": layers,
-            "total_us": {"reference": sum(reference_times.values()), "candidate": sum(candidate_times.values())}}
+    result = {"optimization_level": "basic", "runs": runs, "layers": layers,
+              "total_us": {"reference": sum(reference_times.values()), "candidate": sum(candidate_times.values())}}
+    if deployed:
+        at_all = _profiles(models, feeds, provider, threads, runs, external_data_folder, optimization_level="all")
+        result["grown"] = grown_nodes(*at_all, {row["name"] for row in layers})
+        result["grown_optimization_level"] = "all"
+    return result
+
+
+GROWN_SHOWN = 15
+
+
+def grown_nodes(reference: Mapping[str, float], candidate: Mapping[str, float], rewritten: set[str],
+                limit: int = GROWN_SHOWN) -> list[dict[str, Any]]:
+    """The nodes whose kernel time grew the most from the original to the rewritten model, `rewritten` by onnxlr or
+    not: where a slowdown happens, largest growth first. A kernel of a factor pair counts as its layer (its names
+    start with the layer's and `_lr`, at every optimization level: `L_lr1`, or `L_lr_mid_nchwc` where onnxruntime
+    names a converted node after its output)."""
+    merged: dict[str, float] = {}
+    for name, us in candidate.items():
+        layer = next((layer for layer in rewritten if name.startswith(f"{layer}_lr")), name)
+        merged[layer] = merged.get(layer, 0.0) + us
+    rows = []
+    for name in set(merged) | set(reference):
+        before, after = reference.get(name), merged.get(name)
+        growth = (after or 0.0) - (before or 0.0)
+        rows.append({"name": name, "original_us": before, "rewritten_us": after, "growth_us": growth,
+                     "touched": name in rewritten})
+    rows.sort(key=lambda row: -row["growth_us"])
+    return [row for row in rows if row["growth_us"] > 0][:limit]
 
 
 def joint_layers(model: Any) -> list[str]:
@@ -147,7 +180,8 @@ def _has_pairs(times: Mapping[str, float]) -> bool:
 
 
 def _profiles(models: Sequence[Any], feeds: Mapping[str, np.ndarray], provider: str, threads: int,
-              runs: int, external_data_folder: Any = None) -> list[dict[str, float]]:
+              runs: int, external_data_folder: Any = None, optimization_level: str = "basic"
+              ) -> list[dict[str, float]]:
     """Median kernel time in microseconds per node name of each model, from onnxruntime's profiler; the models
     run interleaved (A B, B A, ...) after a warm-up, so drift and noisy neighbours hit them alike, and the median
     keeps a preempted run from moving a layer's figure."""
@@ -156,7 +190,7 @@ def _profiles(models: Sequence[Any], feeds: Mapping[str, np.ndarray], provider: 
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="onnxlr-profile-") as folder:
-        sessions = [make_session(model, provider, threads=threads, optimization_level="basic",
+        sessions = [make_session(model, provider, threads=threads, optimization_level=optimization_level,
                                  profile_prefix=os.path.join(folder, f"profile{index}"),
                                  external_data_folder=external_data_folder)
                     for index, model in enumerate(models)]

@@ -128,6 +128,10 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
               help="Compare the result with the input on onnxruntime before writing it.")
 @verification_options
 @click.option("--keep-failed", is_flag=True, help="Write the model even when a verification gate fails (exit 1).")
+@click.option("--speed-check/--no-speed-check", default=True, show_default=True,
+              help="Time the written model against INPUT end to end (interleaved, about 2 s; on --inputs or "
+                   "synthesized inputs) and warn when it is slower. --objective latency always confirms its plan "
+                   "this way and puts back the layers that do not pay.")
 @click.option("--no-memory-check", is_flag=True,
               help="Do not stop when verification or calibration looks too large for the memory available "
                    "(onnxruntime's session estimated against MemAvailable and the cgroup limit).")
@@ -138,7 +142,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.pass_obj
 def optimize(state: State, input_path: str, output_path: str | None, report_path: str | None,
              markdown_path: str | None, html_path: str | None, external_data: bool | None, dry_run: bool, run_verify: bool, keep_failed: bool, ops: str,
-             no_memory_check: bool, **options: Any) -> None:
+             no_memory_check: bool, speed_check: bool, **options: Any) -> None:
     """Factorize INPUT's MatMul, Gemm and Conv weights and write OUTPUT.
 
     The input is never modified. OUTPUT is verified against INPUT with onnxruntime (see
@@ -213,6 +217,8 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
                                          "--rank-ratio or --energy, --calibration data (with --target-cosine to "
                                          "search the size), or --exclude for sensitive layers; --keep-failed "
                                          "writes it anyway")
+            if speed_check and config.objective != "latency" and verify_options.get("segment_budget") is None:
+                report.speed = _speed_check(input_path, staged, loaded.model, verify_options, input_shapes, config)
         report.output = str(output_path)
     _finish(report.to_json(), report_path, markdown_path, html_path, state)
     if targets_path and report.targets is not None:
@@ -221,6 +227,21 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
         print_estimates(report.targets, state.console)
     if failure:
         raise GateFailed(failure)
+
+
+def _speed_check(input_path: str, staged: Any, model: Any, verify_options: dict[str, Any], input_shapes: Any,
+                 config: Any) -> dict[str, Any] | None:
+    """The written model against its input, end to end (the size objective's check; a warning when slower)."""
+    from onnxlr import confirm
+
+    try:
+        speed = confirm.written_speed(input_path, staged, model, verify_options["inputs_path"], input_shapes,
+                                      verify_options["batch_size"], config.latency_provider, config.latency_threads,
+                                      seconds=1.0)
+    except OnnxlrError as exc:  # inputs the speed check cannot make: verification has said what it could
+        logging.getLogger(__name__).warning("end-to-end speed not measured: %s", exc)
+        return None
+    return speed.to_json()
 
 
 def _calibrate(input_path: str, loaded: Any, calibration_path: str | None, samples: int | None,

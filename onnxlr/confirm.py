@@ -115,7 +115,7 @@ def confirm_latency(original: ir.Model, reference: Any, model: ir.Model, feeds: 
     than `reference` (the original's bytes or path; `original`: the same model in onnx-ir form) or none is left."""
     folder = external_data_folder
     profile = bench.profile_layers(reference, session_source(model), feeds, provider, threads=threads,
-                                   runs=PROFILE_RUNS, external_data_folder=folder)
+                                   runs=PROFILE_RUNS, external_data_folder=folder, deployed=False)
     in_context = profile["layers"]
     reverted: dict[str, str] = {}
     slower = {layer["name"]: f"slower in the whole model: {layer['pair_us']:.0f} us against the original's "
@@ -164,3 +164,18 @@ def feeds_for(model: ir.Model, reference: Any, batches: Sequence[Mapping[str, np
 
     shapes = {name: tuple(dims) for name, dims in (input_shapes or {}).items()}
     return feeds_the_model_accepts(reference, input_specs(model), seed=0, samples=1, shapes=shapes or None)
+
+
+def written_speed(reference_path: str | os.PathLike, candidate_path: str | os.PathLike, model: ir.Model,
+                  inputs_path: str | os.PathLike | None, shapes: Mapping[str, Sequence[int]] | None, samples: int,
+                  provider: str = "cpu", threads: int = 1, seconds: float = SECONDS) -> Speed:
+    """The size objective's speed check: the written file against its input, end to end, on the first `samples`
+    samples of `inputs_path` (else inputs synthesized at `shapes` that the reference accepts)."""
+    from onnxlr.inputs import input_specs, load_inputs
+
+    if inputs_path:
+        feeds = {name: array[:samples] if array.ndim else array
+                 for name, array in load_inputs(inputs_path, input_specs(model)).items()}
+    else:
+        feeds = feeds_for(model, reference_path, None, shapes)
+    return time_whole(reference_path, candidate_path, feeds, provider, threads, seconds)

@@ -238,6 +238,8 @@ def print_bench(results: dict[str, Any], console: Console) -> None:
                           "median of per-run ratios, interleaved)", highlight=False)
         if "profile" in result:
             console.print(profile_table(provider, result["profile"]))
+            if result["profile"].get("grown"):
+                console.print(grown_table(provider, result["profile"]))
         context = result["context"]
         console.print(f"{provider}: {context['cpu']}, {context['intra_op_threads']} thread(s), optimization "
                       f"{context['graph_optimization_level']}, onnxruntime {context['onnxruntime']}", highlight=False)
@@ -371,6 +373,21 @@ def profile_table(provider: str, profile: dict[str, Any]) -> Table:
         else:  # fewer MACs but slower: exactly what a user must see
             speedup = f"[red]{row['speedup']:.2f}x (slower)[/]"
         table.add_row(row["name"] + (" (joint)" if row.get("kind") == "joint" else ""), original, pair, speedup)
+    return table
+
+
+def grown_table(provider: str, profile: dict[str, Any]) -> Table:
+    """The nodes whose time grew the most, onnxlr's pairs and the nodes it did not touch alike."""
+    table = Table(title=f"{provider}: the kernels whose time grew the most (original -> rewritten, onnxruntime "
+                        f"profiler, {profile.get('grown_optimization_level', 'all')} optimizations)",
+                  title_justify="left")
+    for column in ("node", "original us", "rewritten us", "growth us"):
+        table.add_column(column, justify="left" if column == "node" else "right")
+    for row in profile["grown"]:
+        before = "-" if row["original_us"] is None else f"{row['original_us']:.1f}"
+        after = "-" if row["rewritten_us"] is None else f"{row['rewritten_us']:.1f}"
+        table.add_row(row["name"] + (" (rewritten layer)" if row["touched"] else ""), before, after,
+                      f"[red]+{row['growth_us']:.1f}[/]")
     return table
 
 

@@ -141,6 +141,7 @@ class Report:
     targets: dict[str, Any] | None = None  # edge estimates (onnxlr.edge.before_after)
     quantization: dict[str, Any] | None = None  # --quantize: the mode and the bytes of each stage
     latency: dict[str, Any] | None = None  # --objective latency: the measured plan (onnxlr.latency.plan_summary)
+    speed: dict[str, Any] | None = None  # the size objective's end-to-end speed check (onnxlr.confirm.Speed)
     onnxlr_version: str = __version__
 
     def mark_reverted(self, reverted: dict[str, str], after: dict[str, int]) -> None:
@@ -167,6 +168,7 @@ class Report:
                                 "cost": self.cost}
         optional = {"calibration": self.calibration, "input": self.input, "output": self.output,
                     "targets": self.targets, "quantization": self.quantization, "latency": self.latency,
+                    "speed": self.speed,
                     "verification": self.verification.to_json() if self.verification is not None else None}
         data.update({key: value for key, value in optional.items() if value is not None})
         return data

@@ -129,7 +129,8 @@ def fake_speeds(monkeypatch, speedups, in_context=None):
         return confirm.Speed(speedup=value, p10=value * 0.95, p90=value * 1.05, original_ms=1.0,
                              rewritten_ms=1.0 / value, runs=10, provider=provider, threads=threads)
 
-    def profile_layers(reference, candidate, feeds, provider="cpu", threads=1, runs=20, external_data_folder=None):
+    def profile_layers(reference, candidate, feeds, provider="cpu", threads=1, runs=20, external_data_folder=None,
+                       deployed=True):
         return {"layers": in_context or []}
 
     monkeypatch.setattr(confirm, "time_whole", time_whole)
@@ -231,3 +232,47 @@ def test_the_cli_reports_the_end_to_end_speed(tmp_path):
     written = onnx.load(tmp_path / "out.onnx")
     feeds = {f"x{i}": np.ones((3, 64), np.float32) for i in range(2)}
     assert_outputs_close(run(onnx.load(source), feeds), run(written, feeds), rtol=1.0, atol=1.0)
+
+
+def test_the_profile_ranks_the_kernels_whose_time_grew_most_rewritten_or_not():
+    from onnxlr import bench
+
+    reference = {"a": 10.0, "conv": 5.0, "relu": 2.0, "gone": 3.0}
+    candidate = {"a": 12.0, "conv_lr1": 4.0, "conv_lr_mid_nchwc": 6.0, "relu": 9.0, "new": 1.0}
+    grown = bench.grown_nodes(reference, candidate, {"conv"})
+    assert [(row["name"], row["growth_us"], row["touched"]) for row in grown] == [
+        ("relu", 7.0, False), ("conv", 5.0, True), ("a", 2.0, False), ("new", 1.0, False)]  # "gone" shrank
+
+
+def test_bench_profile_shows_the_grown_kernels_at_the_deployed_level(tmp_path):
+    source = tmp_path / "m.onnx"
+    ir.save(matmuls(2), source)
+    rewritten_model, _ = onnxlr.optimize(str(source), rank_ratio=0.25)
+    ir.save(rewritten_model, tmp_path / "lr.onnx")
+    result = onnxlr_cli("bench", tmp_path / "lr.onnx", "--compare", source, "--profile", "--runs", "2",
+                        "--shape", "x0:32x64", "--shape", "x1:32x64", "--json", tmp_path / "p.json")
+    assert result.returncode == 0, result.stderr
+    profile = json.loads((tmp_path / "p.json").read_text())["providers"]["cpu"]["profile"]
+    assert profile["grown_optimization_level"] == "all"
+    assert all(row["growth_us"] > 0 for row in profile["grown"])
+    if profile["grown"]:
+        assert "grew the most" in result.stdout
+
+
+def test_the_size_objective_states_the_end_to_end_speed_and_warns_when_slower(tmp_path):
+    from onnxlr.report import speed_lines
+
+    source = tmp_path / "m.onnx"
+    ir.save(matmuls(2), source)
+    result = onnxlr_cli("optimize", source, tmp_path / "out.onnx", "--rank-ratio", "0.25", "--no-gate",
+                        "--shape", "x0:64x64", "--shape", "x1:64x64", "--report", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    speed = json.loads((tmp_path / "r.json").read_text())["speed"]
+    assert speed["runs"] >= confirm.MIN_RUNS and speed["original_ms"] > 0 and speed["rewritten_ms"] > 0
+    assert f"{speed['speedup']:.2f}x" in result.stdout
+    off = onnxlr_cli("optimize", source, tmp_path / "out2.onnx", "--rank-ratio", "0.25", "--no-gate",
+                     "--no-speed-check", "--report", tmp_path / "r2.json")
+    assert off.returncode == 0 and "speed" not in json.loads((tmp_path / "r2.json").read_text())
+    slower = {"speed": {**speed, "speedup": 0.8, "p10": 0.7, "p90": 0.9}}
+    assert any("measurably slower" in line for line in speed_lines(slower))
+    assert not any("measurably slower" in line for line in speed_lines({"speed": {**speed, "p90": 1.1}}))
