@@ -185,15 +185,23 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
     A joint unit takes its layers' place: it starts at the rank multiple of neurons and its steps
     add neurons, valued by the output error they win back (unit.loss), up to all of them (exact).
     Its layers are left unplanned (rank None); onnxlr.coupled settles them.
+
+    A --latency-budget prices a unit by its layers' measured original times at its kept share of their MACs (a
+    narrowed pair adds no node); a layer of a pair that could not be timed stays dense and counts for nothing,
+    and a pair with no timed layer keeps all of its neurons.
     """
     assert settings.budget is not None
     measure, fraction = settings.budget
     flag = {"params": "--param-budget", "macs": "--mac-budget", "latency": "--latency-budget"}[measure]
-    if measure == "latency" and any(g.ladder is None for g in groups):
-        raise OnnxlrError("{0} needs every layer timed first (--objective latency)", "latency_budget")
+    if measure == "latency":
+        if any(g.ladder is None and not g.reason for g in groups):
+            raise OnnxlrError("{0} needs every layer timed first (--objective latency)", "latency_budget")
+        # A layer that could not be timed (`not_timed`: only a coupled pair's layer gets here) has no measured
+        # time to spend: it stays dense, and counts for nothing (as every untimed layer under the objective).
+        groups = [g for g in groups if g.ladder is not None]
 
     def before(group: WeightGroup) -> float:
-        if measure == "latency":  # a layer that could not be timed (in a coupled pair) counts for nothing
+        if measure == "latency":  # an untimed layer of a coupled pair counts for nothing
             return group.timing.original_ms if group.timing is not None else 0.0
         return group.scheme.params_before if measure == "params" else group.scheme.macs_before
 
@@ -228,7 +236,9 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         state[index] = rank
         spent += after(group, rank) if rank else before(group)
     for offset, unit in enumerate(units):
-        state[len(groups) + offset] = min(step, unit.width)
+        # A pair that costs nothing (none of its layers timed: nothing to price its narrowing by) keeps all of
+        # its neurons, as its untimed layers would stay dense on their own.
+        state[len(groups) + offset] = unit.width if unit_cost(unit, unit.width) <= 0 else min(step, unit.width)
         spent += unit_cost(unit, state[len(groups) + offset])
     if spent > budget:
         smallest = "the lowest rank measured faster" if any(g.ladder is not None for g in groups) else f"rank {step}"
