@@ -264,7 +264,8 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: Any, batches: 
         keep = pair_plan.keep if pair_plan.keep is not None else pair_plan.width
         if keep >= pair_plan.width:
             for group in pair_plan.groups:
-                group.keep_dense("kept_dense_by_budget", f"kept dense by the {flag} allocation")
+                if not group.reason:  # a layer that could not be timed (--objective latency) keeps saying so
+                    group.keep_dense("kept_dense_by_budget", f"kept dense by the {flag} allocation")
             continue
         fit = pair_plan.elimination.fit(keep)
         share = pair_plan.cost(keep, measure_name) / pair_plan.cost(pair_plan.width, measure_name)
