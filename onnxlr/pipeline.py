@@ -52,7 +52,8 @@ class Factorization:
 
 def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = False,
              calibration: Any = None, calibration_samples: int | None = None, heldout: Any = None,
-             input_shapes: Mapping[str, Sequence[int]] | None = None, **settings: Any) -> tuple[Any, dict]:
+             input_shapes: Mapping[str, Sequence[int]] | None = None, speed_check: bool = False,
+             **settings: Any) -> tuple[Any, dict]:
     """Factorize a model's MatMul/Gemm/Conv weights; returns (new model, report as JSON-ready dict).
 
     `model` is a path, an `onnx.ModelProto`, an `onnx_ir.Model` or an onnx-graphsurgeon `Graph`;
@@ -65,7 +66,10 @@ def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = Fa
     with param_budget or mac_budget, allocation by measured sensitivity); `heldout` (same kinds) is
     what target_cosine / target_error are measured on. `input_shapes` ({input name: dims}, `--shape`) fixes
     dynamic input dims for the cost model and for objective="latency", which times every candidate pair against
-    its original node (settings latency_budget, latency_provider, latency_threads, latency_table, latency_cache).
+    its original node (settings latency_budget, latency_provider, latency_threads, latency_table, latency_cache),
+    then confirms the plan end to end (onnxlr.confirm: layers that do not pay in the whole model are put back).
+    `speed_check` (the CLI's --speed-check): the size objective also times the result against the input end to end
+    (the report's `speed`).
     """
     config = Settings(**settings)
     loaded = load(model)
@@ -74,6 +78,16 @@ def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = Fa
     result = optimize_loaded(loaded, config, source=model, calibration=calibration,
                              calibration_samples=calibration_samples, heldout=heldout, progress=progress,
                              dry_run=dry_run, input_shapes=input_shapes)
+    if speed_check and config.objective != "latency" and not dry_run:
+        from onnxlr import confirm
+
+        original = load(model).model
+        reference = model if isinstance(model, (str, os.PathLike)) else confirm.session_source(original)
+        folder = loaded.path.parent if loaded.path is not None and loaded.uses_external_data else None
+        feeds = confirm.feeds_for(original, reference, None, input_shapes)
+        result.report.speed = confirm.time_whole(reference, confirm.session_source(loaded.model), feeds,
+                                                 config.latency_provider, config.latency_threads, seconds=1.0,
+                                                 external_data_folder=folder).to_json()
     return convert(loaded.model, loaded.kind), result.report.to_json()
 
 

@@ -276,3 +276,11 @@ def test_the_size_objective_states_the_end_to_end_speed_and_warns_when_slower(tm
     slower = {"speed": {**speed, "speedup": 0.8, "p10": 0.7, "p90": 0.9}}
     assert any("measurably slower" in line for line in speed_lines(slower))
     assert not any("measurably slower" in line for line in speed_lines({"speed": {**speed, "p90": 1.1}}))
+
+
+def test_the_api_times_the_size_objective_when_asked():
+    model = matmuls(2)
+    _, report = onnxlr.optimize(model, rank_ratio=0.25, input_shapes={"x0": (64, 64), "x1": (64, 64)},
+                                speed_check=True)
+    assert report["speed"]["runs"] >= confirm.MIN_RUNS and report["speed"]["rewritten_ms"] > 0
+    assert "speed" not in onnxlr.optimize(model, rank_ratio=0.25)[1]  # off by default in the API
