@@ -238,8 +238,8 @@ def _speed_check(input_path: str, staged: Any, model: Any, verify_options: dict[
         speed = confirm.written_speed(input_path, staged, model, verify_options["inputs_path"], input_shapes,
                                       verify_options["batch_size"], config.latency_provider, config.latency_threads,
                                       seconds=1.0)
-    except OnnxlrError as exc:  # inputs the speed check cannot make: verification has said what it could
-        logging.getLogger(__name__).warning("end-to-end speed not measured: %s", exc)
+    except Exception as exc:  # inputs it cannot make, a model onnxruntime cannot run: verification says the rest
+        logging.getLogger(__name__).warning("end-to-end speed not measured: %s", io.first_line(exc))
         return None
     return speed.to_json()
 

@@ -434,9 +434,11 @@ def rewrite(model: ir.Model, plans: Sequence[PairPlan], sink: Any = None) -> Non
     for pair_plan in plans:
         if not pair_plan.chosen:
             continue
-        for node, old, array in pair_plan.pair.fit_slices(pair_plan.fit):
+        slices = list(pair_plan.pair.fit_slices(pair_plan.fit))
+        unit = slices[0][0].name if slices else ""  # the pair's name: its first narrowed node's
+        for node, old, array in slices:
             _replace(node, old, array, names, sink)
-            node.metadata_props[JOINT_UNIT] = pair_plan.key  # what onnxlr.revert puts back together
+            node.metadata_props[JOINT_UNIT] = unit  # what onnxlr.revert puts back together
         for value in pair_plan.pair.inner_values():  # k, not D, neurons now: drop the recorded shapes
             value.shape = None
 

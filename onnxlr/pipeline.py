@@ -24,7 +24,7 @@ from onnxlr import cost, coupled, datafit, latency, lowrank, plan, quantize, rew
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.inputs import load_batches
-from onnxlr.io import LoadedModel, convert, load
+from onnxlr.io import LoadedModel, convert, first_line, load
 from onnxlr.passes import Context
 from onnxlr.passes.base import inputs_are_weights
 from onnxlr.results import Report, build_report
@@ -151,9 +151,15 @@ def confirm_end_to_end(loaded: LoadedModel, source: Any, result: Factorization, 
         reference = confirm.session_source(original)
     folder = loaded.path.parent if loaded.path is not None and loaded.uses_external_data else None
     logger.info("timing the rewritten model against the original, end to end")
-    feeds = confirm.feeds_for(original, reference, data.batches if data is not None else None, input_shapes)
-    outcome = confirm.confirm_latency(original, reference, loaded.model, feeds, settings.latency_provider,
-                                      settings.latency_threads, external_data_folder=folder)
+    try:
+        feeds = confirm.feeds_for(original, reference, data.batches if data is not None else None, input_shapes)
+        outcome = confirm.confirm_latency(original, reference, loaded.model, feeds, settings.latency_provider,
+                                          settings.latency_threads, external_data_folder=folder)
+    except (OnnxlrError, MemoryError):
+        raise
+    except Exception as exc:  # onnxruntime's own errors: the model does not run whole on these inputs
+        raise OnnxlrError(f"--objective latency confirms its plan by timing the whole model, and onnxruntime "
+                          f"cannot run it: {first_line(exc)} (nothing was written)") from exc
     report = result.report
     if outcome.reverted:
         report.mark_reverted(outcome.reverted, cost.model_totals(loaded.model))
