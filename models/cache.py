@@ -37,6 +37,7 @@ BUILDERS = {
     for b in (
         Builder("digits-cnn", "models.digits_cnn", 1, "small CNN trained on sklearn digits (Conv, Gemm)"),
         Builder("minilm", "models.minilm", 1, "all-MiniLM-L6-v2 sentence encoder, stdlib-docstring text"),
+        Builder("ocr-crnn", "models.ocr_crnn", 1, "conv-only CTC text-line OCR, rendered docstring words"),
         Builder("synthetic", "models.synthetic", 1, "random-weight MLP, transformer block, conv variants"),
         Builder("llm-1b", "models.llm", 1, "LLM-shaped random model, ~1.06B fp32 params (~4.2 GB)", "build_1b"),
         Builder("llm-8b", "models.llm", 1, "LLM-shaped random model, ~8.0B fp16 params (~16 GB)", "build_8b"),
@@ -44,7 +45,7 @@ BUILDERS = {
     )
 }
 # What `build all` means: everything except the multi-GB llm models.
-ALL = ("digits-cnn", "minilm", "synthetic")
+ALL = ("digits-cnn", "minilm", "ocr-crnn", "synthetic")
 
 
 def cache_root(cache: str | os.PathLike | None = None) -> Path:

@@ -164,6 +164,64 @@ def test_cache_env_var_and_cli(tmp_path, monkeypatch, capsys):
         models.build("nope", cache=tmp_path)
 
 
+# --- ocr-crnn: the full build trains for minutes, so this runs the builder for two steps -----------
+
+
+def test_ocr_crnn_builder_writes_disjoint_rendered_lines_and_a_ctc_model(tmp_path, monkeypatch):
+    from models import ocr_crnn
+
+    monkeypatch.setattr(ocr_crnn, "STEPS", 2)
+    monkeypatch.setattr(ocr_crnn, "N_EVAL", 16)
+    folder = models.build("ocr-crnn", cache=tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {"model.onnx", "calib.npz", "eval.npz", "calib.txt", "eval.txt"} <= set(manifest["files"])
+    alphabet = manifest["alphabet"]
+
+    evals, calib = np.load(folder / "eval.npz"), np.load(folder / "calib.npz")
+    assert set(evals) == {"input", "labels", "label_lengths"} and set(calib) == {"input"}
+    assert evals["input"].shape == (16, 1, 32, 128) and evals["input"].dtype == np.float32
+    assert calib["input"].shape == (256, 1, 32, 128)
+    assert 0.0 <= evals["input"].min() and evals["input"].max() <= 1.0
+    labels, lengths = evals["labels"], evals["label_lengths"]
+    assert labels.shape == (16, 12) and labels.dtype == lengths.dtype == np.int64
+    assert ((4 <= lengths) & (lengths <= 12)).all()
+    assert all((row[n:] == 0).all() and (row[:n] >= 1).all() for row, n in zip(labels, lengths))
+    eval_lines = (folder / "eval.txt").read_text().splitlines()
+    assert ["".join(alphabet[c - 1] for c in row[:n]) for row, n in zip(labels, lengths)] == eval_lines
+
+    # Held-out lines are made of words that no training line uses, whatever their case or punctuation.
+    train_tokens, eval_tokens = ocr_crnn.collect_tokens()
+    train_words = {ocr_crnn.word_key(t) for t in train_tokens}
+    assert not train_words & {ocr_crnn.word_key(t) for t in eval_tokens}
+    assert not train_words & {ocr_crnn.word_key(w) for line in eval_lines for w in line.split()}
+    calib_lines = (folder / "calib.txt").read_text().splitlines()
+    assert len(calib_lines) == 256
+    assert {ocr_crnn.word_key(w) for line in calib_lines for w in line.split()} <= train_words
+
+    model = onnx.load(folder / "model.onnx")
+    inits = {t.name: t for t in model.graph.initializer}
+    conv_shapes = [tuple(inits[c.input[1]].dims) for c in _weights_of(model, "Conv")]
+    assert (480, 480, 1, 1) in conv_shapes and (64, 64, 3, 3) in conv_shapes and (256, 1, 3, 3) in conv_shapes
+    assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]  # folded into the convs
+    assert len(_weights_of(model, "MatMul")) == 1
+    logits = synthetic.run(folder / "model.onnx", {"input": evals["input"]})[0]
+    assert logits.shape == (16, 32, len(alphabet) + 1)
+    char_accuracy, _ = ocr_crnn.scores(logits, labels, lengths)
+    assert char_accuracy == pytest.approx(manifest["char_accuracy"])
+
+
+def test_ocr_greedy_decoding_and_edit_distance():
+    from models import ocr_crnn
+
+    logits = np.full((1, 7, 4), -1.0, dtype=np.float32)
+    for t, c in enumerate([1, 1, 0, 1, 2, 0, 0]):
+        logits[0, t, c] = 1.0
+    assert ocr_crnn.greedy_decode(logits) == [[1, 1, 2]]  # repeats merge unless a blank separates them
+    assert ocr_crnn.edit_distance([1, 2, 3], [1, 3]) == 1
+    assert ocr_crnn.edit_distance([], [4, 5]) == 2
+    assert ocr_crnn.edit_distance([1, 2, 3, 4], [2, 1, 3, 5]) == 3
+
+
 # --- real models (slow) -----------------------------------------------------------------------
 
 

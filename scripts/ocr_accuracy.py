@@ -1,0 +1,74 @@
+"""Held-out accuracy of ocr-crnn models (original and optimized) with onnxruntime on the CPU.
+
+Greedy CTC decoding (argmax per column, repeats merged, blank 0 dropped); character accuracy is
+1 - sum(edit distance) / sum(reference length) over the eval lines, line accuracy the share of lines
+read exactly.
+
+    python scripts/ocr_accuracy.py .cache/models/ocr-crnn/model.onnx /tmp/ocr-lr.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def greedy_decode(logits: np.ndarray) -> list[list[int]]:
+    best = logits.argmax(-1)
+    keep = np.ones_like(best, dtype=bool)
+    keep[:, 1:] = best[:, 1:] != best[:, :-1]
+    keep &= best != 0
+    return [row[mask].tolist() for row, mask in zip(best, keep)]
+
+
+def edit_distance(a: list[int], b: list[int]) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def read(model_path: Path, images: np.ndarray) -> list[list[int]]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    return greedy_decode(session.run(None, {input_name: images})[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", type=Path, help="ONNX models taking the ocr-crnn line images")
+    parser.add_argument("--eval", type=Path, default=Path(".cache/models/ocr-crnn/eval.npz"),
+                        help="held-out set (default: %(default)s)")
+    parser.add_argument("--errors", type=int, default=0, metavar="N",
+                        help="also print the first N misread lines of each model (alphabet from the "
+                             "manifest.json beside --eval)")
+    args = parser.parse_args()
+    data = np.load(args.eval)
+    truth = [row[:n].tolist() for row, n in zip(data["labels"], data["label_lengths"])]
+    n_chars = int(data["label_lengths"].sum())
+    alphabet = None
+    if args.errors:
+        alphabet = json.loads((args.eval.parent / "manifest.json").read_text())["alphabet"]
+    for path in args.models:
+        decoded = read(path, data["input"])
+        errors = sum(edit_distance(d, t) for d, t in zip(decoded, truth))
+        exact = sum(d == t for d, t in zip(decoded, truth))
+        print(f"{path}: character accuracy {1 - errors / n_chars:.4f}, "
+              f"line accuracy {exact / len(truth):.4f} on {len(truth)} lines ({n_chars} characters)")
+        if alphabet:
+            wrong = [(t, d) for d, t in zip(decoded, truth) if d != t][: args.errors]
+            for t, d in wrong:
+                text = "".join(alphabet[c - 1] for c in t)
+                print(f"  {text!r:16} read as {''.join(alphabet[c - 1] for c in d)!r}")
+
+
+if __name__ == "__main__":
+    main()
