@@ -36,6 +36,7 @@ SECONDS = 2.0  # timing budget of one end-to-end comparison (runs are clamped be
 MIN_RUNS, MAX_RUNS, WARMUP = 10, 400, 3
 PROFILE_RUNS = 10
 REQUIRED_SPEEDUP = 1.0  # the median of the per-run ratios must exceed it: never a slower model
+MARGIN = 0.05  # a unit is put back from the profile alone when its kernels take 5% longer than the original's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,17 +119,20 @@ def confirm_latency(original: ir.Model, reference: Any, model: ir.Model, feeds: 
                                    runs=PROFILE_RUNS, external_data_folder=folder, deployed=False)
     in_context = profile["layers"]
     reverted: dict[str, str] = {}
-    slower = {layer["name"]: f"slower in the whole model: {layer['pair_us']:.0f} us against the original's "
-                             f"{layer['original_us']:.0f} us (onnxruntime's profile)"
-              for layer in in_context if layer["speedup"] is not None and layer["speedup"] < 1.0}
+    gains = unit_gains(revert.units(model), in_context)
+    slower = {}
+    for unit, (original_us, rewritten_us) in gains.items():
+        if original_us is not None and rewritten_us > original_us * (1 + MARGIN):
+            slower[unit] = (f"slower in the whole model: {rewritten_us:.0f} us against the original's "
+                            f"{original_us:.0f} us (onnxruntime's profile)")
     _revert(model, original, slower, reverted)
     speed = time_whole(reference, session_source(model), feeds, provider, threads, seconds, folder)
     first = None
-    # Back off: the layers that gained least in context (unmatched ones first) go first, half at a time.
-    ranked = [layer["name"] for layer in sorted(in_context, key=_gain)]
+    # Back off: the units that gained least in context (unmatched ones first) go first, half at a time.
+    ranked = sorted(gains, key=lambda unit: _gain(gains[unit]))
     while not speed.faster:
-        names = revert.rewritten_layers(model)
-        remaining = [name for name in ranked if name in names] + sorted(names - set(ranked))
+        left = set(revert.units(model).values())
+        remaining = [unit for unit in ranked if unit in left] + sorted(left - set(ranked))
         if not remaining:
             break
         first = first or speed
@@ -140,16 +144,34 @@ def confirm_latency(original: ir.Model, reference: Any, model: ir.Model, feeds: 
     return Confirmation(speed=speed, first_speed=first, reverted=reverted, in_context=in_context)
 
 
-def _revert(model: ir.Model, original: ir.Model, layers: Mapping[str, str], reverted: dict[str, str]) -> None:
+def unit_gains(units: Mapping[str, str], in_context: Sequence[Mapping[str, Any]]
+               ) -> dict[str, tuple[float | None, float]]:
+    """Each unit's kernel time in the whole model, original and rewritten (us), summed over its layers (a joint
+    pair is judged as a whole: one of its layers may slow down while the pair gains); None: not all matched."""
+    totals: dict[str, tuple[float | None, float]] = {}
+    for layer in in_context:
+        unit = units.get(layer["name"])
+        if unit is None:
+            continue
+        original_us, rewritten_us = totals.get(unit, (0.0, 0.0))
+        if original_us is None or layer.get("original_us") is None or layer.get("pair_us") is None:
+            totals[unit] = (None, 0.0)
+        else:
+            totals[unit] = (original_us + layer["original_us"], rewritten_us + layer["pair_us"])
+    return totals
+
+
+def _revert(model: ir.Model, original: ir.Model, units: Mapping[str, str], reverted: dict[str, str]) -> None:
+    """Put back every layer of `units` (unit -> why), recording why for each layer."""
+    members = revert.units(model)
+    layers = {name: units[unit] for name, unit in members.items() if unit in units}
     for name in revert.revert_layers(model, original, list(layers)):
         reverted[name] = layers.get(name, "reverted with its coupled partner")
 
 
-def _gain(layer: Mapping[str, Any]) -> float:
-    """Microseconds a layer's rewrite saved in the whole model (unmatched layers: none known, -inf)."""
-    if layer.get("original_us") is None or layer.get("pair_us") is None:
-        return -np.inf
-    return float(layer["original_us"] - layer["pair_us"])
+def _gain(times: tuple[float | None, float]) -> float:
+    """Microseconds a unit's rewrite saved in the whole model (unmatched: none known, -inf)."""
+    return -np.inf if times[0] is None else float(times[0] - times[1])
 
 
 def feeds_for(model: ir.Model, reference: Any, batches: Sequence[Mapping[str, np.ndarray]] | None,

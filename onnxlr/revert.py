@@ -32,6 +32,14 @@ def rewritten_layers(model: ir.Model) -> set[str]:
     return names | set(json.loads(model.metadata_props.get("onnxlr.joint", "{}")))
 
 
+def units(model: ir.Model) -> dict[str, str]:
+    """Each rewritten layer's unit, what is put back together: a joint pair's layers share their pair's key, any
+    other layer is its own unit."""
+    joint = {node.name or "": node.metadata_props[JOINT_UNIT] for node in _nodes(model)
+             if node.metadata_props.get(JOINT_UNIT)}
+    return {name: joint.get(name, name) for name in rewritten_layers(model)}
+
+
 def revert_layers(model: ir.Model, original: ir.Model, names: Iterable[str]) -> list[str]:
     """Revert the layers `names` in `model`, in place (a joint layer takes its partner with it); returns the
     layers reverted, partners included. A layer whose original node cannot be found is left as it is (logged)."""
