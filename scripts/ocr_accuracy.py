@@ -42,6 +42,15 @@ def read(model_path: Path, images: np.ndarray) -> list[list[int]]:
     return greedy_decode(session.run(None, {input_name: images})[0])
 
 
+def accuracy(model_path: Path, data: dict) -> tuple[float, float]:
+    """Character and line accuracy of a model on `data` (input, labels, label_lengths)."""
+    truth = [row[:n].tolist() for row, n in zip(data["labels"], data["label_lengths"])]
+    decoded = read(model_path, data["input"])
+    errors = sum(edit_distance(d, t) for d, t in zip(decoded, truth))
+    exact = sum(d == t for d, t in zip(decoded, truth))
+    return 1 - errors / int(data["label_lengths"].sum()), exact / len(truth)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", type=Path, help="ONNX models taking the ocr-crnn line images")
