@@ -129,7 +129,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @verification_options
 @click.option("--keep-failed", is_flag=True, help="Write the model even when a verification gate fails (exit 1).")
 @click.option("--speed-check/--no-speed-check", default=True, show_default=True,
-              help="Time the written model against INPUT end to end (interleaved, about 2 s; on --inputs or "
+              help="Time the written model against INPUT end to end (interleaved, about a second; on --inputs or "
                    "synthesized inputs) and warn when it is slower. --objective latency always confirms its plan "
                    "this way and puts back the layers that do not pay.")
 @click.option("--no-memory-check", is_flag=True,
