@@ -32,6 +32,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch import nn
 
+from models.ctc import edit_distance, greedy_decode
+
 SEED = 0
 HEIGHT, WIDTH = 32, 128
 MIN_CHARS, MAX_CHARS = 4, 12
@@ -207,24 +209,6 @@ class Recognizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.neck(self.body(x)).squeeze(2)  # batch, NECK, 32
         return self.head(features.transpose(1, 2))
-
-
-def greedy_decode(logits: np.ndarray) -> list[list[int]]:
-    """Best path: argmax per column, repeats merged, blanks (0) dropped."""
-    best = logits.argmax(-1)
-    keep = np.ones_like(best, dtype=bool)
-    keep[:, 1:] = best[:, 1:] != best[:, :-1]
-    keep &= best != 0
-    return [row[mask].tolist() for row, mask in zip(best, keep)]
-
-
-def edit_distance(a: list[int], b: list[int]) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
 
 
 def scores(logits: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> tuple[float, float]:

@@ -11,27 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-def greedy_decode(logits: np.ndarray) -> list[list[int]]:
-    best = logits.argmax(-1)
-    keep = np.ones_like(best, dtype=bool)
-    keep[:, 1:] = best[:, 1:] != best[:, :-1]
-    keep &= best != 0
-    return [row[mask].tolist() for row, mask in zip(best, keep)]
-
-
-def edit_distance(a: list[int], b: list[int]) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
+from models.ctc import edit_distance, greedy_decode  # noqa: E402
 
 
 def read(model_path: Path, images: np.ndarray) -> list[list[int]]:
