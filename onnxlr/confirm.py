@@ -176,11 +176,15 @@ def _gain(times: tuple[float | None, float]) -> float:
 
 def feeds_for(model: ir.Model, reference: Any, batches: Sequence[Mapping[str, np.ndarray]] | None,
               input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, np.ndarray]:
-    """What the confirmation times on: the first calibration batch, else inputs synthesized at `input_shapes` (the
-    shapes the plan timed its candidates at) that the reference accepts."""
+    """What the confirmation times on, at the shapes the plan timed its candidates at: the first calibration batch
+    (unless `input_shapes` asks for other shapes), else inputs synthesized at `input_shapes` that the reference
+    accepts."""
     if batches:
         names = {value.name for value in model.graph.inputs}
-        return {name: array for name, array in batches[0].items() if name in names}
+        batch = {name: array for name, array in batches[0].items() if name in names}
+        if not input_shapes or all(tuple(batch[name].shape) == tuple(dims)
+                                   for name, dims in input_shapes.items() if name in batch):
+            return batch
     from onnxlr.inputs import input_specs
     from onnxlr.synthesis import feeds_the_model_accepts
 

@@ -284,3 +284,12 @@ def test_the_api_times_the_size_objective_when_asked():
                                 speed_check=True)
     assert report["speed"]["runs"] >= confirm.MIN_RUNS and report["speed"]["rewritten_ms"] > 0
     assert "speed" not in onnxlr.optimize(model, rank_ratio=0.25)[1]  # off by default in the API
+
+
+def test_the_confirmation_times_at_the_shapes_the_plan_was_timed_at():
+    model = as_ir(ir.to_proto(matmuls(1)))
+    batch = {"x0": np.ones((8, 64), np.float32)}
+    assert confirm.feeds_for(model, confirm.session_source(model), [batch], None)["x0"].shape == (8, 64)
+    assert confirm.feeds_for(model, confirm.session_source(model), [batch], {"x0": (8, 64)})["x0"] is batch["x0"]
+    shaped = confirm.feeds_for(model, confirm.session_source(model), [batch], {"x0": (3, 64)})
+    assert shaped["x0"].shape == (3, 64)  # --shape wins over the calibration batch, as in the plan
