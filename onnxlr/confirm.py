@@ -6,7 +6,8 @@ values it computes on (a real OCR model's factor conv ran 16x slower in the mode
 `--objective latency`, after the rewrite:
 
 1. each rewritten layer's kernels are profiled in the whole model against the original layer's (onnxruntime's
-   profiler, at the level where it keeps node names); a layer whose rewrite is slower there is reverted;
+   profiler, at the level where it keeps node names); a unit (a layer, or a joint pair's layers together) whose
+   kernels take more than MARGIN longer there is reverted;
 2. the whole rewritten model is timed against the original, interleaved in one process (A B, B A, ...), at the
    deployed optimization level, on the provider and threads the plan was made for;
 3. while it is not faster end to end, the half of the remaining layers that gained least in context is reverted
