@@ -81,9 +81,7 @@ def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = Fa
     if speed_check and config.objective != "latency" and not dry_run:
         from onnxlr import confirm
 
-        original = load(model).model
-        reference = model if isinstance(model, (str, os.PathLike)) else confirm.session_source(original)
-        folder = loaded.path.parent if loaded.path is not None and loaded.uses_external_data else None
+        original, reference, folder = _original(loaded, model)
         feeds = confirm.feeds_for(original, reference, None, input_shapes)
         result.report.speed = confirm.time_whole(reference, confirm.session_source(loaded.model), feeds,
                                                  config.latency_provider, config.latency_threads, seconds=1.0,
@@ -144,12 +142,7 @@ def confirm_end_to_end(loaded: LoadedModel, source: Any, result: Factorization, 
 
     if not result.report.modified:
         return
-    original = load(source).model  # the caller's model is never modified; this copy is read only
-    if isinstance(source, (str, os.PathLike)):
-        reference: Any = source
-    else:
-        reference = confirm.session_source(original)
-    folder = loaded.path.parent if loaded.path is not None and loaded.uses_external_data else None
+    original, reference, folder = _original(loaded, source)
     logger.info("timing the rewritten model against the original, end to end")
     try:
         feeds = confirm.feeds_for(original, reference, data.batches if data is not None else None, input_shapes)
@@ -171,6 +164,17 @@ def confirm_end_to_end(loaded: LoadedModel, source: Any, result: Factorization, 
     if not report.modified:
         logger.warning("no rewrite paid in the whole model (%.2fx end to end before putting them back): the "
                        "model is written as it was", (outcome.first_speed or speed).speedup)
+
+
+def _original(loaded: LoadedModel, source: Any) -> tuple[ir.Model, Any, os.PathLike | None]:
+    """The caller's model loaded again (read only: the caller's object is never modified), what onnxruntime runs it
+    from (its path, else its bytes), and the folder its external data lies in (None when it has none)."""
+    from onnxlr.confirm import session_source
+
+    original = load(source).model
+    reference = source if isinstance(source, (str, os.PathLike)) else session_source(original)
+    folder = loaded.path.parent if loaded.path is not None and loaded.uses_external_data else None
+    return original, reference, folder
 
 
 def calibration_data(loaded: LoadedModel, source: Any, calibration: Any, samples: int | None, heldout: Any,
