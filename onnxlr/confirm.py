@@ -58,11 +58,6 @@ class Speed:
     def faster(self) -> bool:
         return self.speedup > REQUIRED_SPEEDUP
 
-    @property
-    def measurably_slower(self) -> bool:
-        """Nine runs in ten slower: the warning of the size objective."""
-        return self.p90 < 1.0
-
     def to_json(self) -> dict[str, Any]:
         return {key: round(value, 4) if isinstance(value, float) else value
                 for key, value in dataclasses.asdict(self).items()}
