@@ -40,6 +40,11 @@ ROUNDINGS = (VECTOR_WIDTH, 2 * VECTOR_WIDTH, 4 * VECTOR_WIDTH)  # a per-layer ra
 LADDER_POINTS = 16  # ranks a budget may give one layer (at multiples of VECTOR_WIDTH)
 SECONDS_PER_LAYER = 1.0  # timing budget of one layer's candidates together (rounds are clamped below)
 MIN_ROUNDS, MAX_ROUNDS, WARMUP = 5, 200, 2
+# A layer's cached times are timed again when the probe (a fixed MatMul timed with them) now runs this many times
+# faster or slower: they were taken under another load (times taken while other processes held the cores were seen
+# 8x too slow, and kept for every later run).
+PROBE_TOLERANCE = 2.0
+PROBE_SHAPE = (256, 256)
 TABLE_FORMAT = "onnxlr-latency-table"
 TABLE_VERSION = 1
 
@@ -138,7 +143,8 @@ class Clock:
         self.dynamic_inputs: list[str] = []  # the model's inputs with dims left unknown (the error names them)
         self.used: set[str] = set()  # the keys this run asked for (what an exported table holds)
         self.cache_path: Path | None = None
-        self.timed = self.reused = 0
+        self.timed = self.reused = self.stale = 0
+        self.current_probe: float | None = None  # the probe's time in this run (ms), taken once when needed
         self.seconds = 0.0
         if table is not None:
             exported = read_table(table)
@@ -176,6 +182,10 @@ class Clock:
         keys = {rank: f"{layer}|{scheme.name}|r{rank}" for rank in ranks}
         original_key = f"{layer}|original"
         self.used.update([original_key, *keys.values()])
+        if self.table is None and self._stale(layer):
+            for key in [key for key in self.entries if key.startswith(f"{layer}|")]:
+                del self.entries[key]
+            self.stale += 1
         missing = [rank for rank, key in keys.items() if key not in self.entries]
         if self.table is not None:
             if original_key not in self.entries:
@@ -187,12 +197,29 @@ class Clock:
             measured = time_models([m for m, _ in models], models[0][1], self.provider, self.threads)
             self.entries[original_key] = measured[0]
             self.entries.update({keys[rank]: ms for rank, ms in zip(missing, measured[1:])})
+            self.entries[f"{layer}|probe"] = self.probe()  # the machine's speed when these were taken
             self.timed += len(models)
             self.seconds += time.perf_counter() - started
             self.save()
         else:
             self.reused += len(keys) + 1
         return self.entries[original_key], {rank: self.entries.get(key) for rank, key in keys.items()}
+
+    def probe(self) -> float:
+        """The probe's time now (ms): a fixed MatMul timed on the clock's provider and threads."""
+        return probe_ms(self.provider, self.threads)
+
+    def _stale(self, layer: str) -> bool:
+        """Whether a layer's cached times were taken while this machine ran at another speed (another load): its
+        probe, timed with them, and the probe now differ by more than PROBE_TOLERANCE. Entries of caches written
+        before probes were kept are trusted as they are."""
+        stored = self.entries.get(f"{layer}|probe")
+        if stored is None:
+            return False
+        if self.current_probe is None:
+            self.current_probe = self.probe()
+        ratio = self.current_probe / max(stored, 1e-9)
+        return not 1 / PROBE_TOLERANCE <= ratio <= PROBE_TOLERANCE
 
     def save(self) -> None:
         """Write the cache (atomically: a concurrent run never reads half a file)."""
@@ -212,7 +239,8 @@ class Clock:
                 "threads": self.threads if self.table is None else self.context.get("threads"),
                 "source": f"table {self.table}" if self.table else "measured", "context": self.context,
                 "cache": str(self.cache_path) if self.cache_path else None, "timed_models": self.timed,
-                "reused_entries": self.reused, "timing_s": round(self.seconds, 3), "margin": MARGIN}
+                "reused_entries": self.reused, "stale_layers_retimed": self.stale,
+                "timing_s": round(self.seconds, 3), "margin": MARGIN}
 
 
 def _read_cache(path: Path) -> dict[str, float]:
@@ -384,6 +412,26 @@ def _ir_version(opset: int) -> int:
     import onnx
 
     return max(7, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)]))
+
+
+def probe_ms(provider: str, threads: int, runs: int = 20) -> float:
+    """Median milliseconds of the probe: X (256 x 256) times a fixed 256 x 256 weight, after warm-up."""
+    from onnx import helper, numpy_helper
+
+    from onnxlr.bench import timer
+    from onnxlr.runtime import make_session
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal(PROBE_SHAPE).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "onnxlr_probe",
+                              [helper.make_tensor_value_info("x", 1, list(PROBE_SHAPE))],
+                              [helper.make_tensor_value_info("y", 1, None)], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    run = timer(make_session(model.SerializeToString(), provider, threads=threads),
+                {"x": rng.standard_normal(PROBE_SHAPE).astype(np.float32)})
+    for _ in range(WARMUP):
+        run()
+    return float(np.median([run() for _ in range(runs)])) * 1e3
 
 
 def time_models(models: Sequence[bytes], feeds: Mapping[str, np.ndarray], provider: str, threads: int) -> list[float]:

@@ -190,7 +190,8 @@ def test_every_planned_pair_was_measured_faster_and_the_totals_add_up():
     assert plan["planned_saving_ms"] == pytest.approx(saving, abs=1e-3)
 
 
-def test_measurements_are_cached_per_device_and_reused(tmp_path):
+def test_measurements_are_cached_per_device_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "probe_ms", lambda provider, threads, runs=20: 1.0)  # this machine's speed held
     model = matmuls(2)
     first = planned(model, rank_ratio=0.25, objective="latency")["latency"]
     assert first["timed_models"] > 0 and first["cache"] is not None
@@ -383,3 +384,24 @@ def test_any_times_give_a_plan_of_faster_pairs_within_the_budget(mixed_table, ti
     if policy == "param_budget":
         kept = sum(row["params_after"] for row in report["layers"])
         assert kept <= fraction * sum(row["params_before"] for row in report["layers"]) + 1e-9
+
+
+@pytest.mark.parametrize(("probe_now", "retimed"), [(1.5, False), (0.6, False), (8.0, True), (0.125, True)])
+def test_cached_times_taken_under_another_load_are_timed_again(monkeypatch, probe_now, retimed):
+    """Each layer's cached times keep the probe's time taken with them; a probe now more than 2x off means they
+    were taken while the machine ran at another speed, and the layer is timed again (its probe with it)."""
+    model = matmuls(2)
+    monkeypatch.setattr(latency, "probe_ms", lambda provider, threads, runs=20: 1.0)
+    first = planned(model, rank_ratio=0.25, objective="latency")["latency"]
+    cached = json.loads(open(first["cache"]).read())["entries"]
+    probes = [key for key in cached if key.endswith("|probe")]
+    assert probes and all(cached[key] == 1.0 for key in probes)  # one per layer shape timed
+    monkeypatch.setattr(latency, "probe_ms", lambda provider, threads, runs=20: probe_now)
+    again = planned(model, rank_ratio=0.25, objective="latency")["latency"]
+    assert (again["timed_models"] > 0) == retimed and again["stale_layers_retimed"] == (len(probes) if retimed else 0)
+    entries = json.loads(open(first["cache"]).read())["entries"]
+    assert all(entries[key] == (probe_now if retimed else 1.0) for key in probes)
+
+
+def test_the_probe_times_a_real_matmul():
+    assert 0 < latency.probe_ms("cpu", 1, runs=3) < 1000
