@@ -156,6 +156,9 @@ def confirm_end_to_end(loaded: LoadedModel, source: Any, result: Factorization, 
     report = result.report
     if outcome.reverted:
         report.mark_reverted(outcome.reverted, cost.model_totals(loaded.model))
+        if report.totals["bytes_after"] > report.totals["bytes_before"] and not settings.allow_no_gain:
+            # Units keep a shared weight's readers together, so this is a bug; and nothing is written.
+            raise RuntimeError("putting layers back made the model larger than its input; nothing was written")
         result.costs_after = cost.model_costs(loaded.model, infer_shapes(loaded.model, input_shapes))
         report.cost["after"] = cost.totals(result.costs_after, loaded.model)
         report.totals["subnormals_flushed"] = subnormals.model_flushed(loaded.model)

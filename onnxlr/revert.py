@@ -33,11 +33,43 @@ def rewritten_layers(model: ir.Model) -> set[str]:
 
 
 def units(model: ir.Model) -> dict[str, str]:
-    """Each rewritten layer's unit, what is put back together: a joint pair's layers share their pair's key, any
-    other layer is its own unit."""
-    joint = {node.name or "": node.metadata_props[JOINT_UNIT] for node in _nodes(model)
-             if node.metadata_props.get(JOINT_UNIT)}
-    return {name: joint.get(name, name) for name in rewritten_layers(model)}
+    """Each rewritten layer's unit, what is put back together: a joint pair's layers, and the readers of one shared
+    weight (their pairs read the same factors: putting one reader back alone would store the weight beside its
+    factors). Each unit is named by its first layer in sorted order."""
+    parent = {name: name for name in rewritten_layers(model)}
+
+    def find(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    def join(first: str, second: str) -> None:
+        a, b = find(first), find(second)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    owners: dict[int | str, str] = {}  # a factor value (or a joint pair's key) -> the first layer seen with it
+    for node in _nodes(model):
+        layer = node.metadata_props.get(SOURCE)
+        keys: list[int | str] = [id(value) for value in _factor_values(node)] if layer in parent else []
+        if node.metadata_props.get(JOINT_UNIT) and node.name in parent:
+            layer, keys = node.name, [node.metadata_props[JOINT_UNIT]]
+        for key in keys:
+            join(owners.setdefault(key, layer), layer)
+    return {name: find(name) for name in parent}
+
+
+def _factor_values(node: ir.Node) -> list[ir.Value]:
+    """The factors a pair node reads, seen through a Transpose of one (a reader of a shared weight's factors)."""
+    found = []
+    for value in node.inputs:
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.op_type == "Transpose":
+            value = producer.inputs[0]
+        if value is not None and value.const_value is not None and "_lr_" in (value.name or ""):
+            found.append(value)  # a factor (onnxlr.rewrite names them WEIGHT_lr_a, ...), not a bias
+    return found
 
 
 def revert_layers(model: ir.Model, original: ir.Model, names: Iterable[str]) -> list[str]:
@@ -74,6 +106,7 @@ def revert_layers(model: ir.Model, original: ir.Model, names: Iterable[str]) -> 
                 node.replace_input_with(index, _value_for(before, values, model))
         del node.metadata_props[JOINT_UNIT]
         done.append(node.name)
+    model.graph.sort()  # restored weight chains were appended: before their readers now
     _remove_unused(model, original)
     _update_metadata(model, set(done))
     return done
@@ -107,17 +140,31 @@ def _restore_node(model: ir.Model, old: ir.Node, pair: list[ir.Node], values: di
 
 
 def _value_for(before: ir.Value, values: dict[str, ir.Value], model: ir.Model) -> ir.Value:
-    """The rewritten model's value of that name, else the original's constant added as an initializer."""
+    """The rewritten model's value of that name, else the original's way of making it, in the main graph (every
+    subgraph sees it as its outer scope): its initializer, or the nodes (Identity, Transpose, ...) that compute it
+    from one, copied, so a weight shared through them is stored once as in the original; a Constant node's value
+    becomes an initializer of the same bytes."""
     found = values.get(before.name or "")
     if found is not None:
         return found
+    producer = before.producer()
+    if before.const_value is None and producer is not None and producer.op_type != "Constant":
+        inputs = [None if value is None else _value_for(value, values, model) for value in producer.inputs]
+        clone = ir.Node(producer.domain, producer.op_type, inputs, attributes=list(producer.attributes.values()),
+                        num_outputs=len(producer.outputs), name=producer.name, overload=producer.overload,
+                        version=producer.version)
+        model.graph.append(clone)  # revert_layers sorts the graph once every value is in place
+        for new, old in zip(clone.outputs, producer.outputs):
+            new.name = old.name
+            values[new.name or ""] = new
+        return clone.outputs[list(producer.outputs).index(before)]
     weight = constant_weight(before, inputs_as_constants=True)
     if weight.array is None:
         raise RuntimeError(f"cannot revert: {before.name!r} is neither in the rewritten model nor a constant")
-    tensor = ir.Tensor(weight.array, name=before.name)
-    value = ir.Value(name=before.name, const_value=tensor, shape=ir.Shape(weight.array.shape),
+    tensor = before.const_value if before.const_value is not None else ir.Tensor(weight.array, name=before.name)
+    value = ir.Value(name=before.name, const_value=tensor, shape=ir.Shape(tensor.shape),
                      type=ir.TensorType(tensor.dtype))
-    model.graph.register_initializer(value)  # the main graph: every subgraph sees it as its outer scope
+    model.graph.register_initializer(value)
     if old_ir(model):
         model.graph.inputs.append(value)
     values[value.name or ""] = value

@@ -293,3 +293,46 @@ def test_the_confirmation_times_at_the_shapes_the_plan_was_timed_at():
     assert confirm.feeds_for(model, confirm.session_source(model), [batch], {"x0": (8, 64)})["x0"] is batch["x0"]
     shaped = confirm.feeds_for(model, confirm.session_source(model), [batch], {"x0": (3, 64)})
     assert shaped["x0"].shape == (3, 64)  # --shape wins over the calibration batch, as in the plan
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_reverting_one_reader_of_a_shared_weight_keeps_the_others(folded):
+    """Shared weights: an ALBERT-style weight read through Identity nodes, and a tied embedding whose head reads the
+    table's transpose (the factors reused, one through a Transpose node): one reader put back, the rest stay."""
+    from test_shared_weights import albert_like, ids_feed, tied_head, x_feed
+
+    for model, feeds, reader, names in ((albert_like(), x_feed(), "layer1", {"layer0", "layer1", "layer2"}),
+                                        (tied_head(folded), ids_feed(), "head", {"embed", "head"})):
+        result, report = rewritten(model, rank_ratio=1.0, allow_no_gain=True, ops=("MatMul", "Gather"))
+        assert names <= revert.rewritten_layers(result)
+        revert.revert_layers(result, as_ir(model), [reader])
+        assert revert.rewritten_layers(result) == revert.rewritten_layers(as_ir(ir.to_proto(result))) != set()
+        assert reader not in revert.rewritten_layers(result)
+        back = ir.to_proto(result)
+        onnx.checker.check_model(back, full_check=True)
+        assert_outputs_close(run(model, feeds), run(back, feeds), rtol=1e-4, atol=1e-4)  # full rank: exact
+        revert.revert_layers(result, as_ir(model), revert.rewritten_layers(result))
+        back = ir.to_proto(result)
+        assert initializer_names(back) == initializer_names(model)
+        for ref, out in zip(run(model, feeds), run(back, feeds)):
+            np.testing.assert_array_equal(out, ref)
+
+
+def test_readers_of_one_shared_weight_are_put_back_together(monkeypatch):
+    """Putting back one reader of a shared weight alone would store the weight beside its factors (a larger file):
+    the readers are one unit."""
+    from test_shared_weights import albert_like, x_feed
+
+    model = albert_like()
+    result, _ = rewritten(model, rank_ratio=0.25)
+    units = revert.units(result)
+    assert set(units) == {"layer0", "layer1", "layer2"} and len(set(units.values())) == 1
+    fake_speeds(monkeypatch, [1.2], [{"name": "layer1", "kind": "pair", "original_us": 10.0, "pair_us": 30.0,
+                                      "speedup": 1 / 3}])
+    feeds = x_feed()
+    outcome = confirm.confirm_latency(as_ir(model), confirm.session_source(as_ir(model)), result, feeds)
+    assert set(outcome.reverted) == {"layer0", "layer1", "layer2"}
+    back = ir.to_proto(result)
+    assert initializer_names(back) == initializer_names(model)
+    for ref, out in zip(run(model, feeds), run(back, feeds)):
+        np.testing.assert_array_equal(out, ref)
