@@ -78,6 +78,7 @@ def revert_layers(model: ir.Model, original: ir.Model, names: Iterable[str]) -> 
     wanted = set(names)
     if not wanted:
         return []
+    layers = rewritten_layers(model)
     originals = {node.name: node for node in _nodes(original) if node.name}
     values = _values_by_name(model)
     pairs: dict[str, list[ir.Node]] = {}
@@ -94,7 +95,6 @@ def revert_layers(model: ir.Model, original: ir.Model, names: Iterable[str]) -> 
             logger.warning("cannot revert %s: no node of that name in the original", name)
             continue
         _restore_node(model, originals[name], nodes, values)
-        values = _values_by_name(model)  # the pair's outputs are the restored node's now
         done.append(name)
     for node in [n for n in _nodes(model) if n.metadata_props.get(JOINT_UNIT) in units]:
         old = originals.get(node.name or "")
@@ -105,7 +105,8 @@ def revert_layers(model: ir.Model, original: ir.Model, names: Iterable[str]) -> 
             if value is not None and before is not None and value.name != before.name:
                 node.replace_input_with(index, _value_for(before, values, model))
         del node.metadata_props[JOINT_UNIT]
-        done.append(node.name)
+        if node.name in layers:  # a BatchNormalization narrowed with its conv is no layer of the report
+            done.append(node.name)
     model.graph.sort()  # restored weight chains were appended: before their readers now
     _remove_unused(model, original)
     _update_metadata(model, set(done))
@@ -137,6 +138,7 @@ def _restore_node(model: ir.Model, old: ir.Node, pair: list[ir.Node], values: di
     ir.convenience.replace_nodes_and_values(pair[0].graph, pair[0], pair, [clone], outputs, list(clone.outputs))
     for new, before in zip(clone.outputs, old.outputs):
         new.name = before.name
+        values[new.name or ""] = new  # the pair's outputs are the restored node's now
 
 
 def _value_for(before: ir.Value, values: dict[str, ir.Value], model: ir.Model) -> ir.Value:
