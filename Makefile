@@ -32,6 +32,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The documentation site (docs/, mkdocs.yml): the generated reference pages first, then a strict build.
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_docs.py && $(BIN)/python -m mkdocs build --strict -q -d out/site
+
 models: $(STAMP)
 	$(BIN)/python -m models build all
 

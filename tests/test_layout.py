@@ -1,12 +1,14 @@
-"""The layout promises of the README: small modules, and no import cycle among onnxlr's modules.
+"""The layout promises of docs/design/architecture.md: small modules, no import cycle among onnxlr's
+modules, and every module and reason code named in the documentation.
 
 Imports are read from the source (ast), those inside functions included, so a cycle that only
-bites at run time is caught here too.
+bites at run time is caught here too. Modules are found on the file system, subpackages included.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -15,13 +17,31 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 600
 
 
+PACKAGES = ((ROOT / "onnxlr", "onnxlr"), (ROOT / "passes", "onnxlr.passes"))
+
+
 def package_modules() -> dict[str, Path]:
-    """Module name -> file for every module of the installed package (passes/ is onnxlr.passes)."""
+    """Module name -> file for every module of the installed package, subpackages included (passes/ is
+    onnxlr.passes; a package's __init__.py is the package itself)."""
     modules = {}
-    for folder, package in ((ROOT / "onnxlr", "onnxlr"), (ROOT / "passes", "onnxlr.passes")):
-        for path in sorted(folder.glob("*.py")):
-            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    for folder, package in PACKAGES:
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join((package, *parts))] = path
     return modules
+
+
+def documented_name(module: str) -> str:
+    """How the architecture page names a module: its dotted path inside its package (onnxlr.pipeline ->
+    pipeline, onnxlr.passes.matmul -> matmul, a subpackage's onnxlr.kinds.pairs -> kinds.pairs)."""
+    if module == "onnxlr.passes":
+        return "passes"
+    for _, package in sorted(PACKAGES, key=lambda item: -len(item[1])):
+        if module.startswith(package + "."):
+            return module[len(package) + 1:]
+    return module
 
 
 def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
@@ -99,16 +119,28 @@ def test_presentation_stays_out_of_the_library_modules():
     assert not {name: found for name, found in leaks.items() if found}
 
 
-def test_readme_lists_every_reason_code_and_module():
+def test_the_reason_code_page_lists_every_code():
     from onnxlr.passes import REASON_CODES
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    missing = [code for code in REASON_CODES if f"| `{code}` |" not in readme]
-    assert not missing, f"README's reason-code table lacks {missing}"
-    layout = readme[readme.index("## Layout"):]
-    unlisted = [name.rpartition(".")[2] for name in package_modules()
-                if not name.rpartition(".")[2].startswith("_") and name.rpartition(".")[2] not in layout]
-    assert not unlisted, f"README's layout section does not name {unlisted}"
+    page = (ROOT / "docs" / "reference" / "reason-codes.md").read_text(encoding="utf-8")
+    missing = [code for code in REASON_CODES if f"| `{code}` |" not in page]
+    assert not missing, f"docs/reference/reason-codes.md lacks {missing}: run python scripts/gen_docs.py"
+
+
+def test_the_architecture_page_names_every_module():
+    page = (ROOT / "docs" / "design" / "architecture.md").read_text(encoding="utf-8")
+    names = sorted({documented_name(module) for module in package_modules()} - {"onnxlr"})
+    unlisted = [name for name in names if not any(part.startswith("_") for part in name.split("."))
+                and not re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", page)]
+    assert not unlisted, f"docs/design/architecture.md does not name {unlisted}"
+
+
+def test_documented_names_are_paths_inside_the_package():
+    assert documented_name("onnxlr.pipeline") == "pipeline"
+    assert documented_name("onnxlr.passes.matmul") == "matmul"
+    assert documented_name("onnxlr.passes") == "passes"
+    assert documented_name("onnxlr.kinds.pairs") == "kinds.pairs"
+    assert documented_name("onnxlr.passes.sub.rule") == "sub.rule"
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
