@@ -13,16 +13,10 @@ from __future__ import annotations
 
 from onnxlr import passes as _passes
 from onnxlr._version import __version__
+from onnxlr.api import ConvFactorization, FactorizationPass, GemmFactorization, MatMulFactorization, optimize
 from onnxlr.errors import GateFailed, OnnxlrError
 from onnxlr.io import LoadedModel, convert, load
-from onnxlr.pipeline import (
-    ConvFactorization,
-    FactorizationPass,
-    GemmFactorization,
-    MatMulFactorization,
-    factorize_model,
-    optimize,
-)
+from onnxlr.pipeline import factorize_model
 from onnxlr.results import LayerRow, Report
 from onnxlr.save import save
 from onnxlr.settings import Progress, Settings

@@ -18,24 +18,22 @@ from onnxlr import io
 from onnxlr._version import __version__
 from onnxlr.cli_options import (
     FRACTION,
-    VERIFY_KEYS,
     State,
     calibration_options,
     latency_options,
     methods_option,
     output_options,
     rank_policy_options,
-    run_verification,
     scale_options,
     split_list,
     split_ops,
     target_selection_options,
     verbosity_options,
     verification_options,
+    verify_settings,
 )
 from onnxlr.errors import OnnxlrError
-from onnxlr.memory_plan import check_memory
-from onnxlr.save import check_output_path, staging, use_external_data
+from onnxlr.memory_plan import MemoryPlan, check_memory
 
 EXAMPLES_OPTIMIZE = """
 \b
@@ -149,12 +147,11 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     `onnxlr verify`; the default gate is --min-cosine 0.99, --no-gate turns it off) and written atomically with
     its external data, if any, so a failed, gated or interrupted run leaves nothing behind.
     """
+    from onnxlr import job as jobs
     from onnxlr.errors import GateFailed
-    from onnxlr.inputs import batch_shapes, parse_shape_overrides
-    from onnxlr.pipeline import optimize_loaded
     from onnxlr.settings import Settings
 
-    verify_options = {key: options.pop(key) for key in VERIFY_KEYS}
+    checks = verify_settings(options, enabled=run_verify, keep_failed=keep_failed)
     calibration_path, calibration_samples = options.pop("calibration_path"), options.pop("calibration_samples")
     targets_path = options.pop("targets_path")
     external_data_threshold = options.pop("external_data_threshold")
@@ -164,84 +161,27 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     if options["objective"] == "latency" or options["latency_budget"] or options["latency_table"]:
         from onnxlr.runtime import parse_providers
 
-        options["latency_provider"] = parse_providers(split_list(verify_options["providers"]))[0]
-    config = Settings(ops=split_ops(ops), **options)
-    loaded = io.load(input_path)
-    input_shapes = parse_shape_overrides(verify_options["shapes"])
-    if config.objective == "latency" and not input_shapes and not calibration_path and verify_options["inputs_path"]:
-        input_shapes = batch_shapes(verify_options["inputs_path"], loaded.model, verify_options["batch_size"])
-    if output_path is not None and not dry_run:
-        check_output_path(output_path, loaded)
-    if not no_memory_check:
-        check_memory(loaded, input_shapes, verify_options, verifying=run_verify and not dry_run,
-                      calibration=(calibration_path, calibration_samples) if calibration_path else None,
-                      config=config)
-    edge_targets = _edge_targets(loaded, report_path or html_path, targets_path, dry_run)
-
-    def factorize(sink: Any) -> Any:
-        # The same function as onnxlr.optimize(); held-out --inputs serve --target-cosine/--target-error.
-        calibration = verify_options.get("calibration_batches") or calibration_path  # read by the memory check
-        result = optimize_loaded(loaded, config, source=input_path, calibration=calibration,
-                                 calibration_samples=calibration_samples,
-                                 heldout=verify_options["inputs_path"] if calibration_path else None,
-                                 batch_size=verify_options["batch_size"], progress=state.progress, dry_run=dry_run,
-                                 input_shapes=input_shapes, sink=sink,
-                                 calibration_segment_budget=verify_options.get("calibration_segment_budget"))
-        report = result.report
-        report.input = str(input_path)
-        if edge_targets:
-            from onnxlr import edge
-
-            targets, precision = edge_targets
-            report.targets = edge.before_after(result.costs_before, result.costs_after, targets, precision)
-        return report
-
-    failure = None
-    if dry_run:
-        report = factorize(sink=None)
-    else:
-        external = use_external_data(loaded.model, loaded, external_data, external_data_threshold)
-        # The temporary output exists before the rewrite: with external data each layer's factors are
-        # written there as soon as they are computed (memory stays near one layer's working set).
-        with staging(output_path, source=loaded, external_data=external) as stage:
-            report = factorize(sink=stage.data)
-            staged = stage.write_model(loaded.model)
-            if run_verify:
-                verification = run_verification(input_path, staged, loaded.model, verify_options)
-                report.verification = verification
-                if not verification.passed:
-                    failure = "verification failed: " + "; ".join(verification.failures)
-                    if not keep_failed:
-                        _finish(report.to_json(), report_path, markdown_path, html_path, state)
-                        raise GateFailed(failure + ". Nothing written. To keep more of the model: a higher "
-                                         "--rank-ratio or --energy, --calibration data (with --target-cosine to "
-                                         "search the size), or --exclude for sensitive layers; --keep-failed "
-                                         "writes it anyway")
-            if speed_check and config.objective != "latency" and verify_options.get("segment_budget") is None:
-                report.speed = _speed_check(input_path, staged, loaded.model, verify_options, input_shapes, config)
-        report.output = str(output_path)
+        options["latency_provider"] = parse_providers(list(checks.providers) if checks.providers else None)[0]
+    job = jobs.Job(source=input_path, settings=Settings(ops=split_ops(ops), **options), verify=checks,
+                   output=jobs.OutputSettings(path=output_path, external_data=external_data,
+                                              external_data_threshold=external_data_threshold),
+                   calibration=calibration_path, calibration_samples=calibration_samples, dry_run=dry_run,
+                   memory_check=not no_memory_check, speed_check=speed_check,
+                   edge_targets=bool(report_path or html_path), targets_file=targets_path, progress=state.progress)
+    try:
+        outcome = jobs.run(job)
+    except GateFailed as exc:
+        if exc.report is not None:  # the reports say why
+            _finish(exc.report.to_json(), report_path, markdown_path, html_path, state)
+        raise
+    report = outcome.report
     _finish(report.to_json(), report_path, markdown_path, html_path, state)
     if targets_path and report.targets is not None:
         from onnxlr.report import print_estimates
 
         print_estimates(report.targets, state.console)
-    if failure:
-        raise GateFailed(failure)
-
-
-def _speed_check(input_path: str, staged: Any, model: Any, verify_options: dict[str, Any], input_shapes: Any,
-                 config: Any) -> dict[str, Any] | None:
-    """The written model against its input, end to end (the size objective's check; a warning when slower)."""
-    from onnxlr import confirm
-
-    try:
-        speed = confirm.written_speed(input_path, staged, model, verify_options["inputs_path"], input_shapes,
-                                      verify_options["batch_size"], config.latency_provider, config.latency_threads,
-                                      seconds=1.0)
-    except Exception as exc:  # inputs it cannot make, a model onnxruntime cannot run: verification says the rest
-        logging.getLogger(__name__).warning("end-to-end speed not measured: %s", io.first_line(exc))
-        return None
-    return speed.to_json()
+    if outcome.failure:
+        raise GateFailed(outcome.failure)
 
 
 def _calibrate(input_path: str, loaded: Any, calibration_path: str | None, samples: int | None,
@@ -254,16 +194,6 @@ def _calibrate(input_path: str, loaded: Any, calibration_path: str | None, sampl
     from onnxlr.calibration import collect_grams
 
     return collect_grams(input_path, loaded.model, calibration_path, samples=samples, batch_size=batch_size)
-
-
-def _edge_targets(loaded: Any, report_path: str | None, targets_path: str | None, dry_run: bool) -> tuple | None:
-    """Edge targets and the original's precision, when a report or --targets asks for estimates."""
-    if dry_run or not (report_path or targets_path):
-        return None
-    from onnxlr import edge
-
-    # Precision is read before the rewrite: the original's weights decide it.
-    return edge.load_targets(targets_path), edge.model_precision(loaded.model)
 
 
 def _finish(report: dict[str, Any], report_path: str | None, markdown_path: str | None, html_path: str | None,
@@ -322,14 +252,17 @@ def verify(state: State, reference_path: str, candidate_path: str, json_path: st
     >= 99% of elements equal); --no-gate turns it off.
     """
     from onnxlr.errors import GateFailed
-    from onnxlr.inputs import parse_shape_overrides
+    from onnxlr.job import verify_models
     from onnxlr.report import print_verification, write_json
 
+    checks = verify_settings(options)
     reference = io.load(reference_path)
     io.load(candidate_path)  # the same safety checks (external data inside its folder) before onnxruntime reads it
+    memory = MemoryPlan()
     if not no_memory_check:
-        check_memory(reference, parse_shape_overrides(options["shapes"]), options, verifying=True)
-    result = run_verification(reference_path, candidate_path, reference.model, options)
+        memory = check_memory(reference, dict(checks.input_shapes), batch_size=checks.batch_size,
+                              samples=checks.samples, inputs_given=bool(checks.inputs), verifying=True)
+    result = verify_models(reference_path, candidate_path, reference.model, checks, memory.segment_budget)
     if json_path:
         write_json(result.to_json(), json_path)
     print_verification(result.to_json(), state.console)

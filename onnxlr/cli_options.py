@@ -2,7 +2,7 @@
 
 Each group is declared once and used by every subcommand that needs it (rank policy, target
 selection, calibration, outputs, scale, verification); `State` carries -v/-q and the console;
-`run_verification` turns the verification group into a VerificationResult.
+`verify_settings` turns the verification group into onnxlr.job.VerifySettings.
 """
 
 from __future__ import annotations
@@ -236,46 +236,21 @@ verification_options = _options(
 )
 
 
-VERIFY_KEYS = ("providers", "inputs_path", "shapes", "seed", "samples", "batch_size", "atol", "rtol",
-               "min_cosine", "no_gate", "per_layer", "min_layer_cosine")
+def verify_settings(options: dict[str, Any], enabled: bool = True, keep_failed: bool = False) -> Any:
+    """The verification option group, popped from a command's options, as onnxlr.job.VerifySettings."""
+    from onnxlr.inputs import parse_shape_overrides
+    from onnxlr.job import VerifySettings
+
+    return VerifySettings(
+        enabled=enabled, inputs=options.pop("inputs_path"), providers=split_list(options.pop("providers")),
+        input_shapes=parse_shape_overrides(options.pop("shapes")), seed=options.pop("seed"),
+        samples=options.pop("samples"), batch_size=options.pop("batch_size"), atol=options.pop("atol"),
+        rtol=options.pop("rtol"), min_cosine=options.pop("min_cosine"), no_gate=options.pop("no_gate"),
+        per_layer=options.pop("per_layer"), min_layer_cosine=options.pop("min_layer_cosine"), keep_failed=keep_failed)
 
 
 def split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
-
-
-def run_verification(reference: Any, candidate_path: Any, reference_model: Any, options: dict[str, Any]) -> Any:
-    """Inputs, providers and gates from the shared options; returns the VerificationResult.
-
-    `reference_model` (onnx-ir) gives the input signature; both models run from their files."""
-    # onnxruntime and numpy load only when a command verifies
-    from onnxlr import inputs, runtime, synthesis, verify
-
-    providers = runtime.parse_providers(split_list(options["providers"]))
-    specs = inputs.input_specs(reference_model)
-    shapes = inputs.parse_shape_overrides(options["shapes"])
-    gates = verify.Gates.chosen(atol=options["atol"], rtol=options["rtol"], min_cosine=options["min_cosine"],
-                                default_gate=not options["no_gate"])
-    per_layer = verify.factorized_outputs(candidate_path) if options["per_layer"] else []
-
-    def run(feeds: dict, synthesized: bool) -> Any:
-        return verify.verify(reference, candidate_path, feeds, providers, gates, batch_size=options["batch_size"],
-                             per_layer=per_layer, synthesized=synthesized, reference_model=reference_model,
-                             segment_budget=options.get("segment_budget"), min_layer_cosine=options["min_layer_cosine"])
-
-    if options.get("segment_budget") is not None and not options["inputs_path"]:
-        # In segments a probe costs a whole pass over the weights: try the first synthesized shapes on the
-        # reference itself, and probe only if it refuses them.
-        guess = synthesis.unprobed_feeds(specs, options["seed"], options["samples"], shapes)
-        if guess is not None:
-            try:
-                return run(guess, synthesized=True)
-            except verify.ReferenceFailed as exc:
-                logger.info("the reference refuses the first synthesized shapes (%s); probing others", exc)
-    # Synthesized inputs are sized by running the reference (never the candidate) on a probe.
-    feeds = synthesis.model_feeds(reference, specs, options["inputs_path"], options["seed"], options["samples"],
-                                  shapes, options.get("segment_budget"))
-    return run(feeds.arrays, feeds.synthesized)
 
 
 def split_ops(text: str) -> tuple[str, ...]:

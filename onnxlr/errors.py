@@ -45,6 +45,11 @@ def _fill(template: str, names: list[str] | tuple[str, ...]) -> str:
 
 
 class GateFailed(OnnxlrError):
-    """A verification gate or check failed: exit code 1."""
+    """A verification gate or check failed: exit code 1. `report` (onnxlr.results.Report), when the run got that
+    far: what was measured, for the caller to show or write."""
 
     exit_code = 1
+
+    def __init__(self, message: str, *settings: str, report: object = None) -> None:
+        super().__init__(message, *settings)
+        self.report = report

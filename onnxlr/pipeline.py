@@ -1,12 +1,11 @@
 """The optimize pipeline: find targets -> plan -> rewrite -> clean up, on an in-memory onnx-ir model.
 
-`optimize` (the Python API, `onnxlr.optimize`) and `onnxlr optimize` (the CLI) both go through
-`optimize_loaded`, the one place that reads calibration data; `factorize_model` runs the stages
+`onnxlr.optimize` (onnxlr.api) and `onnxlr optimize` (the CLI) both run a job (onnxlr.job: memory plan, this
+factorization, writing, verification, gate), whose factorization is `optimize_loaded`, the one place that reads
+calibration data; `factorize_model` runs the stages
 and returns a typed result (`Factorization`: the report and the per-node costs). With calibration
 data it also runs the data-aware steps of onnxlr.datafit (statistics, sensitivity, target search,
 compensation) between planning and the rewrite.
-
-`FactorizationPass` is the same pipeline as an onnx-ir pass (in place).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from onnxlr import cost, coupled, datafit, latency, lowrank, plan, quantize, rew
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.inputs import load_batches
-from onnxlr.io import LoadedModel, convert, first_line, load
+from onnxlr.io import LoadedModel, first_line, load
 from onnxlr.passes import Context
 from onnxlr.passes.base import inputs_are_weights
 from onnxlr.results import Report, build_report
@@ -48,45 +47,6 @@ class Factorization:
 
 
 # ----------------------------------------------------------------------------- entry points
-
-
-def optimize(model: Any, *, progress: Progress | None = None, dry_run: bool = False,
-             calibration: Any = None, calibration_samples: int | None = None, heldout: Any = None,
-             input_shapes: Mapping[str, Sequence[int]] | None = None, speed_check: bool = False,
-             **settings: Any) -> tuple[Any, dict]:
-    """Factorize a model's MatMul/Gemm/Conv weights; returns (new model, report as JSON-ready dict).
-
-    `model` is a path, an `onnx.ModelProto`, an `onnx_ir.Model` or an onnx-graphsurgeon `Graph`;
-    the result is of the same kind (an `onnx_ir.Model` for a path). The input is never modified.
-    Settings are the `onnxlr optimize` flags with underscores: rank_ratio, rank, energy,
-    param_ratio, param_budget, mac_budget, target_cosine, target_error, rank_multiple, allow_no_gain,
-    min_params, inputs_as_constants, include, exclude, ops, conv_scheme, compensate,
-    svd ("auto", "exact", "randomized"), device ("cpu", "cuda"), jobs. `calibration` (an .npz, a folder of them, or an iterable of input
-    dicts; at most `calibration_samples` samples) makes the factorization data-aware (whitened SVD;
-    with param_budget or mac_budget, allocation by measured sensitivity); `heldout` (same kinds) is
-    what target_cosine / target_error are measured on. `input_shapes` ({input name: dims}, `--shape`) fixes
-    dynamic input dims for the cost model and for objective="latency", which times every candidate pair against
-    its original node (settings latency_budget, latency_provider, latency_threads, latency_table, latency_cache),
-    then confirms the plan end to end (onnxlr.confirm: layers that do not pay in the whole model are put back).
-    `speed_check` (the CLI's --speed-check): the size objective also times the result against the input end to end
-    (the report's `speed`).
-    """
-    config = Settings(**settings)
-    loaded = load(model)
-    if heldout is not None and calibration is None:
-        raise OnnxlrError("{0} samples are only used with {1} data (target_cosine)", "heldout", "calibration")
-    result = optimize_loaded(loaded, config, source=model, calibration=calibration,
-                             calibration_samples=calibration_samples, heldout=heldout, progress=progress,
-                             dry_run=dry_run, input_shapes=input_shapes)
-    if speed_check and config.objective != "latency" and not dry_run:
-        from onnxlr import confirm
-
-        original, reference, folder = _original(loaded, model)
-        feeds = confirm.feeds_for(original, reference, None, input_shapes)
-        result.report.speed = confirm.time_whole(reference, confirm.session_source(loaded.model), feeds,
-                                                 config.latency_provider, config.latency_threads, seconds=1.0,
-                                                 external_data_folder=folder).to_json()
-    return convert(loaded.model, loaded.kind), result.report.to_json()
 
 
 def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, calibration: Any = None,
@@ -196,45 +156,6 @@ def calibration_data(loaded: LoadedModel, source: Any, calibration: Any, samples
         batches=load_batches(loaded.model, calibration, samples, batch_size),
         heldout=load_batches(loaded.model, heldout, batch_size=batch_size) if heldout is not None else None,
     )
-
-
-class FactorizationPass(ir.passes.InPlacePass):
-    """The pipeline as an onnx-ir pass: `FactorizationPass(rank_ratio=0.25)(ir_model)` rewrites in place.
-
-    Settings are `optimize`'s keywords; `report` holds the last run's report. `apply` takes any
-    model kind (a path, a ModelProto, a graphsurgeon Graph) and returns (model of that kind, report).
-    """
-
-    ops: tuple[str, ...] | None = None  # subclasses for one op family set it
-
-    def __init__(self, **settings: Any) -> None:
-        super().__init__()
-        self.settings = {**settings, "ops": self.ops} if self.ops else settings
-        self.report: dict | None = None
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        settings = Settings(**self.settings)
-        if settings.quantize:
-            raise OnnxlrError("{0} is a stage of onnxlr.optimize (it writes a new model); the pass rewrites in place",
-                              "quantize")
-        result = factorize_model(model, settings)
-        self.report = result.report.to_json()
-        return ir.passes.PassResult(model, modified=result.report.modified)
-
-    def apply(self, model: Any) -> tuple[Any, dict]:
-        return optimize(model, **self.settings)
-
-
-class MatMulFactorization(FactorizationPass):
-    ops = ("MatMul",)
-
-
-class GemmFactorization(FactorizationPass):
-    ops = ("Gemm",)
-
-
-class ConvFactorization(FactorizationPass):
-    ops = ("Conv",)
 
 
 # ----------------------------------------------------------------------------- the stages

@@ -1,7 +1,7 @@
 """Factorization rules of onnxlr, one module per op family (installed as `onnxlr.passes`).
 
 Each rule answers match / schemes / activation / rewrite for one op type (passes.base); the
-onnx-ir pass that applies the rule set to a model is `onnxlr.pipeline.FactorizationPass`.
+onnx-ir pass that applies the rule set to a model is `onnxlr.api.FactorizationPass`.
 """
 
 from .base import (

@@ -11,7 +11,7 @@ questions about one node:
 A rule whose targets take no calibration statistics sets `calibrated = False` (its `activation`
 is then never asked).
 A rule knows nothing about SVD or ranks; the planner (onnxlr.plan) and the rewrite stage
-(onnxlr.rewrite) call it. `onnxlr.pipeline.FactorizationPass` is the onnx-ir pass that applies
+(onnxlr.rewrite) call it. `onnxlr.api.FactorizationPass` is the onnx-ir pass that applies
 the rule set to a model.
 """
 

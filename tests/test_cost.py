@@ -69,7 +69,7 @@ def test_planned_macs_match_the_rewritten_graph(scheme):
                             dilations=[1, 2], group=2)
     model = make_model([node], [tensor_input("x", [2, 8, 11, 10])], [tensor_input("y", None)],
                        [init("K", w(12, 4, 3, 3)), init("B", w(12))])
-    new_model, report = onnxlr.optimize(model, rank=2, conv_scheme=scheme, allow_no_gain=True)
+    new_model, report = onnxlr.optimize(model, rank=2, conv_scheme=scheme, allow_no_gain=True, verify=False)
     row = report["layers"][0]
     assert row["status"] == "factorized"
     assert row["macs_before"] == costs_of(model)["conv"].macs
@@ -88,7 +88,7 @@ def test_planned_macs_match_for_matmul_and_gemm(side):
                  helper.make_node("Gemm", ["G", "h"], ["y"], name="gemm", transA=1)]
         inputs, inits = [tensor_input("x", [24, 3])], [init("W", w(20, 24)), init("G", w(20, 10))]
     model = make_model(nodes, inputs, [tensor_input("y", None)], inits)
-    new_model, report = onnxlr.optimize(model, rank=3)
+    new_model, report = onnxlr.optimize(model, rank=3, verify=False)
     planned = sum(row["macs_after"] for row in report["layers"])
     assert planned == sum(c.macs for c in costs_of(new_model).values())
     assert sum(row["macs_before"] for row in report["layers"]) == sum(c.macs for c in costs_of(model).values())

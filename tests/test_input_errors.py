@@ -181,7 +181,7 @@ def test_kv_cache_matmul_reads_as_runtime_weight():
     attn = next(node for node in model.graph if node.name == "attn")
     found = constant_weight(attn.inputs[1])
     assert found.code == "runtime_weight" and found.runtime
-    _, report = onnxlr.optimize(kv_cache_model(), rank_ratio=1.0, allow_no_gain=True)
+    _, report = onnxlr.optimize(kv_cache_model(), rank_ratio=1.0, allow_no_gain=True, verify=False)
     rows = {row["name"]: row for row in report["layers"]}
     assert rows["attn"]["reason_code"] == "runtime_weight"
 

@@ -74,7 +74,7 @@ def check_written(model, new_model):
 
 def test_ir3_input_weights_are_factorized_and_leave_the_inputs():
     model = input_weights_model(3)
-    new_model, report = onnxlr.optimize(model, **FULL_RANK)
+    new_model, report = onnxlr.optimize(model, **FULL_RANK, verify=False)
     check_written(model, new_model)
     assert {row["name"]: row["status"] for row in report["layers"]} == dict.fromkeys(
         ["mm", "gemm", "mm_t", "conv"], "factorized")
@@ -91,7 +91,7 @@ def test_ir3_input_weights_are_factorized_and_leave_the_inputs():
 
 def test_ir8_input_weights_are_skipped_and_name_the_flag():
     model = input_weights_model(8)
-    new_model, report = onnxlr.optimize(model, **FULL_RANK)
+    new_model, report = onnxlr.optimize(model, **FULL_RANK, verify=False)
     for name in ("mm", "gemm", "mm_t", "conv"):
         row = layer(report, name)
         assert row["status"] == "skipped" and row["reason_code"] == "graph_input"
@@ -104,7 +104,7 @@ def test_ir8_input_weights_are_skipped_and_name_the_flag():
 
 def test_ir8_inputs_as_constants_factorizes_them():
     model = input_weights_model(8)
-    new_model, report = onnxlr.optimize(model, inputs_as_constants=True, **FULL_RANK)
+    new_model, report = onnxlr.optimize(model, inputs_as_constants=True, **FULL_RANK, verify=False)
     check_written(model, new_model)
     assert report["totals"]["factorized"] == 4
     # IR >= 4: the replaced weights leave the inputs; the factors are plain initializers.
@@ -120,7 +120,7 @@ def test_shared_input_weight_read_by_another_op_stays_an_input():
     model = make_model(nodes, [tensor_input("x", [2, 8]), tensor_input("W", [8, 8])],
                        [tensor_input("y", [2, 8]), tensor_input("s", [])], [init("W", weight(8, 8))], opset=8)
     model.ir_version = 3
-    new_model, report = onnxlr.optimize(model, **FULL_RANK)
+    new_model, report = onnxlr.optimize(model, **FULL_RANK, verify=False)
     assert layer(report, "mm")["reason_code"] == "shared_with_other_op"
     assert input_names(new_model) == ["x", "W"]
 
@@ -137,7 +137,7 @@ def test_ir3_constant_weight_in_a_subgraph_gets_listed_main_graph_factors():
                        opset=8)
     model.ir_version = 3
     onnx.checker.check_model(model, full_check=True)
-    new_model, report = onnxlr.optimize(model, **FULL_RANK)
+    new_model, report = onnxlr.optimize(model, **FULL_RANK, verify=False)
     onnx.checker.check_model(new_model, full_check=True)
     assert report["totals"]["factorized"] == 2
     assert not new_model.graph.node[0].attribute[0].g.initializer  # no subgraph initializer at IR 3
@@ -150,7 +150,7 @@ def test_ir3_constant_weight_in_a_subgraph_gets_listed_main_graph_factors():
 
 def test_settings_refuse_a_non_bool_flag():
     with pytest.raises(OnnxlrError, match="inputs_as_constants must be True or False"):
-        onnxlr.optimize(input_weights_model(8), inputs_as_constants="yes")
+        onnxlr.optimize(input_weights_model(8), inputs_as_constants="yes", verify=False)
 
 
 def test_cli_flag_and_verification_on_ir3(tmp_path):
@@ -198,7 +198,7 @@ def generated_model(generator: str) -> onnx.ModelProto:
 @pytest.mark.parametrize("generator", ["ConstantOfShape", "EyeLike", "RandomNormal", "Range"])
 def test_generated_weight_is_left_alone_with_its_code(generator):
     model = generated_model(generator)
-    new_model, report = onnxlr.optimize(model, **FULL_RANK)
+    new_model, report = onnxlr.optimize(model, **FULL_RANK, verify=False)
     row = layer(report, "mm")
     assert row["status"] == "skipped" and row["reason_code"] == "generated_weight"
     assert generator in row["reason"] and "grow the file" in row["reason"]
@@ -207,7 +207,7 @@ def test_generated_weight_is_left_alone_with_its_code(generator):
 
 
 def test_generator_fed_by_an_activation_is_computed_at_run_time():
-    _, report = onnxlr.optimize(generated_model("runtime"), **FULL_RANK)
+    _, report = onnxlr.optimize(generated_model("runtime"), **FULL_RANK, verify=False)
     assert layer(report, "mm")["reason_code"] == "runtime_weight"
 
 
@@ -247,7 +247,7 @@ def test_the_pytorch_converted_models_are_found():
 def test_pytorch_converted_model_is_reproduced(folder):
     source = onnx.load(folder / "model.onnx")
     assert source.ir_version < 4
-    new_model, report = onnxlr.optimize(str(folder / "model.onnx"), **FULL_RANK)
+    new_model, report = onnxlr.optimize(str(folder / "model.onnx"), **FULL_RANK, verify=False)
     proto = ir.to_proto(new_model)
     onnx.checker.check_model(proto, full_check=True)
     assert [o.name for o in proto.graph.output] == [o.name for o in source.graph.output]

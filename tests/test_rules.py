@@ -413,7 +413,7 @@ def test_gemm_pipeline_at_full_rank_is_exact():
         }""", **weights(W1=(4, 6), c1=(4,), W2=(4, 3), c2=(3, 1)))
     x = np.random.default_rng(3).standard_normal((6, 5)).astype(np.float32)
     reference = outputs(model, {"x": x})
-    new_model, report = onnxlr.optimize(model, rank_ratio=1, allow_no_gain=True, ops=("Gemm",))
+    new_model, report = onnxlr.optimize(model, rank_ratio=1, allow_no_gain=True, ops=("Gemm",), verify=False)
     assert [n.op_type for n in new_model.graph] == ["Gemm"] * 4
     assert_outputs_close(reference, outputs(new_model, {"x": x}))
 

@@ -66,7 +66,7 @@ def test_verification_in_segments_matches_the_whole_model(tmp_path):
     from onnxlr import verify
 
     path = mlp_file(tmp_path)
-    rewritten, _ = onnxlr.optimize(str(path), rank_ratio=0.25)
+    rewritten, _ = onnxlr.optimize(str(path), rank_ratio=0.25, verify=False)
     onnxlr.save(rewritten, tmp_path / "lr.onnx", external_data=True)
     feeds = {"x": np.random.default_rng(2).standard_normal((6, 3, 32)).astype(np.float32)}
     layers = verify.factorized_outputs(tmp_path / "lr.onnx")
@@ -203,7 +203,7 @@ def test_verify_runs_in_segments_when_the_whole_model_does_not_fit(tmp_path, mon
     import onnxlr
 
     source = wide_file(tmp_path)
-    model, _ = onnxlr.optimize(str(source), rank_ratio=0.25)
+    model, _ = onnxlr.optimize(str(source), rank_ratio=0.25, verify=False)
     onnxlr.save(model, tmp_path / "lr.onnx", external_data=True)
     monkeypatch.setenv("ONNXLR_MEMORY_LIMIT", "240MB")
     result = onnxlr_cli("verify", str(source), str(tmp_path / "lr.onnx"), "--no-gate", "--json", str(tmp_path / "v.json"))

@@ -111,7 +111,7 @@ def test_no_family_writes_a_subnormal_and_full_rank_stays_exact(family):
     original, feeds = build()
     model = with_dead_rows(original)
     assert model_subnormals(model) > 0  # the input holds them: its dead rows
-    result, report = onnxlr.optimize(model, rank_ratio=1.0, allow_no_gain=True, **options)
+    result, report = onnxlr.optimize(model, rank_ratio=1.0, allow_no_gain=True, **options, verify=False)
     assert report["totals"]["factorized"] >= 1, report["layers"]
     assert written_subnormals(model, result) == 0
     assert report["totals"]["subnormals_flushed"] > 0  # the SVD of a dead row's weight puts them in the factors
@@ -122,27 +122,27 @@ def test_no_family_writes_a_subnormal_and_full_rank_stays_exact(family):
 def test_truncated_factors_hold_no_subnormal(family):
     build, options = FAMILIES[family]
     model = with_dead_rows(build()[0])
-    result, report = onnxlr.optimize(model, rank_ratio=0.25, **options)
+    result, report = onnxlr.optimize(model, rank_ratio=0.25, **options, verify=False)
     assert report["totals"]["factorized"] == 1
     assert written_subnormals(model, result) == 0 and report["totals"]["subnormals_flushed"] > 0
 
 
 def test_joint_pair_slices_and_compensated_refits_hold_no_subnormal():
     model = with_dead_rows(redundant_mlp(), names=("W1", "W2"))
-    joint_model, report = onnxlr.optimize(model, calibration=batches(6), param_ratio=0.5, methods=("svd", "joint"))
+    joint_model, report = onnxlr.optimize(model, calibration=batches(6), param_ratio=0.5, methods=("svd", "joint"), verify=False)
     assert {row["method"] for row in report["layers"]} == {"joint"}
     assert written_subnormals(model, joint_model) == 0 and report["totals"]["subnormals_flushed"] > 0
     refitted, report = onnxlr.optimize(model, calibration=batches(6), rank_ratio=0.5, methods=("svd",),
-                                       compensate=True)
+                                       compensate=True, verify=False)
     assert report["totals"]["factorized"] == 2
     assert written_subnormals(model, refitted) == 0 and report["totals"]["subnormals_flushed"] > 0
 
 
 def test_clean_weights_flush_nothing_and_a_dry_run_counts_nothing():
     model, _ = matmul("right")
-    _, report = onnxlr.optimize(model, rank_ratio=0.5)
+    _, report = onnxlr.optimize(model, rank_ratio=0.5, verify=False)
     assert report["totals"]["subnormals_flushed"] == 0
-    _, planned = onnxlr.optimize(with_dead_rows(model), rank_ratio=0.5, dry_run=True)
+    _, planned = onnxlr.optimize(with_dead_rows(model), rank_ratio=0.5, dry_run=True, verify=False)
     assert "subnormals_flushed" not in planned["totals"]
 
 

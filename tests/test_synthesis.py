@@ -237,15 +237,13 @@ def verify_in_segments(path: str, monkeypatch, providers: str = "cpu") -> tuple[
     """optimize's verification of the model against itself, in segments (as for a model larger than memory),
     on synthesized inputs; returns the result and how many passes over the model in segments it took."""
     import onnxlr.segments
-    from onnxlr.cli_options import run_verification
+    from onnxlr.job import VerifySettings, verify_models
 
     passes = []
     whole_run = onnxlr.segments.run_in_segments
     monkeypatch.setattr(onnxlr.segments, "run_in_segments", lambda *a, **k: passes.append(1) or whole_run(*a, **k))
-    options = {"providers": providers, "inputs_path": None, "shapes": (), "seed": 0, "samples": 2, "batch_size": 16,
-               "atol": None, "rtol": None, "min_cosine": None, "no_gate": False, "per_layer": False,
-               "min_layer_cosine": None, "segment_budget": 1000}
-    result = run_verification(path, path, ir.load(path), options)
+    checks = VerifySettings(providers=tuple(providers.split(",")), samples=2)
+    result = verify_models(path, path, ir.load(path), checks, segment_budget=1000)
     return result, len(passes)
 
 

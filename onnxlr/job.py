@@ -1,0 +1,287 @@
+"""One `onnxlr optimize` job, start to end, as a library call: what the CLI and `onnxlr.optimize` both run.
+
+    load -> check the output path -> plan memory (onnxlr.memory_plan) -> factorize (onnxlr.pipeline: targets,
+    calibration statistics, plan, rewrite, quantize) -> write, staged (onnxlr.save) -> verify, whole or in
+    segments -> gate -> speed check -> move into place
+
+Each stage takes its own settings (`Settings` for the factorization, `VerifySettings`, `OutputSettings`) and
+returns its own result; `run` returns an `Outcome`. A failed gate raises `GateFailed` carrying the report (the CLI
+still writes it: it says why), and nothing is written, unless `VerifySettings.keep_failed`. Without an output path
+(the Python API returning a model) the verified file is a temporary one, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxlr.errors import GateFailed, OnnxlrError
+from onnxlr.io import LoadedModel, first_line, load
+from onnxlr.memory_plan import MemoryPlan, check_memory
+from onnxlr.pipeline import optimize_loaded
+from onnxlr.results import Report
+from onnxlr.save import PROTOBUF_LIMIT_BYTES, check_output_path, staging, use_external_data
+from onnxlr.settings import Progress, Settings
+
+logger = logging.getLogger(__name__)
+
+# What a failed gate suggests, with the settings it names ({0}...: the API's keywords, the CLI's flags).
+GATE_ADVICE = ("Nothing written. To keep more of the model: a higher {0} or {1}, {2} data (with {3} to search the "
+               "size), or {4} for sensitive layers; {5} writes it anyway")
+GATE_ADVICE_SETTINGS = ("rank_ratio", "energy", "calibration", "target_cosine", "exclude", "keep_failed")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OnnxlrError(f"{{0}} must be an integer >= {minimum}, got {value!r}", name)
+
+
+def _check_number(name: str, value: Any, low: float, high: float) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
+        raise OnnxlrError(f"{{0}} must be a number in [{low:g}, {high:g}], got {value!r}", name)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifySettings:
+    """How the result is checked against the input with onnxruntime (the CLI's verification flags)."""
+
+    enabled: bool = True  # --verify/--no-verify
+    inputs: str | os.PathLike | None = None  # an .npz keyed by input name; None: synthesized
+    providers: tuple[str, ...] | None = None  # None: cpu, plus cuda when onnxruntime-gpu sees a GPU
+    input_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # --shape
+    seed: int = 0
+    samples: int = 8
+    batch_size: int = 16
+    atol: float | None = None
+    rtol: float | None = None
+    min_cosine: float | None = None
+    no_gate: bool = False  # no default gate (--min-cosine 0.99 when none is given)
+    per_layer: bool = False
+    min_layer_cosine: float | None = None
+    keep_failed: bool = False  # keep (write, return) a model that failed a gate; the run still reports the failure
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shapes", {name: tuple(dims) for name, dims in
+                                                  dict(self.input_shapes or {}).items()})
+        if self.providers is not None:
+            object.__setattr__(self, "providers", tuple(self.providers))
+        for name in ("samples", "batch_size"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("atol", "rtol"):
+            _check_number(name, getattr(self, name), 0.0, math.inf)
+        for name in ("min_cosine", "min_layer_cosine"):
+            _check_number(name, getattr(self, name), -1.0, 1.0)
+
+    def gates(self) -> Any:
+        from onnxlr.verify import Gates
+
+        return Gates.chosen(atol=self.atol, rtol=self.rtol, min_cosine=self.min_cosine, default_gate=not self.no_gate)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSettings:
+    """Where and how the model is written (the CLI's OUTPUT and external-data flags)."""
+
+    path: str | os.PathLike | None = None  # None: nothing written (the API returns the model)
+    external_data: bool | None = None  # None: as the input, or when its weights exceed the threshold
+    external_data_threshold: int = PROTOBUF_LIMIT_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Everything one optimize run needs; `run(job)` does it."""
+
+    source: Any  # a path, or an in-memory model (onnx.ModelProto, onnx_ir.Model, graphsurgeon Graph)
+    settings: Settings
+    verify: VerifySettings = dataclasses.field(default_factory=VerifySettings)
+    output: OutputSettings = dataclasses.field(default_factory=OutputSettings)
+    calibration: Any = None  # an .npz, a folder of them, or an iterable of input dicts
+    calibration_samples: int | None = None
+    heldout: Any = None  # what target_cosine / target_error measure; None: verify.inputs when calibrating
+    dry_run: bool = False
+    memory_check: bool = True  # stop early when verification or calibration cannot fit the memory available
+    speed_check: bool = False  # time the written model against the input, end to end (the report's `speed`)
+    edge_targets: bool = False  # the report's latency estimates on edge targets (onnxlr.edge)
+    targets_file: str | os.PathLike | None = None  # extra edge targets (implies edge_targets)
+    progress: Progress | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a job did: the rewritten model (its loaded form), the report (verification included) and where it was
+    written; `failure` says which gate failed when `keep_failed` kept the model anyway."""
+
+    loaded: LoadedModel
+    report: Report
+    memory: MemoryPlan
+    written: Path | None = None
+    failure: str | None = None
+
+
+def run(job: Job) -> Outcome:
+    """Run the whole optimize job (module doc); raises OnnxlrError for bad input, GateFailed for a failed gate."""
+    from onnxlr.inputs import batch_shapes
+
+    settings, checks, output = job.settings, job.verify, job.output
+    if job.heldout is not None and job.calibration is None:
+        raise OnnxlrError("{0} samples are only used with {1} data (target_cosine)", "heldout", "calibration")
+    loaded = load(job.source)
+    input_shapes = dict(checks.input_shapes)
+    if settings.objective == "latency" and not input_shapes and job.calibration is None and checks.inputs:
+        input_shapes = batch_shapes(checks.inputs, loaded.model, checks.batch_size)
+    if output.path is not None and not job.dry_run:
+        check_output_path(output.path, loaded)
+    verifying = checks.enabled and not job.dry_run
+    memory = MemoryPlan()
+    if job.memory_check:
+        memory = check_memory(loaded, input_shapes, batch_size=checks.batch_size, samples=checks.samples,
+                              inputs_given=bool(checks.inputs), verifying=verifying,
+                              calibration=(job.calibration, job.calibration_samples)
+                              if isinstance(job.calibration, (str, os.PathLike)) else None, config=settings)
+    edge_targets = _edge_targets(loaded, job)
+    heldout = job.heldout if job.heldout is not None else (checks.inputs if job.calibration is not None else None)
+
+    def factorize(sink: Any) -> Report:
+        # memory.calibration_batches: the calibration file, already read by the memory check
+        calibration = memory.calibration_batches or job.calibration
+        result = optimize_loaded(loaded, settings, source=job.source, calibration=calibration,
+                                 calibration_samples=job.calibration_samples, heldout=heldout,
+                                 batch_size=checks.batch_size, progress=job.progress, dry_run=job.dry_run,
+                                 input_shapes=input_shapes, sink=sink,
+                                 calibration_segment_budget=memory.calibration_segment_budget)
+        report = result.report
+        if isinstance(job.source, (str, os.PathLike)):
+            report.input = str(job.source)
+        if edge_targets:
+            from onnxlr import edge
+
+            targets, precision = edge_targets
+            report.targets = edge.before_after(result.costs_before, result.costs_after, targets, precision)
+        return report
+
+    if job.dry_run:
+        return Outcome(loaded=loaded, report=factorize(sink=None), memory=memory)
+    if output.path is None:
+        return _run_in_memory(job, loaded, factorize, memory, input_shapes)
+    external = use_external_data(loaded.model, loaded, output.external_data, output.external_data_threshold)
+    # The temporary output exists before the rewrite: with external data each layer's factors are
+    # written there as soon as they are computed (memory stays near one layer's working set).
+    with staging(output.path, source=loaded, external_data=external) as stage:
+        report = factorize(sink=stage.data)
+        staged = stage.write_model(loaded.model)
+        failure = _check_written(job, loaded, staged, report, memory, input_shapes)
+    report.output = str(output.path)
+    return Outcome(loaded=loaded, report=report, memory=memory, written=Path(output.path), failure=failure)
+
+
+def _run_in_memory(job: Job, loaded: LoadedModel, factorize: Any, memory: MemoryPlan,
+                   input_shapes: Mapping[str, Sequence[int]]) -> Outcome:
+    """No output path: the factors stay in memory (the caller gets the model), and verification and the speed check
+    read a temporary copy of it, removed afterwards."""
+    report = factorize(sink=None)
+    failure = None
+    if job.verify.enabled or job.speed_check:
+        with tempfile.TemporaryDirectory(prefix="onnxlr-") as folder:
+            external = use_external_data(loaded.model, loaded, job.output.external_data,
+                                         job.output.external_data_threshold)
+            with staging(Path(folder) / "model.onnx", source=loaded, external_data=external) as stage:
+                staged = stage.write_model(loaded.model)
+                failure = _check_written(job, loaded, staged, report, memory, input_shapes)
+    return Outcome(loaded=loaded, report=report, memory=memory, failure=failure)
+
+
+def _check_written(job: Job, loaded: LoadedModel, staged: Path, report: Report, memory: MemoryPlan,
+                   input_shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """Verify the staged file, gate, and time it (the speed check). Raises GateFailed (with the report) unless
+    keep_failed; returns the failure it kept, if any."""
+    failure = None
+    reference = _reference(loaded, job.source)
+    if job.verify.enabled:
+        # loaded.model (rewritten by now) has the original's inputs: the signature verification reads
+        verification = verify_models(reference, staged, loaded.model, job.verify, memory.segment_budget)
+        report.verification = verification
+        if not verification.passed:
+            failure = "verification failed: " + "; ".join(verification.failures)
+            if not job.verify.keep_failed:
+                raise GateFailed(failure + ". " + GATE_ADVICE, *GATE_ADVICE_SETTINGS, report=report)
+    if job.speed_check and job.settings.objective != "latency" and memory.segment_budget is None:
+        report.speed = _speed_check(reference, staged, loaded.model, job, input_shapes)
+    return failure
+
+
+def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: VerifySettings,
+                  segment_budget: int | None = None) -> Any:
+    """Run both models on onnxruntime and compare them under `checks`' gates; returns the VerificationResult.
+
+    `reference`/`candidate`: paths (or serialized models); `reference_model` (onnx-ir) gives the input signature.
+    `segment_budget` (bytes of weights, onnxlr.memory_plan): run them in segments of at most that much."""
+    # onnxruntime and numpy load only when a command verifies
+    from onnxlr import inputs, runtime, synthesis, verify
+
+    providers = runtime.parse_providers(list(checks.providers) if checks.providers else None)
+    specs = inputs.input_specs(reference_model)
+    shapes = dict(checks.input_shapes)
+    gates = checks.gates()
+    per_layer = verify.factorized_outputs(candidate) if checks.per_layer else []
+
+    def compare(feeds: dict, synthesized: bool) -> Any:
+        return verify.verify(reference, candidate, feeds, providers, gates, batch_size=checks.batch_size,
+                             per_layer=per_layer, synthesized=synthesized, reference_model=reference_model,
+                             segment_budget=segment_budget, min_layer_cosine=checks.min_layer_cosine)
+
+    if segment_budget is not None and not checks.inputs:
+        # In segments a probe costs a whole pass over the weights: try the first synthesized shapes on the
+        # reference itself, and probe only if it refuses them.
+        guess = synthesis.unprobed_feeds(specs, checks.seed, checks.samples, shapes)
+        if guess is not None:
+            try:
+                return compare(guess, synthesized=True)
+            except verify.ReferenceFailed as exc:
+                logger.info("the reference refuses the first synthesized shapes (%s); probing others", exc)
+    # Synthesized inputs are sized by running the reference (never the candidate) on a probe.
+    feeds = synthesis.model_feeds(reference, specs, checks.inputs, checks.seed, checks.samples, shapes,
+                                  segment_budget)
+    return compare(feeds.arrays, feeds.synthesized)
+
+
+def _reference(loaded: LoadedModel, source: Any) -> Any:
+    """What onnxruntime runs the original from: its path, else its serialized bytes (read again from the caller's
+    object: the loaded model is rewritten by now)."""
+    if isinstance(source, (str, os.PathLike)):
+        return source
+    from onnxlr.confirm import session_source
+
+    return session_source(load(source).model)
+
+
+def _speed_check(reference: Any, staged: Path, model: Any, job: Job,
+                 input_shapes: Mapping[str, Sequence[int]]) -> dict[str, Any] | None:
+    """The written model against its input, end to end (the size objective's check; a warning when slower)."""
+    from onnxlr import confirm
+
+    try:
+        speed = confirm.written_speed(reference, staged, model, job.verify.inputs, input_shapes,
+                                      job.verify.batch_size, job.settings.latency_provider,
+                                      job.settings.latency_threads, seconds=1.0)
+    except Exception as exc:  # inputs it cannot make, a model onnxruntime cannot run: verification says the rest
+        logger.warning("end-to-end speed not measured: %s", first_line(exc))
+        return None
+    return speed.to_json()
+
+
+def _edge_targets(loaded: LoadedModel, job: Job) -> tuple | None:
+    """Edge targets and the original's precision, when the report asks for estimates."""
+    if job.dry_run or not (job.edge_targets or job.targets_file):
+        return None
+    from onnxlr import edge
+
+    # Precision is read before the rewrite: the original's weights decide it.
+    return edge.load_targets(job.targets_file), edge.model_precision(loaded.model)
