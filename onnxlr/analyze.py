@@ -159,7 +159,7 @@ def analyze_model(model: ir.Model, model_path: str = "MODEL", energy: float | No
         raise OnnxlrError("choose {0} or {1}, not both", "energy", "param_budget")
     policy = {"param_budget": param_budget} if param_budget is not None else {"energy": energy or DEFAULT_ENERGY}
     # Discovery as optimize's defaults (or `ops`, e.g. with Gather for embedding tables); validates the fractions.
-    settings = Settings(**policy, **({"ops": tuple(ops)} if ops else {}))
+    settings = Settings.of(**policy, **({"ops": tuple(ops)} if ops else {}))
     level = energy or DEFAULT_ENERGY  # "compressible" is judged at this energy (also under a budget)
     progress = progress or no_progress
     context = Context(shapes=infer_shapes(model), opset=default_opset(model), inputs_as_constants=old_ir(model))

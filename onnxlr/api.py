@@ -56,7 +56,7 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
         input_shapes=input_shapes or {}, seed=seed, samples=samples, batch_size=batch_size, atol=atol, rtol=rtol,
         min_cosine=min_cosine, no_gate=no_gate, per_layer=per_layer, min_layer_cosine=min_layer_cosine,
         keep_failed=keep_failed)
-    job = jobs.Job(source=model, settings=Settings(**settings), verify=checks,
+    job = jobs.Job(source=model, settings=Settings.of(**settings), verify=checks,
                    output=jobs.OutputSettings(path=output, external_data=external_data), calibration=calibration,
                    calibration_samples=calibration_samples, heldout=heldout, dry_run=dry_run,
                    memory_check=memory_check, speed_check=speed_check, progress=progress)
@@ -80,7 +80,7 @@ class FactorizationPass(ir.passes.InPlacePass):
         self.report: dict | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        settings = Settings(**self.settings)
+        settings = Settings.of(**self.settings)
         if settings.quantize:
             raise OnnxlrError("{0} is a stage of onnxlr.optimize (it writes a new model); the pass rewrites in place",
                               "quantize")

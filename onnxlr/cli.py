@@ -20,14 +20,9 @@ from onnxlr.cli_options import (
     FRACTION,
     State,
     calibration_options,
-    latency_options,
-    methods_option,
     output_options,
-    rank_policy_options,
-    scale_options,
+    settings_options,
     split_list,
-    split_ops,
-    target_selection_options,
     verbosity_options,
     verification_options,
     verify_settings,
@@ -105,22 +100,13 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @cli.command(epilog=EXAMPLES_OPTIMIZE)
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=True))
 @click.argument("output_path", metavar="OUTPUT", type=click.Path(dir_okay=True), required=False)
-@rank_policy_options
-@latency_options
-@target_selection_options
+@settings_options("policy")
+@settings_options("latency")
+@settings_options("targets")
 @calibration_options
-@methods_option
-@click.option("--compensate", is_flag=True,
-              help="With --calibration: refit layer by layer on the inputs of the partially factorized model, "
-                   "so later layers correct what earlier ones lost (one calibration pass per stage).")
-@click.option("--target-cosine", type=FRACTION, default=None, metavar="C",
-              help="Rank policy, with --calibration and held-out --inputs: the smallest parameter budget whose "
-                   "outputs keep cosine >= C on the held-out inputs (bisection, allocation by sensitivity).")
-@click.option("--target-error", type=click.FloatRange(min=0, min_open=True), default=None, metavar="E",
-              help="Rank policy, like --target-cosine: the smallest parameter budget whose outputs stay within "
-                   "relative error ||Y'-Y||/||Y|| <= E on the held-out inputs.")
+@settings_options("calibration", "methods")
 @output_options
-@scale_options
+@settings_options("scale")
 @click.option("--dry-run", is_flag=True, help="Plan and print the table; write no model.")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
               help="Compare the result with the input on onnxruntime before writing it.")
@@ -139,8 +125,8 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @verbosity_options
 @click.pass_obj
 def optimize(state: State, input_path: str, output_path: str | None, report_path: str | None,
-             markdown_path: str | None, html_path: str | None, external_data: bool | None, dry_run: bool, run_verify: bool, keep_failed: bool, ops: str,
-             no_memory_check: bool, speed_check: bool, **options: Any) -> None:
+             markdown_path: str | None, html_path: str | None, external_data: bool | None, dry_run: bool,
+             run_verify: bool, keep_failed: bool, no_memory_check: bool, speed_check: bool, **options: Any) -> None:
     """Factorize INPUT's MatMul, Gemm and Conv weights and write OUTPUT.
 
     The input is never modified. OUTPUT is verified against INPUT with onnxruntime (see
@@ -157,12 +143,11 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     external_data_threshold = options.pop("external_data_threshold")
     if output_path is None and not dry_run:
         raise OnnxlrError("missing OUTPUT: give an output path, or --dry-run to only plan")
-    options["latency_cache"] = not options.pop("no_latency_cache")
     if options["objective"] == "latency" or options["latency_budget"] or options["latency_table"]:
         from onnxlr.runtime import parse_providers
 
         options["latency_provider"] = parse_providers(list(checks.providers) if checks.providers else None)[0]
-    job = jobs.Job(source=input_path, settings=Settings(ops=split_ops(ops), **options), verify=checks,
+    job = jobs.Job(source=input_path, settings=Settings.of(**options), verify=checks,
                    output=jobs.OutputSettings(path=output_path, external_data=external_data,
                                               external_data_threshold=external_data_threshold),
                    calibration=calibration_path, calibration_samples=calibration_samples, dry_run=dry_run,
@@ -415,6 +400,7 @@ def analyze(state: State, model_path: str, energy: float | None, param_budget: f
     from onnxlr import analyze as a
     from onnxlr.html_analyze import write_html
     from onnxlr.report import print_analysis, write_json
+    from onnxlr.settings import split_ops
 
     if energy is not None and param_budget is not None:
         raise OnnxlrError("choose --energy or --param-budget, not both")

@@ -7,6 +7,7 @@ selection, calibration, outputs, scale, verification); `State` carries -v/-q and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -15,9 +16,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from onnxlr.errors import OnnxlrError
 from onnxlr.save import PROTOBUF_LIMIT_BYTES
-from onnxlr.settings import ALL_OPS
 
 logger = logging.getLogger(__name__)
 
@@ -93,62 +92,54 @@ verbosity_options = _options(
                  help="Print nothing but errors."),
 )
 
-rank_policy_options = _options(
-    click.option("--rank-ratio", type=FRACTION, default=None, metavar="R",
-                 help="Rank = ceil(R x full rank), 0 < R <= 1. The default policy (0.25) when none is given."),
-    click.option("--rank", type=click.IntRange(min=1), default=None, metavar="N", help="The same rank N everywhere."),
-    click.option("--energy", type=FRACTION, default=None, metavar="E",
-                 help="Smallest rank keeping fraction E of the squared singular values."),
-    click.option("--param-ratio", type=FRACTION, default=None, metavar="P",
-                 help="Per layer: largest rank whose factor pair has <= P x the original parameters."),
-    click.option("--param-budget", type=FRACTION, default=None, metavar="P",
-                 help="Whole model: ranks chosen so the factorizable layers keep <= P of their parameters "
-                      "(some may stay dense)."),
-    click.option("--mac-budget", type=FRACTION, default=None, metavar="P",
-                 help="Whole model: ranks chosen so the factorizable layers keep <= P of their MACs "
-                      "(some may stay dense)."),
-    click.option("--rank-multiple", type=click.IntRange(min=1), default=1, show_default=True, metavar="M",
-                 help="Round ranks up to a multiple of M (tensor cores), never past break-even."),
-    click.option("--allow-no-gain", is_flag=True,
-                 help="Emit factorizations even when they are not smaller or cheaper (e.g. to test exactness)."),
-)
+def settings_options(*groups: str) -> Callable:
+    """The click options of these groups of onnxlr.settings.Settings fields, generated from their declarations
+    (settings.setting: type, default, check and help in one place); the "policy" group leads with every rank policy
+    (onnxlr.policies.POLICIES)."""
+    from onnxlr.policies import POLICIES
+    from onnxlr.settings import Settings
 
-target_selection_options = _options(
-    click.option("--ops", default=",".join(ALL_OPS), show_default=True, metavar="LIST",
-                 help="Comma-separated op types to factorize."),
-    click.option("--include", multiple=True, metavar="GLOB", help="Only nodes whose name matches (repeatable)."),
-    click.option("--exclude", multiple=True, metavar="GLOB", help="Skip nodes whose name matches (repeatable)."),
-    click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
-                 help="Skip weights with fewer than N parameters."),
-    click.option("--inputs-as-constants", is_flag=True,
-                 help="Initializers listed as graph inputs are treated as constant weights (factorized, and "
-                      "dropped from the inputs when replaced), for IR >= 4 models that list them; IR < 4 "
-                      "does this always."),
-    click.option("--conv-scheme", type=click.Choice(["auto", "output", "input", "spatial"]), default="auto",
-                 show_default=True,
-                 help="Conv split: output (kxk then 1x1), input (1x1 then kxk), spatial (kx1 then 1xk); "
-                      "auto picks the fewest MACs at equal error."),
-)
+    decorators = [_policy_option(policy) for policy in POLICIES] if "policy" in groups else []
+    decorators += [_setting_option(field) for field in dataclasses.fields(Settings)
+                   if field.metadata.get("group") in groups]
+    return _options(*decorators)
 
-latency_options = _options(
-    click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True,
-                 help="What the rank policy optimizes. latency: every candidate factor pair (layer, scheme, rank, "
-                      "its round-ups to multiples of 8) is timed against its original node with onnxruntime, on the "
-                      "first of --providers with --threads, at the shapes the model sees (--shape, else the "
-                      "--calibration or --inputs batch); only pairs measured 5% faster are kept, budgets allocate "
-                      "over them. Times are cached in ~/.cache/onnxlr."),
-    click.option("--latency-budget", type=FRACTION, default=None, metavar="P",
-                 help="Rank policy (implies --objective latency): keep <= fraction P of the factorizable layers' "
-                      "measured time, allocated greedily on energy per millisecond."),
-    click.option("--threads", "latency_threads", type=click.IntRange(min=0), default=1, show_default=True,
-                 help="onnxruntime intra-op threads when timing candidates (0: onnxruntime's default), as in "
-                      "`onnxlr bench --threads`."),
-    click.option("--latency-table", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE.json",
-                 help="Plan with the times `onnxlr bench MODEL --export-latency-table FILE.json` measured on the "
-                      "target device (implies --objective latency); nothing is timed here."),
-    click.option("--no-cache", "no_latency_cache", is_flag=True,
-                 help="Time every candidate again (the cache of measured times is neither read nor written)."),
-)
+
+POLICY_TYPES = {"fraction": FRACTION, "count": click.IntRange(min=1),
+                "positive": click.FloatRange(min=0, min_open=True)}
+
+
+def _policy_option(policy: Any) -> Callable:
+    return click.option("--" + policy.keyword.replace("_", "-"), policy.keyword, type=POLICY_TYPES[policy.kind],
+                        default=None, metavar=policy.metavar, help=policy.help)
+
+
+def _setting_option(field: dataclasses.Field) -> Callable:
+    """One Settings field as a click option: its flag, type, default and help from its declaration."""
+    meta = field.metadata
+    flag = meta["flag"] or "--" + field.name.replace("_", "-")
+    if meta["kind"] == "bool":
+        if meta["negated"]:  # --no-cache: sets the field False
+            return click.option(flag, field.name, is_flag=True, flag_value=False, default=True, help=meta["help"])
+        return click.option(flag, field.name, is_flag=True, help=meta["help"])
+    kwargs: dict[str, Any] = {"default": field.default, "help": meta["help"],
+                              "show_default": meta["show_default"] and field.default is not None}
+    if meta["metavar"]:
+        kwargs["metavar"] = meta["metavar"]
+    if meta["kind"] == "choice":
+        kwargs["type"] = click.Choice(list(meta["choices"]))
+    elif meta["kind"] in ("count", "natural"):
+        kwargs["type"] = click.IntRange(min=1 if meta["kind"] == "count" else 0)
+    elif meta["path"]:
+        kwargs["type"] = click.Path(exists=True, dir_okay=False)
+    if meta["multiple"]:
+        kwargs.update(multiple=True, default=())
+    parse = meta["parse"]
+    if parse is not None:  # text -> value; the default is shown as the text that gives it
+        kwargs["default"] = ",".join(field.default) if isinstance(field.default, tuple) else field.default
+        kwargs["callback"] = lambda _ctx, _param, value: None if value is None else parse(value)
+    return click.option(flag, field.name, **kwargs)
+
 
 calibration_options = _options(
     click.option("--calibration", "calibration_path", type=click.Path(exists=True), default=None,
@@ -158,22 +149,6 @@ calibration_options = _options(
                       "(for Conv, the output scheme on the patches it sees)."),
     click.option("--calibration-samples", type=click.IntRange(min=1), default=None, metavar="N",
                  help="Use at most the first N calibration samples. Default: all."),
-)
-
-methods_option = _options(
-    click.option("--methods", default=None, metavar="LIST",
-                 callback=lambda _c, _p, v: None if v is None else tuple(split_list(v) or ()),
-                 help="svd: each weight its own factor pair. svd,joint: also coupled pairs (MLP, gated MLP and "
-                      "conv channel pairs, attention V·O and Q·Kᵀ heads) may keep k of their inner neurons (head "
-                      "dimensions), fitted on the --calibration data, where that loses less output error than the "
-                      "pair's per-matrix plan at the same cost (whole-model budgets allocate across both). Default: "
-                      "svd,joint with --calibration, svd without."),
-    click.option("--quantize", type=click.Choice(["int8", "int8-static", "fp16"]), default=None,
-                 help="After the rewrite, quantize with onnxruntime's tools: int8 (dynamic, per-channel INT8 "
-                      "weights), int8-static (QDQ, calibrated on --calibration), fp16 (float16 weights and compute, "
-                      "float32 inputs and outputs). Verification and --target-cosine/--target-error measure the "
-                      "quantized model (the search takes the quantizer's own loss, measured on the original, off "
-                      "the goal)."),
 )
 
 output_options = _options(
@@ -190,19 +165,6 @@ output_options = _options(
                  help="Without --external-data/--no-external-data: write external data when the input's weights "
                       "exceed SIZE (bytes, or e.g. 500MB, 1.5GiB). Default: just under protobuf's 2 GB limit."),
 )
-
-scale_options = _options(
-    click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
-                 help="exact: LAPACK (gesdd, gesvd fallback). randomized: randomized range finder for the leading "
-                      "triplets when the rank is known before the SVD. auto: randomized only for large matrices "
-                      "at a small rank (checked against the exact tail where affordable), exact otherwise."),
-    click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                 help="Where the SVDs run; cuda needs PyTorch with CUDA (the `torch` extra)."),
-    click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N",
-                 help="Factorize up to N layers at once (threads, within a memory budget); the output is "
-                      "identical to --jobs 1. Default: one per available core, up to 8."),
-)
-
 
 verification_options = _options(
     click.option("--providers", default=None, metavar="LIST",
@@ -251,10 +213,3 @@ def verify_settings(options: dict[str, Any], enabled: bool = True, keep_failed: 
 
 def split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
-
-
-def split_ops(text: str) -> tuple[str, ...]:
-    ops = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not ops:
-        raise OnnxlrError("--ops is empty; give op types such as MatMul,Gemm,Conv")
-    return ops

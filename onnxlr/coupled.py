@@ -280,8 +280,8 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: Any, batches: 
 
 def _plan_per_matrix(pair_plan: PairPlan, settings: Settings, fraction: float) -> bool:
     """The two layers planned alone on the pair's share of the budget; False when no rank fits it."""
-    local = dataclasses.replace(settings, **{settings.budget_setting: fraction, "target_cosine": None,
-                                             "target_error": None})
+    assert settings.budget is not None
+    local = settings.with_budget(fraction, settings.budget[0])
     try:
         planning.allocate_budget(pair_plan.groups, local)
     except OnnxlrError:  # the rank multiple in both layers is over the pair's share

@@ -169,11 +169,8 @@ class Goal:
 
     @classmethod
     def of(cls, settings: Any) -> Goal | None:
-        if settings.target_cosine is not None:
-            return cls("cosine", settings.target_cosine)
-        if settings.target_error is not None:
-            return cls("error", settings.target_error)
-        return None
+        goal = settings.goal  # onnxlr.policies.TargetCosine / TargetError
+        return cls(goal.metric, goal.value) if goal is not None else None
 
     def measure(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:
         return min_cosine(reference, candidate) if self.metric == "cosine" else max_relative_error(reference, candidate)

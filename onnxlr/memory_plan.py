@@ -92,8 +92,7 @@ def plan_calibration(model: Any, shapes: dict, weights: int, activations: int, f
     if free is None or memory.session_bytes(weights, activations) + held + working <= free.bytes:
         return None, None
     whole = [flag for flag, asked in (("--param-budget/--mac-budget", config.budget is not None),
-                                      ("--target-cosine/--target-error", config.target_cosine is not None
-                                       or config.target_error is not None),
+                                      ("--target-cosine/--target-error", config.goal is not None),
                                       ("--compensate", config.compensate),
                                       ("--quantize int8-static", config.quantize == "int8-static")) if asked]
     batches = None

@@ -271,8 +271,9 @@ def _joint_candidates(model: ir.Model, groups: list[WeightGroup], settings: Sett
 
 
 def _check_data_needs(settings: Settings, runner: Any, data: datafit.CalibrationData | None) -> None:
-    for name, wanted in (("target_cosine", settings.target_cosine is not None),
-                         ("target_error", settings.target_error is not None), ("compensate", settings.compensate)):
+    goal = settings.goal
+    for name, wanted in ((goal.keyword if goal is not None else "", goal is not None),
+                         ("compensate", settings.compensate)):
         if wanted and data is None:
             raise OnnxlrError("{0} needs calibration data ({1})", name, "calibration")
         if wanted and runner is None:
@@ -333,7 +334,7 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
                     if not group.reason:
                         group.keep_dense("target_not_reached", f"kept dense: no budget reaches {goal}")
                 return
-            plan_budget(dataclasses.replace(settings, target_cosine=None, target_error=None, param_budget=budget),
+            plan_budget(settings.with_budget(budget),
                         no_progress)  # each trial: no bars
 
         result["search"] = datafit.search_budget(groups, goal, runner, data, plan_for, progress)

@@ -21,6 +21,7 @@ from onnxlr import latency, lowrank
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.passes import Scheme
+from onnxlr.policies import LayerPolicy
 from onnxlr.settings import Progress, Settings
 
 
@@ -116,15 +117,8 @@ def candidate_schemes(group: WeightGroup, settings: Settings) -> list[Scheme]:
 
 def policy_rank(group: WeightGroup, scheme: Scheme, settings: Settings) -> int:
     """The rank a per-layer policy gives one view (before rounding and the break-even guard)."""
-    full = scheme.full_rank
-    if settings.rank_ratio is not None:
-        return lowrank.rank_for_ratio(settings.rank_ratio, full)
-    if settings.rank is not None:
-        return min(settings.rank, full)
-    if settings.energy is not None:
-        return lowrank.rank_for_energy(group.decomposition(scheme), settings.energy)
-    assert settings.param_ratio is not None
-    return lowrank.rank_for_param_ratio(settings.param_ratio, scheme.params_before, scheme.params_per_rank, full)
+    assert isinstance(settings.policy, LayerPolicy), settings.policy
+    return settings.policy.rank(scheme, lambda: group.decomposition(scheme))
 
 
 def _plan_group(group: WeightGroup, settings: Settings, clock: latency.Clock | None = None) -> None:
@@ -144,7 +138,8 @@ def _plan_group(group: WeightGroup, settings: Settings, clock: latency.Clock | N
     options = [(reference.macs_after(rank), 0, reference, rank)]
     for order, scheme in enumerate(candidates[1:], start=1):
         scheme_rank = lowrank.rank_for_energy(group.decomposition(scheme), target_energy)
-        if settings.param_ratio is not None and scheme.params_after(scheme_rank) > settings.param_ratio * scheme.params_before:
+        bound = settings.policy.fraction_bound
+        if bound is not None and scheme.params_after(scheme_rank) > bound * scheme.params_before:
             continue
         options.append((scheme.macs_after(scheme_rank), order, scheme, scheme_rank))
     _, _, group.scheme, group.rank = min(options, key=lambda o: (o[0], o[1]))
@@ -156,9 +151,10 @@ def _plan_group(group: WeightGroup, settings: Settings, clock: latency.Clock | N
 
 def _fits(settings: Settings):
     """Whether a rank rounded up for speed still keeps within --param-ratio (the other policies set no bound)."""
-    if settings.param_ratio is None:
+    bound = settings.policy.fraction_bound
+    if bound is None:
         return None
-    return lambda scheme, rank: scheme.params_after(rank) <= settings.param_ratio * scheme.params_before
+    return lambda scheme, rank: scheme.params_after(rank) <= bound * scheme.params_before
 
 
 def apply_break_even(group: WeightGroup, settings: Settings) -> None:

@@ -26,6 +26,7 @@ from onnxlr._version import __version__
 from onnxlr.groups import WeightGroup
 from onnxlr.passes import NameGenerator
 from onnxlr.passes.base import make_node, old_ir
+from onnxlr.policies import LayerPolicy
 from onnxlr.settings import Progress, Settings
 
 
@@ -87,7 +88,8 @@ def _working_set(group: WeightGroup, settings: Settings) -> int:
     """Rough upper estimate of one group's SVD memory, for --jobs scheduling."""
     scheme = group.scheme or group.schemes[0]
     known_rank = group.rank
-    if known_rank is None and settings.budget is None and settings.energy is None and len(group.schemes) == 1:
+    per_layer = isinstance(settings.policy, LayerPolicy) and not settings.policy.needs_spectrum
+    if known_rank is None and per_layer and len(group.schemes) == 1:
         known_rank = plan.policy_rank(group, scheme, settings)
     return lowrank.working_set_bytes(scheme.matrices.shape, known_rank, settings.svd) * len(group.schemes)
 

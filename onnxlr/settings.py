@@ -1,4 +1,6 @@
-"""Settings of the optimize pipeline: every knob of `onnxlr optimize`, its default and its validation.
+"""Settings of the optimize pipeline: every knob of `onnxlr optimize`, declared once with its type, default,
+validation and help (a field's metadata, `setting(...)`); the CLI's options and the CLI reference are generated from
+these declarations (onnxlr.cli_options), and the rank policy is one typed value (onnxlr.policies).
 
 Settings validate once, when they are made, so every later stage can trust them. Errors name the
 setting as a keyword (`rank_ratio`) for the Python API; the CLI shows the flag (`--rank-ratio`).
@@ -7,24 +9,21 @@ setting as a keyword (`rank_ratio`) for the Python API; the CLI shows the flag (
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from onnxlr import lowrank
+from onnxlr import lowrank, policies
 from onnxlr.errors import OnnxlrError
 from onnxlr.passes import RULES
 from onnxlr.passes.conv import SCHEMES as CONV_SCHEMES
+from onnxlr.policies import DEFAULT_RANK_RATIO, Budget, Goal, LatencyBudget, RankPolicy, RankRatio
 
-DEFAULT_RANK_RATIO = 0.25
 ALL_OPS = tuple(RULES)
 # Op types factorized only when --ops names them: Gather, an embedding table's lookup (it trades the
 # table's bytes for a small product per looked-up row, so it is never a default).
 OPT_IN_OPS = ("Gather",)
 MAX_DEFAULT_JOBS = 8
-POLICIES = ("rank_ratio", "rank", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine",
-            "target_error", "latency_budget")
 
 # Settings added after the first release, with their defaults: left out of recorded() (the settings
 # recorded in the written model) while at the default.
@@ -63,128 +62,158 @@ def default_jobs() -> int:
     return max(1, min(cores, MAX_DEFAULT_JOBS))
 
 
+def setting(default: Any, help: str, group: str, *, kind: str = "", choices: Sequence[str] = (), flag: str = "",
+            metavar: str = "", parse: Callable[[str], Any] | None = None, negated: bool = False,
+            multiple: bool = False, path: bool = False, show_default: bool = True) -> Any:
+    """A settings field with its CLI declaration: `group` (the --help section), `kind` (how it is checked: "count"
+    an integer >= 1, "natural" >= 0, "bool", "choice" one of `choices`), `flag` (when not "--" + the name),
+    `parse` (text -> value: comma lists), `negated` (a --no-... flag that sets it False), `multiple` (repeatable),
+    `path` (an existing file). An empty group: no flag (set from another option)."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "group": group, "kind": kind, "choices": tuple(choices), "flag": flag, "metavar": metavar,
+        "parse": parse, "negated": negated, "multiple": multiple, "path": path, "show_default": show_default})
+
+
+def split_ops(text: str) -> tuple[str, ...]:
+    ops = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not ops:
+        raise OnnxlrError("--ops is empty; give op types such as MatMul,Gemm,Conv")
+    return ops
+
+
+def split_methods(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every knob of `onnxlr optimize`; the same names as the CLI flags."""
+    """Every knob of `onnxlr optimize`'s factorization; the same names as the CLI flags (`Settings.of(rank_ratio=0.5)`
+    takes the rank policy as its keyword)."""
 
-    rank_ratio: float | None = None
-    rank: int | None = None
-    energy: float | None = None
-    param_ratio: float | None = None
-    param_budget: float | None = None
-    mac_budget: float | None = None
-    target_cosine: float | None = None
-    target_error: float | None = None
-    rank_multiple: int = 1
-    allow_no_gain: bool = False
-    min_params: int = 0
+    policy: RankPolicy = RankRatio(DEFAULT_RANK_RATIO)  # one of onnxlr.policies.POLICIES
+    rank_multiple: int = setting(1, "Round ranks up to a multiple of M (tensor cores), never past break-even.",
+                                 "policy", kind="count", metavar="M")
+    allow_no_gain: bool = setting(False, "Emit factorizations even when they are not smaller or cheaper (e.g. to "
+                                  "test exactness).", "policy", kind="bool")
+    min_params: int = setting(0, "Skip weights with fewer than N parameters.", "targets", kind="natural", metavar="N")
     # Initializers listed as graph inputs are constant weights (IR >= 4 models that list them; IR < 4: always).
-    inputs_as_constants: bool = False
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    ops: tuple[str, ...] = ALL_OPS
-    conv_scheme: str = "auto"
-    compensate: bool = False
-    methods: tuple[str, ...] | None = None  # None: svd,joint with calibration data, svd without
-    quantize: str | None = None  # one of QUANTIZE_MODES: onnxruntime's quantizer after the rewrite
-    objective: str = "size"  # one of OBJECTIVES; latency_budget and latency_table imply "latency"
-    latency_budget: float | None = None  # rank policy: keep <= this fraction of the targets' measured time
-    latency_provider: str = "cpu"  # where --objective latency times candidates (onnxlr.runtime.PROVIDERS)
-    latency_threads: int = 1  # onnxruntime intra-op threads of the timing sessions (0: onnxruntime's default)
-    latency_table: str | None = None  # plan with an exported table (bench --export-latency-table), time nothing
-    latency_cache: bool = True  # read and extend the user's cache of measured times
-    svd: str = "auto"
-    device: str = "cpu"
-    jobs: int | None = None  # None: one per available core (up to MAX_DEFAULT_JOBS); never changes the output
+    inputs_as_constants: bool = setting(
+        False, "Initializers listed as graph inputs are treated as constant weights (factorized, and dropped from the "
+        "inputs when replaced), for IR >= 4 models that list them; IR < 4 does this always.", "targets", kind="bool")
+    include: tuple[str, ...] = setting((), "Only nodes whose name matches (repeatable).", "targets", metavar="GLOB",
+                                       multiple=True, show_default=False)
+    exclude: tuple[str, ...] = setting((), "Skip nodes whose name matches (repeatable).", "targets", metavar="GLOB",
+                                       multiple=True, show_default=False)
+    ops: tuple[str, ...] = setting(ALL_OPS, "Comma-separated op types to factorize.", "targets", metavar="LIST",
+                                   parse=split_ops)
+    conv_scheme: str = setting("auto", "Conv split: output (kxk then 1x1), input (1x1 then kxk), spatial (kx1 then "
+                               "1xk); auto picks the fewest MACs at equal error.", "targets", kind="choice",
+                               choices=("auto", *CONV_SCHEMES))
+    compensate: bool = setting(False, "With --calibration: refit layer by layer on the inputs of the partially "
+                               "factorized model, so later layers correct what earlier ones lost (one calibration pass "
+                               "per stage).", "calibration", kind="bool")
+    methods: tuple[str, ...] | None = setting(
+        None, "svd: each weight its own factor pair. svd,joint: also coupled pairs (MLP, gated MLP and conv channel "
+        "pairs, attention V·O and Q·Kᵀ heads) may keep k of their inner neurons (head dimensions), fitted on the "
+        "--calibration data, where that loses less output error than the pair's per-matrix plan at the same cost "
+        "(whole-model budgets allocate across both). Default: svd,joint with --calibration, svd without.",
+        "methods", metavar="LIST", parse=split_methods)
+    quantize: str | None = setting(
+        None, "After the rewrite, quantize with onnxruntime's tools: int8 (dynamic, per-channel INT8 weights), "
+        "int8-static (QDQ, calibrated on --calibration), fp16 (float16 weights and compute, float32 inputs and "
+        "outputs). Verification and --target-cosine/--target-error measure the quantized model (the search takes the "
+        "quantizer's own loss, measured on the original, off the goal).", "methods", kind="choice",
+        choices=QUANTIZE_MODES)
+    objective: str = setting(
+        "size", "What the rank policy optimizes. latency: every candidate factor pair (layer, scheme, rank, its "
+        "round-ups to multiples of 8) is timed against its original node with onnxruntime, on the first of "
+        "--providers with --threads, at the shapes the model sees (--shape, else the --calibration or --inputs batch); "
+        "only pairs measured 5% faster are kept, budgets allocate over them. Times are cached in ~/.cache/onnxlr.",
+        "latency", kind="choice", choices=OBJECTIVES)
+    # where --objective latency times candidates (onnxlr.runtime.PROVIDERS): the first of --providers
+    latency_provider: str = setting("cpu", "", "")
+    latency_threads: int = setting(1, "onnxruntime intra-op threads when timing candidates (0: onnxruntime's "
+                                   "default), as in `onnxlr bench --threads`.", "latency", kind="natural",
+                                   flag="--threads")
+    latency_table: str | None = setting(
+        None, "Plan with the times `onnxlr bench MODEL --export-latency-table FILE.json` measured on the target device "
+        "(implies --objective latency); nothing is timed here.", "latency", metavar="FILE.json", path=True)
+    latency_cache: bool = setting(True, "Time every candidate again (the cache of measured times is neither read nor "
+                                  "written).", "latency", kind="bool", flag="--no-cache", negated=True)
+    svd: str = setting("auto", "exact: LAPACK (gesdd, gesvd fallback). randomized: randomized range finder for the "
+                       "leading triplets when the rank is known before the SVD. auto: randomized only for large "
+                       "matrices at a small rank (checked against the exact tail where affordable), exact otherwise.",
+                       "scale", kind="choice", choices=lowrank.SVD_METHODS)
+    device: str = setting("cpu", "Where the SVDs run; cuda needs PyTorch with CUDA (the `torch` extra).", "scale",
+                          kind="choice", choices=("cpu", "cuda"))
+    # None: one per available core (up to MAX_DEFAULT_JOBS); never changes the output
+    jobs: int | None = setting(None, "Factorize up to N layers at once (threads, within a memory budget); the output "
+                               "is identical to --jobs 1. Default: one per available core, up to 8.", "scale",
+                               kind="count", metavar="N", show_default=False)
+
+    @classmethod
+    def of(cls, **keywords: Any) -> Settings:
+        """Settings from keywords, the rank policy as its own keyword (rank_ratio=0.5, param_budget=0.6, ...)."""
+        policy = policies.from_keywords(keywords)
+        return cls(**keywords) if policy is None else cls(policy=policy, **keywords)
 
     def __post_init__(self) -> None:
         if self.jobs is None:
             object.__setattr__(self, "jobs", default_jobs())
-        policies = self.policies()
-        if len(policies) > 1:
-            raise OnnxlrError(f"choose one rank policy, not {len(policies)}: "
-                              + ", ".join(f"{{{i}}}" for i in range(len(policies))), *policies)
-        if not policies:
-            object.__setattr__(self, "rank_ratio", DEFAULT_RANK_RATIO)
-        for name in ("rank_ratio", "energy", "param_ratio", "param_budget", "mac_budget", "target_cosine",
-                     "latency_budget"):
-            _check_fraction(name, getattr(self, name))
-        self._check_latency()
-        if self.target_error is not None and (isinstance(self.target_error, bool)
-                                              or not isinstance(self.target_error, (int, float))
-                                              or not math.isfinite(self.target_error) or self.target_error <= 0):
-            raise OnnxlrError(f"{{0}} must be a positive number, got {self.target_error!r}", "target_error")
-        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-            raise OnnxlrError(f"{{0}} must be a positive integer, got {self.rank!r}", "rank")
-        if not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
-            raise OnnxlrError(f"{{0}} must be a positive integer, got {self.rank_multiple!r}", "rank_multiple")
-        if not isinstance(self.min_params, int) or self.min_params < 0:
-            raise OnnxlrError(f"{{0}} must be a non-negative integer, got {self.min_params!r}", "min_params")
-        if not isinstance(self.inputs_as_constants, bool):
-            raise OnnxlrError(f"{{0}} must be True or False, got {self.inputs_as_constants!r}", "inputs_as_constants")
-        object.__setattr__(self, "ops", tuple(self.ops))
-        if self.methods is not None:
-            object.__setattr__(self, "methods", tuple(self.methods))
+        if not isinstance(self.policy, RankPolicy):
+            raise OnnxlrError(f"{{0}} must be one of onnxlr.policies.POLICIES, got {self.policy!r}", "policy")
+        for name in ("ops", "include", "exclude", "methods"):  # any iterable the caller gives, kept as a tuple
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for field in dataclasses.fields(self):
+            _check_setting(field, getattr(self, field.name))
+        if isinstance(self.policy, LatencyBudget) or self.latency_table is not None:
+            object.__setattr__(self, "objective", "latency")
+        self._check_latency_provider()
         if self.methods is not None and (not self.methods or any(m not in METHODS for m in self.methods)
                                          or "svd" not in self.methods):
             raise OnnxlrError(f"{{0}} must be svd or svd,joint; got {','.join(self.methods) or 'nothing'}", "methods")
-        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
-            raise OnnxlrError(f"{{0}} must be one of {', '.join(QUANTIZE_MODES)}; got {self.quantize!r}", "quantize")
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
         unknown = [op for op in self.ops if op not in RULES and op not in OPT_IN_OPS]
         if unknown:
             raise OnnxlrError(f"unsupported op type(s) {', '.join(unknown)}; choose from "
                               f"{', '.join((*RULES, *OPT_IN_OPS))}")
-        if self.conv_scheme not in ("auto", *CONV_SCHEMES):
-            raise OnnxlrError(f"{{0}} must be auto, {', '.join(CONV_SCHEMES)}; got {self.conv_scheme!r}",
-                              "conv_scheme")
-        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
-            raise OnnxlrError(f"{{0}} must be a positive integer, got {self.jobs!r}", "jobs")
         lowrank.check_device(self.solver.device)  # validates svd and device first
 
-    def _check_latency(self) -> None:
+    def _check_latency_provider(self) -> None:
         from onnxlr.runtime import PROVIDERS
 
-        if self.objective not in OBJECTIVES:
-            raise OnnxlrError(f"{{0}} must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}", "objective")
-        if self.latency_budget is not None or self.latency_table is not None:
-            object.__setattr__(self, "objective", "latency")
         if self.latency_provider not in PROVIDERS:
             raise OnnxlrError(f"{{0}} must be one of {', '.join(PROVIDERS)}; got {self.latency_provider!r}",
                               "latency_provider")
-        if isinstance(self.latency_threads, bool) or not isinstance(self.latency_threads, int) or self.latency_threads < 0:
-            raise OnnxlrError(f"{{0}} must be a non-negative integer, got {self.latency_threads!r}", "latency_threads")
-        if not isinstance(self.latency_cache, bool):
-            raise OnnxlrError(f"{{0}} must be True or False, got {self.latency_cache!r}", "latency_cache")
 
     @property
     def solver(self) -> lowrank.Solver:
         return lowrank.Solver(svd=self.svd, device=self.device)
 
-    def policies(self) -> list[str]:
-        return [name for name in POLICIES if getattr(self, name) is not None]
-
     @property
     def budget(self) -> tuple[str, float] | None:
         """The whole-model budget, ("params", "macs" or "latency", fraction kept), when one is the policy."""
-        if self.param_budget is not None:
-            return "params", self.param_budget
-        if self.mac_budget is not None:
-            return "macs", self.mac_budget
-        if self.latency_budget is not None:
-            return "latency", self.latency_budget
-        return None
+        return (self.policy.measure, self.policy.value) if isinstance(self.policy, Budget) else None
 
     @property
     def budget_setting(self) -> str:
-        """The name of the budget setting in force (param_budget, mac_budget or latency_budget)."""
-        return {"params": "param_budget", "macs": "mac_budget", "latency": "latency_budget"}[
-            self.budget[0] if self.budget else "params"]
+        """The keyword of the budget in force (param_budget, mac_budget or latency_budget)."""
+        return self.policy.keyword if isinstance(self.policy, Budget) else "param_budget"
+
+    @property
+    def goal(self) -> Goal | None:
+        """The end-to-end target (target_cosine / target_error), when one is the policy."""
+        return self.policy if isinstance(self.policy, Goal) else None
+
+    def with_budget(self, fraction: float, measure: str = "params") -> Settings:
+        """The same settings with a whole-model budget as the policy (a goal's search, a pair's share)."""
+        return dataclasses.replace(self, policy=policies.BUDGETS[measure](fraction))
 
     def as_dict(self) -> dict[str, Any]:
-        """Every setting (the report's `settings`)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        """Every setting (the report's `settings`), the policy as its keyword (the others None)."""
+        flat = {**policies.as_keywords(self.policy)}
+        flat.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "policy"})
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()}
 
     def recorded(self) -> dict[str, Any]:
         """The settings a written model records (metadata `onnxlr.settings`).
@@ -198,10 +227,14 @@ class Settings:
         return recorded
 
 
-def _check_fraction(name: str, value: float | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise OnnxlrError(f"{{0}} must be a number in (0, 1], got {value!r}", name)
-    if not (0 < value <= 1):
-        raise OnnxlrError(f"{{0}} must be in (0, 1], got {value}", name)
+def _check_setting(field: dataclasses.Field, value: Any) -> None:
+    """A field's declared check (setting(kind=...)); the message names its keyword."""
+    kind, name = field.metadata.get("kind", ""), field.name
+    if kind == "bool" and not isinstance(value, bool):
+        raise OnnxlrError(f"{{0}} must be True or False, got {value!r}", name)
+    if kind in ("count", "natural") and value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < (1 if kind == "count" else 0)):
+        raise OnnxlrError(f"{{0}} must be a {'positive' if kind == 'count' else 'non-negative'} integer, "
+                          f"got {value!r}", name)
+    if kind == "choice" and value is not None and value not in field.metadata["choices"]:
+        raise OnnxlrError(f"{{0}} must be one of {', '.join(field.metadata['choices'])}; got {value!r}", name)

@@ -50,7 +50,7 @@ def matmul_model(*weights: np.ndarray, vectors: tuple[int, ...] | None = None) -
 
 
 def groups_of(model: ir.Model, settings: Settings | None = None) -> list[WeightGroup]:
-    settings = settings or Settings()
+    settings = settings or Settings.of()
     context = Context(shapes=infer_shapes(model), opset=default_opset(model))
     found = find_targets(model, settings, context)
     assert not found.skipped
@@ -107,7 +107,7 @@ def test_the_groups_see_the_chosen_spectra():
 def test_the_param_budget_is_met_and_used(budget):
     weights = (spectral(SLOW, 32, 32, 0), spectral(MEDIUM[:16], 16, 48, 1), spectral(0.7 ** INDEX[:8], 64, 8, 2),
                spectral(MEDIUM[:24], 24, 24, 3))
-    settings = Settings(param_budget=budget)
+    settings = Settings.of(param_budget=budget)
     groups = allocate(groups_of(matmul_model(*weights)), settings)
     limit = budget * total_before(groups)
     assert spent(groups) <= limit
@@ -125,14 +125,14 @@ def test_the_mac_budget_is_met_and_favours_cheap_layers(budget):
     # Layers 0 and 1 have the same spectrum; layer 0 multiplies 8 vectors, layer 1 only one.
     weights = (spectral(MEDIUM, 32, 32, 0), spectral(MEDIUM, 32, 32, 1), spectral(FAST[:16], 16, 48, 2))
     model = matmul_model(*weights, vectors=(8, 1, 4))
-    groups = allocate(groups_of(model), Settings(mac_budget=budget))
+    groups = allocate(groups_of(model), Settings.of(mac_budget=budget))
     assert [g.scheme.macs_before for g in groups] == [8 * 1024, 1024, 4 * 768]
     assert spent(groups, "macs") <= budget * total_before(groups, "macs")
     expensive, cheap = groups[0], groups[1]
     assert expensive.factorized
     assert not cheap.factorized or cheap.rank > expensive.rank
     # By parameters the two cost the same: a parameter budget gives them the same share.
-    by_params = allocate(groups_of(model), Settings(param_budget=budget))
+    by_params = allocate(groups_of(model), Settings.of(param_budget=budget))
     assert abs(by_params[0].rank - by_params[1].rank) <= 1
 
 
@@ -140,7 +140,7 @@ def test_the_mac_budget_is_met_and_favours_cheap_layers(budget):
 def test_the_slower_decaying_spectrum_gets_more_rank(order):
     spectra = (SLOW, FAST) if order == "slow-first" else (FAST, SLOW)
     groups = allocate(groups_of(matmul_model(*(spectral(s, 32, 32, i) for i, s in enumerate(spectra)))),
-                      Settings(param_budget=0.5))
+                      Settings.of(param_budget=0.5))
     ranks = {("slow" if s is SLOW else "fast"): g.rank for s, g in zip(spectra, groups)}
     assert all(g.factorized for g in groups)
     assert ranks["slow"] > ranks["fast"] + 4, ranks
@@ -151,7 +151,7 @@ def test_a_more_sensitive_layer_gets_more_rank():
         groups = groups_of(matmul_model(spectral(MEDIUM, 32, 32, 0), spectral(MEDIUM, 32, 32, 1)))
         for group, sensitivity in zip(groups, sensitivities):
             group.sensitivity = sensitivity
-        return [g.rank for g in allocate(groups, Settings(param_budget=0.4))]
+        return [g.rank for g in allocate(groups, Settings.of(param_budget=0.4))]
 
     equal = ranks((1.0, 1.0))
     assert abs(equal[0] - equal[1]) <= 1  # the same spectrum: the same share
@@ -167,7 +167,7 @@ def test_a_too_small_budget_names_the_setting(setting, flag):
     groups = groups_of(matmul_model(spectral(SLOW, 32, 32, 0), spectral(MEDIUM, 32, 32, 1)))
     # Rank 1 of a 32x32 weight already keeps 64 / 1024 of its parameters (and MACs).
     with pytest.raises(OnnxlrError) as caught:
-        allocate(groups, Settings(**{setting: 0.05}))
+        allocate(groups, Settings.of(**{setting: 0.05}))
     assert str(caught.value).startswith(f"{setting} 0.05 is too small")
     assert caught.value.cli_message().startswith(f"{flag} 0.05 is too small")
     assert setting not in caught.value.cli_message()
@@ -175,9 +175,9 @@ def test_a_too_small_budget_names_the_setting(setting, flag):
 
 def test_a_too_small_budget_counts_the_rank_multiple():
     groups = groups_of(matmul_model(spectral(SLOW, 32, 32, 0)))
-    allocate(groups, Settings(param_budget=0.3))  # rank 1 fits
+    allocate(groups, Settings.of(param_budget=0.3))  # rank 1 fits
     with pytest.raises(OnnxlrError, match=r"param_budget 0\.3 is too small: rank 8 .* keeps 0\.500"):
-        allocate(groups_of(matmul_model(spectral(SLOW, 32, 32, 0))), Settings(param_budget=0.3, rank_multiple=8))
+        allocate(groups_of(matmul_model(spectral(SLOW, 32, 32, 0))), Settings.of(param_budget=0.3, rank_multiple=8))
 
 
 def test_the_api_reports_a_too_small_budget_by_its_keyword():
@@ -189,19 +189,19 @@ def test_the_api_reports_a_too_small_budget_by_its_keyword():
 def test_layers_left_dense_carry_the_budget_reason():
     # A whole budget: every step fits, so each layer climbs to break-even and then back to dense.
     groups = allocate(groups_of(matmul_model(spectral(SLOW, 32, 32, 0), spectral(MEDIUM, 32, 32, 1))),
-                      Settings(param_budget=1.0))
+                      Settings.of(param_budget=1.0))
     assert [(g.factorized, g.reason_code) for g in groups] == [(False, "kept_dense_by_budget")] * 2
     assert all("--param-budget" in g.reason for g in groups)
     # A partial budget: the slow layer is worth more dense than at any rank below break-even.
     groups = allocate(groups_of(matmul_model(spectral(FAST, 32, 32, 0), spectral(SLOW, 32, 32, 1))),
-                      Settings(param_budget=0.8))
+                      Settings.of(param_budget=0.8))
     assert [(g.factorized, g.reason_code) for g in groups] == [(True, ""), (False, "kept_dense_by_budget")]
     assert spent(groups) <= 0.8 * total_before(groups)
 
 
 def test_a_layer_without_a_gaining_rank_stays_dense():
     thin = np.random.default_rng(0).standard_normal((64, 1)).astype(np.float32)  # rank 1 keeps 65 of 64
-    groups = allocate(groups_of(matmul_model(thin, spectral(SLOW, 32, 32, 1))), Settings(param_budget=0.5))
+    groups = allocate(groups_of(matmul_model(thin, spectral(SLOW, 32, 32, 1))), Settings.of(param_budget=0.5))
     assert not groups[0].scheme.gains(1)
     assert (groups[0].factorized, groups[0].reason_code) == (False, "kept_dense_by_budget")
     assert groups[1].factorized
@@ -210,17 +210,17 @@ def test_a_layer_without_a_gaining_rank_stays_dense():
 
 def test_a_layer_that_starts_dense_costs_the_others_nothing():
     thin = np.random.default_rng(0).standard_normal((64, 1)).astype(np.float32)
-    with_thin = allocate(groups_of(matmul_model(thin, spectral(SLOW, 32, 32, 1))), Settings(param_budget=0.5))
+    with_thin = allocate(groups_of(matmul_model(thin, spectral(SLOW, 32, 32, 1))), Settings.of(param_budget=0.5))
     # The same spectrum alone, with the budget that is left once the thin layer's 64 parameters are paid.
     left = (0.5 * total_before(with_thin) - 64) / 1024
-    alone = allocate(groups_of(matmul_model(spectral(SLOW, 32, 32, 1))), Settings(param_budget=left))
+    alone = allocate(groups_of(matmul_model(spectral(SLOW, 32, 32, 1))), Settings.of(param_budget=left))
     assert with_thin[1].rank == alone[0].rank
     assert next_step_cost(with_thin[1]) > 0.5 * total_before(with_thin) - spent(with_thin)
 
 
 def test_plan_ranks_with_a_budget():
     groups = groups_of(matmul_model(spectral(SLOW, 32, 32, 0), spectral(FAST, 32, 32, 1)))
-    settings = Settings(param_budget=0.4)
+    settings = Settings.of(param_budget=0.4)
     plan.plan_ranks(groups, settings, no_progress)
     assert all(g.factorized and g.scheme.name == "matmul" for g in groups)
     assert groups[0].rank > groups[1].rank
@@ -250,16 +250,16 @@ def names(schemes) -> list[str]:
 
 def test_candidate_schemes():
     group = conv_group()
-    assert names(plan.candidate_schemes(group, Settings())) == ["output", "input", "spatial"]
+    assert names(plan.candidate_schemes(group, Settings.of())) == ["output", "input", "spatial"]
     for forced in ("output", "input", "spatial"):
-        assert names(plan.candidate_schemes(group, Settings(conv_scheme=forced))) == [forced]
+        assert names(plan.candidate_schemes(group, Settings.of(conv_scheme=forced))) == [forced]
     # With calibration statistics only the whitenable view competes.
     group.gram = np.eye(4 * 9)
-    assert names(plan.candidate_schemes(group, Settings())) == ["output"]
-    assert names(plan.candidate_schemes(group, Settings(conv_scheme="input"))) == ["input"]  # forced still wins
+    assert names(plan.candidate_schemes(group, Settings.of())) == ["output"]
+    assert names(plan.candidate_schemes(group, Settings.of(conv_scheme="input"))) == ["input"]  # forced still wins
     # --conv-scheme is about convs: a MatMul keeps its one view.
     (matmul,) = groups_of(matmul_model(spectral(SLOW, 32, 32, 0)))
-    assert names(plan.candidate_schemes(matmul, Settings(conv_scheme="input"))) == ["matmul"]
+    assert names(plan.candidate_schemes(matmul, Settings.of(conv_scheme="input"))) == ["matmul"]
 
 
 def test_a_calibrated_conv_is_planned_on_the_whitened_output_view():
@@ -267,7 +267,7 @@ def test_a_calibrated_conv_is_planned_on_the_whitened_output_view():
     rng = np.random.default_rng(1)
     patches = rng.standard_normal((500, 4 * 9)) * np.geomspace(10, 0.1, 4 * 9)
     group.gram = patches.T @ patches
-    plan.plan_layer(group, Settings(energy=0.9))
+    plan.plan_layer(group, Settings.of(energy=0.9))
     assert group.factorized and group.scheme.name == "output"
     assert set(group.decompositions) == {"output"}  # the other views were never decomposed
     assert group.decompositions["output"].method == "whitened"
@@ -275,7 +275,7 @@ def test_a_calibrated_conv_is_planned_on_the_whitened_output_view():
 
 def test_auto_conv_scheme_takes_the_fewest_macs_at_equal_energy():
     group = conv_group()
-    plan.plan_layer(group, Settings(rank_ratio=0.5))
+    plan.plan_layer(group, Settings.of(rank_ratio=0.5))
     reference = group.schemes[0]
     energy = group.decomposition(reference).retained_energy(4)
     assert group.factorized
@@ -294,14 +294,14 @@ def planned(settings: Settings, weight: np.ndarray | None = None) -> WeightGroup
 
 def test_break_even_guard():
     # 32x32: 1024 parameters, 64 per unit of rank: rank 16 is break-even.
-    assert planned(Settings(rank=1)).schemes[0].break_even_rank == 16
-    kept = planned(Settings(rank=15))
+    assert planned(Settings.of(rank=1)).schemes[0].break_even_rank == 16
+    kept = planned(Settings.of(rank=15))
     assert (kept.factorized, kept.rank, kept.reason_code) == (True, 15, "")
-    for settings in (Settings(rank=16), Settings(rank_ratio=0.75)):
+    for settings in (Settings.of(rank=16), Settings.of(rank_ratio=0.75)):
         group = planned(settings)
         assert not group.factorized and group.reason_code == "no_gain"
         assert "break-even 16" in group.reason
-    forced = planned(Settings(rank_ratio=0.75, allow_no_gain=True))
+    forced = planned(Settings.of(rank_ratio=0.75, allow_no_gain=True))
     assert (forced.factorized, forced.rank) == (True, 24)
 
 
@@ -313,20 +313,20 @@ def test_break_even_guard():
     (8, 8, 8),  # already a multiple
 ])
 def test_rank_multiple_rounds_up_but_never_to_break_even(rank, multiple, expected):
-    group = planned(Settings(rank=rank, rank_multiple=multiple))
+    group = planned(Settings.of(rank=rank, rank_multiple=multiple))
     assert (group.factorized, group.rank) == (True, expected)
     assert group.rank < group.scheme.break_even_rank
 
 
 def test_rank_multiple_for_a_wide_weight():
     # 16x48: 768 parameters, 64 per unit of rank: break-even is 12.
-    group = planned(Settings(rank=10, rank_multiple=4), spectral(MEDIUM[:16], 16, 48, 0))
+    group = planned(Settings.of(rank=10, rank_multiple=4), spectral(MEDIUM[:16], 16, 48, 0))
     assert group.scheme.break_even_rank == 12
     assert (group.factorized, group.rank) == (True, 10)
 
 
 def test_rank_multiple_with_allow_no_gain_may_pass_break_even():
-    group = planned(Settings(rank=13, rank_multiple=8, allow_no_gain=True))
+    group = planned(Settings.of(rank=13, rank_multiple=8, allow_no_gain=True))
     assert (group.factorized, group.rank) == (True, 16)
 
 
@@ -334,8 +334,8 @@ def test_per_layer_policies_on_a_known_spectrum():
     energy = np.cumsum(MEDIUM**2) / np.sum(MEDIUM**2)
     for goal in (0.5, 0.9, 0.99):
         expected = int(np.argmax(energy >= goal)) + 1
-        group = planned(Settings(energy=goal), spectral(MEDIUM, 32, 32, 0))
+        group = planned(Settings.of(energy=goal), spectral(MEDIUM, 32, 32, 0))
         assert group.rank == expected, goal
-        assert plan.policy_rank(group, group.scheme, Settings(energy=goal)) == expected
-    assert planned(Settings(param_ratio=0.25)).rank == 4  # 4 x 64 = 256 = 0.25 x 1024
-    assert planned(Settings(rank_ratio=0.25)).rank == 8
+        assert plan.policy_rank(group, group.scheme, Settings.of(energy=goal)) == expected
+    assert planned(Settings.of(param_ratio=0.25)).rank == 4  # 4 x 64 = 256 = 0.25 x 1024
+    assert planned(Settings.of(rank_ratio=0.25)).rank == 8

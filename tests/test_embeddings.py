@@ -112,7 +112,7 @@ def _group_of(model):
     from onnxlr.settings import Settings
     from onnxlr.targets import find_targets
 
-    found = find_targets(ir.serde.deserialize_model(model), Settings(ops=("Gather",)), Context(shapes={}, opset=17))
+    found = find_targets(ir.serde.deserialize_model(model), Settings.of(ops=("Gather",)), Context(shapes={}, opset=17))
     return next(g for g in found.groups if g.lead.node.name == "embed")
 
 

@@ -87,7 +87,7 @@ def test_ladders_are_vector_multiples_below_break_even():
 
 def _groups(model: ir.Model):
     context = Context(shapes=infer_shapes(model), opset=default_opset(model))
-    found = find_targets(model, Settings(), context)
+    found = find_targets(model, Settings.of(), context)
     for group in found.groups:
         group.prepare_schemes()
     return found.groups
@@ -242,7 +242,7 @@ def test_conv_micro_models_run_every_view(attributes):
 
 
 def _groups_at(model: ir.Model, shapes):
-    found = find_targets(model, Settings(), Context(shapes=shapes, opset=default_opset(model)))
+    found = find_targets(model, Settings.of(), Context(shapes=shapes, opset=default_opset(model)))
     for group in found.groups:
         group.prepare_schemes()
     return found.groups
@@ -252,16 +252,16 @@ def _groups_at(model: ir.Model, shapes):
 
 
 def test_settings_for_latency():
-    assert Settings(latency_budget=0.5).objective == "latency"
-    assert Settings(latency_budget=0.5).budget == ("latency", 0.5)
+    assert Settings.of(latency_budget=0.5).objective == "latency"
+    assert Settings.of(latency_budget=0.5).budget == ("latency", 0.5)
     with pytest.raises(OnnxlrError, match="objective"):
-        Settings(objective="speed")
+        Settings.of(objective="speed")
     with pytest.raises(OnnxlrError, match="choose one rank policy"):
-        Settings(latency_budget=0.5, param_budget=0.5)
+        Settings.of(latency_budget=0.5, param_budget=0.5)
     with pytest.raises(OnnxlrError, match="latency_provider"):
-        Settings(objective="latency", latency_provider="tpu")
+        Settings.of(objective="latency", latency_provider="tpu")
     # Later settings at their defaults are not recorded: a size run writes the same bytes as before.
-    assert "objective" not in Settings().recorded() and Settings(objective="latency").recorded()["objective"]
+    assert "objective" not in Settings.of().recorded() and Settings.of(objective="latency").recorded()["objective"]
 
 
 def test_dynamic_dims_without_shapes_say_what_to_pass(tmp_path):

@@ -567,7 +567,7 @@ def test_conv_rewrite_with_auto_pad_is_exact(scheme_name):
 
 
 def find(model: ir.Model, **settings):
-    return find_targets(model, Settings(**settings), context_of(model))
+    return find_targets(model, Settings.of(**settings), context_of(model))
 
 
 def skipped_codes(found) -> dict[str, str]:
