@@ -24,10 +24,10 @@ from onnxlr.cli_options import (
     settings_options,
     split_list,
     verbosity_options,
-    verification_options,
     verify_settings,
 )
 from onnxlr.errors import OnnxlrError
+from onnxlr.job import VerifySettings
 from onnxlr.memory_plan import MemoryPlan, check_memory
 
 EXAMPLES_OPTIMIZE = """
@@ -110,8 +110,8 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Plan and print the table; write no model.")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
               help="Compare the result with the input on onnxruntime before writing it.")
-@verification_options
-@click.option("--keep-failed", is_flag=True, help="Write the model even when a verification gate fails (exit 1).")
+@settings_options("verification", declared=VerifySettings)
+@settings_options("keep", declared=VerifySettings)
 @click.option("--speed-check/--no-speed-check", default=True, show_default=True,
               help="Time the written model against INPUT end to end (interleaved, about a second; on --inputs or "
                    "synthesized inputs) and warn when it is slower. --objective latency always confirms its plan "
@@ -218,7 +218,7 @@ Examples:
 @cli.command(epilog=EXAMPLES_VERIFY)
 @click.argument("reference_path", metavar="REFERENCE", type=click.Path(dir_okay=True))
 @click.argument("candidate_path", metavar="CANDIDATE", type=click.Path(dir_okay=True))
-@verification_options
+@settings_options("verification", declared=VerifySettings)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
               help="Write every metric as JSON.")
 @click.option("--no-memory-check", is_flag=True,

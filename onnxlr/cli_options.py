@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -92,15 +93,16 @@ verbosity_options = _options(
                  help="Print nothing but errors."),
 )
 
-def settings_options(*groups: str) -> Callable:
-    """The click options of these groups of onnxlr.settings.Settings fields, generated from their declarations
-    (settings.setting: type, default, check and help in one place); the "policy" group leads with every rank policy
-    (onnxlr.policies.POLICIES)."""
+def settings_options(*groups: str, declared: Any = None) -> Callable:
+    """The click options of these groups of fields of `declared` (onnxlr.settings.Settings by default; also
+    onnxlr.job.VerifySettings), generated from their declarations (settings.setting: type, default, check and help in
+    one place); Settings' "policy" group leads with every rank policy (onnxlr.policies.POLICIES)."""
     from onnxlr.policies import POLICIES
     from onnxlr.settings import Settings
 
-    decorators = [_policy_option(policy) for policy in POLICIES] if "policy" in groups else []
-    decorators += [_setting_option(field) for field in dataclasses.fields(Settings)
+    declared = declared or Settings
+    decorators = [_policy_option(policy) for policy in POLICIES] if declared is Settings and "policy" in groups else []
+    decorators += [_setting_option(field) for field in dataclasses.fields(declared)
                    if field.metadata.get("group") in groups]
     return _options(*decorators)
 
@@ -122,21 +124,27 @@ def _setting_option(field: dataclasses.Field) -> Callable:
         if meta["negated"]:  # --no-cache: sets the field False
             return click.option(flag, field.name, is_flag=True, flag_value=False, default=True, help=meta["help"])
         return click.option(flag, field.name, is_flag=True, help=meta["help"])
-    kwargs: dict[str, Any] = {"default": field.default, "help": meta["help"],
-                              "show_default": meta["show_default"] and field.default is not None}
+    default = None if field.default is dataclasses.MISSING else field.default
+    kwargs: dict[str, Any] = {"default": default, "help": meta["help"],
+                              "show_default": meta["show_default"] and default is not None}
     if meta["metavar"]:
         kwargs["metavar"] = meta["metavar"]
     if meta["kind"] == "choice":
         kwargs["type"] = click.Choice(list(meta["choices"]))
     elif meta["kind"] in ("count", "natural"):
         kwargs["type"] = click.IntRange(min=1 if meta["kind"] == "count" else 0)
+    elif meta["kind"] == "int":
+        kwargs["type"] = int
+    elif meta["kind"] == "number":
+        low, high = meta["bounds"]
+        kwargs["type"] = click.FloatRange(low if math.isfinite(low) else None, high if math.isfinite(high) else None)
     elif meta["path"]:
-        kwargs["type"] = click.Path(exists=True, dir_okay=False)
+        kwargs["type"] = click.Path(exists=meta["path"] == "existing", dir_okay=False)
     if meta["multiple"]:
         kwargs.update(multiple=True, default=())
     parse = meta["parse"]
     if parse is not None:  # text -> value; the default is shown as the text that gives it
-        kwargs["default"] = ",".join(field.default) if isinstance(field.default, tuple) else field.default
+        kwargs["default"] = ",".join(default) if isinstance(default, tuple) and not meta["multiple"] else default
         kwargs["callback"] = lambda _ctx, _param, value: None if value is None else parse(value)
     return click.option(flag, field.name, **kwargs)
 
@@ -166,49 +174,13 @@ output_options = _options(
                       "exceed SIZE (bytes, or e.g. 500MB, 1.5GiB). Default: just under protobuf's 2 GB limit."),
 )
 
-verification_options = _options(
-    click.option("--providers", default=None, metavar="LIST",
-                 help="Execution providers, comma-separated (cpu, cuda, ...). Default: cpu, plus cuda when "
-                      "onnxruntime-gpu is installed and a GPU is visible."),
-    click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.npz",
-                 help="Inputs keyed by input name, samples along the first axis. Default: synthesized."),
-    click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-                 help="Fix an input's dynamic dims, e.g. input_ids:1x128 (repeatable): for synthesized inputs "
-                      "and, in optimize, for the MAC/FLOP counts."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthesized inputs."),
-    click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
-                 help="Batch dimension of synthesized inputs."),
-    click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-                 help="Samples per onnxruntime run."),
-    click.option("--atol", type=click.FloatRange(min=0), default=None,
-                 help="Gate: every element within atol + rtol x |reference|."),
-    click.option("--rtol", type=click.FloatRange(min=0), default=None, help="Gate: see --atol."),
-    click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
-                 help="Gate: cosine similarity of each float output to the reference (integer and boolean outputs: "
-                      "the share of elements exactly equal). Without --atol/--rtol/--min-cosine the default gate "
-                      "is --min-cosine 0.99."),
-    click.option("--no-gate", is_flag=True,
-                 help="No default gate: outputs are compared and reported, but only --atol/--rtol/--min-cosine "
-                      "(when given) and NaN/Inf the reference does not have can fail the run."),
-    click.option("--per-layer", is_flag=True, help="Also compare the output of every factorized node."),
-    click.option("--min-layer-cosine", type=click.FloatRange(-1, 1), default=None,
-                 help="Gate: each factorized layer, run on the original layer's input, keeps at least this cosine to "
-                      "the original layer's output (the per-layer check, worst layers first; it always runs when the "
-                      "models are verified in segments)."),
-)
-
-
 def verify_settings(options: dict[str, Any], enabled: bool = True, keep_failed: bool = False) -> Any:
-    """The verification option group, popped from a command's options, as onnxlr.job.VerifySettings."""
-    from onnxlr.inputs import parse_shape_overrides
+    """The verification options, popped from a command's options, as onnxlr.job.VerifySettings."""
     from onnxlr.job import VerifySettings
 
-    return VerifySettings(
-        enabled=enabled, inputs=options.pop("inputs_path"), providers=split_list(options.pop("providers")),
-        input_shapes=parse_shape_overrides(options.pop("shapes")), seed=options.pop("seed"),
-        samples=options.pop("samples"), batch_size=options.pop("batch_size"), atol=options.pop("atol"),
-        rtol=options.pop("rtol"), min_cosine=options.pop("min_cosine"), no_gate=options.pop("no_gate"),
-        per_layer=options.pop("per_layer"), min_layer_cosine=options.pop("min_layer_cosine"), keep_failed=keep_failed)
+    return VerifySettings(enabled=enabled, keep_failed=keep_failed,
+                          **{field.name: options.pop(field.name) for field in dataclasses.fields(VerifySettings)
+                             if field.metadata.get("group") == "verification"})
 
 
 def split_list(text: str | None) -> list[str] | None:

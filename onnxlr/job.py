@@ -27,7 +27,7 @@ from onnxlr.memory_plan import MemoryPlan, check_memory
 from onnxlr.pipeline import optimize_loaded
 from onnxlr.results import Report
 from onnxlr.save import PROTOBUF_LIMIT_BYTES, check_output_path, staging, use_external_data
-from onnxlr.settings import Progress, Settings
+from onnxlr.settings import Progress, Settings, check_setting, setting
 
 logger = logging.getLogger(__name__)
 
@@ -37,48 +37,60 @@ GATE_ADVICE = ("Nothing written. To keep more of the model: a higher {0} or {1},
 GATE_ADVICE_SETTINGS = ("rank_ratio", "energy", "calibration", "target_cosine", "exclude", "keep_failed")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OnnxlrError(f"{{0}} must be an integer >= {minimum}, got {value!r}", name)
+def _split(text: str) -> tuple[str, ...] | None:
+    return tuple(part.strip() for part in text.split(",") if part.strip()) or None
 
 
-def _check_number(name: str, value: Any, low: float, high: float) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
-        raise OnnxlrError(f"{{0}} must be a number in [{low:g}, {high:g}], got {value!r}", name)
+def _shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    from onnxlr.inputs import parse_shape_overrides
+
+    return parse_shape_overrides(items)
 
 
 @dataclasses.dataclass(frozen=True)
 class VerifySettings:
-    """How the result is checked against the input with onnxruntime (the CLI's verification flags)."""
+    """How the result is checked against the input with onnxruntime: the CLI's verification options, declared here
+    once (onnxlr.settings.setting) and generated from these fields (onnxlr.cli_options.settings_options)."""
 
-    enabled: bool = True  # --verify/--no-verify
-    inputs: str | os.PathLike | None = None  # an .npz keyed by input name; None: synthesized
-    providers: tuple[str, ...] | None = None  # None: cpu, plus cuda when onnxruntime-gpu sees a GPU
-    input_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # --shape
-    seed: int = 0
-    samples: int = 8
-    batch_size: int = 16
-    atol: float | None = None
-    rtol: float | None = None
-    min_cosine: float | None = None
-    no_gate: bool = False  # no default gate (--min-cosine 0.99 when none is given)
-    per_layer: bool = False
-    min_layer_cosine: float | None = None
-    keep_failed: bool = False  # keep (write, return) a model that failed a gate; the run still reports the failure
+    enabled: bool = setting(True, "", "", kind="bool")  # --verify/--no-verify
+    providers: tuple[str, ...] | None = setting(
+        None, "Execution providers, comma-separated (cpu, cuda, ...). Default: cpu, plus cuda when onnxruntime-gpu is "
+        "installed and a GPU is visible.", "verification", metavar="LIST", parse=_split)
+    inputs: str | os.PathLike | None = setting(
+        None, "Inputs keyed by input name, samples along the first axis. Default: synthesized.", "verification",
+        metavar="FILE.npz", path="file")
+    input_shapes: Mapping[str, tuple[int, ...]] = setting(
+        {}, "Fix an input's dynamic dims, e.g. input_ids:1x128 (repeatable): for synthesized inputs and, in optimize, "
+        "for the MAC/FLOP counts.", "verification", flag="--shape", metavar="NAME:DIMS", multiple=True,
+        parse=_shapes, show_default=False)
+    seed: int = setting(0, "Seed of synthesized inputs.", "verification", kind="int")
+    samples: int = setting(8, "Batch dimension of synthesized inputs.", "verification", kind="count")
+    batch_size: int = setting(16, "Samples per onnxruntime run.", "verification", kind="count")
+    atol: float | None = setting(None, "Gate: every element within atol + rtol x |reference|.", "verification",
+                                 kind="number", bounds=(0, math.inf))
+    rtol: float | None = setting(None, "Gate: see --atol.", "verification", kind="number", bounds=(0, math.inf))
+    min_cosine: float | None = setting(
+        None, "Gate: cosine similarity of each float output to the reference (integer and boolean outputs: the share of "
+        "elements exactly equal). Without --atol/--rtol/--min-cosine the default gate is --min-cosine 0.99.",
+        "verification", kind="number", bounds=(-1, 1))
+    no_gate: bool = setting(False, "No default gate: outputs are compared and reported, but only "
+                            "--atol/--rtol/--min-cosine (when given) and NaN/Inf the reference does not have can fail "
+                            "the run.", "verification", kind="bool")
+    per_layer: bool = setting(False, "Also compare the output of every factorized node.", "verification", kind="bool")
+    min_layer_cosine: float | None = setting(
+        None, "Gate: each factorized layer, run on the original layer's input, keeps at least this cosine to the "
+        "original layer's output (the per-layer check, worst layers first; it always runs when the models are "
+        "verified in segments).", "verification", kind="number", bounds=(-1, 1))
+    keep_failed: bool = setting(False, "Write the model even when a verification gate fails (exit 1).", "keep",
+                                kind="bool")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shapes", {name: tuple(dims) for name, dims in
                                                   dict(self.input_shapes or {}).items()})
         if self.providers is not None:
             object.__setattr__(self, "providers", tuple(self.providers))
-        for name in ("samples", "batch_size"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("atol", "rtol"):
-            _check_number(name, getattr(self, name), 0.0, math.inf)
-        for name in ("min_cosine", "min_layer_cosine"):
-            _check_number(name, getattr(self, name), -1.0, 1.0)
+        for field in dataclasses.fields(self):
+            check_setting(field, getattr(self, field.name))
 
     def gates(self) -> Any:
         from onnxlr.verify import Gates

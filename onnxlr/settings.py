@@ -9,6 +9,7 @@ setting as a keyword (`rank_ratio`) for the Python API; the CLI shows the flag (
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -63,15 +64,23 @@ def default_jobs() -> int:
 
 
 def setting(default: Any, help: str, group: str, *, kind: str = "", choices: Sequence[str] = (), flag: str = "",
-            metavar: str = "", parse: Callable[[str], Any] | None = None, negated: bool = False,
-            multiple: bool = False, path: bool = False, show_default: bool = True) -> Any:
+            metavar: str = "", parse: Callable[[Any], Any] | None = None, negated: bool = False,
+            multiple: bool = False, path: str = "", bounds: tuple[float, float] = (-math.inf, math.inf),
+            show_default: bool = True) -> Any:
     """A settings field with its CLI declaration: `group` (the --help section), `kind` (how it is checked: "count"
-    an integer >= 1, "natural" >= 0, "bool", "choice" one of `choices`), `flag` (when not "--" + the name),
-    `parse` (text -> value: comma lists), `negated` (a --no-... flag that sets it False), `multiple` (repeatable),
-    `path` (an existing file). An empty group: no flag (set from another option)."""
+    an integer >= 1, "natural" >= 0, "int", "bool", "choice" one of `choices`, "number" within `bounds`), `flag`
+    (when not "--" + the name), `parse` (the CLI's text -> value: comma lists, shapes), `negated` (a --no-... flag
+    that sets it False), `multiple` (repeatable), `path` ("existing": a file that exists; "file": any file path).
+    An empty group: no flag of its own (set from another option, or by the command itself)."""
+    if isinstance(default, (dict, list)):  # a fresh one per instance
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={
+            "help": help, "group": group, "kind": kind, "choices": tuple(choices), "flag": flag, "metavar": metavar,
+            "parse": parse, "negated": negated, "multiple": multiple, "path": path, "bounds": bounds,
+            "show_default": show_default})
     return dataclasses.field(default=default, metadata={
         "help": help, "group": group, "kind": kind, "choices": tuple(choices), "flag": flag, "metavar": metavar,
-        "parse": parse, "negated": negated, "multiple": multiple, "path": path, "show_default": show_default})
+        "parse": parse, "negated": negated, "multiple": multiple, "path": path, "bounds": bounds,
+        "show_default": show_default})
 
 
 def split_ops(text: str) -> tuple[str, ...]:
@@ -137,7 +146,7 @@ class Settings:
                                    flag="--threads")
     latency_table: str | None = setting(
         None, "Plan with the times `onnxlr bench MODEL --export-latency-table FILE.json` measured on the target device "
-        "(implies --objective latency); nothing is timed here.", "latency", metavar="FILE.json", path=True)
+        "(implies --objective latency); nothing is timed here.", "latency", metavar="FILE.json", path="existing")
     latency_cache: bool = setting(True, "Time every candidate again (the cache of measured times is neither read nor "
                                   "written).", "latency", kind="bool", flag="--no-cache", negated=True)
     svd: str = setting("auto", "exact: LAPACK (gesdd, gesvd fallback). randomized: randomized range finder for the "
@@ -166,7 +175,7 @@ class Settings:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for field in dataclasses.fields(self):
-            _check_setting(field, getattr(self, field.name))
+            check_setting(field, getattr(self, field.name))
         if isinstance(self.policy, LatencyBudget) or self.latency_table is not None:
             object.__setattr__(self, "objective", "latency")
         self._check_latency_provider()
@@ -227,11 +236,17 @@ class Settings:
         return recorded
 
 
-def _check_setting(field: dataclasses.Field, value: Any) -> None:
+def check_setting(field: dataclasses.Field, value: Any) -> None:
     """A field's declared check (setting(kind=...)); the message names its keyword."""
     kind, name = field.metadata.get("kind", ""), field.name
     if kind == "bool" and not isinstance(value, bool):
         raise OnnxlrError(f"{{0}} must be True or False, got {value!r}", name)
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise OnnxlrError(f"{{0}} must be an integer, got {value!r}", name)
+    if kind == "number" and value is not None:
+        low, high = field.metadata["bounds"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise OnnxlrError(f"{{0}} must be a number in [{low:g}, {high:g}], got {value!r}", name)
     if kind in ("count", "natural") and value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < (1 if kind == "count" else 0)):
         raise OnnxlrError(f"{{0}} must be a {'positive' if kind == 'count' else 'non-negative'} integer, "
