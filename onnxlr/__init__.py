@@ -1,12 +1,12 @@
 """onnxlr: low-rank factorization of ONNX models (MatMul, Gemm and Conv weights).
 
     import onnxlr
-    new_model, report = onnxlr.optimize("model.onnx", rank_ratio=0.25)
+    new_model, report = onnxlr.optimize("model.onnx", rank_ratio=0.25)   # verified and gated, as the CLI
     onnxlr.save(new_model, "model-lr.onnx")
 
-The flow, one module a stage: io (load) -> targets -> plan -> rewrite (clean up included) ->
-verify -> cost / bench / edge (measure) -> results / report / html (report) -> save;
-pipeline runs the stages, settings holds the knobs, passes/ holds one rule per op family.
+The flow: job runs one optimize job (load -> memory plan -> pipeline: targets -> plan -> rewrite -> quantize ->
+staged write -> verify -> gate); cost / bench / edge measure, results / report / html report. settings and
+policies declare the knobs, api is the Python entry point, passes/ holds one rule per op family.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from onnxlr._version import __version__
 from onnxlr.api import ConvFactorization, FactorizationPass, GemmFactorization, MatMulFactorization, optimize
 from onnxlr.errors import GateFailed, OnnxlrError
 from onnxlr.io import LoadedModel, convert, load
+from onnxlr.job import Job, Outcome, OutputSettings, VerifySettings
 from onnxlr.pipeline import factorize_model
 from onnxlr.results import LayerRow, Report
 from onnxlr.save import save
@@ -31,5 +32,5 @@ _passes.ConvFactorization = ConvFactorization
 __all__ = [
     "__version__", "optimize", "load", "save", "convert", "factorize_model", "Settings", "Progress", "LoadedModel",
     "Report", "LayerRow", "FactorizationPass", "MatMulFactorization", "GemmFactorization", "ConvFactorization",
-    "OnnxlrError", "GateFailed",
+    "OnnxlrError", "GateFailed", "Job", "Outcome", "OutputSettings", "VerifySettings",
 ]
