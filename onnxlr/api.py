@@ -53,7 +53,7 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
     """
     checks = jobs.VerifySettings(
         enabled=verify, inputs=inputs, providers=tuple(providers) if providers else None,
-        input_shapes=input_shapes or {}, seed=seed, samples=samples, batch_size=batch_size, atol=atol, rtol=rtol,
+        input_shapes={name: tuple(dims) for name, dims in (input_shapes or {}).items()}, seed=seed, samples=samples, batch_size=batch_size, atol=atol, rtol=rtol,
         min_cosine=min_cosine, no_gate=no_gate, per_layer=per_layer, min_layer_cosine=min_layer_cosine,
         keep_failed=keep_failed)
     job = jobs.Job(source=model, settings=Settings.of(**settings), verify=checks,

@@ -195,7 +195,7 @@ def _finish(report: dict[str, Any], report_path: str | None, markdown_path: str 
         write_json(report, report_path)
     if markdown_path:
         write_text(render_markdown(report), markdown_path)
-    if page is not None:
+    if page is not None and html_path:
         write_text(page, html_path)
     print_report(report, state.console)
     if "verification" in report:
@@ -324,7 +324,7 @@ def bench(state: State, model_path: str, compare_path: str | None, providers: st
     if not given.synthesized:  # the first --samples samples of the file
         feeds = {name: (array[:samples] if array.ndim else array) for name, array in feeds.items()}
     models = [model_path] + ([compare_path] if compare_path else [])
-    results = {"providers": {}, "inputs": {name: list(a.shape) for name, a in feeds.items()},
+    results: dict[str, Any] = {"providers": {}, "inputs": {name: list(a.shape) for name, a in feeds.items()},
                "synthesized": given.synthesized,
                # what each model weighs on disk (its external data too): a quantized model's real size
                "files": [{"model": str(path), "bytes": io.file_bytes(path)} for path in models]}

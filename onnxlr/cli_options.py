@@ -77,7 +77,8 @@ FRACTION = click.FloatRange(0, 1, min_open=True)
 def _set_verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     # -v/-q are accepted after the subcommand too (`onnxlr optimize ... -q`), as users type them.
     if value:
-        state: State = ctx.find_object(State)
+        state = ctx.find_object(State)
+        assert state is not None  # the group made it
         if param.name == "verbose":
             state.verbose = True
             logging.getLogger().setLevel(logging.INFO)

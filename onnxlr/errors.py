@@ -8,6 +8,8 @@ its user typed.
 
 from __future__ import annotations
 
+from typing import Any
+
 # Keywords whose flag is not simply "--" + the keyword with dashes.
 FLAGS = {
     "calibration": "--calibration",
@@ -50,6 +52,6 @@ class GateFailed(OnnxlrError):
 
     exit_code = 1
 
-    def __init__(self, message: str, *settings: str, report: object = None) -> None:
+    def __init__(self, message: str, *settings: str, report: Any = None) -> None:
         super().__init__(message, *settings)
         self.report = report

@@ -148,7 +148,7 @@ def run(job: Job) -> Outcome:
     loaded = load(job.source)
     input_shapes = dict(checks.input_shapes)
     if settings.objective == "latency" and not input_shapes and job.calibration is None and checks.inputs:
-        input_shapes = batch_shapes(checks.inputs, loaded.model, checks.batch_size)
+        input_shapes = batch_shapes(os.fspath(checks.inputs), loaded.model, checks.batch_size)
     if output.path is not None and not job.dry_run:
         check_output_path(output.path, loaded)
     verifying = checks.enabled and not job.dry_run
@@ -176,6 +176,7 @@ def run(job: Job) -> Outcome:
             from onnxlr import edge
 
             targets, precision = edge_targets
+            assert result.costs_after is not None  # estimates are made only for a model written
             report.targets = edge.before_after(result.costs_before, result.costs_after, targets, precision)
         return report
 
@@ -296,4 +297,5 @@ def _edge_targets(loaded: LoadedModel, job: Job) -> tuple | None:
     from onnxlr import edge
 
     # Precision is read before the rewrite: the original's weights decide it.
-    return edge.load_targets(job.targets_file), edge.model_precision(loaded.model)
+    targets_file = Path(job.targets_file) if job.targets_file is not None else None
+    return edge.load_targets(targets_file), edge.model_precision(loaded.model)

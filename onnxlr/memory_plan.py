@@ -46,12 +46,13 @@ def check_memory(loaded: Any, input_shapes: dict, *, batch_size: int, samples: i
         return MemoryPlan()  # the inputs alone cannot exist: the input stage names the one at fault, more precisely
     segment_budget = plan_verification(weights, activations, free) if verifying else None
     calibration_budget, batches = (plan_calibration(loaded.model, shapes, weights, activations, free, config,
-                                                    batch_size, calibration) if calibrating else (None, None))
+                                                    batch_size, calibration) if calibration is not None
+                                   else (None, None))
     return MemoryPlan(segment_budget=segment_budget, calibration_segment_budget=calibration_budget,
                       calibration_batches=batches)
 
 
-def plan_verification(weights: int, activations: int, free: Any) -> int | None:
+def plan_verification(weights: int, activations: float, free: Any) -> int | None:
     """Whole models when they fit and are small; else in segments of consecutive nodes (onnxlr.segments), one at a
     time: peak memory follows one segment, and the comparison is still of the models' outputs."""
     from onnxlr import memory
@@ -62,8 +63,11 @@ def plan_verification(weights: int, activations: int, free: Any) -> int | None:
     budget = memory.segment_budget(activations, free)
     memory.check("verification", weights if budget is None else 0, activations, "pass --no-verify, or a smaller "
                  "--batch-size / --samples", free)
+    # No budget means no segment fits, and then neither does the whole model: check() has stopped the run.
+    assert budget is not None
     log = logging.getLogger("onnxlr")
     if not fits:
+        assert free is not None  # unknown memory always "fits"
         log.warning("verification: onnxruntime would need about %s for the whole model, %s is available (%s): "
                     "verifying in segments of at most %s of weights, one at a time",
                     memory.gb(memory.session_bytes(weights, activations)), memory.gb(free.bytes), free.source,
@@ -74,7 +78,7 @@ def plan_verification(weights: int, activations: int, free: Any) -> int | None:
     return budget
 
 
-def plan_calibration(model: Any, shapes: dict, weights: int, activations: int, free: Any, config: Any,
+def plan_calibration(model: Any, shapes: dict, weights: int, activations: float, free: Any, config: Any,
                      batch_size: int, data: tuple) -> tuple[int | None, list | None]:
     """The whole original in one session when it fits beside its Gram matrices (K x K float64 per activation);
     else its statistics block by block (segments), where an activation seen by fewer vectors than half its width

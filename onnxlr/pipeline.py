@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -86,6 +86,7 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
             return result
         # The losses did not add up as the search assumed: search again from the original, aiming past
         # what the quantizer added beyond its loss on the original.
+        assert data is not None and goal is not None  # a final figure exists only for a goal, which needs data
         data.extra_quantizer_loss += quantize.missed_by(goal, final[goal.metric])
         logger.warning("the quantized model missed %s (%.4f): searching again with a stricter low-rank goal",
                        goal, final[goal.metric])
@@ -316,7 +317,7 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
             unit.reset()
         while True:
             restore(candidates)  # the pairs that declined keep their comparison for the report
-            plan.plan_ranks(groups, budget_settings, bars, candidates, clock)
+            plan.plan_ranks(groups, budget_settings, bars, cast(Sequence[plan.JointUnit], candidates), clock)
             bars = no_progress
             if not candidates:
                 return

@@ -79,7 +79,7 @@ class RankRatio(LayerPolicy):
 
 @dataclasses.dataclass(frozen=True)
 class Rank(LayerPolicy):
-    value: int  # type: ignore[assignment]  # a count, not a fraction
+    value: int  # a count, not a fraction
     keyword = "rank"
     metavar = "N"
     kind = "count"
