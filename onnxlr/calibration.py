@@ -33,9 +33,9 @@ import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnx
@@ -49,6 +49,9 @@ from onnxlr.passes import RULES, Activation, Context, Skip
 from onnxlr.passes.base import inputs_are_weights
 from onnxlr.runtime import input_error, make_session
 from onnxlr.shapes import default_opset
+
+if TYPE_CHECKING:
+    from onnxlr.protocols import CalibrationRunner
 
 logger = logging.getLogger(__name__)
 
@@ -134,18 +137,18 @@ class SampleAccumulator:
             self.stored_sums = np.zeros((1, self.width))
             self.file = tempfile.TemporaryFile(prefix="onnxlr-statistics-")
         if self.stored + len(vectors) > SAMPLE_FRACTION * self.width:
-            self._to_gram()
-            self.gram.add(vectors)
+            self._to_gram().add(vectors)
             return
         self.file.write(np.ascontiguousarray(vectors, dtype=self.dtype).tobytes())
         self.stored_sums += vectors.sum(axis=0, dtype=np.float64)
         self.stored += len(vectors)
 
-    def _stored(self) -> np.ndarray:
+    def _stored(self) -> np.memmap:
         self.file.flush()
         return np.memmap(self.file, dtype=self.dtype, mode="r", shape=(self.stored, self.width))
 
-    def _to_gram(self) -> None:
+    def _to_gram(self) -> GramAccumulator:
+        """Replace the stored vectors by their Gram; returns it."""
         self.gram = GramAccumulator()
         if self.stored:
             stored = self._stored()
@@ -154,6 +157,7 @@ class SampleAccumulator:
             del stored
         self.file.close()
         self.file = None
+        return self.gram
 
     def result(self) -> Any:
         """A lowrank.SampleGram (the vectors, memory-mapped), or the (K, K) Gram past the limit. Collection is over
@@ -185,7 +189,9 @@ class CrossAccumulator:
     def result(self) -> tuple[np.ndarray, np.ndarray] | None:
         if self.cross is None:
             return None
-        return self.gram.result(), (self.cross[0] if len(self.cross) == 1 else self.cross)
+        gram = self.gram.result()
+        assert gram is not None  # added with the cross
+        return gram, (self.cross[0] if len(self.cross) == 1 else self.cross)
 
 
 def _as_stack(vectors: np.ndarray) -> np.ndarray:
@@ -200,7 +206,7 @@ def probes(model: ir.Model, inputs_as_constants: bool = False) -> list[Probe]:
     inputs are weights, as the targets were found."""
     context = Context(shapes={}, opset=default_opset(model),
                       inputs_as_constants=inputs_are_weights(model, inputs_as_constants))
-    found = []
+    found: list[Probe] = []
     for node in model.graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in RULES or not RULES[node.op_type].calibrated:
             continue  # not a target, or a rule that takes no statistics (LSTM/GRU/RNN: plain SVD)
@@ -259,9 +265,11 @@ def _patch_probe(node: ir.Node, activation: Activation, kernel: np.ndarray, dtyp
     cin, spatial = kernel.shape[1] * activation.groups, kernel.shape[2:]
     attrs = {"kernel_shape": list(spatial), "group": cin}
     attrs.update({name: value for name, value in activation.patches.items() if name != "kernel_shape"})
+    key = node.outputs[0].name
+    assert key is not None  # probes() leaves out nodes whose output has no name
     unfold = {"input": activation.value.name, "channels": cin, "spatial": tuple(spatial),
               "dtype": dtype.numpy(), "attributes": attrs}
-    return Probe(key=node.outputs[0].name, activation=f"onnxlr_calibration_patches_{index}", layout="patches",
+    return Probe(key=key, activation=f"onnxlr_calibration_patches_{index}", layout="patches",
                  groups=activation.groups, unfold=unfold, node=node.name or "", op=node.op_type)
 
 
@@ -310,10 +318,10 @@ class Runner:
     """
 
     def __init__(self, model_source: str | os.PathLike | bytes, model: ir.Model, found: list[Probe],
-                 slots: list[Slot] = (), segment_budget: int | None = None):
+                 slots: Sequence[Slot] = (), segment_budget: int | None = None):
         self.specs = input_specs(model)
         self.model = model  # traces a node onnxruntime fails on back to the input at fault
-        self.outputs = [value.name for value in model.graph.outputs]
+        self.outputs = cast("list[str]", [value.name for value in model.graph.outputs])  # ONNX names them all
         self.probes = {probe.key: probe for probe in found}
         self.slots = list(slots)  # feed index -> Slot
         self.segment_budget = segment_budget
@@ -383,6 +391,7 @@ def _probe_model(source: str | os.PathLike | bytes, found: list[Probe], slots: l
 def _add_unfold(graph: onnx.GraphProto, probe: Probe) -> None:
     """A depthwise one-hot Conv whose output channel c*K + k is input channel c at kernel tap k."""
     spec = probe.unfold
+    assert spec is not None  # a patches probe
     taps = int(np.prod(spec["spatial"]))
     kernel = np.tile(np.eye(taps, dtype=spec["dtype"]), (spec["channels"], 1))
     kernel = kernel.reshape(spec["channels"] * taps, 1, *spec["spatial"])
@@ -432,7 +441,8 @@ def collect_grams(model_source: str | os.PathLike | bytes, model: ir.Model, data
 def grams(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Iterable[str] | None = None,
           overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Gram matrices of the probes `keys` (default: all), with the slot `overrides` fed."""
-    return {key: acc.result() for key, acc in moments(runner, batches, keys, overrides).items()}
+    # moments keeps only the accumulators that saw vectors; a whole-model runner's are Grams.
+    return {key: cast(np.ndarray, acc.result()) for key, acc in moments(runner, batches, keys, overrides).items()}
 
 
 def moments(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Iterable[str] | None = None,
@@ -463,6 +473,8 @@ def moments(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: I
         if overrides:
             raise OnnxlrError("statistics of a partly factorized model need the whole model in memory")
         batches = list(batches)
+        # A runner without a session was made for segments, from the model's path (Runner refuses bytes).
+        assert runner.segment_budget is not None and not isinstance(runner.source, bytes)
         run_in_segments(runner.source, batches, [], runner.segment_budget,
                         structure=onnx.load_from_string(runner.probe_model), observe=names,
                         on_value=lambda index, name, array: add(batches[index], {name: array}))
@@ -472,7 +484,7 @@ def moments(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: I
     return {key: sums[share] for share, members in shares.items() for key in members if sums[share].count}
 
 
-def compensation_statistics(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]], keys: Iterable[str],
+def compensation_statistics(runner: CalibrationRunner, batches: Iterable[Mapping[str, np.ndarray]], keys: Iterable[str],
                             overrides: Mapping[int, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(G_c, C) by probe key: the inputs of the model with `overrides` against the original's inputs."""
     keys = list(keys)
@@ -484,10 +496,10 @@ def compensation_statistics(runner: Runner, batches: Iterable[Mapping[str, np.nd
         keep = runner.keep(batch)
         for key in keys:
             sums[key].add(runner.vectors(key, compressed, keep), runner.vectors(key, original, keep))
-    return {key: acc.result() for key, acc in sums.items() if acc.result() is not None}
+    return {key: result for key, acc in sums.items() if (result := acc.result()) is not None}
 
 
-def model_outputs(runner: Runner, batches: Iterable[Mapping[str, np.ndarray]],
+def model_outputs(runner: CalibrationRunner, batches: Iterable[Mapping[str, np.ndarray]],
                   overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The model's own outputs over all batches (concatenated along the first axis)."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in runner.outputs}

@@ -11,7 +11,7 @@ drops real rows.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,7 +33,7 @@ class Probe(Protocol):
     layout: str  # "rows", "cols" or "patches": only "rows" activations are [batch, seq, K]
 
 
-def masked_probes(model: ir.Model, found: list[Probe]) -> frozenset[str]:
+def masked_probes(model: ir.Model, found: Sequence[Probe]) -> frozenset[str]:
     """The keys of the "rows" probes whose [batch, seq] positions the 2-D `attention_mask` input indexes.
 
     Decided per probe from the graph, so never by a batch's shapes; the first rule that tells wins:
@@ -106,7 +106,7 @@ def _sources(model: ir.Model, inputs: list[str], wanted: set[str]) -> dict[str, 
 
     A node with subgraphs (If, Loop, Scan) reads whatever its subgraphs read from outside too.
     """
-    bits = {name: 1 << index for index, name in enumerate(inputs)}
+    bits: dict[str | None, int] = {name: 1 << index for index, name in enumerate(inputs)}
     for node in model.graph:  # topological order
         found = 0
         for name in [value.name for value in node.inputs if value is not None] + _subgraph_reads(node):
@@ -116,8 +116,8 @@ def _sources(model: ir.Model, inputs: list[str], wanted: set[str]) -> dict[str, 
     return {name: frozenset(n for index, n in enumerate(inputs) if bits.get(name, 0) >> index & 1) for name in wanted}
 
 
-def _subgraph_reads(node: ir.Node) -> list[str]:
-    names = []
+def _subgraph_reads(node: ir.Node) -> list[str | None]:
+    names: list[str | None] = []
     for attr in node.attributes.values():
         if not isinstance(attr, ir.Attr) or attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
             continue

@@ -127,6 +127,7 @@ def run_in_segments(path: str | os.PathLike, batches: Sequence[Mapping[str, np.n
     watched = set(observe)
     for index, values in enumerate(carried):
         for name in watched.intersection(values):
+            assert on_value is not None  # `observe` comes with `on_value`
             on_value(index, name, values[name])
     for index, segment in enumerate(segments):
         if not segment.nodes or not segment.outputs:  # nothing later, and nothing watched, needs what it makes
@@ -136,6 +137,7 @@ def run_in_segments(path: str | os.PathLike, batches: Sequence[Mapping[str, np.n
             produced = session.run(segment.outputs, {name: values[name] for name in segment.inputs})
             values.update(zip(segment.outputs, produced))
             for name in watched.intersection(segment.outputs):
+                assert on_value is not None
                 on_value(number, name, values[name])
         del session
         still_read = set(output_names).union(*(set(s.inputs) for s in segments[index + 1:]))
