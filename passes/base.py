@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -268,6 +268,11 @@ class NameGenerator:
 def attribute(node: ir.Node, name: str, default: Any) -> Any:
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
+
+
+def required_input(node: ir.Node, index: int) -> ir.Value:
+    """An input the op requires: a valid model has it (onnx-ir types every input as optional)."""
+    return cast(ir.Value, node.inputs[index])
 
 
 def static_shape(shapes: Mapping[str, tuple | None], value: ir.Value | None) -> tuple | None:

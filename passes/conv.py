@@ -12,6 +12,7 @@ takes the pads, strides and dilations of its own axis.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -27,6 +28,7 @@ from .base import (
     attribute,
     known_product,
     make_node,
+    required_input,
     static_shape,
 )
 from .weights import constant_weight
@@ -59,6 +61,7 @@ class ConvRule(FactorizationRule):
             raise Skip("bad_group", f"group={group} does not divide the {cout} output channels")
         if group > 1 and cin_per_group == 1:
             raise Skip("depthwise", "depthwise conv (one input channel per group): nothing to factorize")
+        assert found.dtype is not None and node.inputs[1] is not None  # the weight was found there
         return Target(node=node, weight=node.inputs[1], array=kernel, dtype=found.dtype, view=ConvView(group),
                       rule=self, context=context, sources=found.sources)
 
@@ -101,12 +104,12 @@ class ConvRule(FactorizationRule):
 
     def activation(self, target: Target) -> Activation:
         node = target.node
-        patches = {"kernel_shape": list(target.array.shape[2:])}
+        patches: dict[str, Any] = {"kernel_shape": list(target.array.shape[2:])}
         for name in PATCH_ATTRIBUTES:
             if name in node.attributes:
                 value = node.attributes[name].value
                 patches[name] = value.decode() if isinstance(value, bytes) else value
-        return Activation(node.inputs[0], "patches", groups=target.view.groups, patches=patches)
+        return Activation(required_input(node, 0), "patches", groups=target.view.groups, patches=patches)
 
     def factor_tensors(self, target: Target, scheme: Scheme, a: np.ndarray, b: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:

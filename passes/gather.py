@@ -58,6 +58,7 @@ class GatherRule(FactorizationRule):
         if axis not in (0, -2):
             raise Skip("shared_differently", f"Gather reads the table along axis {axis} (only row lookups share "
                                              "factors)")
+        assert found.dtype is not None and node.inputs[0] is not None  # the weight was found there
         return Target(node=node, weight=node.inputs[0], array=found.array, dtype=found.dtype, view=GatherView(),
                       rule=self, context=context, sources=found.sources)
 

@@ -23,6 +23,7 @@ from .base import (
     Target,
     attribute,
     make_node,
+    required_input,
 )
 from .weights import constant_weight, no_weight_skip
 
@@ -53,9 +54,11 @@ class GemmRule(FactorizationRule):
             view, found = GemmView("A", bool(attribute(node, "transA", 0))), a_weight
         else:
             raise no_weight_skip(b_weight, a_weight)
+        assert found.array is not None and found.dtype is not None  # a weight was found
         if found.array.ndim != 2:
             raise Skip("weight_rank", f"weight has {found.array.ndim} dimensions (Gemm needs 2)")
         value = node.inputs[1] if view.operand == "B" else node.inputs[0]
+        assert value is not None  # it holds the weight
         return Target(node=node, weight=value, array=found.array, dtype=found.dtype, view=view, rule=self,
                       context=context, sources=found.sources)
 
@@ -90,9 +93,9 @@ class GemmRule(FactorizationRule):
     def activation(self, target: Target) -> Activation:
         node = target.node
         if target.view.operand == "B":  # rows of op(A): A's columns when transA is set
-            return Activation(node.inputs[0], "cols" if attribute(node, "transA", 0) else "rows")
+            return Activation(required_input(node, 0), "cols" if attribute(node, "transA", 0) else "rows")
         # operand A: columns of op(B), i.e. B's rows when transB is set
-        return Activation(node.inputs[1], "rows" if attribute(node, "transB", 0) else "cols")
+        return Activation(required_input(node, 1), "rows" if attribute(node, "transB", 0) else "cols")
 
     def factor_tensors(self, target: Target, scheme: Scheme, a: np.ndarray, b: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -127,12 +130,13 @@ class GemmRule(FactorizationRule):
             zero_name = names(f"{base}_lr_zero")
             zero = ir.Value(name=zero_name, const_value=ir.Tensor(
                 np.zeros((1,), dtype=target.dtype.numpy()), dtype=target.dtype, name=zero_name))
+            assert node.graph is not None  # a target is a node of a graph
             node.graph.register_initializer(zero)
             first_inputs.append(zero)
         first = make_node("Gemm", first_inputs, names(f"{base}_lr1"), names(f"{base}_lr_mid"),
                           _drop_defaults(first_attrs))
         middle = first.outputs[0]
-        second_inputs = [middle, b] if target.view.operand == "B" else [a, middle]
+        second_inputs: list[ir.Value | None] = [middle, b] if target.view.operand == "B" else [a, middle]
         if c is not None or zero is not None:
             second_inputs.append(c if c is not None else zero)
         second = make_node("Gemm", second_inputs, names(f"{base}_lr2"), names(f"{base}_lr_out"),
@@ -149,10 +153,10 @@ def _other_dim(target: Target) -> int:
     """Length of the activation's free dimension (M for a B weight, N for an A weight), 1 if unknown."""
     node = target.node
     if target.view.operand == "B":
-        shape = target.shapes.get(node.inputs[0].name or "")
+        shape = target.shapes.get(required_input(node, 0).name or "")
         index = 1 if attribute(node, "transA", 0) else 0
     else:
-        shape = target.shapes.get(node.inputs[1].name or "")
+        shape = target.shapes.get(required_input(node, 1).name or "")
         index = 0 if attribute(node, "transB", 0) else 1
     if shape and len(shape) == 2 and isinstance(shape[index], int):
         return shape[index]

@@ -17,6 +17,7 @@ from .base import (
     Target,
     known_product,
     make_node,
+    required_input,
     static_shape,
 )
 from .weights import constant_weight, no_weight_skip
@@ -48,6 +49,7 @@ class MatMulRule(FactorizationRule):
             view, found, value = MatMulView("left"), left_weight, left
         else:
             raise no_weight_skip(right_weight, left_weight)
+        assert found.array is not None and found.dtype is not None and value is not None  # a weight was found
         if found.array.ndim != 2:
             raise Skip("weight_rank", f"weight has {found.array.ndim} dimensions (only 2-D weights are factorized)")
         return Target(node=node, weight=value, array=found.array, dtype=found.dtype, view=view, rule=self,
@@ -78,7 +80,7 @@ class MatMulRule(FactorizationRule):
 
     def activation(self, target: Target) -> Activation:
         view: MatMulView = target.view
-        return Activation(target.node.inputs[view.activation_index], "rows" if view.side == "right" else "cols")
+        return Activation(required_input(target.node, view.activation_index), "rows" if view.side == "right" else "cols")
 
     def rewrite(self, target: Target, scheme: Scheme, a: ir.Value, b: ir.Value, names: NameGenerator) -> list[ir.Node]:
         node = target.node

@@ -66,6 +66,7 @@ class RecurrentRule(FactorizationRule):
             raise Skip("weight_rank", f"W has {found.array.ndim} dimensions ({self.op_type} reads 3)")
         if found.array.shape[1] % self.gates:
             raise Skip("weight_rank", f"W's second dimension {found.array.shape[1]} is not {self.gates} gates")
+        assert found.dtype is not None and value is not None  # the weight was found there
         return Target(node=node, weight=value, array=found.array, dtype=found.dtype,
                       view=RecurrentView(int(found.array.shape[0])), rule=self, context=context,
                       sources=found.sources)

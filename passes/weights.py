@@ -127,7 +127,7 @@ def _fold(node: ir.Node, depth: int, inputs_as_constants: bool) -> ConstantWeigh
         if shape.array is None:
             return ConstantWeight(reason="weight is reshaped to a shape computed at run time", code="runtime_reshape")
         allow_zero = node.attributes.get("allowzero")
-        array = array.reshape(_reshape_target(array.shape, shape.array, allow_zero and allow_zero.value))
+        array = array.reshape(_reshape_target(array.shape, shape.array, bool(allow_zero and allow_zero.value)))
     return ConstantWeight(array=array, dtype=dtype, sources=data.sources)
 
 
