@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -29,11 +30,13 @@ from onnxlr.pairs import (
     _bias_problem,
     _cast,
     _const,
+    _dims,
     _down_reader,
     _joins,
     _like,
     _region,
     _sole_constant,
+    _tensor,
 )
 
 POOL_OPS = frozenset({"MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool"})
@@ -49,11 +52,11 @@ class ConvLayer:
     bias_node = None  # as pairs.Linear: the bias is the node's own input
 
     def array(self) -> np.ndarray:
-        return _const(self.weight).numpy()
+        return _tensor(self.weight).numpy()
 
     @property
     def kernel(self) -> tuple[int, ...]:
-        return tuple(_const(self.weight).shape[2:])
+        return _dims(_tensor(self.weight))[2:]
 
     @property
     def taps(self) -> int:
@@ -62,7 +65,7 @@ class ConvLayer:
     @property
     def shape(self) -> tuple[int, int]:
         """(in·taps, out): the X·W matrix's."""
-        out, inputs = _const(self.weight).shape[:2]
+        out, inputs = _dims(_tensor(self.weight))[:2]
         return inputs * self.taps, out
 
     def matrix(self) -> np.ndarray:
@@ -71,7 +74,7 @@ class ConvLayer:
         return array.reshape(array.shape[0], -1).T
 
     def bias_array(self) -> np.ndarray | None:
-        return None if self.bias is None else _const(self.bias).numpy().reshape(-1)
+        return None if self.bias is None else _tensor(self.bias).numpy().reshape(-1)
 
     @property
     def bias_reader(self) -> ir.Node:
@@ -89,7 +92,9 @@ class ConvLayer:
         """The weight's and bias's output channels `kept`."""
         slices = [(self.node, self.weight, _cast(self.weight, self.array()[kept]))]
         if self.bias is not None:
-            slices.append((self.node, self.bias, _like(self.bias, self.bias_array()[kept])))
+            bias = self.bias_array()
+            assert bias is not None  # there is a bias input
+            slices.append((self.node, self.bias, _like(self.bias, bias[kept])))
         return slices
 
 
@@ -100,7 +105,8 @@ class BatchNorm:
     params_per_out = len(NORM_INPUTS)
 
     def out_slices(self, kept: np.ndarray) -> list[Slice]:
-        return [(self.node, value, _like(value, _const(value).numpy().reshape(-1)[kept])) for value in self.node.inputs[1:5]]
+        constants = cast("list[ir.Value]", self.node.inputs[1:5])  # all present: _norm_problem checked them
+        return [(self.node, value, _like(value, _tensor(value).numpy().reshape(-1)[kept])) for value in constants]
 
 
 @dataclasses.dataclass
@@ -160,11 +166,11 @@ def _pair(up: ConvLayer, norm: BatchNorm | None, region_nodes: list[ir.Node], re
     problem = _problem(down)
     if problem:
         return f"down Conv node '{down.node.name}': {problem}"
-    channels = _const(down.weight).shape[1]
+    channels = _dims(_tensor(down.weight))[1]
     if up.shape[1] != channels:
         return f"channels differ: up has {up.shape[1]} output channels, down {down.node.name!r} {channels} input channels"
-    if _const(up.weight).dtype != _const(down.weight).dtype:
-        return f"weight types differ: {_const(up.weight).dtype} and {_const(down.weight).dtype}"
+    if _tensor(up.weight).dtype != _tensor(down.weight).dtype:
+        return f"weight types differ: {_tensor(up.weight).dtype} and {_tensor(down.weight).dtype}"
     return ConvPair(up=up, down=down, activation=activation, width=channels, norm=norm)
 
 
@@ -186,7 +192,7 @@ def _problem(conv: ConvLayer) -> str | None:
     problem = _sole_constant(conv.weight, conv.node, "weight")
     if problem:
         return problem
-    tensor = _const(conv.weight)
+    tensor = _tensor(conv.weight)
     if len(tensor.shape) < 3 or tensor.dtype not in FLOAT_TYPES:
         return f"weight '{conv.weight.name}' is not a float conv kernel"
     return None if conv.bias is None else _bias_problem(conv.bias, conv.node, conv.shape[1])
@@ -207,7 +213,7 @@ def _norm_problem(norm: BatchNorm, channels: int) -> str | None:
         return f"BatchNormalization node '{node.name}' is in training mode"
     for value, name in zip(node.inputs[1:], NORM_INPUTS):
         problem = _sole_constant(value, node, name) if value is not None else f"{name} is missing"
-        if problem is None and _const(value).size != channels:
+        if problem is None and value is not None and _tensor(value).size != channels:
             problem = f"{name} '{value.name}' does not have {channels} entries"
         if problem:
             return f"BatchNormalization node '{node.name}': {problem}"

@@ -31,12 +31,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxlr import joint
-from onnxlr.pairs import Linear, Slice, _attr, _const, _like, _problem, _read_linear
+from onnxlr.pairs import Linear, Slice, _attr, _const, _input, _like, _problem, _read_linear, _tensor
+
+if TYPE_CHECKING:
+    from onnx_ir._core import Usage  # what Value.uses() yields (not exported as ir.Usage)
 
 SPLIT_PERM = (0, 2, 1, 3)  # (b, s, H, d) -> (b, H, s, d); the merge's transpose is the same permutation
 HEAD_AXIS = 3  # of (b, H, s, d)
@@ -56,7 +60,7 @@ class ShapeEntry:
     position: int
 
     def replaced(self, entry: int) -> np.ndarray:
-        array = _const(self.value).numpy().copy()
+        array = _tensor(self.value).numpy().copy()
         array.reshape(-1)[self.position] = entry
         return array
 
@@ -147,8 +151,10 @@ class HeadPair:
         feeds = [(self.up.weight, self.up.stored(padded_columns(fit.value_matrix, self.heads, self.width))),
                  (self.down.weight, self.down.stored(padded_columns(fit.down_matrix.T, self.heads, self.width).T))]
         if self.up.bias is not None:
+            assert fit.value_bias is not None  # a fit of layers with biases refits them
             feeds.append((self.up.bias, _like(self.up.bias, padded_columns(fit.value_bias, self.heads, self.width))))
         if self.down.bias is not None:
+            assert fit.down_bias is not None
             feeds.append((self.down.bias, _like(self.down.bias, fit.down_bias)))
         return feeds
 
@@ -157,8 +163,10 @@ class HeadPair:
         slices = [(self.up.node, self.up.weight, self.up.stored(fit.value_matrix)),
                   (self.down.node, self.down.weight, self.down.stored(fit.down_matrix))]
         if self.up.bias is not None:
+            assert fit.value_bias is not None  # a fit of layers with biases refits them
             slices.append((self.up.bias_reader, self.up.bias, _like(self.up.bias, fit.value_bias)))
         if self.down.bias is not None:
+            assert fit.down_bias is not None
             slices.append((self.down.bias_reader, self.down.bias, _like(self.down.bias, fit.down_bias)))
         if self.split is not None:
             slices.append((self.split.node, self.split.value, self.split.replaced(keep)))
@@ -191,10 +199,15 @@ def block_diagonal(transforms: np.ndarray) -> np.ndarray:
     return result
 
 
+class _Heads(Protocol):
+    @property
+    def width(self) -> int: ...
+
+
 class KeepCurve:
     """What the head pairs' eliminations share: every k's error read off `errors`, and the range check."""
 
-    pair: HeadPair
+    pair: _Heads  # HeadPair, scores.ScorePair: the head size d
     errors: np.ndarray  # (d + 1,): errors[k]
 
     @property
@@ -357,8 +370,8 @@ def _head_pair(up: Linear, split: ir.Node) -> HeadPair | str:
     size = up.shape[1]
     if down.shape[0] != size:
         return f"widths differ: the values have {size} columns, '{down.node.name}' reads {down.shape[0]}"
-    if _const(up.weight).dtype != _const(down.weight).dtype:
-        return f"weight types differ: {_const(up.weight).dtype} and {_const(down.weight).dtype}"
+    if _tensor(up.weight).dtype != _tensor(down.weight).dtype:
+        return f"weight types differ: {_tensor(up.weight).dtype} and {_tensor(down.weight).dtype}"
     return _with_shapes(up, down, split, merge, inner, context_entry)
 
 
@@ -374,7 +387,7 @@ def _with_shapes(up: Linear, down: Linear, split: ir.Node, merge: ir.Node, inner
     if merge_entries is None or merge_entries[0][1] not in (-1, size):
         return f"the merge's shape does not end in a constant -1 or {size}"
     merge_entry, merged = merge_entries[0]
-    if context_entry is not None and _const(context_entry.value).numpy().reshape(-1)[context_entry.position] != width:
+    if context_entry is not None and _tensor(context_entry.value).numpy().reshape(-1)[context_entry.position] != width:
         return f"the context's reshape does not end in the head size {width}"
     return HeadPair(up=up, down=down, activation=merge.outputs[0], heads=heads, width=width, split=editable,
                     merge=merge_entry if merged == size else None, inner=inner, context=context_entry)
@@ -405,6 +418,7 @@ def _trailing_entries(reshape: ir.Node, count: int) -> list[tuple[ShapeEntry, in
     if len(reshape.inputs) < 2 or reshape.inputs[1] is None or _attr(reshape, "allowzero", 0):
         return None
     shape = reshape.inputs[1]
+    pieces: list[tuple[ir.Node, ir.Value | None]]
     if _const(shape) is not None:
         pieces = [(reshape, shape)]
     else:
@@ -418,6 +432,7 @@ def _trailing_entries(reshape: ir.Node, count: int) -> list[tuple[ShapeEntry, in
         tensor = _const(value) if value is not None else None
         if tensor is None or tensor.dtype != ir.DataType.INT64:
             return None
+        assert value is not None  # it has a tensor
         array = tensor.numpy().reshape(-1)
         for position in range(len(array) - 1, -1, -1):
             entries.insert(0, (ShapeEntry(node, value, position), int(array[position])))
@@ -426,7 +441,7 @@ def _trailing_entries(reshape: ir.Node, count: int) -> list[tuple[ShapeEntry, in
     return None
 
 
-def data_uses(value: ir.Value) -> list[ir.Usage] | str:
+def data_uses(value: ir.Value) -> list[Usage] | str:
     """The uses of `value` other than Shape nodes (which read its shape, not its values; size_reads checks them)."""
     if value.is_graph_output():
         return f"'{value.name}' is a graph output"
@@ -445,7 +460,7 @@ def size_reads(value: ir.Value, axis: int, allowed: Callable[[ir.Value], bool]) 
             return f"Shape node '{shape.name}' reads a slice of the heads' shape"
         for read in shape.outputs[0].uses():
             gather = read.node
-            index = _const(gather.inputs[1]) if gather.op_type == "Gather" and read.idx == 0 else None
+            index = _const(_input(gather, 1)) if gather.op_type == "Gather" and read.idx == 0 else None
             if index is None or index.size != 1 or _attr(gather, "axis", 0) != 0:
                 return f"the heads' shape is read by {gather.op_type} node '{gather.name}'"
             if int(index.numpy().reshape(-1)[0]) % 4 == axis and not allowed(gather.outputs[0]):
@@ -501,11 +516,12 @@ def _context_reshape(context: ir.Value, sources: set[int]) -> tuple[ir.Node | No
 def _reads_head_size(value: ir.Value, sources: set[int]) -> bool:
     """Whether `value` is Unsqueeze(Gather(Shape(v), head axis)) of one of the `sources` (by id)."""
     unsqueeze = value.producer()
-    gather = unsqueeze.inputs[0].producer() if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" else None
-    shape = gather.inputs[0].producer() if gather is not None and gather.op_type == "Gather" else None
+    gather = _input(unsqueeze, 0).producer() if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" else None
+    shape = _input(gather, 0).producer() if gather is not None and gather.op_type == "Gather" else None
     if shape is None or not _is_shape(shape) or id(shape.inputs[0]) not in sources:
         return False
-    index = _const(gather.inputs[1])
+    assert gather is not None  # shape was found through it
+    index = _const(_input(gather, 1))
     return index is not None and index.size == 1 and int(index.numpy().reshape(-1)[0]) % 4 == HEAD_AXIS
 
 

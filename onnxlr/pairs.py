@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -50,16 +50,16 @@ class Linear:
 
     def matrix(self) -> np.ndarray:
         """The weight as (in, out), X·W."""
-        array = _const(self.weight).numpy()
+        array = _tensor(self.weight).numpy()
         return array.T if self.transposed else array
 
     def bias_array(self) -> np.ndarray | None:
-        return None if self.bias is None else _const(self.bias).numpy().reshape(-1)
+        return None if self.bias is None else _tensor(self.bias).numpy().reshape(-1)
 
     @property
     def shape(self) -> tuple[int, int]:
         """(in, out)."""
-        rows, cols = _const(self.weight).shape
+        rows, cols = _dims(_tensor(self.weight))
         return (cols, rows) if self.transposed else (rows, cols)
 
     @property
@@ -79,7 +79,9 @@ class Linear:
         """The weight's columns and the bias's entries at the kept outputs."""
         slices = [(self.node, self.weight, self.stored(self.matrix()[:, kept]))]
         if self.bias is not None:
-            slices.append((self.bias_reader, self.bias, _like(self.bias, self.bias_array()[kept])))
+            bias = self.bias_array()
+            assert bias is not None  # there is a bias input
+            slices.append((self.bias_reader, self.bias, _like(self.bias, bias[kept])))
         return slices
 
 
@@ -91,8 +93,12 @@ class CoupledPair:
     down: Any
     activation: ir.Value
     width: int
-    block: int
     norm: Any = None  # a BatchNormalization between the up layer and the activation (conv pairs)
+
+    @property
+    def block(self) -> int:
+        """Rows of the down matrix per neuron (a class attribute or a property of each kind)."""
+        raise NotImplementedError
 
     def up_layers(self) -> list[Any]:
         raise NotImplementedError
@@ -125,20 +131,20 @@ class CoupledPair:
         """Weight and bias parameters of all the pair's layers (BatchNormalization's four too) at `keep` neurons."""
         return keep * self.params_per_neuron + self.fixed_params
 
-    def rows(self, kept: Sequence[int]) -> np.ndarray:
+    def rows(self, kept: Sequence[int] | np.ndarray) -> np.ndarray:
         """The down matrix's rows of the kept neurons (neuron j owns rows j·block .. j·block + block - 1)."""
-        kept = np.asarray(kept, dtype=np.int64)
-        return (kept[:, None] * self.block + np.arange(self.block)).reshape(-1)
+        indices = np.asarray(kept, dtype=np.int64)
+        return (indices[:, None] * self.block + np.arange(self.block)).reshape(-1)
 
-    def slices(self, kept: Sequence[int], down_matrix: np.ndarray, down_bias: np.ndarray | None = None
+    def slices(self, kept: Sequence[int] | np.ndarray, down_matrix: np.ndarray, down_bias: np.ndarray | None = None
                ) -> list[Slice]:
         """Every constant input to replace to keep `kept` (sorted neuron indices), with the down weight
         rebuilt from `down_matrix` ((k·block, d_out), X·W) and the down bias from `down_bias` when given."""
-        kept = np.asarray(kept, dtype=np.int64)
-        if np.shape(down_matrix)[0] != len(kept) * self.block:
-            raise ValueError(f"down_matrix has {np.shape(down_matrix)[0]} rows, {len(kept)} neurons need "
-                             f"{len(kept) * self.block}")
-        slices = [s for layer in self._channel_layers() for s in layer.out_slices(kept)]
+        indices = np.asarray(kept, dtype=np.int64)
+        if np.shape(down_matrix)[0] != len(indices) * self.block:
+            raise ValueError(f"down_matrix has {np.shape(down_matrix)[0]} rows, {len(indices)} neurons need "
+                             f"{len(indices) * self.block}")
+        slices = [s for layer in self._channel_layers() for s in layer.out_slices(indices)]
         slices.append((self.down.node, self.down.weight, self.down.stored(np.asarray(down_matrix))))
         if down_bias is not None:
             if self.down.bias is None:
@@ -146,7 +152,7 @@ class CoupledPair:
             slices.append((self.down.bias_reader, self.down.bias, _like(self.down.bias, np.asarray(down_bias))))
         return slices
 
-    def padded_down(self, kept: Sequence[int], down_matrix: np.ndarray) -> np.ndarray:
+    def padded_down(self, kept: Sequence[int] | np.ndarray, down_matrix: np.ndarray) -> np.ndarray:
         """The down weight in its stored shape: `down_matrix`'s rows at the kept neurons, zeros elsewhere
         (in place of the original weight it computes what the sliced pair computes)."""
         full = np.zeros((self.width * self.block, self.down.shape[1]))
@@ -276,8 +282,8 @@ def _pair(first: Linear, partner: Linear | None) -> MlpPair | str:
     for layer in ups:
         if layer.shape[1] != down.shape[0]:
             return f"widths differ: up has {layer.shape[1]} outputs, down {down.node.name!r} {down.shape[0]} inputs"
-        if _const(layer.weight).dtype != _const(down.weight).dtype:
-            return f"weight types differ: {_const(layer.weight).dtype} and {_const(down.weight).dtype}"
+        if _tensor(layer.weight).dtype != _tensor(down.weight).dtype:
+            return f"weight types differ: {_tensor(layer.weight).dtype} and {_tensor(down.weight).dtype}"
     return MlpPair(up=partner or first, down=down, activation=activation, width=down.shape[0],
                    gate=first if partner else None)
 
@@ -314,6 +320,7 @@ def _gate_partner(region_nodes: list[ir.Node], region_values: list[ir.Value], li
                     len(node.inputs) != 2 or node.inputs[1 - use.idx] is None:
                 continue
             other = node.inputs[1 - use.idx]
+            assert other is not None  # checked above
             partner = None if id(other) in known else _projection(other, linears)
             if partner is not None:
                 return partner
@@ -379,7 +386,7 @@ def _problem(linear: Linear) -> str | None:
     problem = _sole_constant(linear.weight, node, "weight")
     if problem:
         return problem
-    tensor = _const(linear.weight)
+    tensor = _tensor(linear.weight)
     if len(tensor.shape) != 2 or tensor.dtype not in FLOAT_TYPES:
         return f"weight '{linear.weight.name}' is not a 2-D float matrix"
     if linear.bias is None:
@@ -392,7 +399,7 @@ def _bias_problem(bias: ir.Value, reader: ir.Node, size: int) -> str | None:
     problem = _sole_constant(bias, reader, "bias")
     if problem:
         return problem
-    tensor = _const(bias)
+    tensor = _tensor(bias)
     if tensor.size != size or len(tensor.shape) > 2 or (len(tensor.shape) == 2 and tensor.shape[0] != 1):
         return f"bias '{bias.name}' is not a constant of shape ({size},)"
     return None
@@ -455,14 +462,31 @@ def _const(value: ir.Value) -> ir.TensorProtocol | None:
         return None
 
 
+def _tensor(value: ir.Value) -> ir.TensorProtocol:
+    """The constant behind `value`, where the pair's checks (_sole_constant) found one."""
+    tensor = _const(value)
+    assert tensor is not None, value.name
+    return tensor
+
+
+def _input(node: ir.Node, index: int) -> ir.Value:
+    """An input the op requires (a valid model has it; onnx-ir types every input as optional)."""
+    return cast(ir.Value, node.inputs[index])
+
+
+def _dims(tensor: ir.TensorProtocol) -> tuple[int, ...]:
+    """A constant's shape: static, every dimension an int."""
+    return cast("tuple[int, ...]", tuple(tensor.shape))
+
+
 def _cast(value: ir.Value, array: np.ndarray) -> np.ndarray:
     """array in the dtype of the constant `value`, contiguous."""
-    return np.ascontiguousarray(array, dtype=_const(value).dtype.numpy())
+    return np.ascontiguousarray(array, dtype=_tensor(value).dtype.numpy())
 
 
 def _like(value: ir.Value, entries: np.ndarray) -> np.ndarray:
     """Entries of a 1-D constant (stored (n,) or (1, n)) in its layout and dtype, at their new count."""
-    shape = (1, -1) if len(_const(value).shape) == 2 else (-1,)
+    shape = (1, -1) if len(_tensor(value).shape) == 2 else (-1,)
     return _cast(value, np.reshape(entries, shape))
 
 

@@ -24,6 +24,7 @@ of this error) is measured on the model itself, by onnxlr.coupled.
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -41,7 +42,7 @@ from onnxlr.heads import (
     padded_columns,
     size_reads,
 )
-from onnxlr.pairs import Linear, Slice, _attr, _const, _like, _problem, _read_linear, _scalar
+from onnxlr.pairs import Linear, Slice, _attr, _input, _like, _problem, _read_linear, _scalar, _tensor
 
 KEY_PERM = (0, 2, 3, 1)  # (b, s, H, d) -> (b, H, d, s): the keys, transposed for Q·Kᵀ
 
@@ -111,6 +112,7 @@ class ScorePair:
         for layer, matrix, bias in self._arrays(fit):
             feeds.append((layer.weight, layer.stored(padded_columns(matrix, self.heads, self.width))))
             if layer.bias is not None:
+                assert bias is not None  # a fit of layers with biases refits them
                 feeds.append((layer.bias, _like(layer.bias, padded_columns(bias, self.heads, self.width))))
         return feeds
 
@@ -119,6 +121,7 @@ class ScorePair:
         for layer, matrix, bias in self._arrays(fit):
             slices.append((layer.node, layer.weight, layer.stored(matrix)))
             if layer.bias is not None:
+                assert bias is not None
                 slices.append((layer.bias_reader, layer.bias, _like(layer.bias, bias)))
         slices += [(entry.node, entry.value, entry.replaced(len(fit.kept))) for entry in self.splits if entry is not None]
         return slices
@@ -180,7 +183,7 @@ class ScoreElimination(KeepCurve):
         if keep == self.width:  # the original, exactly
             matrices = [(layer.matrix().astype(np.float64), as_float(layer.bias_array())) for layer in layers]
             return ScoreFit(np.arange(keep), *matrices[0], *matrices[1], 0.0)
-        transforms = ([], [])
+        transforms: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         for q_inverse, k_inverse, u, s, vt in self.factors:
             root = np.sqrt(s[:keep])
             transforms[0].append(q_inverse @ u[:, :keep] * root)  # A_h
@@ -189,8 +192,8 @@ class ScoreElimination(KeepCurve):
         for layer, blocks in zip(layers, transforms):
             reduce = block_diagonal(np.stack(blocks))
             bias = layer.bias_array()
-            results += [layer.matrix().astype(np.float64) @ reduce, None if bias is None else bias.astype(np.float64) @ reduce]
-        return ScoreFit(np.arange(keep), *results, self.error(keep))
+            results.append((layer.matrix().astype(np.float64) @ reduce, None if bias is None else bias.astype(np.float64) @ reduce))
+        return ScoreFit(np.arange(keep), *results[0], *results[1], self.error(keep))
 
 
 # ----------------------------------------------------------------------------- finding pairs
@@ -212,8 +215,10 @@ def find_score_pairs(model: ir.Model) -> tuple[list[ScorePair], list[tuple[ir.No
         if index != 0:
             continue  # values (P·V, onnxlr.heads) or keys (found from their query)
         result = _score_pair(query, product, path)
-        (found if isinstance(result, ScorePair) else rejected).append(result if isinstance(result, ScorePair)
-                                                                      else (node, result))
+        if isinstance(result, ScorePair):
+            found.append(result)
+        else:
+            rejected.append((node, result))
     return found, rejected
 
 
@@ -224,6 +229,7 @@ def _heads_reader(layer: Linear, perm: tuple[int, ...]) -> tuple[ir.Node, ir.Nod
     transpose = only_reader(split.outputs[0], "Transpose", 0) if split is not None else None
     if transpose is None or tuple(_attr(transpose, "perm", ())) != perm:
         return None
+    assert split is not None  # transpose was found through it
     path = [layer.output, split.outputs[0], transpose.outputs[0]]
     value = transpose.outputs[0]
     axis = perm.index(3)  # where the head size went
@@ -231,7 +237,7 @@ def _heads_reader(layer: Linear, perm: tuple[int, ...]) -> tuple[ir.Node, ir.Nod
     if isinstance(uses, str) or size_reads(value, axis, lambda _: False):
         return None  # a run-time read of the head size could feed the scale
     if len(uses) == 1 and uses[0].node.op_type in ("Mul", "Div") and uses[0].idx == 0 and \
-            _scalar(uses[0].node.inputs[1]):
+            _scalar(_input(uses[0].node, 1)):
         value = uses[0].node.outputs[0]  # a scale on one side: it commutes with A_h (B_h)
         path.append(value)
         uses = data_uses(value)
@@ -243,7 +249,7 @@ def _heads_reader(layer: Linear, perm: tuple[int, ...]) -> tuple[ir.Node, ir.Nod
 
 
 def _score_pair(query: Linear, product: ir.Node, query_path: list[ir.Value]) -> ScorePair | str:
-    key_value = product.inputs[1]
+    key_value = _input(product, 1)
     key = _key_projection(key_value)
     if key is None:
         return "query heads whose keys are not a projection split by Reshape -> Transpose (0, 2, 3, 1)"
@@ -256,13 +262,14 @@ def _score_pair(query: Linear, product: ir.Node, query_path: list[ir.Value]) -> 
             return f"{what} {layer.node.op_type} node '{layer.node.name}': {problem}"
     if query.shape[1] != key.shape[1]:
         return f"the query has {query.shape[1]} columns, the key {key.shape[1]} (grouped or multi-query attention)"
-    if _const(query.weight).dtype != _const(key.weight).dtype:
-        return f"weight types differ: {_const(query.weight).dtype} and {_const(key.weight).dtype}"
+    if _tensor(query.weight).dtype != _tensor(key.weight).dtype:
+        return f"weight types differ: {_tensor(query.weight).dtype} and {_tensor(key.weight).dtype}"
     splits = [head_split(layer, _split_of(layer)) for layer in (query, key)]
     for result in splits:
         if isinstance(result, str):
             return result
-    (heads, width, query_entry), (key_heads, key_width, key_entry) = splits
+    found = cast("list[tuple[int, int, ShapeEntry | None]]", splits)  # no reason among them
+    (heads, width, query_entry), (key_heads, key_width, key_entry) = found
     if (heads, width) != (key_heads, key_width):
         return f"the query has {heads} heads of {width}, the key {key_heads} of {key_width}"
     return ScorePair(up=query, down=key, heads=heads, width=width, splits=[query_entry, key_entry],
@@ -276,14 +283,14 @@ def _split_of(layer: Linear) -> ir.Node:
 def _key_projection(value: ir.Value) -> Linear | None:
     """The linear layer whose split heads `value` is (through the Transpose and an optional scalar op)."""
     node = value.producer()
-    if node is not None and node.op_type in ("Mul", "Div") and _scalar(node.inputs[1]):
-        node = node.inputs[0].producer()
+    if node is not None and node.op_type in ("Mul", "Div") and _scalar(_input(node, 1)):
+        node = _input(node, 0).producer()
     if node is None or node.op_type != "Transpose":
         return None
-    split = node.inputs[0].producer()
+    split = _input(node, 0).producer()
     if split is None or split.op_type != "Reshape":
         return None
-    source = split.inputs[0]
+    source = _input(split, 0)
     producer = source.producer()
     if producer is None:
         return None
