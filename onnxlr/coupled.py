@@ -11,8 +11,9 @@ inner dimensions, with no node added (only initializers and shape constants are 
   two-sided whitened SVD. They have no down layer: their sensitivity and their comparison with
   per-matrix plans are measured on the model's outputs.
 
-Every kind answers the same calls (eliminate, fit_at, effective_down, fit_feeds, fit_slices,
-fed_biases, role_params), so this module prices, compares and rewrites them alike:
+Every kind answers the same calls (the PairKind Protocol: eliminate, fit_at, fit_feeds, fit_slices,
+fed_biases, role_params; every kind but Q·Kᵀ also DownPairKind's effective_down), so this module prices,
+compares and rewrites them alike:
 - With a whole-model budget (`--param-budget`, `--mac-budget`, and the `--target-cosine` /
   `--target-error` search over it), each pair is one more candidate of the allocation (a
   onnxlr.plan.JointUnit): its error at every k comes from one elimination, in model-output units
@@ -32,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -46,24 +47,106 @@ from onnxlr.revert import JOINT_UNIT
 from onnxlr.rewrite import add_initializer
 from onnxlr.settings import Progress, Settings
 
+if TYPE_CHECKING:
+    from onnxlr.protocols import CalibrationRunner, WeightSink
+
 logger = logging.getLogger(__name__)
 
 # The pair's output error is compared on the first calibration samples (as sensitivity is).
 COMPARISON_SAMPLES = 64
 
 
+# ----------------------------------------------------------------------------- what every kind answers
+
+FitT = TypeVar("FitT", bound="PairFit")
+FitT_co = TypeVar("FitT_co", bound="PairFit", covariant=True)
+
+
+class PairFit(Protocol):
+    """A pair's fit at k (joint.JointFit, heads.HeadFit, scores.ScoreFit): this module reads how many it keeps."""
+
+    @property
+    def kept(self) -> np.ndarray: ...  # the kept neurons (a head pair's: arange(k)); len() is k
+
+
+class PairElimination(Protocol[FitT_co]):
+    """Every k's error of one pair, and its fit at k on demand (joint.Elimination, heads.HeadElimination,
+    scores.ScoreElimination)."""
+
+    @property
+    def plain_share(self) -> float: ...  # converts the error to the down layer's output without its bias
+
+    def error(self, keep: int, /) -> float: ...
+
+    def fit(self, keep: int, /) -> FitT_co: ...
+
+
+class PairKind(Protocol[FitT]):
+    """What this module asks of every coupled pair (pairs.MlpPair, conv_pairs.ConvPair, heads.HeadPair,
+    scores.ScorePair). FitT is the kind's own fit: a pair takes back only the fits it made. A correlation is
+    the augmented Σ [z,1][z,1]ᵀ of the down layer's input (for Q·Kᵀ: the query's and the key's, a pair)."""
+
+    @property
+    def kind(self) -> str: ...  # the report's name of the kind
+
+    @property
+    def width(self) -> int: ...  # the inner width D (a head pair's head size d)
+
+    @property
+    def weights_per_neuron(self) -> int: ...  # weight parameters one kept neuron costs
+
+    def weight_params(self, keep: int, /) -> int: ...
+
+    def role_params(self, index: int, keep: int, /) -> tuple[int, int]: ...
+
+    def eliminate(self, correlation: Any, /) -> PairElimination[FitT]: ...
+
+    def fit_at(self, correlation: Any, keep: int, /) -> FitT: ...
+
+    def fit_feeds(self, fit: FitT, /) -> list[tuple[ir.Value, np.ndarray]]: ...
+
+    def fit_slices(self, fit: FitT, /) -> list[pairs.Slice]: ...
+
+    def fed_biases(self) -> list[tuple[ir.Node, ir.Value]]: ...
+
+    def inner_values(self) -> list[ir.Value]: ...
+
+
+class DownPairKind(PairKind[FitT], Protocol[FitT]):
+    """A pair whose down layer's output shows its error (every kind but Q·Kᵀ): the two plans are compared there."""
+
+    @property
+    def down(self) -> pairs.Linear | conv_pairs.ConvLayer: ...
+
+    def down_matrix(self) -> np.ndarray: ...
+
+    def down_bias(self) -> np.ndarray | None: ...
+
+    def effective_down(self, fit: FitT, /) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
+if TYPE_CHECKING:
+    def _kinds(mlp: pairs.MlpPair, conv: conv_pairs.ConvPair, values: heads.HeadPair, products: scores.ScorePair
+               ) -> tuple[DownPairKind[joint.JointFit], DownPairKind[joint.JointFit], DownPairKind[heads.HeadFit],
+                          PairKind[scores.ScoreFit]]:
+        """Never run: the type checker holds each kind to the Protocols, with its own fit."""
+        return mlp, conv, values, products
+
+
+# ----------------------------------------------------------------------------- the pairs
+
+
 @dataclasses.dataclass
 class PairPlan:
-    """A coupled pair (MLP, gated MLP or conv channels), the weight groups of its layers, and (once
-    chosen) its joint fit."""
+    """A coupled pair (any PairKind), the weight groups of its layers, and (once chosen) its joint fit."""
 
-    pair: pairs.CoupledPair | heads.HeadPair | scores.ScorePair
+    pair: PairKind[Any]
     ups: list[WeightGroup]  # one per pair.up_layers(), in that order
     down: WeightGroup
-    fit: joint.JointFit | heads.HeadFit | scores.ScoreFit | None = None
+    fit: PairFit | None = None
     svd_error: float | None = None  # output error of the pair's down layer under the per-matrix plan
     joint_error: float | None = None  # and under the joint fit at the same weight parameters
-    elimination: joint.Elimination | heads.HeadElimination | scores.ScoreElimination | None = None  # every k's error
+    elimination: PairElimination[PairFit] | None = None  # every k's error
     sensitivity: float | None = None  # a Q·Kᵀ pair's own (it has no down layer whose sensitivity prices it)
     keep: int | None = None  # neurons the budget allocation gave the pair (onnxlr.plan.JointUnit)
     bias_slots: dict[int, int] = dataclasses.field(default_factory=dict)  # id(bias) -> its calibration feed
@@ -75,7 +158,7 @@ class PairPlan:
     @property
     def key(self) -> str:
         """The calibration probe of the down layer: it reads the activation the refit needs."""
-        return self.down.lead.node.outputs[0].name
+        return cast(str, self.down.lead.node.outputs[0].name)  # a loaded model names its values
 
     # onnxlr.plan.JointUnit
     @property
@@ -105,10 +188,10 @@ class PairPlan:
         (exactly the sliced pair: their activations meet zero weights), and the refitted biases."""
         return {} if self.fit is None else self.feeds_of(self.fit)
 
-    def feeds_of(self, fit: Any) -> dict[int, np.ndarray]:
+    def feeds_of(self, fit: PairFit) -> dict[int, np.ndarray]:
         if any(g.slot is None for g in self.groups):
             return {}
-        slots = {id(g.lead.weight): g.slot for g in self.groups} | self.bias_slots
+        slots = {id(g.lead.weight): cast(int, g.slot) for g in self.groups} | self.bias_slots  # all set (above)
         return {slots[id(value)]: array for value, array in self.pair.fit_feeds(fit) if id(value) in slots}
 
     def reset(self) -> None:
@@ -116,7 +199,7 @@ class PairPlan:
         for group in self.groups:
             group.joint = None
 
-    def take(self, fit: joint.JointFit) -> None:
+    def take(self, fit: PairFit) -> None:
         self.fit = fit
         for index, group in enumerate(self.groups):
             group.joint = JointRole(self, index)
@@ -142,7 +225,9 @@ class JointRole:
 
     def params(self) -> tuple[int, int]:
         """The layer's parameters before and after (an up conv's row also counts its BatchNormalization)."""
-        return self.plan.pair.role_params(self.index, len(self.plan.fit.kept))
+        fit = self.plan.fit
+        assert fit is not None  # a group has a role only while its pair's fit is taken
+        return self.plan.pair.role_params(self.index, len(fit.kept))
 
     def feeds(self) -> dict[int, np.ndarray]:
         return self.plan.feeds() if self.side == "down" else {}  # the up weights' kept outputs are unchanged
@@ -161,21 +246,25 @@ def find(model: ir.Model, groups: Sequence[WeightGroup]) -> tuple[list[PairPlan]
     settled = {id(node) for node, _ in product_rejected} | {id(p.up.node) for p in products} | \
         {id(p.down.node) for p in products}
     value_rejected = [(node, reason) for node, reason in value_rejected if id(node) not in settled]
-    rejected = [{"node": node.name, "reason": reason}
+    # A loaded model's node names are strings ('' when unnamed): the casts below.
+    rejected = [{"node": cast(str, node.name), "reason": reason}
                 for node, reason in mlp_rejected + conv_rejected + value_rejected + product_rejected]
-    plans, taken = [], set()
+    plans: list[PairPlan] = []
+    taken: set[int] = set()
     for pair in mlp + conv + values + products:
         layers = [*pair.up_layers(), pair.down]
         layer_groups = [by_node.get(id(layer.node)) for layer in layers]
         outside = [layer.node.name for g, layer in zip(layer_groups, layers) if g is None or g.lead.weight is not layer.weight]
+        first = cast(str, layers[0].node.name)
         if outside:
-            rejected.append({"node": layers[0].node.name, "reason": f"layer '{outside[0]}' is not a target of its own "
+            rejected.append({"node": first, "reason": f"layer '{outside[0]}' is not a target of its own "
                              "(skipped, shared or excluded)"})
         elif any(id(g) in taken for g in layer_groups):
-            rejected.append({"node": layers[0].node.name, "reason": "a layer already belongs to the pair before it"})
+            rejected.append({"node": first, "reason": "a layer already belongs to the pair before it"})
         else:
             taken.update(id(g) for g in layer_groups)
-            plans.append(PairPlan(pair, layer_groups[:-1], layer_groups[-1]))
+            own = cast("list[WeightGroup]", layer_groups)  # none is outside: every layer has its group
+            plans.append(PairPlan(pair, own[:-1], own[-1]))
     return plans, rejected
 
 
@@ -191,7 +280,7 @@ def summary(plans: Sequence[PairPlan], rejected: Sequence[dict[str, str]]) -> di
             outcome = "per-matrix: no joint fit was compared (a per-layer plan kept it whole, or no budget left)"
         entry = {"kind": pair_plan.pair.kind, "up": [g.lead.name for g in pair_plan.ups],
                  "down": pair_plan.down.lead.name, "width": pair_plan.width, "chosen": pair_plan.chosen,
-                 "kept": len(pair_plan.fit.kept) if pair_plan.chosen else None, "outcome": outcome,
+                 "kept": len(pair_plan.fit.kept) if pair_plan.fit is not None else None, "outcome": outcome,
                  "joint_error": pair_plan.joint_error, "per_matrix_error": pair_plan.svd_error}
         found.append(entry)
     return {"found": found, "not_pairs": list(rejected)}
@@ -199,30 +288,33 @@ def summary(plans: Sequence[PairPlan], rejected: Sequence[dict[str, str]]) -> di
 
 def bias_slots(plans: Sequence[PairPlan]) -> list[tuple[PairPlan, ir.Value, calibration.Slot]]:
     """A calibration feed for each bias a pair's fit changes: (the pair, the bias, its slot)."""
-    slots = []
+    slots: list[tuple[PairPlan, ir.Value, calibration.Slot]] = []
     for pair_plan in plans:
         for reader, bias in pair_plan.pair.fed_biases():
             index = next(i for i, v in enumerate(reader.inputs) if v is bias)
-            slots.append((pair_plan, bias, calibration.Slot(keys=[reader.outputs[0].name], weight_inputs=[index],
-                                                            array=pairs._const(bias).numpy(), transposed=[False])))
+            tensor = pairs._const(bias)
+            assert tensor is not None  # the finders took only constant biases
+            key = cast(str, reader.outputs[0].name)  # a loaded model's values are named
+            slots.append((pair_plan, bias, calibration.Slot(keys=[key], weight_inputs=[index],
+                                                            array=tensor.numpy(), transposed=[False])))
     return slots
 
 
-def attach_bias_slots(slots: Sequence[tuple[PairPlan, ir.Value, calibration.Slot]], runner: Any) -> None:
+def attach_bias_slots(slots: Sequence[tuple[PairPlan, ir.Value, calibration.Slot]], runner: CalibrationRunner) -> None:
     """Each pair's bias feeds, by their index in the runner (datafit.prepare appended them)."""
     index = {id(slot): i for i, slot in enumerate(runner.slots)}
     for pair_plan, bias, slot in slots:
         pair_plan.bias_slots[id(bias)] = index[id(slot)]
 
 
-def measurable(plans: Sequence[PairPlan], runner: Any) -> list[PairPlan]:
+def measurable(plans: Sequence[PairPlan], runner: CalibrationRunner) -> list[PairPlan]:
     """The pairs whose layers all have calibration feeds and statistics (a Q·Kᵀ pair: both inputs' moments)."""
     return [p for p in plans if all(g.slot is not None for g in p.groups) and p.key in runner.probes and
             (not isinstance(p.pair, scores.ScorePair) or all(_has_moments(g) for g in p.groups))]
 
 
-def measure(plans: Sequence[PairPlan], runner: Any, batches: list[dict[str, np.ndarray]], progress: Progress
-            ) -> list[PairPlan]:
+def measure(plans: Sequence[PairPlan], runner: CalibrationRunner, batches: list[dict[str, np.ndarray]],
+            progress: Progress) -> list[PairPlan]:
     """Each measurable pair's elimination (every k's error); returns those pairs."""
     plans = measurable(plans, runner)
     correlations = _correlations(plans, runner, batches, progress)
@@ -240,11 +332,12 @@ def _sensitivity_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str,
     return datafit.first_samples(batches, datafit.SENSITIVITY_SAMPLES)
 
 
-def _own_sensitivity(pair_plan: PairPlan, runner: Any, batches: list[dict[str, np.ndarray]],
+def _own_sensitivity(pair_plan: PairPlan, runner: CalibrationRunner, batches: list[dict[str, np.ndarray]],
                      reference: dict[str, np.ndarray]) -> float:
     """The model's relative output error per unit of the pair's predicted error, with the pair alone fitted
     at half its width (as datafit.measure_sensitivity probes a layer at half its parameters)."""
     keep = max(1, pair_plan.width // 2)
+    assert pair_plan.elimination is not None  # measure() eliminated it first
     predicted = pair_plan.elimination.error(keep)
     if predicted <= 0:
         return 0.0
@@ -253,7 +346,8 @@ def _own_sensitivity(pair_plan: PairPlan, runner: Any, batches: list[dict[str, n
     return datafit.relative_error(reference, outputs) / predicted
 
 
-def settle(plans: Sequence[PairPlan], settings: Settings, runner: Any, batches: list[dict[str, np.ndarray]]) -> None:
+def settle(plans: Sequence[PairPlan], settings: Settings, runner: CalibrationRunner,
+           batches: list[dict[str, np.ndarray]]) -> None:
     """After a budget allocation: each pair takes its joint fit at the k it was given, or the best
     per-matrix plan of its two layers at the same cost, whichever loses less on calibration samples."""
     assert settings.budget is not None
@@ -267,6 +361,7 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: Any, batches: 
                 if not group.reason:  # a layer that could not be timed (--objective latency) keeps saying so
                     group.keep_dense("kept_dense_by_budget", f"kept dense by the {flag} allocation")
             continue
+        assert pair_plan.elimination is not None  # the units settle() is given were measured (measure())
         fit = pair_plan.elimination.fit(keep)
         share = pair_plan.cost(keep, measure_name) / pair_plan.cost(pair_plan.width, measure_name)
         if not _plan_per_matrix(pair_plan, settings, share):
@@ -292,7 +387,8 @@ def _plan_per_matrix(pair_plan: PairPlan, settings: Settings, fraction: float) -
     return True
 
 
-def choose(plans: list[PairPlan], runner: Any, batches: list[dict[str, np.ndarray]], progress: Progress) -> None:
+def choose(plans: list[PairPlan], runner: CalibrationRunner, batches: list[dict[str, np.ndarray]],
+           progress: Progress) -> None:
     """Per-layer policies: fit each pair at its per-matrix plan's weight parameters; keep it where it loses less."""
     plans = [p for p in measurable(plans, runner) if any(g.factorized for g in p.groups)]
     if not plans:
@@ -318,12 +414,13 @@ def _weight_params_after(group: WeightGroup) -> int:
     """The group's weight parameters under the per-matrix plan (the bias left out: it stays either way)."""
     scheme = group.scheme or group.schemes[0]
     if group.factorized:
+        assert group.rank is not None  # factorized: planned to a rank
         return group.rank * scheme.params_per_rank
     return scheme.params_before - scheme.fixed_params
 
 
-def _correlations(plans: list[PairPlan], runner: Any, batches: list[dict[str, np.ndarray]], progress: Progress
-                  ) -> dict[int, np.ndarray]:
+def _correlations(plans: list[PairPlan], runner: CalibrationRunner, batches: list[dict[str, np.ndarray]],
+                  progress: Progress) -> dict[int, Any]:
     """Each pair's augmented correlation Σ [z,1][z,1]ᵀ of its down layer's input: from the statistics
     calibration already took (the down layer's Gram and sum), or from a pass of its own."""
     result: dict[int, Any] = {}
@@ -355,6 +452,7 @@ def _augmented(group: WeightGroup) -> np.ndarray | None:
     """[[G, s], [sᵀ, n]] from the group's original statistics (one conv group), or None."""
     if not _has_moments(group):
         return None
+    assert group.input_moments is not None  # _has_moments checked it
     sums, count = group.input_moments
     sums = sums.reshape(-1)
     width = len(sums)
@@ -369,7 +467,7 @@ def _augmented(group: WeightGroup) -> np.ndarray | None:
 class Comparison:
     """The calibration samples a pair's two plans are compared on, and the model's outputs there (once)."""
 
-    runner: Any
+    runner: CalibrationRunner
     batches: list[dict[str, np.ndarray]]
     _reference: dict[str, np.ndarray] | None = None
 
@@ -383,19 +481,20 @@ class Comparison:
         return datafit.relative_error(self.reference, calibration.model_outputs(self.runner, self.batches, overrides))
 
 
-def _errors(pair_plan: PairPlan, fit: Any, comparison: Comparison) -> tuple[float, float]:
+def _errors(pair_plan: PairPlan, fit: PairFit, comparison: Comparison) -> tuple[float, float]:
     """Relative output error of the pair's down layer (of the model, for a Q·Kᵀ pair: it has no down
     layer whose outputs show its error): per-matrix plan, and joint fit (same samples)."""
     pair, runner, batches = pair_plan.pair, comparison.runner, comparison.batches
     if isinstance(pair, scores.ScorePair):
-        per_matrix = {g.slot: g.dense_weight(g.scheme, g.rank) for g in pair_plan.groups if g.factorized}
+        per_matrix = {cast(int, g.slot): g.planned_weight() for g in pair_plan.groups if g.factorized}  # measurable
         return comparison.model_error(per_matrix), comparison.model_error(pair_plan.feeds_of(fit))
+    pair = cast("DownPairKind[Any]", pair)  # every kind but Q·Kᵀ has a down layer
     down_matrix = pair.down_matrix().astype(np.float64)
     down_bias = pair.down_bias()
     bias = np.zeros(down_matrix.shape[1]) if down_bias is None else down_bias.astype(np.float64)
     down = pair_plan.down
-    svd_down = _as_matrix(pair.down, down.dense_weight(down.scheme, down.rank)) if down.factorized else down_matrix
-    overrides = {g.slot: g.dense_weight(g.scheme, g.rank) for g in pair_plan.ups if g.factorized}
+    svd_down = _as_matrix(pair.down, down.planned_weight()) if down.factorized else down_matrix
+    overrides = {cast(int, g.slot): g.planned_weight() for g in pair_plan.ups if g.factorized}  # measurable: all set
     name = runner.probes[pair_plan.key].activation
     fit_down, fit_bias = pair.effective_down(fit)
     fit_bias = np.zeros_like(bias) if fit_bias is None else fit_bias
@@ -417,7 +516,7 @@ def _rows(vectors: np.ndarray) -> np.ndarray:
     return np.asarray(vectors, dtype=np.float64).reshape(-1, np.shape(vectors)[-1])
 
 
-def _as_matrix(layer: Any, stored: np.ndarray) -> np.ndarray:
+def _as_matrix(layer: pairs.Linear | conv_pairs.ConvLayer, stored: np.ndarray) -> np.ndarray:
     """A weight as its layer stores it (Gemm transB, conv OIHW), as the X·W matrix."""
     stored = np.asarray(stored, dtype=np.float64)
     if isinstance(layer, conv_pairs.ConvLayer):
@@ -428,14 +527,14 @@ def _as_matrix(layer: Any, stored: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- rewrite
 
 
-def rewrite(model: ir.Model, plans: Sequence[PairPlan], sink: Any = None) -> None:
+def rewrite(model: ir.Model, plans: Sequence[PairPlan], sink: WeightSink | None = None) -> None:
     """Slice the chosen pairs' weights and biases to their kept neurons; no node is added."""
     names = NameGenerator(model)
     for pair_plan in plans:
-        if not pair_plan.chosen:
+        if pair_plan.fit is None:  # not chosen
             continue
         slices = list(pair_plan.pair.fit_slices(pair_plan.fit))
-        unit = slices[0][0].name if slices else ""  # the pair's name: its first narrowed node's
+        unit = cast(str, slices[0][0].name) if slices else ""  # the pair's name: its first narrowed node's
         for node, old, array in slices:
             _replace(node, old, array, names, sink)
             node.metadata_props[JOINT_UNIT] = unit  # what onnxlr.revert puts back together
@@ -443,9 +542,10 @@ def rewrite(model: ir.Model, plans: Sequence[PairPlan], sink: Any = None) -> Non
             value.shape = None
 
 
-def _replace(node: ir.Node, old: ir.Value, array: np.ndarray, names: NameGenerator, sink: Any) -> None:
+def _replace(node: ir.Node, old: ir.Value, array: np.ndarray, names: NameGenerator, sink: WeightSink | None) -> None:
     """Give `node` a new initializer in place of its constant input `old` (cleanup drops the old one)."""
-    dtype = ir.convenience.get_const_tensor(old).dtype
-    value = add_initializer(node.graph, names(f"{old.name or node.name}_joint"), array, dtype, sink)
+    tensor = ir.convenience.get_const_tensor(old)
+    assert tensor is not None and node.graph is not None  # a constant input (the finders checked) of a model's node
+    value = add_initializer(node.graph, names(f"{old.name or node.name}_joint"), array, tensor.dtype, sink)
     index = next(i for i, v in enumerate(node.inputs) if v is old)
     node.replace_input_with(index, value)

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -93,10 +93,11 @@ def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationDat
     statistics = calibration.moments(runner, progress(data.batches, "calibration"))
     for index, group in enumerate(keyed):
         group.slot = index
-        found = [statistics[t.node.outputs[0].name] for t in group.targets if t.node.outputs[0].name in statistics]
-        if found and group.uniform:  # one reader: its (possibly shared) Gram as it is, not a copy
-            group.gram = lowrank.summed_grams([acc.result() for acc in found])
-            group.input_moments = (np.sum([acc.sums for acc in found], axis=0), sum(acc.count for acc in found))
+        taken = [statistics[t.node.outputs[0].name] for t in group.targets if t.node.outputs[0].name in statistics]
+        if taken and group.uniform:  # one reader: its (possibly shared) Gram as it is, not a copy
+            group.gram = lowrank.summed_grams([acc.result() for acc in taken])
+            sums = cast("list[np.ndarray]", [acc.sums for acc in taken])  # moments() keeps those that saw vectors
+            group.input_moments = (np.sum(sums, axis=0), sum(acc.count for acc in taken))
     return runner
 
 
@@ -106,7 +107,8 @@ def row_weights(group: WeightGroup, batches: Sequence[Mapping[str, np.ndarray]])
     if group.lead.rule.calibrated or any(t.rule.calibrated for t in group.targets):
         return None
     # One ids input per lookup (two lookups of the same ids count twice: each reads the rows).
-    ids = [t.node.inputs[1].name for t in group.targets if t.node.inputs[1] is not None and t.node.inputs[1].is_graph_input()]
+    ids = [cast(str, t.node.inputs[1].name) for t in group.targets  # ONNX names every graph input
+           if t.node.inputs[1] is not None and t.node.inputs[1].is_graph_input()]
     if len(ids) != len(group.targets) or not batches or not all(name in batches[0] for name in ids):
         return None  # computed ids (positions, token types): the plain SVD
     rows = group.lead.array.shape[0]
@@ -127,7 +129,8 @@ def row_weights(group: WeightGroup, batches: Sequence[Mapping[str, np.ndarray]])
 def _slot(group: WeightGroup) -> calibration.Slot:
     """Every reader of the group's weight, and whether it reads the lead's array or its transpose."""
     lead = group.lead.array
-    return calibration.Slot(keys=[t.node.outputs[0].name for t in group.targets],
+    keys = [cast(str, t.node.outputs[0].name) for t in group.targets]  # a loaded model names them
+    return calibration.Slot(keys=keys,
                             weight_inputs=[t.weight_input for t in group.targets], array=lead,
                             transposed=[t.array is not lead and not np.array_equal(t.array, lead)
                                         for t in group.targets])
@@ -186,7 +189,7 @@ def factorized_overrides(groups: Iterable[WeightGroup]) -> dict[int, np.ndarray]
     """Feeds that replace every factorized group's weight by its low-rank product (and joint pairs' by their fit)."""
     groups = list(groups)
     overrides = joint_feeds(groups)
-    overrides.update({g.slot: g.dense_weight(g.scheme, g.rank) for g in groups if g.slot is not None and g.factorized})
+    overrides.update({g.slot: g.planned_weight() for g in groups if g.slot is not None and g.factorized})
     return overrides
 
 
@@ -298,6 +301,7 @@ def search_budget(groups: Sequence[WeightGroup], goal: Goal, runner: calibration
     trace: list[dict[str, float]] = []
 
     def cosine_at(budget: float) -> float | None:
+        assert data.heldout  # checked above
         try:
             plan(budget)
         except OnnxlrError:  # rank 1 everywhere is already over this budget

@@ -108,6 +108,7 @@ class WeightGroup:
         if self.row_weights is not None and scheme.size_only:
             result = lowrank.row_weighted_svd(scheme.matrices, self.row_weights)
         elif self.whitens(scheme):
+            assert self.gram is not None and scheme.whiten_side is not None  # whitens() checked both
             result = lowrank.whitened_svd(scheme.matrices, self.gram, side=scheme.whiten_side, cross=self.cross,
                                           rank=rank, solver=self.solver)
         else:
@@ -133,6 +134,11 @@ class WeightGroup:
         a, b = self.factors(scheme, rank)
         dense = self.lead.rule.dense_weight(self.lead, scheme, np.matmul(a, b))
         return np.ascontiguousarray(dense.astype(self.lead.array.dtype))
+
+    def planned_weight(self) -> np.ndarray:
+        """dense_weight at the planned scheme and rank (a factorized group's)."""
+        assert self.scheme is not None and self.rank is not None  # planned
+        return self.dense_weight(self.scheme, self.rank)
 
 
 def _matching(scheme: Scheme, options: list[Scheme]) -> Scheme:

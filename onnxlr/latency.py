@@ -20,9 +20,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +30,9 @@ import onnx_ir as ir
 from onnxlr.errors import OnnxlrError
 from onnxlr.passes import Context, NameGenerator, Scheme, Target
 from onnxlr.passes.weights import constant_weight
+
+if TYPE_CHECKING:
+    from onnxlr.groups import WeightGroup
 
 MARGIN = 0.05  # a pair must measure at least 5% faster than its original node to be kept
 # ... and save at least this much: a few microseconds measured in isolation do not survive in a whole model (its
@@ -156,7 +159,7 @@ class Clock:
                 self.cache_path = cache_folder() / f"latency-{digest}.json"
                 self.entries = _read_cache(self.cache_path)
 
-    def group_timing(self, group: Any, scheme: Scheme, ranks: Sequence[int]) -> LayerTiming:
+    def group_timing(self, group: WeightGroup, scheme: Scheme, ranks: Sequence[int]) -> LayerTiming:
         """The group's original time and its pairs' at `ranks` of `scheme` (each reader timed and summed);
         ranks a table lacks are left out. Adds to (and returns) `group.timing`."""
         original = 0.0
@@ -166,18 +169,21 @@ class Clock:
             reader_original, times = self.reader_times(target, own, ranks)
             original += reader_original
             for rank in list(totals):
-                if times.get(rank) is None:
+                ms = times.get(rank)
+                if ms is None:
                     del totals[rank]
                 else:
-                    totals[rank] += times[rank]
+                    totals[rank] += ms
         timing = group.timing if group.timing is not None else LayerTiming(original_ms=original)
         timing.original_ms = original
         timing.pair_ms.update({(scheme.name, rank): ms for rank, ms in totals.items()})
         group.timing = timing
         return timing
 
-    def reader_times(self, target: Target, scheme: Scheme, ranks: Sequence[int]) -> tuple[float, dict[int, float]]:
-        """One reader's original time and its pairs' (ms), timing together whatever the entries lack."""
+    def reader_times(self, target: Target, scheme: Scheme, ranks: Sequence[int]
+                     ) -> tuple[float, dict[int, float | None]]:
+        """One reader's original time and its pairs' (ms), timing together whatever the entries lack (None: a rank
+        the table lacks)."""
         layer = layer_key(target, self.shapes)
         keys = {rank: f"{layer}|{scheme.name}|r{rank}" for rank in ranks}
         original_key = f"{layer}|original"
@@ -378,7 +384,8 @@ def pair_model(target: Target, scheme: Scheme, rank: int, shapes: Mapping[str, t
 def _micro(target: Target, shapes: Mapping[str, tuple | None]) -> tuple[ir.Model, dict[str, np.ndarray], Target]:
     node = target.node
     rng = np.random.default_rng(0)
-    inputs, initializers, values, feeds = [], [], [], {}
+    inputs, initializers, feeds = [], [], {}
+    values: list[ir.Value | None] = []
     for index, original in enumerate(node.inputs):
         if original is None:
             values.append(None)
@@ -402,7 +409,8 @@ def _micro(target: Target, shapes: Mapping[str, tuple | None]) -> tuple[ir.Model
     graph = ir.Graph(inputs, [o for o in outputs if o.name], nodes=[copy], initializers=initializers,
                      opset_imports={"": opset}, name="onnxlr_latency")
     model = ir.Model(graph, ir_version=_ir_version(opset))
-    micro = dataclasses.replace(target, node=copy, weight=values[target.weight_input], sources=(),
+    weight = cast(ir.Value, values[target.weight_input])  # a target's weight input is there
+    micro = dataclasses.replace(target, node=copy, weight=weight, sources=(),
                                 context=Context(shapes=shapes, opset=opset,
                                                 inputs_as_constants=target.context.inputs_as_constants))
     return model, feeds, micro
@@ -458,8 +466,8 @@ def time_models(models: Sequence[bytes], feeds: Mapping[str, np.ndarray], provid
 # ----------------------------------------------------------------------------- planning with measured times
 
 
-def choose_fastest(group: Any, options: Sequence[tuple[Scheme, int]], rank_multiple: int, clock: Clock,
-                   fits: Any = None) -> bool:
+def choose_fastest(group: WeightGroup, options: Sequence[tuple[Scheme, int]], rank_multiple: int, clock: Clock,
+                   fits: Callable[[Scheme, int], bool] | None = None) -> bool:
     """Per-layer policies: each option (scheme, policy rank), in the size objective's order of preference, then its
     round-ups to vector multiples. The first pair measured faster than the original is the plan, and a later
     candidate replaces it only when measurably faster than it (a round-up costs parameters; a near tie is noise).
@@ -476,7 +484,7 @@ def choose_fastest(group: Any, options: Sequence[tuple[Scheme, int]], rank_multi
         timing = clock.group_timing(group, scheme, ranks)
         for r in ranks:
             ms = timing.ms(scheme, r)
-            if timing.faster(scheme, r) and (best is None or measurably_faster(ms, best[0])):
+            if ms is not None and timing.faster(scheme, r) and (best is None or measurably_faster(ms, best[0])):
                 best = (ms, scheme, r)
     if timing is None:
         return False
@@ -488,8 +496,8 @@ def choose_fastest(group: Any, options: Sequence[tuple[Scheme, int]], rank_multi
     return True
 
 
-def prepare_ladders(groups: Sequence[Any], candidates: Any, rank_multiple: int, measure: str, clock: Clock,
-                    progress: Any = None) -> None:
+def prepare_ladders(groups: Sequence[WeightGroup], candidates: Callable[[WeightGroup], list[Scheme]], rank_multiple: int,
+                    measure: str, clock: Clock, progress: Any = None) -> None:
     """Whole-model budgets: each group's scheme (the fastest at equal energy when views compete) and `ladder`,
     the ranks the allocation may give it: those measured faster than the original. For a latency budget a rank
     no faster than a larger one is dropped too, so time grows along the ladder. A group without any stays
@@ -511,9 +519,11 @@ def prepare_ladders(groups: Sequence[Any], candidates: Any, rank_multiple: int, 
         if measure == "latency":
             kept, fastest_above = [], math.inf
             for rank in reversed(ladder):
-                if timing.ms(scheme, rank) < fastest_above:
+                ms = timing.ms(scheme, rank)
+                assert ms is not None  # on the ladder: measured faster
+                if ms < fastest_above:
                     kept.append(rank)
-                    fastest_above = timing.ms(scheme, rank)
+                    fastest_above = ms
             ladder = kept[::-1]
         group.scheme, group.ladder = scheme, ladder
     check_timed(unknown, groups, clock.dynamic_inputs)
@@ -521,11 +531,11 @@ def prepare_ladders(groups: Sequence[Any], candidates: Any, rank_multiple: int, 
 
 def dynamic_inputs(model: ir.Model, shapes: Mapping[str, tuple | None]) -> list[str]:
     """The model's inputs whose dims stay unknown at `shapes` (what --shape must fix)."""
-    return [v.name for v in model.graph.inputs
-            if not all(isinstance(d, int) and d > 0 for d in (shapes.get(v.name) or [None]))]
+    return [cast(str, v.name) for v in model.graph.inputs  # ONNX names every graph input
+            if not all(isinstance(d, int) and d > 0 for d in (shapes.get(cast(str, v.name)) or [None]))]
 
 
-def check_timed(unknown: Sequence[str], groups: Sequence[Any], dynamic_inputs: Sequence[str] = ()) -> None:
+def check_timed(unknown: Sequence[str], groups: Sequence[WeightGroup], dynamic_inputs: Sequence[str] = ()) -> None:
     """Every layer untimed for dynamic dims: the run cannot plan by latency; say which shapes to pass."""
     if unknown and len(unknown) == len(groups):
         names = f" ({', '.join(dynamic_inputs)})" if dynamic_inputs else ""
@@ -533,7 +543,7 @@ def check_timed(unknown: Sequence[str], groups: Sequence[Any], dynamic_inputs: S
                           f"pass --shape NAME:DIMS for the model's dynamic inputs{names} (or --calibration data)")
 
 
-def _fastest_scheme(group: Any, schemes: Sequence[Scheme], rank_multiple: int, clock: Clock) -> Scheme:
+def _fastest_scheme(group: WeightGroup, schemes: Sequence[Scheme], rank_multiple: int, clock: Clock) -> Scheme:
     """The view whose pair is fastest at the energy the first view keeps at the middle of its ladder (another view
     than the first only when measurably faster)."""
     reference = schemes[0]
@@ -558,7 +568,7 @@ def _fastest_scheme(group: Any, schemes: Sequence[Scheme], rank_multiple: int, c
     return best[2]
 
 
-def plan_summary(groups: Sequence[Any], clock: Clock) -> dict[str, Any]:
+def plan_summary(groups: Sequence[WeightGroup], clock: Clock) -> dict[str, Any]:
     """The report's `latency`: each timed layer's plan in total, and how the times were had."""
     timed = [g for g in groups if g.timing is not None]
     chosen = [g for g in timed if g.factorized and g.timing.ms(g.scheme, g.rank) is not None]

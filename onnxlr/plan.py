@@ -199,12 +199,16 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
     def before(group: WeightGroup) -> float:
         if measure == "latency":  # an untimed layer of a coupled pair counts for nothing
             return group.timing.original_ms if group.timing is not None else 0.0
-        return group.scheme.params_before if measure == "params" else group.scheme.macs_before
+        scheme = group.scheme
+        assert scheme is not None  # every group allocated here has its scheme (plan_ranks, prepare_ladders)
+        return scheme.params_before if measure == "params" else scheme.macs_before
 
     def after(group: WeightGroup, rank: int) -> float:
         if measure == "latency":
             return group.timing.ms(group.scheme, rank)
-        return group.scheme.params_after(rank) if measure == "params" else group.scheme.macs_after(rank)
+        scheme = group.scheme
+        assert scheme is not None
+        return scheme.params_after(rank) if measure == "params" else scheme.macs_after(rank)
 
     def unit_cost(unit: JointUnit, keep: int) -> float:
         if measure != "latency":
@@ -226,6 +230,7 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         if group.ladder is not None:  # measured: only its faster ranks
             rank = group.ladder[0] if group.ladder else 0
         else:
+            assert group.scheme is not None
             rank = min(step, group.scheme.full_rank)
             # A layer with no gaining rank at all (a 64x1 weight: rank 1 keeps 65 of 64) can only stay dense.
             rank = rank if group.scheme.gains(rank) else 0
@@ -253,6 +258,7 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         if rank == 0:  # dense already (it started so, or went back): nothing left to grant, nothing to charge
             return
         scheme = group.scheme
+        assert scheme is not None
         decomposition = group.decomposition(scheme)
         current_loss = 1.0 - decomposition.retained_energy(rank)
         if group.ladder is not None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any
+from collections.abc import Generator
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -24,14 +25,17 @@ import onnx_ir.passes.common as ir_passes
 from onnxlr import lowrank, parallel, plan, subnormals
 from onnxlr._version import __version__
 from onnxlr.groups import WeightGroup
-from onnxlr.passes import NameGenerator
+from onnxlr.passes import NameGenerator, Scheme
 from onnxlr.passes.base import make_node, old_ir
 from onnxlr.policies import LayerPolicy
 from onnxlr.settings import Progress, Settings
 
+if TYPE_CHECKING:
+    from onnxlr.protocols import WeightSink
+
 
 def factorize_groups(model: ir.Model, groups: list[WeightGroup], settings: Settings, progress: Progress,
-                     plan_here: bool, dry_run: bool = False, sink: Any = None) -> None:
+                     plan_here: bool, dry_run: bool = False, sink: WeightSink | None = None) -> None:
     """SVD, factors and rewrite, one group at a time in graph order (up to --jobs SVDs at once).
 
     Each group's factors go into the model (written to `sink` right away when there is one) and its
@@ -48,9 +52,13 @@ def factorize_groups(model: ir.Model, groups: list[WeightGroup], settings: Setti
             plan.plan_layer(group, settings)
         if dry_run or group.reason or group.rank is None:
             return None
+        assert group.scheme is not None  # planned with its rank
         return group.factors(group.scheme, group.rank)
 
-    results = parallel.ordered_map(work, active, jobs=settings.jobs, cost=lambda g: _working_set(g, settings))
+    assert settings.jobs is not None  # Settings fills in the default
+    # ordered_map is a generator: closing it stops the work left
+    results = cast("Generator[tuple[np.ndarray, np.ndarray] | None, None, None]",
+                   parallel.ordered_map(work, active, jobs=settings.jobs, cost=lambda g: _working_set(g, settings)))
     with contextlib.closing(results):
         for group in progress(active, "SVD"):
             factors = next(results)
@@ -80,7 +88,7 @@ def _list_new_initializers(model: ir.Model, existing: set[int]) -> None:
             tensor = value.const_value
             if tensor is not None:  # a graph input declares its type and shape
                 value.type = value.type or ir.TensorType(tensor.dtype)
-                value.shape = value.shape or ir.Shape(tensor.shape)
+                value.shape = value.shape or ir.Shape(cast("tuple[int, ...]", tensor.shape))  # a constant's: ints
             main.inputs.append(value)
 
 
@@ -110,7 +118,9 @@ class FactorTensors:
         self.readers: list[tuple[tuple[int, bool], tuple[int, bool]]] = []  # per target: (index, transposed) x 2
         for index, (target, flipped) in enumerate(zip(group.targets, group.flipped)):
             pair = (b.transpose(0, 2, 1), a.transpose(0, 2, 1)) if flipped else (a, b)
-            first, second = target.rule.factor_tensors(target, group.reader_scheme(index), *pair)
+            scheme = group.reader_scheme(index)
+            assert scheme is not None  # prepared before planning
+            first, second = target.rule.factor_tensors(target, scheme, *pair)
             self.readers.append((self._keep(first, dtype), self._keep(second, dtype)))
 
     def _keep(self, array: np.ndarray, dtype: np.dtype) -> tuple[int, bool]:
@@ -134,7 +144,8 @@ def _stored_bytes(group: WeightGroup) -> int:
     return int(tensor.nbytes) if tensor is not None else 0
 
 
-def _rewrite_group(group: WeightGroup, tensors: FactorTensors, names: NameGenerator, sink: Any) -> None:
+def _rewrite_group(group: WeightGroup, tensors: FactorTensors, names: NameGenerator, sink: WeightSink | None
+                   ) -> None:
     lead = group.lead
     owner = _owning_graph(lead.weight, lead.node)
     base = lead.weight.name or lead.name
@@ -159,7 +170,9 @@ def _rewrite_group(group: WeightGroup, tensors: FactorTensors, names: NameGenera
     for index, target in enumerate(group.targets):
         node = target.node
         (first, first_t), (second, second_t) = tensors.readers[index]
-        new_nodes = target.rule.rewrite(target, group.reader_scheme(index), value_for(first, first_t),
+        scheme = group.reader_scheme(index)
+        assert scheme is not None and node.graph is not None  # prepared before planning; a node of the model
+        new_nodes = target.rule.rewrite(target, scheme, value_for(first, first_t),
                                         value_for(second, second_t), names)
         for position, new_node in enumerate(new_nodes, start=1):
             # Provenance, and which node ends the pair (verify --per-layer compares its output).
@@ -180,15 +193,17 @@ def _owning_graph(weight: ir.Value, node: ir.Node) -> ir.Graph:
     producer = weight.producer()
     if producer is not None and producer.graph is not None:
         return producer.graph
+    assert node.graph is not None  # a node of the model
     return node.graph
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType, sink: Any = None) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType, sink: WeightSink | None = None
+                    ) -> ir.Value:
     """Every tensor onnxlr writes comes through here: stored as `dtype`, its subnormals flushed to zero (they run
     many times slower on x86 CPUs; onnxlr.subnormals), the count kept in the value's meta for the report."""
     stored = np.array(array, dtype=dtype.numpy(), order="C")  # a copy: the caller's array is left as it was
     flushed = subnormals.flush(stored, dtype)
-    tensor: Any = ir.Tensor(stored, dtype=dtype, name=name)
+    tensor: ir.TensorProtocol = ir.Tensor(stored, dtype=dtype, name=name)
     if sink is not None:  # straight to the output's data file; the model keeps a reference to it
         tensor = sink.append(tensor)
     value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(dtype))
@@ -210,7 +225,7 @@ def cleanup(model: ir.Model, groups: list[WeightGroup]) -> None:
         if graph is None or value.uses() or value.is_graph_output() or not value.is_graph_input():
             continue
         graph.inputs.remove(value)
-        if value.name in graph.initializers and graph.initializers[value.name] is value:
+        if value.name is not None and value.name in graph.initializers and graph.initializers[value.name] is value:
             del graph.initializers[value.name]
     for graph in model.graphs():
         for name, value in list(graph.initializers.items()):
@@ -230,8 +245,8 @@ def record_metadata(model: ir.Model, settings: Settings, groups: list[WeightGrou
     model.metadata_props["onnxlr.version"] = __version__
     model.metadata_props["onnxlr.settings"] = json.dumps(settings.recorded(), sort_keys=True)
     model.metadata_props["onnxlr.ranks"] = json.dumps(ranks, sort_keys=True)
-    methods = {g.decompositions[g.scheme.name].method for g in groups
-               if g.factorized and g.scheme.name in g.decompositions}
+    methods = {g.decompositions[cast(Scheme, g.scheme).name].method for g in groups  # factorized: planned
+               if g.factorized and cast(Scheme, g.scheme).name in g.decompositions}
     joint = {g.lead.name: [len(g.joint.plan.fit.kept), g.joint.plan.pair.width] for g in groups if g.joint is not None}
     if joint:  # kept and total inner neurons of each layer compressed with its coupled partner
         model.metadata_props["onnxlr.joint"] = json.dumps(joint, sort_keys=True)

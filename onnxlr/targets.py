@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -182,6 +182,7 @@ def _same(first: np.ndarray, second: np.ndarray) -> bool:
 def attach_statistics(groups: list[WeightGroup], statistics: Mapping[str, np.ndarray]) -> None:
     """Give each group the sum of its users' Grams (users without statistics add nothing)."""
     for group in groups:
-        grams = [statistics[key] for key in (t.node.outputs[0].name for t in group.targets) if key in statistics]
+        grams = [statistics[cast(str, key)] for key in (t.node.outputs[0].name for t in group.targets)
+                 if key in statistics]  # a key in statistics is a name
         if grams:
             group.gram = np.sum(grams, axis=0)
