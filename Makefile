@@ -29,8 +29,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
 
+# ruff, then mypy on the library (configured in pyproject.toml: onnxlr and passes).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The documentation site (docs/, mkdocs.yml): the generated reference pages first, then a strict build.
 .PHONY: docs
