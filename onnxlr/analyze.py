@@ -190,6 +190,7 @@ def _layer(group: WeightGroup, energy: float, power_law: bool) -> dict[str, Any]
     views = [view_statistics(s, group.decomposition(s), energy, power_law) for s in group.schemes]
     best = _best_view(views, energy)
     planned = group.rank is not None and not group.reason
+    scheme = group.scheme if planned else None  # planned: set with the rank
     reference = group.schemes[0]
     layer = {
         "name": lead.name,
@@ -204,10 +205,10 @@ def _layer(group: WeightGroup, energy: float, power_law: bool) -> dict[str, Any]
         "recommended": {
             "dense": not planned,
             "reason": group.reason,
-            "scheme": group.scheme.name if planned else None,
+            "scheme": scheme.name if scheme else None,
             "rank": group.rank if planned else None,
-            "params_after": group.scheme.params_after(group.rank) if planned else reference.params_before,
-            "macs_after": group.scheme.macs_after(group.rank) if planned else reference.macs_before,
+            "params_after": scheme.params_after(group.rank) if scheme else reference.params_before,
+            "macs_after": scheme.macs_after(group.rank) if scheme else reference.macs_before,
         },
     }
     # The headline figures are those of the view with the most room below break-even.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -118,11 +118,11 @@ def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarra
         reference_times, candidate_times = candidate_times, reference_times  # MODEL is the rewritten one
         joint = joint_layers(reference)
         models = models[::-1]
-    layers = []
+    layers: list[dict[str, Any]] = []
     for name in sorted({n[: -len("_lr1")] for n in candidate_times if n.endswith("_lr1")}):
         original = reference_times.get(name)
         pair = [candidate_times.get(f"{name}_lr1"), candidate_times.get(f"{name}_lr2")]
-        pair_us = sum(pair) if all(t is not None for t in pair) else None
+        pair_us = sum(cast("list[float]", pair)) if all(t is not None for t in pair) else None
         layers.append({"name": name, "kind": "pair", "original_us": original, "pair_us": pair_us,
                        "speedup": original / pair_us if original and pair_us else None})
     for name in sorted(joint):
@@ -132,8 +132,8 @@ def profile_layers(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarra
     result = {"optimization_level": "basic", "runs": runs, "layers": layers,
               "total_us": {"reference": sum(reference_times.values()), "candidate": sum(candidate_times.values())}}
     if deployed:
-        at_all = _profiles(models, feeds, provider, threads, runs, external_data_folder, optimization_level="all")
-        result["grown"] = grown_nodes(*at_all, {row["name"] for row in layers})
+        before, after = _profiles(models, feeds, provider, threads, runs, external_data_folder, optimization_level="all")
+        result["grown"] = grown_nodes(before, after, {row["name"] for row in layers})
         result["grown_optimization_level"] = "all"
     return result
 
@@ -151,7 +151,7 @@ def grown_nodes(reference: Mapping[str, float], candidate: Mapping[str, float], 
     for name, us in candidate.items():
         layer = next((layer for layer in rewritten if name.startswith(f"{layer}_lr")), name)
         merged[layer] = merged.get(layer, 0.0) + us
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in set(merged) | set(reference):
         before, after = reference.get(name), merged.get(name)
         growth = (after or 0.0) - (before or 0.0)

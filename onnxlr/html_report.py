@@ -378,7 +378,7 @@ def layer_groups(layers: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]
 
     The up layer reads the input the down layer depends on, so it comes first in graph order; its
     partner moves up beside it. A row naming a partner that does not name it back stays alone."""
-    joint = {}
+    joint: dict[str, dict[str, Any]] = {}
     for layer in layers:
         if layer.get("method") == "joint" and layer.get("partner"):
             joint.setdefault(layer["name"], layer)

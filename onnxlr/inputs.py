@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -66,15 +66,16 @@ class InputSpec:
 
 def input_specs(model: ir.Model) -> dict[str, InputSpec]:
     """The graph inputs a caller must feed (initializers listed as inputs excluded)."""
-    specs = {}
+    specs: dict[str, InputSpec] = {}
     for value in model.graph.inputs:
         if value.const_value is not None:
             continue
         if value.type is None or not hasattr(value.type, "dtype"):
             raise OnnxlrError(f"input {value.name!r} is not a tensor; onnxlr can only feed tensors")
         shape = tuple(_declared_dim(d) for d in (value.shape or []))
-        specs[value.name] = InputSpec(dtype=np.dtype(value.type.dtype.numpy()), shape=shape,
-                                      high=_embedding_rows(value), implied=_implied_dims(value, shape))
+        name = cast(str, value.name)  # ONNX names every graph input
+        specs[name] = InputSpec(dtype=np.dtype(value.type.dtype.numpy()), shape=shape,
+                                high=_embedding_rows(value), implied=_implied_dims(value, shape))
     return specs
 
 
@@ -95,7 +96,7 @@ def _implied_dims(value: ir.Value, shape: tuple) -> dict[int, int]:
         weight = node.inputs[1].const_value
         if weight is None or not weight.shape or not all(isinstance(d, int) for d in weight.shape):
             continue
-        dims = tuple(weight.shape)
+        dims = cast("tuple[int, ...]", tuple(weight.shape))  # all ints (checked above)
         attrs = {name: attr.value for name, attr in node.attributes.items()}
         if node.op_type == "MatMul" and rank >= 1:
             implied[rank - 1] = dims[-2] if len(dims) >= 2 else dims[0]
@@ -115,7 +116,7 @@ def _embedding_rows(value: ir.Value, depth: int = 0) -> int | None:
             table = node.inputs[0]
             if table is not None and table.const_value is not None:
                 axis = node.attributes.get("axis")
-                return int(table.const_value.shape[axis.value if axis else 0])
+                return int(cast(int, table.const_value.shape[axis.value if axis else 0]))  # a constant's dims are ints
         if node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity") and depth < 4:
             found = _embedding_rows(node.outputs[0], depth + 1)
             if found:

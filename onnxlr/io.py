@@ -207,16 +207,17 @@ def _check_node_schema(node: onnx.NodeProto, opset: int | None, where: str) -> N
         raise OnnxlrError(f"{where}: {node.op_type} takes {expected} inputs, the node has {len(node.input)}; "
                           "the model is malformed")
     for attr in node.attribute:
-        expected = schema.attributes.get(attr.name)
-        if expected is None or attr.type == onnx.AttributeProto.UNDEFINED or attr.type == expected.type.value:
+        declared = schema.attributes.get(attr.name)
+        # onnx's stubs leave out AttrType.value (a pybind11 enum has it): the two ignores below.
+        if declared is None or attr.type == onnx.AttributeProto.UNDEFINED or attr.type == declared.type.value:  # type: ignore[attr-defined]
             continue
         names = onnx.AttributeProto.AttributeType.Name
         raise OnnxlrError(f"{where}: attribute {attr.name!r} is {names(attr.type)} but {node.op_type} takes "
-                          f"{names(expected.type.value)}; the model is malformed")
+                          f"{names(declared.type.value)}; the model is malformed")  # type: ignore[attr-defined]
 
 
 # Where a tensor keeps its values when raw_data is not used (one entry per element), by data type.
-_TYPED_FIELDS = {
+_TYPED_FIELDS: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
     onnx.TensorProto.INT64: "int64_data", onnx.TensorProto.UINT32: "uint64_data",
     onnx.TensorProto.UINT64: "uint64_data", onnx.TensorProto.STRING: "string_data",

@@ -11,6 +11,7 @@ every element of the verification samples; `--min-layer-cosine` fails verificati
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,7 @@ class LayerCheck:
     """Collects the per-layer metrics as the reference runs: `watched` names the values to observe, `take` is the
     segment runner's `on_value`."""
 
-    def __init__(self, candidate_path: str | Path, reference: onnx.ModelProto, batches: int,
+    def __init__(self, candidate_path: str | os.PathLike, reference: onnx.ModelProto, batches: int,
                  types: Mapping[str, onnx.ValueInfoProto], provider: str = "cpu", threads: int = 0,
                  candidate_model: onnx.ModelProto | None = None):
         """`candidate_model`: the candidate's structure when it is not to be read from `candidate_path`."""
@@ -186,7 +187,7 @@ class LayerCheck:
 
     def results(self, min_cosine: float | None = None) -> list[dict[str, Any]]:
         """Per layer, the worst (lowest cosine) first; `passed` against `min_cosine` (None: not gated)."""
-        rows = []
+        rows: list[dict[str, Any]] = []
         for layer in self.layers:
             sums = self.sums[layer.output]
             if layer.output in self.errors:

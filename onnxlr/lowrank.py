@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -230,13 +230,13 @@ def randomized_svd(matrices: np.ndarray, rank: int, device: str = "cpu", seed: i
     dtype = np.float64 if matrices.dtype == np.float64 else np.float32
     ops = _NumpyOps() if device == "cpu" else _TorchOps(device)
     sketch = min(rank + oversampling(rank), min(matrices.shape[1:]))
-    us, ss, vts, total = [], [], [], 0.0
+    parts, total = [], 0.0
     for matrix in matrices:
         work = np.asarray(matrix, dtype=dtype)  # no copy for float32 weights (a view of the mapped file)
-        u, s, vt = _randomized_one(ops, work, rank, sketch, seed, power_iterations)
-        us.append(u), ss.append(s), vts.append(vt)
+        parts.append(_randomized_one(ops, work, rank, sketch, seed, power_iterations))
         total += frobenius_energy(work)
-    return Decomposition(u=np.stack(us), s=np.stack(ss), vt=np.stack(vts), total=total, solver="randomized")
+    u, s, vt = (np.stack(x) for x in zip(*parts))
+    return Decomposition(u=u, s=s, vt=vt, total=total, solver="randomized")
 
 
 def _randomized_one(ops: Any, matrix: np.ndarray, rank: int, sketch: int, seed: int, power_iterations: int
@@ -459,14 +459,14 @@ def whitened_svd(matrices: np.ndarray, gram: np.ndarray | SampleGram, damping: f
     groups, size = work.shape[0], work.shape[1]
     grams = _per_group(gram, groups, size, "gram")
     crosses = _per_group(cross, groups, size, "cross") if cross is not None else None
-    us, ss, vts = [], [], []
+    parts = []  # (U, s, Vt) per group, U un-whitened: A = S^-T U (the sqrt(s) split stays in factors())
     for index in range(groups):
         g = np.asarray(grams[index], dtype=np.float64)
         scale = float(np.mean(np.diag(g))) if size else 0.0
         weight = np.asarray(work[index], dtype=np.float64)
         if not np.isfinite(scale) or scale <= 0.0:  # all-zero activations carry no information
-            inner = svd(weight[None])
-            us.append(inner.u[0]), ss.append(inner.s[0]), vts.append(inner.vt[0])
+            inner = svd(weight[None])  # fresh: its vectors are there (the casts)
+            parts.append((cast(np.ndarray, inner.u)[0], inner.s[0], cast(np.ndarray, inner.vt)[0]))
             continue
         root, inverse_t = _gram_root(g, damping * scale)
         if crosses is None:
@@ -474,11 +474,10 @@ def whitened_svd(matrices: np.ndarray, gram: np.ndarray | SampleGram, damping: f
         else:  # S^-1 C W, with S^-1 = (S^-T)^T
             target = inverse_t.T @ (np.asarray(crosses[index], dtype=np.float64) @ weight)
         inner = svd(target[None])
-        us.append(inverse_t @ inner.u[0])  # un-whiten: A = S^-T U (the sqrt(s) split stays in factors())
-        ss.append(inner.s[0])
-        vts.append(inner.vt[0])
+        parts.append((inverse_t @ cast(np.ndarray, inner.u)[0], inner.s[0], cast(np.ndarray, inner.vt)[0]))
     method = "whitened" if cross is None else "compensated"
-    return _oriented(Decomposition(u=np.stack(us), s=np.stack(ss), vt=np.stack(vts), method=method), side)
+    u, s, vt = (np.stack(x) for x in zip(*parts))
+    return _oriented(Decomposition(u=u, s=s, vt=vt, method=method), side)
 
 
 def _oriented(result: Decomposition, side: str) -> Decomposition:
@@ -486,7 +485,8 @@ def _oriented(result: Decomposition, side: str) -> Decomposition:
     if side == "rows":
         return result
     # W^T ~= (S^-T U) diag(s) Vt, hence W ~= V diag(s) (S^-T U)^T.
-    return dataclasses.replace(result, u=np.swapaxes(result.vt, 1, 2), vt=np.swapaxes(result.u, 1, 2))
+    u, vt = cast(np.ndarray, result.u), cast(np.ndarray, result.vt)  # fresh: the vectors are there
+    return dataclasses.replace(result, u=np.swapaxes(vt, 1, 2), vt=np.swapaxes(u, 1, 2))
 
 
 def _whitened_by_samples(work: np.ndarray, gram: SampleGram, damping: float, rank: int | None,
@@ -523,7 +523,7 @@ def _whitened_by_samples(work: np.ndarray, gram: SampleGram, damping: float, ran
     target *= np.sqrt(d)
     inner = decompose(target[None], rank, solver)
     del target  # first: a 14336-wide layer's K x rank float64 arrays below are 117 MB each
-    u = np.divide(inner.u[0], np.sqrt(d), dtype=np.float64)  # R⁻¹ U = U / √d + Q diag(down) Qᵀ U, in place:
+    u = np.divide(cast(np.ndarray, inner.u)[0], np.sqrt(d), dtype=np.float64)  # R⁻¹ U = U / √d + Q diag(down) Qᵀ U, in place:
     u += basis_t.T @ ((np.sqrt(d) * down)[:, None] * (basis_t @ u))
     return dataclasses.replace(inner, u=u[None], method="whitened")
 

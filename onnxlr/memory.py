@@ -74,7 +74,7 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * base**power)
 
 
-def peak_activation_bytes(model: ir.Model, shapes: Mapping[str, tuple | None]) -> int:
+def peak_activation_bytes(model: ir.Model, shapes: Mapping[str, tuple | None]) -> float:
     """The most activation bytes live at once when the main graph runs in order (each value freed after its last
     reader; unknown dims count as 1): what onnxruntime's arena must hold at that batch, roughly."""
     nodes = list(model.graph)
@@ -84,7 +84,7 @@ def peak_activation_bytes(model: ir.Model, shapes: Mapping[str, tuple | None]) -
             if value is not None:
                 last_use[id(value)] = index
     outputs = {id(v) for v in model.graph.outputs}
-    live: dict[int, int] = {id(v): _value_bytes(v, shapes) for v in model.graph.inputs if v.const_value is None}
+    live: dict[int, float] = {id(v): _value_bytes(v, shapes) for v in model.graph.inputs if v.const_value is None}
     peak = sum(live.values())
     for index, node in enumerate(nodes):
         for value in node.outputs:
@@ -97,12 +97,13 @@ def peak_activation_bytes(model: ir.Model, shapes: Mapping[str, tuple | None]) -
     return peak
 
 
-def input_bytes(model: ir.Model, shapes: Mapping[str, tuple | None]) -> int:
+def input_bytes(model: ir.Model, shapes: Mapping[str, tuple | None]) -> float:
     """The bytes of the main graph's inputs (not initializers) at `shapes`."""
     return sum(_value_bytes(v, shapes) for v in model.graph.inputs if v.const_value is None)
 
 
-def _value_bytes(value: ir.Value, shapes: Mapping[str, tuple | None]) -> int:
+def _value_bytes(value: ir.Value, shapes: Mapping[str, tuple | None]) -> float:
+    """Bytes of the value at `shapes`: a float (onnx-ir's itemsize is one; a 4-bit element takes 0.5)."""
     dims = shapes.get(value.name or "")
     dtype = value.type.dtype if value.type is not None and hasattr(value.type, "dtype") else ir.DataType.FLOAT
     if dims is None:
@@ -116,7 +117,7 @@ def _value_bytes(value: ir.Value, shapes: Mapping[str, tuple | None]) -> int:
         return count
 
 
-def session_bytes(weight_bytes: int, activation_bytes: int) -> int:
+def session_bytes(weight_bytes: int, activation_bytes: float) -> float:
     """An onnxruntime CPU session's peak for a model with these weights, at these live activations."""
     return int(SESSION_WEIGHT_FACTOR * weight_bytes) + activation_bytes + SESSION_OVERHEAD_BYTES
 
@@ -134,11 +135,11 @@ MAX_SEGMENT_BYTES = 256 << 20
 SEGMENTED_ABOVE_BYTES = 2 << 30
 
 
-def fits(weight_bytes: int, activation_bytes: int, free: Available | None) -> bool:
+def fits(weight_bytes: int, activation_bytes: float, free: Available | None) -> bool:
     return free is None or session_bytes(weight_bytes, activation_bytes) <= free.bytes
 
 
-def segment_budget(activation_bytes: int, free: Available | None) -> int | None:
+def segment_budget(activation_bytes: float, free: Available | None) -> int | None:
     """Weight bytes per segment that keep one segment's session within the memory available, at most
     MAX_SEGMENT_BYTES (None: none can; MAX_SEGMENT_BYTES when the memory available is unknown)."""
     if free is None:
@@ -147,7 +148,7 @@ def segment_budget(activation_bytes: int, free: Available | None) -> int | None:
     return min(budget, MAX_SEGMENT_BYTES) if budget >= MIN_SEGMENT_BYTES else None
 
 
-def check(stage: str, weight_bytes: int, activation_bytes: int, advice: str,
+def check(stage: str, weight_bytes: int, activation_bytes: float, advice: str,
           free: Available | None = None, statistics_bytes: int = 0) -> None:
     """Stop before `stage` (one line, exit 2) when its session, beside `statistics_bytes` (calibration's Gram
     matrices), would not fit in the memory available."""
@@ -161,5 +162,5 @@ def check(stage: str, weight_bytes: int, activation_bytes: int, advice: str,
                       f"but {gb(free.bytes)} is available ({free.source}): {advice}; --no-memory-check runs it anyway")
 
 
-def gb(count: int) -> str:
+def gb(count: float) -> str:
     return f"{count / 1e9:.1f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"

@@ -175,9 +175,8 @@ def load_source(source: str | os.PathLike | bytes) -> ir.Model:
 def _outputs(model: ir.Model | str | os.PathLike | bytes, batches: Sequence[Mapping[str, np.ndarray]]
              ) -> dict[str, np.ndarray]:
     """The model's outputs over the batches, concatenated (as calibration.model_outputs gives them)."""
-    if isinstance(model, ir.Model):
-        model = ir.to_proto(model).SerializeToString()
-    session = make_session(model, "cpu")
+    source = ir.to_proto(model).SerializeToString() if isinstance(model, ir.Model) else model
+    session = make_session(source, "cpu")
     names = [output.name for output in session.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for batch in batches:

@@ -11,13 +11,16 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.console import Console
 from rich.table import Table
 
 from onnxlr.analyze import energy_key
 from onnxlr.edge import BUILTIN
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
 
 
 def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -40,7 +43,7 @@ def layer_table(report: dict[str, Any]) -> Table:
     for column, justify in (("node", "left"), ("op", "left"), ("weight", "left"), ("scheme", "left"),
                             ("rank", "right"), ("params", "right"), ("MACs", "right"), ("energy", "right"),
                             ("status", "left")):
-        table.add_column(column, justify=justify, overflow="fold")
+        table.add_column(column, justify=cast("JustifyMethod", justify), overflow="fold")
     for layer in report["layers"]:
         factorized = layer["status"] == "factorized"
         shape = "x".join(str(d) for d in layer["weight_shape"]) if layer["weight_shape"] else "-"

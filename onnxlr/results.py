@@ -8,11 +8,14 @@ its sentence (`reason`), so scripts match codes, not English.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from onnxlr._version import __version__
 from onnxlr.groups import WeightGroup, repeated_params
 from onnxlr.targets import SkippedNode
+
+if TYPE_CHECKING:
+    from onnxlr.passes import Scheme
 
 
 @dataclasses.dataclass
@@ -83,7 +86,7 @@ class LayerRow:
         own = group.reader_scheme(index)
         decomposition = group.decompositions.get(planned.name) if planned else None
         rank = group.rank if factorized else None
-        fitted = decomposition is not None and bool(rank)
+        fitted = decomposition if rank else None  # the SVD behind the row's rank, when it has one
         weight_before = planned.params_before - planned.fixed_params if planned else int(target.array.size)
         weight_after = rank * planned.params_per_rank if (planned and rank) else weight_before
         fixed = (own.fixed_params if own else 0) - repeated_fixed
@@ -98,14 +101,14 @@ class LayerRow:
             weight=target.weight.name,
             weight_shape=list(target.array.shape),
             dtype=target.dtype.name,
-            scheme=(own or planned).name if factorized else None,
+            scheme=cast("Scheme", own or planned).name if factorized else None,  # a planned group has its scheme
             rank=rank,
             full_rank=planned.full_rank if planned else None,
             break_even_rank=planned.break_even_rank if planned else None,
-            retained_energy=decomposition.retained_energy(rank) if fitted else None,
-            method=decomposition.method if fitted else None,
-            svd=decomposition.solver if fitted else None,
-            svd_tail_excess=decomposition.tail_excess if fitted else None,
+            retained_energy=fitted.retained_energy(rank) if fitted and rank else None,
+            method=fitted.method if fitted else None,
+            svd=fitted.solver if fitted else None,
+            svd_tail_excess=fitted.tail_excess if fitted else None,
             sensitivity=group.sensitivity,
             params_before=(weight_before if carries else 0) + fixed,
             params_after=(weight_after if carries else 0) + fixed,
@@ -180,7 +183,7 @@ def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings
     """The report of a run: rows in graph order, totals before and after (estimated for a dry run)."""
     readers = sorted(((order.get(id(t.node), 0), g, i) for g in groups for i, t in enumerate(g.targets)),
                      key=lambda item: item[0])
-    carriers = {}  # group -> the reader first in graph order: its row counts the weight
+    carriers: dict[int, int] = {}  # group -> the reader first in graph order: its row counts the weight
     counted: set[int] = set()  # biases already counted, by stored tensor
     rows = []
     for position, group, index in readers:
@@ -194,9 +197,11 @@ def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings
         after = {"params": before["params"], "bytes": before["bytes"]}
         for group in groups:
             if group.factorized:
+                assert group.scheme is not None and group.rank is not None  # planned
                 delta = group.scheme.params_before - group.scheme.params_after(group.rank)
             elif group.joint is not None:
                 row = LayerRow.of_joint(group)
+                assert row.params_before is not None and row.params_after is not None  # a joint row counts both
                 delta = row.params_before - row.params_after
             else:
                 continue

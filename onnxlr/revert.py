@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from typing import cast
 
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
@@ -56,6 +57,7 @@ def units(model: ir.Model) -> dict[str, str]:
         if node.metadata_props.get(JOINT_UNIT) and node.name in parent:
             layer, keys = node.name, [node.metadata_props[JOINT_UNIT]]
         for key in keys:
+            assert layer is not None  # keys are found only for a layer in `parent`
             join(owners.setdefault(key, layer), layer)
     return {name: find(name) for name in parent}
 
@@ -135,6 +137,7 @@ def _restore_node(model: ir.Model, old: ir.Node, pair: list[ir.Node], values: di
     clone = ir.Node(old.domain, old.op_type, inputs, attributes=list(old.attributes.values()),
                     num_outputs=len(old.outputs), name=old.name, overload=old.overload, version=old.version)
     outputs = list(pair[-1].outputs[: len(old.outputs)])
+    assert pair[0].graph is not None  # the pair is in the model
     ir.convenience.replace_nodes_and_values(pair[0].graph, pair[0], pair, [clone], outputs, list(clone.outputs))
     for new, before in zip(clone.outputs, old.outputs):
         new.name = before.name
@@ -164,7 +167,7 @@ def _value_for(before: ir.Value, values: dict[str, ir.Value], model: ir.Model) -
     if weight.array is None:
         raise RuntimeError(f"cannot revert: {before.name!r} is neither in the rewritten model nor a constant")
     tensor = before.const_value if before.const_value is not None else ir.Tensor(weight.array, name=before.name)
-    value = ir.Value(name=before.name, const_value=tensor, shape=ir.Shape(tensor.shape),
+    value = ir.Value(name=before.name, const_value=tensor, shape=ir.Shape(cast(ir.Shape, tensor.shape)),
                      type=ir.TensorType(tensor.dtype))
     model.graph.register_initializer(value)
     if old_ir(model):

@@ -17,12 +17,16 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import onnx_ir as ir
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.io import LoadedModel, first_line
+
+if TYPE_CHECKING:
+    # The base of every onnx-ir tensor class (not exported as ir.TensorBase).
+    from onnx_ir._core import TensorBase
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +128,17 @@ class DataFile:
         offset = -(-self._offset // DATA_ALIGNMENT) * DATA_ALIGNMENT
         try:
             self._file.write(b"\0" * (offset - self._offset))
-            tensor.tofile(self._file)  # an ExternalTensor is copied file to file, never through RAM
+            # An ExternalTensor is copied file to file, never through RAM (every onnx-ir tensor class has tofile).
+            cast("TensorBase", tensor).tofile(self._file)
             self._file.flush()
         except OSError as exc:
             raise OnnxlrError(f"{self._target}: writing the model failed ({first_line(exc)}); "
                               "nothing was written") from exc
         self._offset = offset + tensor.nbytes
-        stored = ir.ExternalTensor(self.name, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape,
-                                   name=tensor.name, base_dir=str(self.folder))
+        stored = ir.ExternalTensor(self.name, offset, tensor.nbytes, tensor.dtype,
+                                   shape=cast(ir.Shape, tensor.shape),  # every onnx-ir tensor's is an ir.Shape
+                                   name=tensor.name,  # type: ignore[arg-type]  # onnx-ir annotates str, takes None too
+                                   base_dir=str(self.folder))
         self._stored[id(stored)] = stored
         return stored
 
@@ -325,9 +332,9 @@ class _tensors_in_memory:
                     if not any(isinstance(t, ir.ExternalTensor) for t in tensors):
                         continue
                     loaded = [_in_memory(t) if isinstance(t, ir.ExternalTensor) else t for t in tensors]
-                    value = loaded if attr.type == ir.AttributeType.TENSORS else loaded[0]
+                    replacement = loaded if attr.type == ir.AttributeType.TENSORS else loaded[0]
                     self._attrs.append((node, attr))
-                    node.attributes[name] = ir.Attr(name, attr.type, value, doc_string=attr.doc_string)
+                    node.attributes[name] = ir.Attr(name, attr.type, replacement, doc_string=attr.doc_string)
 
     def __exit__(self, *exc: object) -> None:
         for value, tensor in self._values:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import onnx
 import onnx_ir as ir
@@ -96,8 +96,10 @@ def _initializers_as_references(model: ir.Model) -> Iterator[None]:
                     continue
                 swapped.append((value, tensor))
                 value.const_value = ir.ExternalTensor(
-                    "__shapes_only__", offset=0, length=tensor.nbytes, dtype=tensor.dtype, shape=tensor.shape,
-                    name=tensor.name, base_dir="")
+                    "__shapes_only__", offset=0, length=tensor.nbytes, dtype=tensor.dtype,
+                    shape=cast(ir.Shape, tensor.shape),  # every onnx-ir tensor's shape is an ir.Shape
+                    name=tensor.name,  # type: ignore[arg-type]  # onnx-ir annotates str but takes None too
+                    base_dir="")
         yield
     finally:
         for value, tensor in swapped:

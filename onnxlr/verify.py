@@ -252,6 +252,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
     for provider in providers:
         try:
             if segmented:
+                assert segment_budget is not None and not isinstance(reference, bytes)  # segmented: both are paths, with a budget
+                assert not isinstance(candidate, bytes)
                 outputs = _graph_outputs(reference)
                 names = outputs + [n for n in per_layer if n not in outputs]
                 check = _layer_check(reference, candidate, feeds, batch_size, provider, threads)
@@ -272,6 +274,7 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             raise ReferenceFailed(error.template) from exc
         try:
             if segmented:
+                assert segment_budget is not None and not isinstance(candidate, bytes)  # segmented: both are paths, with a budget
                 cand_providers = [PROVIDERS[provider]]
                 cand_out = _run_segmented(candidate, feeds, batch_size, names, segment_budget, provider, threads)
             else:
