@@ -25,9 +25,8 @@ from onnxlr.settings import Progress, Settings
 # Deprecated location, kept for one release: `from onnxlr.passes import MatMulFactorization`.
 # The passes package holds the rules and must not import the pipeline (that would be a cycle), so the
 # pipeline's pass classes are attached to it here, where both are already imported.
-_passes.MatMulFactorization = MatMulFactorization
-_passes.GemmFactorization = GemmFactorization
-_passes.ConvFactorization = ConvFactorization
+for _pass in (MatMulFactorization, GemmFactorization, ConvFactorization):
+    setattr(_passes, _pass.__name__, _pass)
 
 __all__ = [
     "__version__", "optimize", "load", "save", "convert", "factorize_model", "Settings", "Progress", "LoadedModel",

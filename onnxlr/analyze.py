@@ -189,8 +189,9 @@ def _layer(group: WeightGroup, energy: float, power_law: bool) -> dict[str, Any]
     lead = group.lead
     views = [view_statistics(s, group.decomposition(s), energy, power_law) for s in group.schemes]
     best = _best_view(views, energy)
-    planned = group.rank is not None and not group.reason
-    scheme = group.scheme if planned else None  # planned: set with the rank
+    rank = group.rank
+    planned = rank is not None and not group.reason
+    scheme = group.scheme if rank is not None and not group.reason else None  # planned: set with the rank
     reference = group.schemes[0]
     layer = {
         "name": lead.name,
@@ -206,9 +207,9 @@ def _layer(group: WeightGroup, energy: float, power_law: bool) -> dict[str, Any]
             "dense": not planned,
             "reason": group.reason,
             "scheme": scheme.name if scheme else None,
-            "rank": group.rank if planned else None,
-            "params_after": scheme.params_after(group.rank) if scheme else reference.params_before,
-            "macs_after": scheme.macs_after(group.rank) if scheme else reference.macs_before,
+            "rank": rank if planned else None,
+            "params_after": scheme.params_after(rank) if scheme and rank is not None else reference.params_before,
+            "macs_after": scheme.macs_after(rank) if scheme and rank is not None else reference.macs_before,
         },
     }
     # The headline figures are those of the view with the most room below break-even.

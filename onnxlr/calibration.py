@@ -264,6 +264,7 @@ def _patch_probe(node: ir.Node, activation: Activation, kernel: np.ndarray, dtyp
     """A conv's patches: read by a one-hot depthwise conv with the node's own patch attributes."""
     cin, spatial = kernel.shape[1] * activation.groups, kernel.shape[2:]
     attrs = {"kernel_shape": list(spatial), "group": cin}
+    assert activation.patches is not None  # a conv's activation carries its patch attributes
     attrs.update({name: value for name, value in activation.patches.items() if name != "kernel_shape"})
     key = node.outputs[0].name
     assert key is not None  # probes() leaves out nodes whose output has no name

@@ -25,6 +25,7 @@ from onnxlr.errors import GateFailed, OnnxlrError
 from onnxlr.io import LoadedModel, first_line, load
 from onnxlr.memory_plan import MemoryPlan, check_memory
 from onnxlr.pipeline import optimize_loaded
+from onnxlr.protocols import WeightSink
 from onnxlr.results import Report
 from onnxlr.save import PROTOBUF_LIMIT_BYTES, check_output_path, staging, use_external_data
 from onnxlr.settings import Progress, Settings, check_setting, setting
@@ -161,7 +162,7 @@ def run(job: Job) -> Outcome:
     edge_targets = _edge_targets(loaded, job)
     heldout = job.heldout if job.heldout is not None else (checks.inputs if job.calibration is not None else None)
 
-    def factorize(sink: Any) -> Report:
+    def factorize(sink: WeightSink | None) -> Report:
         # memory.calibration_batches: the calibration file, already read by the memory check
         calibration = memory.calibration_batches or job.calibration
         result = optimize_loaded(loaded, settings, source=job.source, calibration=calibration,

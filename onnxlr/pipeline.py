@@ -20,12 +20,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxlr import cost, coupled, datafit, latency, lowrank, plan, quantize, rewrite, subnormals
+from onnxlr.calibration import Runner
 from onnxlr.errors import OnnxlrError
 from onnxlr.groups import WeightGroup
 from onnxlr.inputs import load_batches
 from onnxlr.io import LoadedModel, first_line, load
 from onnxlr.passes import Context
 from onnxlr.passes.base import inputs_are_weights
+from onnxlr.protocols import WeightSink
 from onnxlr.results import Report, build_report
 from onnxlr.settings import Progress, Settings, no_progress
 from onnxlr.shapes import default_opset, infer_shapes
@@ -52,7 +54,7 @@ class Factorization:
 def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, calibration: Any = None,
                     calibration_samples: int | None = None, heldout: Any = None, batch_size: int = 16,
                     progress: Progress | None = None, dry_run: bool = False,
-                    input_shapes: Mapping[str, Sequence[int]] | None = None, sink: Any = None,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None, sink: WeightSink | None = None,
                     calibration_segment_budget: int | None = None) -> Factorization:
     """Read the calibration data (if any) against the original, then factorize `loaded.model` in place.
 
@@ -165,7 +167,7 @@ def calibration_data(loaded: LoadedModel, source: Any, calibration: Any, samples
 def factorize_model(model: ir.Model, settings: Settings, progress: Progress | None = None,
                     dry_run: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None,
                     statistics: Mapping[str, np.ndarray] | None = None,
-                    calibration_data: datafit.CalibrationData | None = None, sink: Any = None) -> Factorization:
+                    calibration_data: datafit.CalibrationData | None = None, sink: WeightSink | None = None) -> Factorization:
     """Factorize `model` in place (unless `dry_run`): find targets, plan, rewrite, clean up.
 
     `sink` (onnxlr.save.DataFile): the output's external-data file; each layer's factors are written
@@ -271,7 +273,7 @@ def _joint_candidates(model: ir.Model, groups: list[WeightGroup], settings: Sett
     return plans, not_pairs
 
 
-def _check_data_needs(settings: Settings, runner: Any, data: datafit.CalibrationData | None) -> None:
+def _check_data_needs(settings: Settings, runner: Runner | None, data: datafit.CalibrationData | None) -> None:
     goal = settings.goal
     for name, wanted in ((goal.keyword if goal is not None else "", goal is not None),
                          ("compensate", settings.compensate)):
@@ -282,7 +284,7 @@ def _check_data_needs(settings: Settings, runner: Any, data: datafit.Calibration
 
 
 def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Settings, progress: Progress,
-                   runner: Any, data: datafit.CalibrationData | None,
+                   runner: Runner | None, data: datafit.CalibrationData | None,
                    pair_plans: Sequence[coupled.PairPlan] = (), clock: latency.Clock | None = None
                    ) -> dict[str, Any] | None:
     """Plan ranks; with calibration, also measure sensitivity, search the budget, choose joint pairs and compensate.
