@@ -10,6 +10,7 @@ the settings of pyproject.toml's [tool.mypy]; the paths it reports are the repos
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     with tempfile.TemporaryDirectory(prefix="onnxlr-typecheck-") as folder:
         package = Path(folder) / "onnxlr"
         package.mkdir()
