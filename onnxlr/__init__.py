@@ -15,11 +15,11 @@ from onnxlr import passes as _passes
 from onnxlr._version import __version__
 from onnxlr.api import ConvFactorization, FactorizationPass, GemmFactorization, MatMulFactorization, optimize
 from onnxlr.errors import GateFailed, OnnxlrError
-from onnxlr.io import LoadedModel, convert, load
+from onnxlr.factorize.pipeline import factorize_model
+from onnxlr.factorize.results import LayerRow, Report
 from onnxlr.job import Job, Outcome, OutputSettings, VerifySettings
-from onnxlr.pipeline import factorize_model
-from onnxlr.results import LayerRow, Report
-from onnxlr.save import save
+from onnxlr.model_io.io import LoadedModel, convert, load
+from onnxlr.model_io.save import save
 from onnxlr.settings import Progress, Settings
 
 # Deprecated location, kept for one release: `from onnxlr.passes import MatMulFactorization`.

@@ -1,10 +1,10 @@
 """`onnxlr analyze`: how compressible each factorizable weight is, before choosing ranks.
 
 Plain data in, plain data out: `analyze_model` takes an onnx-ir model and returns a dict (the
-JSON report); `onnxlr.report.print_analysis` (terminal) and `onnxlr.html_analyze.render_html`
+JSON report); `onnxlr.render.report.print_analysis` (terminal) and `onnxlr.render.html_analyze.render_html`
 (--html) only present that dict.
 Discovery, views (schemes), SVDs and rank planning are those of `onnxlr optimize`
-(onnxlr.targets, onnxlr.plan), so the numbers here are the ones optimize will use.
+(onnxlr.factorize.targets, onnxlr.factorize.plan), so the numbers here are the ones optimize will use.
 
 Statistics of one view (a (groups, m, n) stack of matrices) are taken on its combined spectrum:
 s_i = sqrt(sum over groups of s_gi^2), whose energies are exactly what the rank rules sum.
@@ -21,16 +21,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxlr import lowrank
 from onnxlr._version import __version__
 from onnxlr.errors import OnnxlrError
-from onnxlr.groups import WeightGroup
+from onnxlr.factorize import lowrank
+from onnxlr.factorize.groups import WeightGroup
+from onnxlr.factorize.plan import plan_ranks
+from onnxlr.factorize.targets import attach_statistics, find_targets
+from onnxlr.model_io.shapes import default_opset, infer_shapes
 from onnxlr.passes import Context, Scheme
 from onnxlr.passes.base import old_ir
-from onnxlr.plan import plan_ranks
 from onnxlr.settings import ALL_OPS, Progress, Settings, no_progress
-from onnxlr.shapes import default_opset, infer_shapes
-from onnxlr.targets import attach_statistics, find_targets
 
 ENERGY_LEVELS = (0.9, 0.95, 0.99)
 DEFAULT_ENERGY = 0.95
@@ -153,7 +153,7 @@ def analyze_model(model: ir.Model, model_path: str = "MODEL", energy: float | No
     """Analyze every factorizable weight of `model` (not modified) and plan ranks as optimize would.
 
     The plan uses `--energy` (default 0.95) or `--param-budget`; `statistics` (Grams from
-    onnxlr.calibration.collect_grams, read from `calibration_path`) whiten the MatMul/Gemm spectra.
+    onnxlr.calibrate.calibration.collect_grams, read from `calibration_path`) whiten the MatMul/Gemm spectra.
     """
     if energy is not None and param_budget is not None:
         raise OnnxlrError("choose {0} or {1}, not both", "energy", "param_budget")

@@ -11,8 +11,8 @@ import onnx_ir as ir
 
 from onnxlr import job as jobs
 from onnxlr.errors import OnnxlrError
-from onnxlr.io import convert
-from onnxlr.pipeline import factorize_model
+from onnxlr.factorize.pipeline import factorize_model
+from onnxlr.model_io.io import convert
 from onnxlr.settings import Progress, Settings
 
 
@@ -39,7 +39,7 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
     what target_cosine / target_error are measured on. `input_shapes` ({input name: dims}, `--shape`) fixes
     dynamic input dims for the cost model, verification and objective="latency", which times every candidate pair
     against its original node (settings latency_budget, latency_provider, latency_threads, latency_table,
-    latency_cache), then confirms the plan end to end (onnxlr.confirm: layers that do not pay in the whole model are
+    latency_cache), then confirms the plan end to end (onnxlr.timing.confirm: layers that do not pay in the whole model are
     put back).
 
     Verification (`verify=False`: --no-verify) runs the result and the input on onnxruntime and compares their

@@ -47,7 +47,7 @@ def _fill(template: str, names: list[str] | tuple[str, ...]) -> str:
 
 
 class GateFailed(OnnxlrError):
-    """A verification gate or check failed: exit code 1. `report` (onnxlr.results.Report), when the run got that
+    """A verification gate or check failed: exit code 1. `report` (onnxlr.factorize.results.Report), when the run got that
     far: what was measured, for the caller to show or write."""
 
     exit_code = 1

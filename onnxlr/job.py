@@ -1,7 +1,7 @@
 """One `onnxlr optimize` job, start to end, as a library call: what the CLI and `onnxlr.optimize` both run.
 
-    load -> check the output path -> plan memory (onnxlr.memory_plan) -> factorize (onnxlr.pipeline: targets,
-    calibration statistics, plan, rewrite, quantize) -> write, staged (onnxlr.save) -> verify, whole or in
+    load -> check the output path -> plan memory (onnxlr.verification.memory_plan) -> factorize (onnxlr.factorize.pipeline: targets,
+    calibration statistics, plan, rewrite, quantize) -> write, staged (onnxlr.model_io.save) -> verify, whole or in
     segments -> gate -> speed check -> move into place
 
 Each stage takes its own settings (`Settings` for the factorization, `VerifySettings`, `OutputSettings`) and
@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from onnxlr.errors import GateFailed, OnnxlrError
-from onnxlr.io import LoadedModel, first_line, load
-from onnxlr.memory_plan import MemoryPlan, check_memory
-from onnxlr.pipeline import optimize_loaded
+from onnxlr.factorize.pipeline import optimize_loaded
+from onnxlr.factorize.results import Report
+from onnxlr.model_io.io import LoadedModel, first_line, load
+from onnxlr.model_io.save import PROTOBUF_LIMIT_BYTES, check_output_path, staging, use_external_data
 from onnxlr.protocols import WeightSink
-from onnxlr.results import Report
-from onnxlr.save import PROTOBUF_LIMIT_BYTES, check_output_path, staging, use_external_data
 from onnxlr.settings import Progress, Settings, check_setting, setting
+from onnxlr.verification.memory_plan import MemoryPlan, check_memory
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _split(text: str) -> tuple[str, ...] | None:
 
 
 def _shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    from onnxlr.inputs import parse_shape_overrides
+    from onnxlr.model_io.inputs import parse_shape_overrides
 
     return parse_shape_overrides(items)
 
@@ -51,7 +51,7 @@ def _shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
 @dataclasses.dataclass(frozen=True)
 class VerifySettings:
     """How the result is checked against the input with onnxruntime: the CLI's verification options, declared here
-    once (onnxlr.settings.setting) and generated from these fields (onnxlr.cli_options.settings_options)."""
+    once (onnxlr.settings.setting) and generated from these fields (onnxlr.cli.options.settings_options)."""
 
     enabled: bool = setting(True, "", "", kind="bool")  # --verify/--no-verify
     providers: tuple[str, ...] | None = setting(
@@ -94,7 +94,7 @@ class VerifySettings:
             check_setting(field, getattr(self, field.name))
 
     def gates(self) -> Any:
-        from onnxlr.verify import Gates
+        from onnxlr.verification.verify import Gates
 
         return Gates.chosen(atol=self.atol, rtol=self.rtol, min_cosine=self.min_cosine, default_gate=not self.no_gate)
 
@@ -122,7 +122,7 @@ class Job:
     dry_run: bool = False
     memory_check: bool = True  # stop early when verification or calibration cannot fit the memory available
     speed_check: bool = False  # time the written model against the input, end to end (the report's `speed`)
-    edge_targets: bool = False  # the report's latency estimates on edge targets (onnxlr.edge)
+    edge_targets: bool = False  # the report's latency estimates on edge targets (onnxlr.timing.edge)
     targets_file: str | os.PathLike | None = None  # extra edge targets (implies edge_targets)
     progress: Progress | None = None
 
@@ -141,7 +141,7 @@ class Outcome:
 
 def run(job: Job) -> Outcome:
     """Run the whole optimize job (module doc); raises OnnxlrError for bad input, GateFailed for a failed gate."""
-    from onnxlr.inputs import batch_shapes
+    from onnxlr.model_io.inputs import batch_shapes
 
     settings, checks, output = job.settings, job.verify, job.output
     if job.heldout is not None and job.calibration is None:
@@ -174,7 +174,7 @@ def run(job: Job) -> Outcome:
         if isinstance(job.source, (str, os.PathLike)):
             report.input = str(job.source)
         if edge_targets:
-            from onnxlr import edge
+            from onnxlr.timing import edge
 
             targets, precision = edge_targets
             assert result.costs_after is not None  # estimates are made only for a model written
@@ -236,9 +236,10 @@ def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: 
     """Run both models on onnxruntime and compare them under `checks`' gates; returns the VerificationResult.
 
     `reference`/`candidate`: paths (or serialized models); `reference_model` (onnx-ir) gives the input signature.
-    `segment_budget` (bytes of weights, onnxlr.memory_plan): run them in segments of at most that much."""
+    `segment_budget` (bytes of weights, onnxlr.verification.memory_plan): run them in segments of at most that much."""
     # onnxruntime and numpy load only when a command verifies
-    from onnxlr import inputs, runtime, synthesis, verify
+    from onnxlr.model_io import inputs, synthesis
+    from onnxlr.verification import runtime, verify
 
     providers = runtime.parse_providers(list(checks.providers) if checks.providers else None)
     specs = inputs.input_specs(reference_model)
@@ -271,7 +272,7 @@ def _reference(loaded: LoadedModel, source: Any) -> Any:
     object: the loaded model is rewritten by now)."""
     if isinstance(source, (str, os.PathLike)):
         return source
-    from onnxlr.confirm import session_source
+    from onnxlr.timing.confirm import session_source
 
     return session_source(load(source).model)
 
@@ -279,7 +280,7 @@ def _reference(loaded: LoadedModel, source: Any) -> Any:
 def _speed_check(reference: Any, staged: Path, model: Any, job: Job,
                  input_shapes: Mapping[str, Sequence[int]]) -> dict[str, Any] | None:
     """The written model against its input, end to end (the size objective's check; a warning when slower)."""
-    from onnxlr import confirm
+    from onnxlr.timing import confirm
 
     try:
         speed = confirm.written_speed(reference, staged, model, job.verify.inputs, input_shapes,
@@ -295,7 +296,7 @@ def _edge_targets(loaded: LoadedModel, job: Job) -> tuple | None:
     """Edge targets and the original's precision, when the report asks for estimates."""
     if job.dry_run or not (job.edge_targets or job.targets_file):
         return None
-    from onnxlr import edge
+    from onnxlr.timing import edge
 
     # Precision is read before the rewrite: the original's weights decide it.
     targets_file = Path(job.targets_file) if job.targets_file is not None else None

@@ -1,10 +1,10 @@
 """Rank policies: how each layer's rank is chosen. One class a policy, each declaring its keyword (the CLI flag with
 dashes), its help, its validation and what it computes; `Settings.policy` holds one of them.
 
-Three kinds, which the planner (onnxlr.plan, onnxlr.pipeline) tells apart by type:
+Three kinds, which the planner (onnxlr.factorize.plan, onnxlr.factorize.pipeline) tells apart by type:
 - `LayerPolicy`: each layer on its own (`rank` of one matrix view).
 - `Budget`: the whole model keeps at most a fraction of a measure (parameters, MACs, measured time), allocated greedily.
-- `Goal`: an end-to-end target on held-out outputs, met by searching a parameter budget (onnxlr.datafit).
+- `Goal`: an end-to-end target on held-out outputs, met by searching a parameter budget (onnxlr.calibrate.datafit).
 
 Adding a policy is one class here (registered in POLICIES) plus its tests: the Python keyword, the CLI flag, its help,
 the settings recorded in a written model and the CLI reference are derived from it.
@@ -17,8 +17,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from onnxlr import lowrank
 from onnxlr.errors import OnnxlrError
+from onnxlr.factorize import lowrank
 
 if TYPE_CHECKING:
     from onnxlr.passes import Scheme
@@ -56,7 +56,7 @@ class LayerPolicy(RankPolicy):
 
 
 class Budget(RankPolicy):
-    """The factorizable layers together keep at most `value` of a measure (onnxlr.plan.allocate_budget)."""
+    """The factorizable layers together keep at most `value` of a measure (onnxlr.factorize.plan.allocate_budget)."""
 
     measure: ClassVar[str]  # "params", "macs" or "latency"
 

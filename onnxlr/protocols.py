@@ -2,8 +2,8 @@
 
 They say what a stage uses of the object, so its signature needs neither the concrete class nor its module:
 - CalibrationRunner: what the pair kinds, sensitivity, compensation and the target search ask of
-  onnxlr.calibration.Runner (fetch activations with weights fed in their place, read a probe's vectors).
-- WeightSink: where the rewrite streams each new weight, onnxlr.save.DataFile (the output's data file).
+  onnxlr.calibrate.calibration.Runner (fetch activations with weights fed in their place, read a probe's vectors).
+- WeightSink: where the rewrite streams each new weight, onnxlr.model_io.save.DataFile (the output's data file).
 
 Nothing is imported at run time beyond typing: numpy and onnx_ir only for the checker.
 """
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class ProbeView(Protocol):
-    """What a runner's users read of a probe (onnxlr.calibration.Probe)."""
+    """What a runner's users read of a probe (onnxlr.calibrate.calibration.Probe)."""
 
     @property
     def activation(self) -> str:
@@ -28,7 +28,7 @@ class ProbeView(Protocol):
 
 
 class CalibrationRunner(Protocol):
-    """The probe model of onnxlr.calibration.Runner: the original model with every probe's activation as an
+    """The probe model of onnxlr.calibrate.calibration.Runner: the original model with every probe's activation as an
     extra output and (with slots) each slot's weight as a feed."""
 
     @property
@@ -61,7 +61,7 @@ class CalibrationRunner(Protocol):
 
 
 class WeightSink(Protocol):
-    """Where the rewrite writes each new weight as soon as it exists (onnxlr.save.DataFile)."""
+    """Where the rewrite writes each new weight as soon as it exists (onnxlr.model_io.save.DataFile)."""
 
     def append(self, tensor: ir.TensorProtocol) -> ir.TensorProtocol:
         """Store `tensor`; returns the tensor the model holds in its place (a reference to the stored copy)."""

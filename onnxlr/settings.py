@@ -1,6 +1,6 @@
 """Settings of the optimize pipeline: every knob of `onnxlr optimize`, declared once with its type, default,
 validation and help (a field's metadata, `setting(...)`); the CLI's options and the CLI reference are generated from
-these declarations (onnxlr.cli_options), and the rank policy is one typed value (onnxlr.policies).
+these declarations (onnxlr.cli.options), and the rank policy is one typed value (onnxlr.policies).
 
 Settings validate once, when they are made, so every later stage can trust them. Errors name the
 setting as a keyword (`rank_ratio`) for the Python API; the CLI shows the flag (`--rank-ratio`).
@@ -14,8 +14,9 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from onnxlr import lowrank, policies
+from onnxlr import policies
 from onnxlr.errors import OnnxlrError
+from onnxlr.factorize import lowrank
 from onnxlr.passes import RULES
 from onnxlr.passes.conv import SCHEMES as CONV_SCHEMES
 from onnxlr.policies import DEFAULT_RANK_RATIO, Budget, Goal, LatencyBudget, RankPolicy, RankRatio
@@ -32,12 +33,12 @@ LATER_DEFAULTS = {"inputs_as_constants": False, "methods": None, "quantize": Non
                   "latency_budget": None, "latency_provider": "cpu", "latency_threads": 1, "latency_table": None,
                   "latency_cache": True}
 # What planning minimizes for the rank policy: "size" (parameters and MACs) or "latency" (every candidate pair
-# timed against its original node with onnxruntime; only pairs measured faster are planned: onnxlr.latency).
+# timed against its original node with onnxruntime; only pairs measured faster are planned: onnxlr.timing.latency).
 OBJECTIVES = ("size", "latency")
 # How weights may be compressed: "svd" (each weight its own factor pair) and "joint" (a coupled MLP pair
-# keeps k of its D inner neurons and refits the second layer on calibration data; onnxlr.coupled).
+# keeps k of its D inner neurons and refits the second layer on calibration data; onnxlr.coupled.plans).
 METHODS = ("svd", "joint")
-# onnxruntime quantization after the rewrite (onnxlr.quantize).
+# onnxruntime quantization after the rewrite (onnxlr.factorize.quantize).
 QUANTIZE_MODES = ("int8", "int8-static", "fp16")
 # Op types whose rules came after the first release, at the end of ALL_OPS: while `ops` is the default
 # (all of them), recorded() leaves these out of the recorded `ops`, so a default run writes the same
@@ -139,7 +140,7 @@ class Settings:
         "--providers with --threads, at the shapes the model sees (--shape, else the --calibration or --inputs batch); "
         "only pairs measured 5% faster are kept, budgets allocate over them. Times are cached in ~/.cache/onnxlr.",
         "latency", kind="choice", choices=OBJECTIVES)
-    # where --objective latency times candidates (onnxlr.runtime.PROVIDERS): the first of --providers
+    # where --objective latency times candidates (onnxlr.verification.runtime.PROVIDERS): the first of --providers
     latency_provider: str = setting("cpu", "", "")
     latency_threads: int = setting(1, "onnxruntime intra-op threads when timing candidates (0: onnxruntime's "
                                    "default), as in `onnxlr bench --threads`.", "latency", kind="natural",
@@ -189,7 +190,7 @@ class Settings:
         lowrank.check_device(self.solver.device)  # validates svd and device first
 
     def _check_latency_provider(self) -> None:
-        from onnxlr.runtime import PROVIDERS
+        from onnxlr.verification.runtime import PROVIDERS
 
         if self.latency_provider not in PROVIDERS:
             raise OnnxlrError(f"{{0}} must be one of {', '.join(PROVIDERS)}; got {self.latency_provider!r}",

@@ -10,8 +10,8 @@ questions about one node:
 - `rewrite`: given two factor tensors, which two nodes replace the original?
 A rule whose targets take no calibration statistics sets `calibrated = False` (its `activation`
 is then never asked).
-A rule knows nothing about SVD or ranks; the planner (onnxlr.plan) and the rewrite stage
-(onnxlr.rewrite) call it. `onnxlr.api.FactorizationPass` is the onnx-ir pass that applies
+A rule knows nothing about SVD or ranks; the planner (onnxlr.factorize.plan) and the rewrite stage
+(onnxlr.factorize.rewrite) call it. `onnxlr.api.FactorizationPass` is the onnx-ir pass that applies
 the rule set to a model.
 """
 
@@ -222,7 +222,7 @@ class FactorizationRule:
     def matrix(self, target: Target) -> np.ndarray | None:
         """The 2-D matrix the factor pair approximates, as the node reads it (X·W: W; Gemm: op(W)), or
         None when the weight is no plain matrix (a conv kernel, an RNN's stacked gates). Readers of one
-        weight that see this matrix or its transpose share one factor pair (onnxlr.targets)."""
+        weight that see this matrix or its transpose share one factor pair (onnxlr.factorize.targets)."""
         return None
 
     def fixed_inputs(self, target: Target) -> list[ir.Value]:

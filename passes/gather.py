@@ -5,7 +5,7 @@ embedding is often the output head's weight too (the head reads Eᵀ): such a Ga
 weight's group as one more reader, so the table's factors serve both (the head reads Bᵀ·Aᵀ). With
 `--ops ...,Gather` a table only lookups read is a target of its own (`is_table_lookup`), its rank
 chosen by the same policies and budgets; with calibration data its rows are weighted by how often
-each id occurs (onnxlr.datafit.row_weights).
+each id occurs (onnxlr.calibrate.datafit.row_weights).
 """
 
 from __future__ import annotations

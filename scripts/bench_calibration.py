@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxlr  # noqa: E402
-from onnxlr import bench  # noqa: E402
-from onnxlr.inputs import input_specs, load_inputs  # noqa: E402
+from onnxlr.model_io.inputs import input_specs, load_inputs  # noqa: E402
+from onnxlr.timing import bench  # noqa: E402
 
 METHODS = ("plain", "whitened", "full", "budget", "joint", "target", "target-joint", "int8")
 DEFAULT_METHODS = ("plain", "whitened", "full", "int8")

@@ -12,7 +12,7 @@ Rows, every one measured the same way in this process:
   onnxlr F          onnxlr alone with calibration: --param-budget F (digits: --mac-budget F), joint pairs on;
                     minilm: --ops MatMul,Gather (the embedding tables too; --no-tables: MatMul only)
   onnxlr F + MODE   that model quantized by --quantize MODE (int8, int8-static, fp16): the same call the
-                    pipeline makes after the rewrite (onnxlr.quantize.quantize)
+                    pipeline makes after the rewrite (onnxlr.factorize.quantize.quantize)
   target C + int8   --target-cosine C --quantize int8 (minilm only): the search pays for both errors
 Columns: the file's bytes (model and external data, as written), its ratio to the original and to
 ort-int8-pc, onnxruntime's CPU speedup over the original (interleaved A/B, median of per-run
@@ -37,9 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxlr  # noqa: E402
-from onnxlr import bench, quantize  # noqa: E402
-from onnxlr.inputs import input_specs, load_inputs  # noqa: E402
-from onnxlr.io import file_bytes  # noqa: E402
+from onnxlr.factorize import quantize  # noqa: E402
+from onnxlr.model_io.inputs import input_specs, load_inputs  # noqa: E402
+from onnxlr.model_io.io import file_bytes  # noqa: E402
+from onnxlr.timing import bench  # noqa: E402
 from scripts.bench_calibration import mean_cosine, run_model  # noqa: E402
 
 THREADS = 2

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxlr  # noqa: E402
-from onnxlr import bench  # noqa: E402
+from onnxlr.timing import bench  # noqa: E402
 from scripts.bench_calibration import run_model  # noqa: E402
 from scripts.bench_frontier import ort_int8, setup  # noqa: E402
 

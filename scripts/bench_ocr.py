@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxlr  # noqa: E402
-from onnxlr import bench  # noqa: E402
-from onnxlr.io import file_bytes  # noqa: E402
+from onnxlr.model_io.io import file_bytes  # noqa: E402
+from onnxlr.timing import bench  # noqa: E402
 from scripts.ocr_accuracy import accuracy  # noqa: E402
 
 FOLDER = ROOT / ".cache" / "models" / "ocr-crnn"

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxlr  # noqa: E402
-from onnxlr import bench  # noqa: E402
+from onnxlr.timing import bench  # noqa: E402
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 MODELS = ("squeezenet", "shufflenet", "inception_v1", "inception_v2", "resnet50", "densenet121")

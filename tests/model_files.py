@@ -19,9 +19,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import io
 from onnxlr.errors import OnnxlrError
-from onnxlr.save import check_output_path, save
+from onnxlr.model_io import io
+from onnxlr.model_io.save import check_output_path, save
 
 N = 64
 RNG = np.random.default_rng(0)

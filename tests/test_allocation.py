@@ -14,12 +14,12 @@ from graphs import parse_text
 from onnxlr.passes import Context
 
 import onnxlr
-from onnxlr import plan
 from onnxlr.errors import OnnxlrError
-from onnxlr.groups import WeightGroup
+from onnxlr.factorize import plan
+from onnxlr.factorize.groups import WeightGroup
+from onnxlr.factorize.targets import find_targets
+from onnxlr.model_io.shapes import default_opset, infer_shapes
 from onnxlr.settings import Settings, no_progress
-from onnxlr.shapes import default_opset, infer_shapes
-from onnxlr.targets import find_targets
 
 INDEX = np.arange(32)
 FAST = 0.5**INDEX  # most energy in the first few directions

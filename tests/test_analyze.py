@@ -16,7 +16,6 @@ from graphs import ONNXLR, init, make_model, onnxlr_cli, tensor_input
 from onnx import helper
 from onnxlr.passes import Scheme
 
-from onnxlr import lowrank
 from onnxlr.analyze import (
     analyze_model,
     combined_singular_values,
@@ -25,8 +24,9 @@ from onnxlr.analyze import (
     stable_rank,
     view_statistics,
 )
-from onnxlr.html_analyze import render_html
-from onnxlr.io import load
+from onnxlr.factorize import lowrank
+from onnxlr.model_io.io import load
+from onnxlr.render.html_analyze import render_html
 
 
 def matmul_scheme(matrix: np.ndarray) -> Scheme:

@@ -12,7 +12,7 @@ import pytest
 from graphs import init, make_model, tensor_input
 from onnx import helper
 
-from onnxlr import bench
+from onnxlr.timing import bench
 
 
 def test_summary_statistics():

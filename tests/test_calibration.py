@@ -25,7 +25,8 @@ from graphs import (
 from onnx import helper
 
 import onnxlr
-from onnxlr import calibration, lowrank
+from onnxlr.calibrate import calibration
+from onnxlr.factorize import lowrank
 
 K = ANISOTROPIC_WIDTH
 
@@ -146,7 +147,7 @@ def test_rank_deficient_gram_falls_back_without_nans(caplog):
     x = rng.standard_normal((200, 3)) @ rng.standard_normal((3, K))  # rank 3 activations
     w = rng.standard_normal((K, 10))
     for damping in (0.0, 1e-6):
-        with caplog.at_level("INFO", logger="onnxlr.lowrank"):
+        with caplog.at_level("INFO", logger="onnxlr.factorize.lowrank"):
             decomposition = lowrank.whitened_svd(w[None], x.T @ x, damping=damping)
         if damping == 0.0:  # no damping: Cholesky of a singular matrix is refused, eigenvalues are clipped
             assert "clipped eigenvalues" in caplog.text

@@ -14,7 +14,7 @@ from graphs import init, make_model, tensor_input
 from onnx import TensorProto, helper
 
 import onnxlr
-from onnxlr import calibration
+from onnxlr.calibrate import calibration
 
 K, VOCAB = 8, 20
 BATCH, LENGTH = 3, 5  # encoder and decoder length alike: the case the shape test gets wrong

@@ -20,8 +20,9 @@ from test_latency import BATCH, matmuls
 from test_old_ir import FEEDS, input_weights_model
 
 import onnxlr
-from onnxlr import confirm, latency, revert
-from onnxlr.io import load
+from onnxlr.factorize import revert
+from onnxlr.model_io.io import load
+from onnxlr.timing import confirm, latency
 
 
 @pytest.fixture(autouse=True)
@@ -235,7 +236,7 @@ def test_the_cli_reports_the_end_to_end_speed(tmp_path):
 
 
 def test_the_profile_ranks_the_kernels_whose_time_grew_most_rewritten_or_not():
-    from onnxlr import bench
+    from onnxlr.timing import bench
 
     reference = {"a": 10.0, "conv": 5.0, "relu": 2.0, "gone": 3.0}
     candidate = {"a": 12.0, "conv_lr1": 4.0, "conv_lr_mid_nchwc": 6.0, "relu": 9.0, "new": 1.0}
@@ -260,7 +261,7 @@ def test_bench_profile_shows_the_grown_kernels_at_the_deployed_level(tmp_path):
 
 
 def test_the_size_objective_states_the_end_to_end_speed_and_warns_when_slower(tmp_path):
-    from onnxlr.report import speed_lines
+    from onnxlr.render.report import speed_lines
 
     source = tmp_path / "m.onnx"
     ir.save(matmuls(2), source)

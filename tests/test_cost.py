@@ -9,8 +9,8 @@ from graphs import init, make_model, tensor_input
 from onnx import helper
 
 import onnxlr
-from onnxlr import cost
-from onnxlr.shapes import infer_shapes
+from onnxlr.factorize import cost
+from onnxlr.model_io.shapes import infer_shapes
 
 RNG = np.random.default_rng(5)
 

@@ -10,8 +10,9 @@ from graphs import assert_outputs_close, init, make_model, onnxlr_cli, run, tens
 from onnx import TensorProto, helper
 
 import onnxlr
-from onnxlr import coupled, joint, pairs
-from onnxlr.io import load
+from onnxlr.coupled import joint, pairs
+from onnxlr.coupled import plans as coupled
+from onnxlr.model_io.io import load
 
 RNG = np.random.default_rng(16)
 

@@ -14,8 +14,9 @@ from onnx import helper
 from test_shared_weights import check_report_adds_up, weight_bytes
 
 import onnxlr
-from onnxlr import coupled, joint, pairs
-from onnxlr.io import load
+from onnxlr.coupled import joint, pairs
+from onnxlr.coupled import plans as coupled
+from onnxlr.model_io.io import load
 
 RNG = np.random.default_rng(161)
 

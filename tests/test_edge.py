@@ -10,9 +10,9 @@ import pytest
 from graphs import init, make_model, onnxlr_cli, tensor_input
 from onnx import helper
 
-from onnxlr import edge
-from onnxlr.cost import NodeCost
 from onnxlr.errors import OnnxlrError
+from onnxlr.factorize.cost import NodeCost
+from onnxlr.timing import edge
 
 USER_TARGET = """
 [my-board]

@@ -10,8 +10,8 @@ from graphs import init, make_model, onnxlr_cli, run, tensor_input
 from onnx import TensorProto, helper
 
 import onnxlr
-from onnxlr import lowrank
 from onnxlr.errors import OnnxlrError
+from onnxlr.factorize import lowrank
 
 VOCAB, WIDTH = 300, 24
 
@@ -93,7 +93,7 @@ def test_calibration_weights_the_rows_by_how_often_their_ids_occur():
 def test_padding_is_not_counted_and_budgets_allocate_tables_too():
     model = embedding_model(mask=True)
     calibration = [ids(32, seed, mask=True) for seed in range(3)]
-    from onnxlr import datafit
+    from onnxlr.calibrate import datafit
 
     result, report = onnxlr.optimize(model, calibration=calibration, param_budget=0.5, ops=("MatMul", "Gather"), verify=False)
     rows = {row["name"]: row for row in report["layers"]}
@@ -109,8 +109,8 @@ def _group_of(model):
     import onnx_ir as ir
     from onnxlr.passes import Context
 
+    from onnxlr.factorize.targets import find_targets
     from onnxlr.settings import Settings
-    from onnxlr.targets import find_targets
 
     found = find_targets(ir.serde.deserialize_model(model), Settings.of(ops=("Gather",)), Context(shapes={}, opset=17))
     return next(g for g in found.groups if g.lead.node.name == "embed")
@@ -150,7 +150,7 @@ def test_analyze_covers_tables_when_asked(tmp_path):
     source = tmp_path / "embed.onnx"
     onnx.save(embedding_model(), source)
     from onnxlr.analyze import analyze_model
-    from onnxlr.io import load
+    from onnxlr.model_io.io import load
 
     result = analyze_model(load(source).model, model_path=str(source), ops=("MatMul", "Gather"))
     assert {layer["name"] for layer in result["layers"]} == {"embed", "head"}

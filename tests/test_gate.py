@@ -10,8 +10,8 @@ import pytest
 from graphs import init, make_model, onnxlr_cli, tensor_input
 from onnx import TensorProto, helper
 
-from onnxlr import verify
-from onnxlr.report import output_verdict, verification_verdict
+from onnxlr.render.report import output_verdict, verification_verdict
+from onnxlr.verification import verify
 
 RNG = np.random.default_rng(7)
 

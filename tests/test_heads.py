@@ -1,4 +1,4 @@
-"""Attention V·O head pairs (onnxlr.heads): found in BERT-style exports, exact when every head dimension is
+"""Attention V·O head pairs (onnxlr.coupled.heads): found in BERT-style exports, exact when every head dimension is
 kept, the padded feeds compute the sliced model, and the fit's error is what the data says."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import onnxlr
-from onnxlr import heads, joint
+from onnxlr.coupled import heads, joint
 
 MODEL, HEADS, HEAD = 24, 4, 8  # model width, heads, head size (H·d = 32 != MODEL: the widths are checked)
 SEQ = 5
@@ -125,7 +125,7 @@ def contexts(proto, data):
 
 
 def rewritten(model, slices, forget=()):
-    """The serialized model with each slice's constant input replaced (as onnxlr.coupled.rewrite does)."""
+    """The serialized model with each slice's constant input replaced (as onnxlr.coupled.plans.rewrite does)."""
     for node, old, array in slices:
         value = ir.Value(name=f"{old.name}_new", const_value=ir.tensor(array))
         model.graph.register_initializer(value)
@@ -370,7 +370,7 @@ def test_a_transformers_bert_export_has_both_head_pairs_in_every_layer(bert_path
     path = bert_path
     model = onnxlr.load(path).model
     values, value_rejected = heads.find_head_pairs(model)
-    from onnxlr import scores
+    from onnxlr.coupled import scores
 
     products, product_rejected = scores.find_score_pairs(model)
     assert [p.up.node.name.split("/")[3] for p in values] == ["layer.0", "layer.1"]
@@ -398,7 +398,7 @@ def test_sdpa_export_sliced_is_padded_and_keep_all_is_the_original(bert_path, ke
     """transformers' SDPA attention as torch exports it reads the heads' shapes at run time (the query length,
     the value head size for a reshape of P·V) and scales both sides: every pair of both layers, sliced at k,
     computes what the padded feeds compute; at k = d it is the original."""
-    from onnxlr import scores
+    from onnxlr.coupled import scores
 
     original = onnx.load(bert_path)
     data = bert_batch(4, 5)

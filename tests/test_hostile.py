@@ -508,7 +508,8 @@ def test_hostile_input(tmp_path, name):
 def test_verification_feeds_and_compares_string_tensors():
     """String inputs are synthesized and string outputs compared for equality (no float metrics to take);
     onnxlr itself never rewrites string paths, so they must come out equal."""
-    from onnxlr import inputs, io, verify
+    from onnxlr.model_io import inputs, io
+    from onnxlr.verification import verify
 
     model = _model([helper.make_node("Identity", ["labels"], ["out"])], [_value("labels", ["n"], TensorProto.STRING)],
                    [_value("out", ["n"], TensorProto.STRING)])

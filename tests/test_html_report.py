@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from graphs import onnxlr_cli
 
 from onnxlr.cli import cli
-from onnxlr.html_report import render_html
+from onnxlr.render.html_report import render_html
 
 VOID = {"meta", "br", "hr", "img", "input", "link", "area", "base", "col", "embed", "source", "track", "wbr"}
 

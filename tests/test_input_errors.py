@@ -14,8 +14,8 @@ from graphs import init, make_model, onnxlr_cli, tensor_input
 from onnx import TensorProto, helper
 
 import onnxlr
-from onnxlr import runtime
-from onnxlr import verify as v
+from onnxlr.verification import runtime
+from onnxlr.verification import verify as v
 
 RNG = np.random.default_rng(15)
 VOCAB, POSITIONS, WIDTH = 100, 16, 64

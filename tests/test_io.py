@@ -1,4 +1,4 @@
-"""onnxlr.io: loading every supported kind and refusing hostile files before reading them.
+"""onnxlr.model_io.io: loading every supported kind and refusing hostile files before reading them.
 
 Every refusal test checks three things: the error names the problem, nothing is written, and the
 input files are byte-for-byte unchanged (a hash snapshot of the whole tmp_path tree). Saving:
@@ -29,9 +29,9 @@ from model_files import (
 )
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import io
 from onnxlr.errors import OnnxlrError
-from onnxlr.save import save
+from onnxlr.model_io import io
+from onnxlr.model_io.save import save
 
 # ----------------------------------------------------------------------------- hostile external data
 

@@ -1,4 +1,4 @@
-"""Joint compression of an MLP pair (onnxlr.joint): statistics, OBS selection, refit and analytic error."""
+"""Joint compression of an MLP pair (onnxlr.coupled.joint): statistics, OBS selection, refit and analytic error."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxlr import joint
+from onnxlr.coupled import joint
 
 
 def _gram(activations: np.ndarray) -> np.ndarray:

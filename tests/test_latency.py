@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from onnxlr.passes import Context
 
 import onnxlr
-from onnxlr import latency
 from onnxlr.errors import OnnxlrError
+from onnxlr.factorize.targets import find_targets
+from onnxlr.model_io.shapes import default_opset, infer_shapes
 from onnxlr.settings import Settings
-from onnxlr.shapes import default_opset, infer_shapes
-from onnxlr.targets import find_targets
+from onnxlr.timing import latency
 
 ROWS = 64
 BATCH = {"x0": (32, ROWS), "x1": (32, ROWS), "x2": (32, ROWS)}
@@ -320,7 +320,7 @@ def test_bench_profile_pairs_layers_whichever_model_is_rewritten(tmp_path):
 
 def test_bench_profile_lists_layers_narrowed_jointly(tmp_path):
     """A layer narrowed with its coupled partner keeps its node: its time is compared with the original's."""
-    from onnxlr import bench
+    from onnxlr.timing import bench
 
     original = matmuls(2)
     narrowed = matmuls(2)

@@ -17,8 +17,8 @@ from onnx import helper
 from test_coupled import D_IN, WIDTH, batches, redundant_mlp
 
 import onnxlr
-from onnxlr import latency
-from onnxlr.io import load
+from onnxlr.model_io.io import load
+from onnxlr.timing import latency
 
 SHAPES = {"x": (8, D_IN)}  # the calibration batches' shape: the tables are keyed at it
 BUDGET = 0.6

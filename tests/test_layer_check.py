@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from test_segments import mlp_file
 
 import onnxlr
-from onnxlr import verify
+from onnxlr.verification import verify
 
 
 def rewritten(tmp_path, **settings):

@@ -8,9 +8,9 @@ import onnx_ir as ir
 import pytest
 from graphs import onnxlr_cli, parse_text
 
-from onnxlr import memory
 from onnxlr.errors import OnnxlrError
-from onnxlr.shapes import infer_shapes
+from onnxlr.model_io.shapes import infer_shapes
+from onnxlr.verification import memory
 
 
 def test_available_takes_the_smaller_of_meminfo_and_the_cgroup(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""onnxlr.pairs and onnxlr.conv_pairs: coupled pairs (MLP, gated MLP, conv channels) and their slicing API."""
+"""onnxlr.coupled.pairs and onnxlr.coupled.conv_pairs: coupled pairs (MLP, gated MLP, conv channels) and their slicing API."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from onnxlr import joint
-from onnxlr.conv_pairs import find_conv_pairs
-from onnxlr.pairs import find_mlp_pairs
+from onnxlr.coupled import joint
+from onnxlr.coupled.conv_pairs import find_conv_pairs
+from onnxlr.coupled.pairs import find_mlp_pairs
 
 IN, D, OUT = 4, 8, 3
 RNG = np.random.default_rng(0)

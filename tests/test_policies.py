@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from onnx import helper
 
 import onnxlr
-from onnxlr import lowrank
 from onnxlr.errors import OnnxlrError
+from onnxlr.factorize import lowrank
 
 
 def with_spectrum(singular_values, rows, cols, seed=0):
@@ -176,7 +176,7 @@ def test_report_totals_are_consistent():
 def test_param_budget_frees_vectors_while_planning_and_still_writes_optimal_factors(monkeypatch):
     """Past PLANNING_VECTOR_BYTES, budget planning keeps only spectra (one layer's SVD at a time); the
     rewrite computes the SVD again, and each written pair is still the best rank-r approximation."""
-    from onnxlr import plan
+    from onnxlr.factorize import plan
 
     kept_vectors = []
     allocate = plan.allocate_budget

@@ -13,8 +13,8 @@ from graphs import init, make_model, onnxlr_cli, run, tensor_input
 from onnx import helper, numpy_helper
 
 import onnxlr
-from onnxlr import quantize
 from onnxlr.errors import OnnxlrError
+from onnxlr.factorize import quantize
 
 D_IN, HIDDEN, D_OUT = 64, 128, 32
 
@@ -151,7 +151,7 @@ def test_bench_compare_and_the_html_report_show_the_quantized_size(tmp_path):
     onnx.save(mlp(), source)
     model, report = onnxlr.optimize(mlp(), rank_ratio=0.5, quantize="int8", verify=False)
     onnx.save(model, out)
-    from onnxlr.html_report import render_html
+    from onnxlr.render.html_report import render_html
 
     page = render_html(report)
     assert "bytes after --quantize int8" in page and "bytes kept, int8" in page

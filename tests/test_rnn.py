@@ -13,8 +13,8 @@ from onnx.reference import ReferenceEvaluator
 from onnxlr.passes import RULES
 
 import onnxlr
-from onnxlr import calibration
-from onnxlr.io import load
+from onnxlr.calibrate import calibration
+from onnxlr.model_io.io import load
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 SEQ, BATCH = 5, 3

@@ -27,11 +27,11 @@ from onnxlr.passes import (
 from onnxlr.passes.base import Context, Scheme, Target
 
 import onnxlr
-from onnxlr import lowrank
-from onnxlr.groups import WeightGroup
+from onnxlr.factorize import lowrank
+from onnxlr.factorize.groups import WeightGroup
+from onnxlr.factorize.targets import find_targets
+from onnxlr.model_io.shapes import default_opset, infer_shapes
 from onnxlr.settings import Settings
-from onnxlr.shapes import default_opset, infer_shapes
-from onnxlr.targets import find_targets
 
 RNG_SEED = 0
 

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxlr import calibration, lowrank
+from onnxlr.calibrate import calibration
+from onnxlr.factorize import lowrank
 
 
 def _inputs(rng: np.random.Generator, count: int, width: int) -> np.ndarray:

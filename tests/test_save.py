@@ -1,4 +1,4 @@
-"""onnxlr.save: atomic saves, with or without external data, and the output paths it refuses.
+"""onnxlr.model_io.save: atomic saves, with or without external data, and the output paths it refuses.
 
 Every refusal test checks three things: the error names the problem, nothing is written, and the
 input files are byte-for-byte unchanged (a hash snapshot of the whole tmp_path tree). Loading:
@@ -35,12 +35,12 @@ from model_files import (
 )
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import io
 from onnxlr.errors import OnnxlrError
-from onnxlr.save import save
+from onnxlr.model_io import io
+from onnxlr.model_io.save import save
 
-# The module, for monkeypatching its globals: `onnxlr.save` is the function (the package exports it).
-save_module = importlib.import_module("onnxlr.save")
+# The module, for monkeypatching its globals: `onnxlr.model_io.save` is the function (the package exports it).
+save_module = importlib.import_module("onnxlr.model_io.save")
 
 
 def run_ort(model: Path | bytes) -> np.ndarray:

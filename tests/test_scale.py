@@ -21,9 +21,9 @@ from graphs import ONNXLR, init, make_model, tensor_input
 from onnx import helper, numpy_helper
 
 import onnxlr
-from onnxlr import lowrank, parallel
 from onnxlr.errors import OnnxlrError
-from onnxlr.save import DATA_ALIGNMENT
+from onnxlr.factorize import lowrank, parallel
+from onnxlr.model_io.save import DATA_ALIGNMENT
 from onnxlr.settings import LATER_DEFAULTS
 
 

@@ -1,4 +1,4 @@
-"""Attention Q·Kᵀ head pairs (onnxlr.scores): found from the query projection, exact when every head dimension
+"""Attention Q·Kᵀ head pairs (onnxlr.coupled.scores): found from the query projection, exact when every head dimension
 is kept, the padded feeds compute the sliced model, and heads of low rank lose nothing at that rank."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from onnx import helper
 from test_heads import HEAD, HEADS, MODEL, attention_model, feeds, rewritten
 
-from onnxlr import joint, scores
+from onnxlr.coupled import joint, scores
 
 
 def found(proto):

@@ -8,8 +8,8 @@ import pytest
 from model_files import save_external
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import segments
-from onnxlr.runtime import make_session
+from onnxlr.verification import segments
+from onnxlr.verification.runtime import make_session
 
 
 def mlp_file(tmp_path, layers: int = 4, width: int = 32):
@@ -63,7 +63,7 @@ def test_segments_give_the_whole_models_outputs(tmp_path, budget):
 def test_verification_in_segments_matches_the_whole_model(tmp_path):
     """The same metrics, per output and per factorized layer, whether the models run whole or in pieces."""
     import onnxlr
-    from onnxlr import verify
+    from onnxlr.verification import verify
 
     path = mlp_file(tmp_path)
     rewritten, _ = onnxlr.optimize(str(path), rank_ratio=0.25, verify=False)
@@ -127,7 +127,7 @@ def test_statistics_in_segments_match_the_whole_model(tmp_path):
     """Block by block (every weight its own segment) the Grams, sums and counts are the whole model's."""
     import onnx_ir as ir
 
-    from onnxlr import calibration
+    from onnxlr.calibrate import calibration
 
     path = shared_input_file(tmp_path)
     model = ir.load(str(path))
@@ -152,8 +152,9 @@ def test_statistics_in_segments_match_the_whole_model(tmp_path):
 def test_optimize_calibrates_in_segments_when_the_whole_model_does_not_fit(tmp_path, monkeypatch):
     from graphs import onnxlr_cli
 
-    from onnxlr import calibration, memory
-    from onnxlr.shapes import infer_shapes
+    from onnxlr.calibrate import calibration
+    from onnxlr.model_io.shapes import infer_shapes
+    from onnxlr.verification import memory
 
     source = wide_file(tmp_path)
     import onnx_ir as ir

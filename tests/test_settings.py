@@ -15,8 +15,8 @@ from onnx import helper
 from onnxlr import policies
 from onnxlr.cli import cli
 from onnxlr.errors import OnnxlrError
+from onnxlr.factorize.pipeline import factorize_model
 from onnxlr.job import VerifySettings
-from onnxlr.pipeline import factorize_model
 from onnxlr.settings import Settings
 
 

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import onnxlr
-from onnxlr.cost import model_totals
-from onnxlr.io import load
+from onnxlr.factorize.cost import model_totals
+from onnxlr.model_io.io import load
 
 RNG = np.random.default_rng(15)
 FULL_RANK = {"rank_ratio": 1.0, "allow_no_gain": True, "min_params": 0}

@@ -19,7 +19,7 @@ from test_rnn import feeds as rnn_feeds
 from test_rnn import recurrent_model
 
 import onnxlr
-from onnxlr import subnormals
+from onnxlr.factorize import subnormals
 
 TINY = np.finfo(np.float32).tiny
 DEAD = 1e-39  # a subnormal float32 scale: what a trained model's dead rows and channels hold
@@ -161,7 +161,7 @@ def test_flush_by_dtype(dtype, flushed):
 
 
 def test_add_initializer_flushes_a_copy_and_records_the_count():
-    from onnxlr.rewrite import add_initializer
+    from onnxlr.factorize.rewrite import add_initializer
 
     graph = ir.Graph([], [], nodes=[], opset_imports={"": 17})
     array = np.array([[1.0, TINY / 8], [TINY / 16, 2.0]], np.float64)

@@ -12,8 +12,8 @@ import pytest
 from graphs import init, make_model, onnxlr_cli, run, tensor_input
 from onnx import TensorProto, helper
 
-from onnxlr import inputs, synthesis
 from onnxlr.errors import OnnxlrError
+from onnxlr.model_io import inputs, synthesis
 
 RNG = np.random.default_rng(7)
 
@@ -236,12 +236,12 @@ def test_a_candidate_whose_sizes_differ_is_not_probed(tmp_path):
 def verify_in_segments(path: str, monkeypatch, providers: str = "cpu") -> tuple[object, int]:
     """optimize's verification of the model against itself, in segments (as for a model larger than memory),
     on synthesized inputs; returns the result and how many passes over the model in segments it took."""
-    import onnxlr.segments
+    import onnxlr.verification.segments
     from onnxlr.job import VerifySettings, verify_models
 
     passes = []
-    whole_run = onnxlr.segments.run_in_segments
-    monkeypatch.setattr(onnxlr.segments, "run_in_segments", lambda *a, **k: passes.append(1) or whole_run(*a, **k))
+    whole_run = onnxlr.verification.segments.run_in_segments
+    monkeypatch.setattr(onnxlr.verification.segments, "run_in_segments", lambda *a, **k: passes.append(1) or whole_run(*a, **k))
     checks = VerifySettings(providers=tuple(providers.split(",")), samples=2)
     result = verify_models(path, path, ir.load(path), checks, segment_budget=1000)
     return result, len(passes)
@@ -263,10 +263,10 @@ def test_in_segments_a_reference_that_refuses_the_first_sizes_is_probed(tmp_path
 def test_in_segments_a_reference_failing_on_a_later_provider_is_not_probed(tmp_path, monkeypatch):
     # The reference ran on the first provider with these inputs: a failure on the next one is that provider's,
     # and probing other sizes (a pass over the weights each) would only fail the same way again.
-    import onnxlr.verify
+    import onnxlr.verification.verify
 
     calls = []
-    real_run = onnxlr.verify._run_segmented
+    real_run = onnxlr.verification.verify._run_segmented
 
     def fail_third_run(*args, **kwargs):  # reference and candidate on "cpu", then the reference again
         calls.append(1)
@@ -274,8 +274,8 @@ def test_in_segments_a_reference_failing_on_a_later_provider_is_not_probed(tmp_p
             raise RuntimeError("injected: this provider cannot run the model")
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(onnxlr.verify, "_run_segmented", fail_third_run)
+    monkeypatch.setattr(onnxlr.verification.verify, "_run_segmented", fail_third_run)
     with pytest.raises(OnnxlrError, match="cannot run the reference model on cpu") as raised:
         verify_in_segments(save(stride_net(levels=5), tmp_path / "net.onnx"), monkeypatch, providers="cpu,cpu")
-    assert not isinstance(raised.value, onnxlr.verify.ReferenceFailed)
+    assert not isinstance(raised.value, onnxlr.verification.verify.ReferenceFailed)
     assert len(calls) == 3  # no probe, no second verification

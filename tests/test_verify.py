@@ -13,9 +13,10 @@ import pytest
 from graphs import init, make_model, tensor_input
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import inputs, runtime
-from onnxlr import verify as v
 from onnxlr.errors import OnnxlrError
+from onnxlr.model_io import inputs
+from onnxlr.verification import runtime
+from onnxlr.verification import verify as v
 
 RNG = np.random.default_rng(3)
 
