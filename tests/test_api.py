@@ -7,6 +7,7 @@ import hashlib
 import subprocess
 import sys
 
+import onnx
 import onnx_ir as ir
 import pytest
 from graphs import onnxlr_cli
@@ -85,3 +86,22 @@ def test_minilm_at_quarter_rank_fails_the_same_gate_in_the_api_as_in_the_cli(tmp
     assert passed["passed"] and passed["gates"]["min_cosine"] == 0.3
     assert passed["providers"]["cpu"]["outputs"]["embedding"]["cosine"] == pytest.approx(figures["cosine"], abs=1e-6)
     assert report["totals"]["bytes_after"] < report["totals"]["bytes_before"]
+
+
+def test_api_verifies_an_in_memory_model_and_leaves_it_unchanged(small_model):
+    proto = onnx.load(small_model)
+    before = proto.SerializeToString()
+    model, report = onnxlr.optimize(proto, rank_ratio=1.0, allow_no_gain=True)
+    assert isinstance(model, onnx.ModelProto) and report["verification"]["passed"]
+    assert proto.SerializeToString() == before  # the caller's object is never modified
+    assert "input" not in report  # an in-memory model has no path to report
+
+
+def test_api_verifies_a_model_with_external_data_without_writing_beside_it(ext_model):
+    files_before = sorted(p.name for p in ext_model.parent.iterdir())
+    model, report = onnxlr.optimize(str(ext_model), rank_ratio=1.0, allow_no_gain=True)
+    assert report["verification"]["passed"]
+    assert sorted(p.name for p in ext_model.parent.iterdir()) == files_before  # the temporary copy went elsewhere
+    out = ext_model.parent.parent / "out" / "lr.onnx"
+    onnxlr.save(model, out)  # the returned model still reads its weights: it saves whole
+    assert onnx.load(out).graph.initializer
