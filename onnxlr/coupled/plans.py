@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import numpy as np
@@ -234,25 +234,46 @@ class JointRole:
         return self.plan.feeds() if self.side == "down" else {}  # the up weights' kept outputs are unchanged
 
 
-def find(model: ir.Model, groups: Sequence[WeightGroup]) -> tuple[list[PairPlan], list[dict[str, str]]]:
-    """The coupled pairs (MLP, gated MLP, conv channels, attention V·O) whose weights are each one group's
-    only reader (plain, unshared weights), no layer in two pairs (in a chain, the first pair in graph
-    order takes it); and {node, reason} for each candidate that is not one."""
-    by_node = {id(g.lead.node): g for g in groups if len(g.targets) == 1 and not g.reason}
-    mlp, mlp_rejected = pairs.find_mlp_pairs(model)
-    conv, conv_rejected = conv_pairs.find_conv_pairs(model)
-    values, value_rejected = heads.find_head_pairs(model)
-    products, product_rejected = scores.find_score_pairs(model)
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One kind of coupled pair: its finder (model -> its pairs, and (node, reason) for each candidate that is not
+    one), and the kinds whose word on a node it replaces (it pairs, or rejects, those nodes itself)."""
+
+    name: str
+    find: Callable[[ir.Model], tuple[Sequence[Any], Sequence[tuple[ir.Node, str]]]]
+    overrides: tuple[str, ...] = ()
+
+
+# Every kind, in the order its pairs claim layers (a layer in two pairs goes to the first kind's); adding a kind is
+# one entry here, its module answering PairKind.
+KINDS: tuple[Kind, ...] = (
+    Kind("mlp", pairs.find_mlp_pairs),
+    Kind("conv", conv_pairs.find_conv_pairs),
+    Kind("attention-vo", heads.find_head_pairs),
     # Query and key projections are the Q·Kᵀ finder's: its pairs and reasons replace the V·O finder's word.
-    settled = {id(node) for node, _ in product_rejected} | {id(p.up.node) for p in products} | \
-        {id(p.down.node) for p in products}
-    value_rejected = [(node, reason) for node, reason in value_rejected if id(node) not in settled]
+    Kind("attention-qk", scores.find_score_pairs, overrides=("attention-vo",)),
+)
+
+
+def find(model: ir.Model, groups: Sequence[WeightGroup]) -> tuple[list[PairPlan], list[dict[str, str]]]:
+    """The coupled pairs of every kind (KINDS) whose weights are each one group's only reader (plain, unshared
+    weights), no layer in two pairs (in a chain, the first pair in graph order takes it); and {node, reason} for
+    each candidate that is not one."""
+    by_node = {id(g.lead.node): g for g in groups if len(g.targets) == 1 and not g.reason}
+    found = {kind.name: kind.find(model) for kind in KINDS}
+    rejections = {name: list(rejected) for name, (_, rejected) in found.items()}
+    for kind in KINDS:
+        kind_pairs, kind_rejected = found[kind.name]
+        settled = {id(node) for node, _ in kind_rejected} | {
+            id(layer.node) for pair in kind_pairs for layer in (*pair.up_layers(), pair.down)}
+        for name in kind.overrides:
+            rejections[name] = [(node, reason) for node, reason in rejections[name] if id(node) not in settled]
     # A loaded model's node names are strings ('' when unnamed): the casts below.
     rejected = [{"node": cast(str, node.name), "reason": reason}
-                for node, reason in mlp_rejected + conv_rejected + value_rejected + product_rejected]
+                for kind in KINDS for node, reason in rejections[kind.name]]
     plans: list[PairPlan] = []
     taken: set[int] = set()
-    for pair in mlp + conv + values + products:
+    for pair in (pair for kind in KINDS for pair in found[kind.name][0]):
         layers = [*pair.up_layers(), pair.down]
         layer_groups = [by_node.get(id(layer.node)) for layer in layers]
         outside = [layer.node.name for g, layer in zip(layer_groups, layers) if g is None or g.lead.weight is not layer.weight]
