@@ -50,6 +50,7 @@ from onnxlr.settings import Progress, Settings
 
 if TYPE_CHECKING:
     from onnxlr.protocols import CalibrationRunner, WeightSink
+    from onnxlr.timing.measured import Measured
 
 logger = logging.getLogger(__name__)
 
@@ -369,9 +370,10 @@ def _own_sensitivity(pair_plan: PairPlan, runner: CalibrationRunner, batches: li
 
 
 def settle(plans: Sequence[PairPlan], settings: Settings, runner: CalibrationRunner,
-           batches: list[dict[str, np.ndarray]]) -> None:
+           batches: list[dict[str, np.ndarray]], measured: Measured | None = None) -> None:
     """After a budget allocation: each pair takes its joint fit at the k it was given, or the best
-    per-matrix plan of its two layers at the same cost, whichever loses less on calibration samples."""
+    per-matrix plan of its two layers at the same cost, whichever loses less on calibration samples.
+    `measured`: --objective latency's times and ladders (the per-matrix plans allocate over them)."""
     assert settings.budget is not None
     measure_name, _ = settings.budget
     flag = "--" + settings.budget_setting.replace("_", "-")
@@ -386,7 +388,7 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: CalibrationRun
         assert pair_plan.elimination is not None  # the units settle() is given were measured (measure())
         fit = pair_plan.elimination.fit(keep)
         share = pair_plan.cost(keep, measure_name) / pair_plan.cost(pair_plan.width, measure_name)
-        if not _plan_per_matrix(pair_plan, settings, share):
+        if not _plan_per_matrix(pair_plan, settings, share, measured):
             pair_plan.take(fit)  # no per-matrix plan fits the pair's share of the budget
             continue
         pair_plan.svd_error, pair_plan.joint_error = _errors(pair_plan, fit, comparison)
@@ -395,12 +397,12 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: CalibrationRun
     logger.info("joint pairs: %d of %d chosen over per-matrix factorization", sum(p.chosen for p in plans), len(plans))
 
 
-def _plan_per_matrix(pair_plan: PairPlan, settings: Settings, fraction: float) -> bool:
+def _plan_per_matrix(pair_plan: PairPlan, settings: Settings, fraction: float, measured: Measured | None) -> bool:
     """The two layers planned alone on the pair's share of the budget; False when no rank fits it."""
     assert settings.budget is not None
     local = settings.with_budget(fraction, settings.budget[0])
     try:
-        planning.allocate_budget(pair_plan.groups, local)
+        planning.allocate_budget(pair_plan.groups, local, measured=measured)
     except OnnxlrError:  # the rank multiple in both layers is over the pair's share
         return False
     for group in pair_plan.groups:

@@ -43,8 +43,6 @@ class WeightGroup:
     sensitivity: float | None = None  # end-to-end output error per unit of lost (whitened) energy
     joint: Any = None  # onnxlr.coupled.plans.JointRole when the group's layer is compressed with its coupled partner
     slot: int | None = None  # this weight's feed in the calibration runner (datafit)
-    timing: Any = None  # --objective latency: onnxlr.timing.latency.LayerTiming, the measured original and pair times
-    ladder: list[int] | None = None  # --objective latency with a budget: the ranks measured faster (ascending)
     solver: lowrank.Solver = dataclasses.field(default_factory=lowrank.Solver)  # --svd / --device
 
     def __post_init__(self) -> None:

@@ -227,7 +227,7 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
         raise RuntimeError(f"the rewritten model would be larger than its input ({totals_before['bytes']} -> "
                            f"{totals_after['bytes']} bytes of weights); nothing was written")
     report = build_report(groups, skipped, settings.as_dict(), order, totals_before, totals_after, cost_report,
-                          calibration_report)
+                          calibration_report, clock.measured if clock is not None else None)
     if not dry_run:  # values set to zero in what onnxlr wrote (onnxlr.factorize.subnormals)
         report.totals["subnormals_flushed"] = subnormals.model_flushed(model)
     if clock is not None:
@@ -326,7 +326,8 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
             bars = no_progress
             if not candidates:
                 return
-            coupled.settle(candidates, budget_settings, runner, data.batches)
+            coupled.settle(candidates, budget_settings, runner, data.batches,
+                           clock.measured if clock is not None else None)
             declined = [u for u in candidates if not u.chosen and u.keep is not None and u.keep < u.width]
             if not declined:
                 return

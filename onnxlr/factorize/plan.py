@@ -24,6 +24,7 @@ from onnxlr.passes import Scheme
 from onnxlr.policies import LayerPolicy
 from onnxlr.settings import Progress, Settings
 from onnxlr.timing import latency
+from onnxlr.timing.measured import MARGIN, LayerTiming, Measured
 
 
 def prepare_schemes(groups: list[WeightGroup]) -> None:
@@ -69,7 +70,7 @@ def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress
                                     settings.budget[0], clock, progress)
             in_units = {id(g) for unit in units for g in unit.groups}  # by identity: groups hold arrays
             active = [g for g in active if not g.reason or id(g) in in_units]
-        allocate_budget(active, settings, units)
+        allocate_budget(active, settings, units, clock.measured if clock is not None else None)
         for group in active:
             if group.factorized:
                 apply_break_even(group, settings)
@@ -170,7 +171,8 @@ def apply_break_even(group: WeightGroup, settings: Settings) -> None:
         group.keep_dense("no_gain", f"no gain: rank {rank} >= break-even {scheme.break_even_rank}")
 
 
-def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequence[JointUnit] = ()) -> None:
+def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequence[JointUnit] = (),
+                    measured: Measured | None = None) -> None:
     """Global ranks so the targets together keep <= the budget of their parameters (or MACs).
 
     Greedy on marginal value: start every layer at rank 1 (or the rank multiple), then repeatedly
@@ -189,24 +191,31 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
     """
     assert settings.budget is not None
     measure, fraction = settings.budget
+    measured = measured or Measured()  # --objective latency: the clock's (timings, prepare_ladders' ladders)
+
+    def timed(group: WeightGroup) -> LayerTiming:
+        timing = measured.timing(group)
+        assert timing is not None  # on a ladder: timed
+        return timing
+
     flag = {"params": "--param-budget", "macs": "--mac-budget", "latency": "--latency-budget"}[measure]
     if measure == "latency":
-        if any(g.ladder is None and not g.reason for g in groups):
+        if any(measured.ladder(g) is None and not g.reason for g in groups):
             raise OnnxlrError("{0} needs every layer timed first (--objective latency)", "latency_budget")
         # A layer that could not be timed (`not_timed`: only a coupled pair's layer gets here) has no measured
         # time to spend: it stays dense, and counts for nothing (as every untimed layer under the objective).
-        groups = [g for g in groups if g.ladder is not None]
+        groups = [g for g in groups if measured.ladder(g) is not None]
 
     def before(group: WeightGroup) -> float:
         if measure == "latency":  # an untimed layer of a coupled pair counts for nothing
-            return group.timing.original_ms if group.timing is not None else 0.0
+            return timed(group).original_ms if measured.timing(group) is not None else 0.0
         scheme = group.scheme
         assert scheme is not None  # every group allocated here has its scheme (plan_ranks, prepare_ladders)
         return scheme.params_before if measure == "params" else scheme.macs_before
 
     def after(group: WeightGroup, rank: int) -> float:
         if measure == "latency":
-            return group.timing.ms(group.scheme, rank)
+            return _measured_ms(timed(group), group, rank)
         scheme = group.scheme
         assert scheme is not None
         return scheme.params_after(rank) if measure == "params" else scheme.macs_after(rank)
@@ -215,7 +224,7 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         if measure != "latency":
             return unit.cost(keep, measure)
         # A pair only narrows dense layers (no new node): its time is taken to scale with its MACs.
-        original = sum(g.timing.original_ms if g.timing is not None else 0.0 for g in unit.groups)
+        original = sum(timed(g).original_ms if measured.timing(g) is not None else 0.0 for g in unit.groups)
         return original * unit.cost(keep, "macs") / max(unit.cost(unit.width, "macs"), 1e-30)
 
     total_before = sum(before(g) for g in groups)
@@ -228,8 +237,9 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
     spent = 0.0
     state: dict[int, int] = {}  # group index -> rank (0 means dense); len(groups) + i -> unit i's neurons
     for index, group in enumerate(groups):
-        if group.ladder is not None:  # measured: only its faster ranks
-            rank = group.ladder[0] if group.ladder else 0
+        ladder = measured.ladder(group)
+        if ladder is not None:  # measured: only its faster ranks
+            rank = ladder[0] if ladder else 0
         else:
             assert group.scheme is not None
             rank = min(step, group.scheme.full_rank)
@@ -243,8 +253,8 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         state[len(groups) + offset] = unit.width if unit_cost(unit, unit.width) <= 0 else min(step, unit.width)
         spent += unit_cost(unit, state[len(groups) + offset])
     if spent > budget:
-        smallest = "the lowest rank measured faster" if any(g.ladder is not None for g in groups) else f"rank {step}"
-        slower = sum(g.ladder == [] for g in groups)
+        smallest = "the lowest rank measured faster" if any(measured.ladder(g) is not None for g in groups) else f"rank {step}"
+        slower = sum(measured.ladder(g) == [] for g in groups)
         if slower:
             smallest += (f" (and {slower} of the {len(groups)} layers have no factor pair measured faster at all: a "
                          f"--latency-budget, or --objective size, plans without that limit)")
@@ -262,9 +272,10 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         assert scheme is not None
         decomposition = group.decomposition(scheme)
         current_loss = 1.0 - decomposition.retained_energy(rank)
-        if group.ladder is not None:
-            position = group.ladder.index(rank) + 1
-            new_rank = group.ladder[position] if position < len(group.ladder) else rank
+        ladder = measured.ladder(group)
+        if ladder is not None:
+            position = ladder.index(rank) + 1
+            new_rank = ladder[position] if position < len(ladder) else rank
         else:
             new_rank = min(rank + step, scheme.full_rank)
         if new_rank == rank or not scheme.gains(new_rank):
@@ -299,12 +310,20 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         if new_rank:
             push(index)
     for index, group in enumerate(groups):
-        if state[index] == 0 and group.ladder == []:
-            group.keep_dense("not_faster", f"no factor pair measured {latency.MARGIN:.0%} faster than the original "
-                                           f"({group.timing.original_ms:.3f} ms)")
+        if state[index] == 0 and measured.ladder(group) == []:
+            group.keep_dense("not_faster", f"no factor pair measured {MARGIN:.0%} faster than the original "
+                                           f"({timed(group).original_ms:.3f} ms)")
         elif state[index] == 0:
             group.keep_dense("kept_dense_by_budget", f"kept dense by the {flag} allocation")
         else:
             group.rank = state[index]
     for offset, unit in enumerate(units):
         unit.keep = state[len(groups) + offset]
+
+
+def _measured_ms(timing: LayerTiming, group: WeightGroup, rank: int) -> float:
+    """A rank on the group's ladder: measured faster, so measured."""
+    assert group.scheme is not None
+    ms = timing.ms(group.scheme, rank)
+    assert ms is not None
+    return ms

@@ -16,6 +16,7 @@ from onnxlr.factorize.targets import SkippedNode
 
 if TYPE_CHECKING:
     from onnxlr.passes import Scheme
+    from onnxlr.timing.measured import LayerTiming, Measured
 
 
 @dataclasses.dataclass
@@ -76,7 +77,8 @@ class LayerRow:
         )
 
     @classmethod
-    def of_target(cls, group: WeightGroup, index: int, carrier: int, repeated_fixed: int) -> LayerRow:
+    def of_target(cls, group: WeightGroup, index: int, carrier: int, repeated_fixed: int,
+                  timing: LayerTiming | None = None) -> LayerRow:
         """Reader `index` of a group. The weight's parameters count in the carrier's row only, and a bias
         in the first row that reads it (`repeated_fixed`: this reader's bias parameters counted before)."""
         target = group.targets[index]
@@ -116,8 +118,8 @@ class LayerRow:
             macs_after=own.macs_after(rank) if (own and rank) else macs_before,
             shared_with=[t.name for t in group.targets if t is not target],
             carried_by=None if carries else group.targets[carrier].name,
-            original_ms=group.timing.original_ms if group.timing is not None and carries else None,
-            pair_ms=group.timing.ms(group.scheme, rank) if group.timing is not None and carries and rank else None,
+            original_ms=timing.original_ms if timing is not None and carries else None,
+            pair_ms=timing.ms(group.scheme, rank) if timing is not None and group.scheme and carries and rank else None,
         )
 
     @classmethod
@@ -179,8 +181,9 @@ class Report:
 
 def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings: dict[str, Any],
                  order: dict[int, int], before: dict[str, int], after: dict[str, int] | None,
-                 cost: dict[str, Any], calibration: dict[str, Any] | None) -> Report:
-    """The report of a run: rows in graph order, totals before and after (estimated for a dry run)."""
+                 cost: dict[str, Any], calibration: dict[str, Any] | None, measured: Measured | None = None) -> Report:
+    """The report of a run: rows in graph order, totals before and after (estimated for a dry run); `measured`:
+    --objective latency's times (each row's original_ms and pair_ms)."""
     readers = sorted(((order.get(id(t.node), 0), g, i) for g in groups for i, t in enumerate(g.targets)),
                      key=lambda item: item[0])
     carriers: dict[int, int] = {}  # group -> the reader first in graph order: its row counts the weight
@@ -189,7 +192,9 @@ def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings
     for position, group, index in readers:
         carrier = carriers.setdefault(id(group), index)
         repeated = repeated_params(group.biases[index], counted) if group.biases else 0
-        row = LayerRow.of_joint(group) if group.joint is not None else LayerRow.of_target(group, index, carrier, repeated)
+        timing = measured.timing(group) if measured is not None else None
+        row = (LayerRow.of_joint(group) if group.joint is not None
+               else LayerRow.of_target(group, index, carrier, repeated, timing))
         rows.append((position, row))
     rows += [(order.get(id(item.node), 0), LayerRow.of_skipped(item)) for item in skipped]
     layers = [row for _, row in sorted(rows, key=lambda pair: pair[0])]

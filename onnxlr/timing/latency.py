@@ -30,14 +30,11 @@ import onnx_ir as ir
 from onnxlr.errors import OnnxlrError
 from onnxlr.passes import Context, NameGenerator, Scheme, Target
 from onnxlr.passes.weights import constant_weight
+from onnxlr.timing.measured import MARGIN, LayerTiming, Measured, measurably_faster
 
 if TYPE_CHECKING:
     from onnxlr.factorize.groups import WeightGroup
 
-MARGIN = 0.05  # a pair must measure at least 5% faster than its original node to be kept
-# ... and save at least this much: a few microseconds measured in isolation do not survive in a whole model (its
-# extra intermediate tensor and kernel dispatch), nor this machine's noise.
-MIN_SAVING_MS = 0.005
 VECTOR_WIDTH = 8  # fp32 lanes of an AVX2 register: ranks at its multiples are the rounding candidates
 ROUNDINGS = (VECTOR_WIDTH, 2 * VECTOR_WIDTH, 4 * VECTOR_WIDTH)  # a per-layer rank may round up to these
 LADDER_POINTS = 16  # ranks a budget may give one layer (at multiples of VECTOR_WIDTH)
@@ -58,26 +55,6 @@ class NotTimed(Exception):
 
 class UnknownDims(NotTimed):
     """A layer whose input has dynamic dims at the shapes given: the run says which --shape to pass."""
-
-
-@dataclasses.dataclass
-class LayerTiming:
-    """One weight group's measured times (summed over its readers): the original, and pairs by (scheme, rank)."""
-
-    original_ms: float
-    pair_ms: dict[tuple[str, int], float] = dataclasses.field(default_factory=dict)
-
-    def ms(self, scheme: Scheme, rank: int) -> float | None:
-        return self.pair_ms.get((scheme.name, rank))
-
-    def faster(self, scheme: Scheme, rank: int) -> bool:
-        """The pair measured at least MARGIN (and MIN_SAVING_MS) faster than the original."""
-        ms = self.ms(scheme, rank)
-        return ms is not None and measurably_faster(ms, self.original_ms)
-
-
-def measurably_faster(ms: float, than_ms: float) -> bool:
-    return ms * (1 + MARGIN) <= than_ms and than_ms - ms >= MIN_SAVING_MS
 
 
 # ----------------------------------------------------------------------------- which ranks are timed
@@ -142,6 +119,7 @@ class Clock:
                  table: str | os.PathLike | None = None, cache: bool = True) -> None:
         self.shapes, self.provider, self.threads = shapes, provider, threads
         self.table = str(table) if table is not None else None
+        self.measured = Measured()  # what this run timed, by group
         self.entries: dict[str, float] = {}
         self.dynamic_inputs: list[str] = []  # the model's inputs with dims left unknown (the error names them)
         self.used: set[str] = set()  # the keys this run asked for (what an exported table holds)
@@ -161,7 +139,7 @@ class Clock:
 
     def group_timing(self, group: WeightGroup, scheme: Scheme, ranks: Sequence[int]) -> LayerTiming:
         """The group's original time and its pairs' at `ranks` of `scheme` (each reader timed and summed);
-        ranks a table lacks are left out. Adds to (and returns) `group.timing`."""
+        ranks a table lacks are left out. Adds to (and returns) the group's timing in `self.measured`."""
         original = 0.0
         totals: dict[int, float] = dict.fromkeys(ranks, 0.0)
         for index, target in enumerate(group.targets):
@@ -174,10 +152,9 @@ class Clock:
                     del totals[rank]
                 else:
                     totals[rank] += ms
-        timing = group.timing if group.timing is not None else LayerTiming(original_ms=original)
+        timing = self.measured.timings.setdefault(id(group), LayerTiming(original_ms=original))
         timing.original_ms = original
         timing.pair_ms.update({(scheme.name, rank): ms for rank, ms in totals.items()})
-        group.timing = timing
         return timing
 
     def reader_times(self, target: Target, scheme: Scheme, ranks: Sequence[int]
@@ -525,7 +502,8 @@ def prepare_ladders(groups: Sequence[WeightGroup], candidates: Callable[[WeightG
                     kept.append(rank)
                     fastest_above = ms
             ladder = kept[::-1]
-        group.scheme, group.ladder = scheme, ladder
+        group.scheme = scheme
+        clock.measured.ladders[id(group)] = ladder
     check_timed(unknown, groups, clock.dynamic_inputs)
 
 
@@ -570,13 +548,17 @@ def _fastest_scheme(group: WeightGroup, schemes: Sequence[Scheme], rank_multiple
 
 def plan_summary(groups: Sequence[WeightGroup], clock: Clock) -> dict[str, Any]:
     """The report's `latency`: each timed layer's plan in total, and how the times were had."""
-    timed = [g for g in groups if g.timing is not None]
-    chosen = [g for g in timed if g.factorized and g.timing.ms(g.scheme, g.rank) is not None]
+    timings = {id(g): t for g in groups if (t := clock.measured.timing(g)) is not None}
+    timed = [g for g in groups if id(g) in timings]
+    planned = {id(g): ms for g in timed if g.factorized and g.scheme is not None and g.rank is not None
+               and (ms := timings[id(g)].ms(g.scheme, g.rank)) is not None}
+    chosen = [g for g in timed if id(g) in planned]
     # Layers narrowed with a coupled partner are not timed narrowed: their time is estimated at the kept share.
     joint = [g for g in timed if g.joint is not None and g.joint.plan.fit is not None]
-    original = sum(g.timing.original_ms for g in timed)
-    saving = sum(g.timing.original_ms - g.timing.ms(g.scheme, g.rank) for g in chosen)
-    saving += sum(g.timing.original_ms * (1 - len(g.joint.plan.fit.kept) / g.joint.plan.pair.width) for g in joint)
+    original = sum(timings[id(g)].original_ms for g in timed)
+    saving = sum(timings[id(g)].original_ms - planned[id(g)] for g in chosen)
+    saving += sum(timings[id(g)].original_ms * (1 - len(g.joint.plan.fit.kept) / g.joint.plan.pair.width)
+                  for g in joint)
     return {"timed_layers": len(timed), "factorized_timed": len(chosen), "joint_estimated": len(joint),
             "targets_ms": round(original, 4),
             "planned_ms": round(original - saving, 4), "planned_saving_ms": round(saving, 4),
