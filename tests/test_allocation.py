@@ -58,11 +58,13 @@ def groups_of(model: ir.Model, settings: Settings | None = None) -> list[WeightG
     return found.groups
 
 
-def allocate(groups: list[WeightGroup], settings: Settings) -> list[WeightGroup]:
-    """What plan_ranks does for a budget, minus the SVD bookkeeping: reference scheme, then allocation."""
+def allocate(groups: list[WeightGroup], settings: Settings,
+             sensitivities: dict[int, float] | None = None) -> list[WeightGroup]:
+    """What plan_ranks does for a budget, minus the SVD bookkeeping: reference scheme, then allocation
+    (`sensitivities`: by group id, as datafit.measure_sensitivity returns them)."""
     for group in groups:
         group.scheme = plan.candidate_schemes(group, settings)[0]
-    plan.allocate_budget(groups, settings)
+    plan.allocate_budget(groups, settings, sensitivities=sensitivities)
     return groups
 
 
@@ -149,9 +151,8 @@ def test_the_slower_decaying_spectrum_gets_more_rank(order):
 def test_a_more_sensitive_layer_gets_more_rank():
     def ranks(sensitivities):
         groups = groups_of(matmul_model(spectral(MEDIUM, 32, 32, 0), spectral(MEDIUM, 32, 32, 1)))
-        for group, sensitivity in zip(groups, sensitivities):
-            group.sensitivity = sensitivity
-        return [g.rank for g in allocate(groups, Settings.of(param_budget=0.4))]
+        measured = {id(group): sensitivity for group, sensitivity in zip(groups, sensitivities)}
+        return [g.rank for g in allocate(groups, Settings.of(param_budget=0.4), measured)]
 
     equal = ranks((1.0, 1.0))
     assert abs(equal[0] - equal[1]) <= 1  # the same spectrum: the same share

@@ -153,3 +153,19 @@ def test_every_script_answers_help(script):
                             text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower()
+
+
+def test_stage_results_stay_off_the_weight_groups():
+    """Issue 31: stages return their results instead of writing them onto the shared WeightGroup. The latency
+    stage's times and ladders (onnxlr.timing.measured.Measured) and the sensitivities (datafit.measure_sensitivity,
+    carried by pipeline.Planned) have moved off; the remaining plan state is listed so that none comes back."""
+    import dataclasses
+
+    from onnxlr.factorize.groups import WeightGroup
+
+    fields = {field.name for field in dataclasses.fields(WeightGroup)}
+    assert not fields & {"timing", "ladder", "sensitivity"}
+    # Still on the group, to move next (statistics, the plan's decision, the SVD cache): a shrinking list.
+    assert fields - {"targets", "flipped", "schemes", "reader_options", "biases", "solver"} <= {
+        "decompositions", "scheme", "rank", "reason", "reason_code", "gram", "cross", "row_weights",
+        "input_moments", "joint", "slot"}

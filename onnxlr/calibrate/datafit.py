@@ -204,11 +204,13 @@ def joint_feeds(groups: Iterable[WeightGroup]) -> dict[int, np.ndarray]:
 
 
 def measure_sensitivity(groups: Sequence[WeightGroup], runner: calibration.Runner, data: CalibrationData,
-                        choose_scheme, progress) -> None:
-    """Each group's sensitivity: the model's relative output error per unit of the layer's lost energy.
+                        choose_scheme, progress) -> dict[int, float]:
+    """Each measurable group's sensitivity, by group (id): the model's relative output error per unit of the
+    layer's lost energy. Whole-model allocation weighs energy by it; the report shows it.
 
     The layer alone is factorized at the rank that keeps SENSITIVITY_PARAM_RATIO of its parameters.
     """
+    sensitivities: dict[int, float] = {}
     batches = first_samples(data.batches, SENSITIVITY_SAMPLES)
     reference = calibration.model_outputs(runner, batches)
     measurable = [g for g in groups if not g.reason and g.slot is not None]
@@ -218,10 +220,11 @@ def measure_sensitivity(groups: Sequence[WeightGroup], runner: calibration.Runne
                                             scheme.full_rank)
         lost = 1.0 - group.decomposition(scheme).retained_energy(rank)
         if lost <= 0:
-            group.sensitivity = 0.0
+            sensitivities[id(group)] = 0.0
             continue
         outputs = calibration.model_outputs(runner, batches, {group.slot: group.dense_weight(scheme, rank)})
-        group.sensitivity = relative_error(reference, outputs) / lost
+        sensitivities[id(group)] = relative_error(reference, outputs) / lost
+    return sensitivities
 
 
 def first_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import numpy as np
@@ -149,7 +149,8 @@ class PairPlan:
     svd_error: float | None = None  # output error of the pair's down layer under the per-matrix plan
     joint_error: float | None = None  # and under the joint fit at the same weight parameters
     elimination: PairElimination[PairFit] | None = None  # every k's error
-    sensitivity: float | None = None  # a Q·Kᵀ pair's own (it has no down layer whose sensitivity prices it)
+    # What prices its error (coupled.measure): the down layer's sensitivity; a Q·Kᵀ pair's own (it has no down layer)
+    sensitivity: float | None = None
     keep: int | None = None  # neurons the budget allocation gave the pair (onnxlr.factorize.plan.JointUnit)
     bias_slots: dict[int, int] = dataclasses.field(default_factory=dict)  # id(bias) -> its calibration feed
 
@@ -181,9 +182,8 @@ class PairPlan:
     def loss(self, keep: int) -> float:
         """The model's predicted output error: the down layer's relative error (without its bias, as the
         sensitivity was measured) times the down layer's sensitivity."""
-        sensitivity = self.sensitivity if self.sensitivity is not None else self.down.sensitivity
-        assert self.elimination is not None and sensitivity is not None
-        return self.elimination.error(keep) / self.elimination.plain_share * sensitivity
+        assert self.elimination is not None and self.sensitivity is not None
+        return self.elimination.error(keep) / self.elimination.plain_share * self.sensitivity
 
     def feeds(self) -> dict[int, np.ndarray]:
         """The chosen fit as calibration feeds at the original shapes, zeros at the dropped neurons
@@ -337,8 +337,9 @@ def measurable(plans: Sequence[PairPlan], runner: CalibrationRunner) -> list[Pai
 
 
 def measure(plans: Sequence[PairPlan], runner: CalibrationRunner, batches: list[dict[str, np.ndarray]],
-            progress: Progress) -> list[PairPlan]:
-    """Each measurable pair's elimination (every k's error); returns those pairs."""
+            progress: Progress, sensitivities: Mapping[int, float]) -> list[PairPlan]:
+    """Each measurable pair's elimination (every k's error) and the sensitivity that prices it (its down layer's,
+    from `sensitivities` by group; a Q·Kᵀ pair's own, measured here); returns those pairs."""
     plans = measurable(plans, runner)
     correlations = _correlations(plans, runner, batches, progress)
     reference = None
@@ -348,6 +349,8 @@ def measure(plans: Sequence[PairPlan], runner: CalibrationRunner, batches: list[
             if reference is None:
                 reference = calibration.model_outputs(runner, _sensitivity_batches(batches))
             pair_plan.sensitivity = _own_sensitivity(pair_plan, runner, batches, reference)
+        else:
+            pair_plan.sensitivity = sensitivities.get(id(pair_plan.down))
     return plans
 
 
@@ -370,7 +373,8 @@ def _own_sensitivity(pair_plan: PairPlan, runner: CalibrationRunner, batches: li
 
 
 def settle(plans: Sequence[PairPlan], settings: Settings, runner: CalibrationRunner,
-           batches: list[dict[str, np.ndarray]], measured: Measured | None = None) -> None:
+           batches: list[dict[str, np.ndarray]], measured: Measured | None = None,
+           sensitivities: Mapping[int, float] | None = None) -> None:
     """After a budget allocation: each pair takes its joint fit at the k it was given, or the best
     per-matrix plan of its two layers at the same cost, whichever loses less on calibration samples.
     `measured`: --objective latency's times and ladders (the per-matrix plans allocate over them)."""
@@ -388,7 +392,7 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: CalibrationRun
         assert pair_plan.elimination is not None  # the units settle() is given were measured (measure())
         fit = pair_plan.elimination.fit(keep)
         share = pair_plan.cost(keep, measure_name) / pair_plan.cost(pair_plan.width, measure_name)
-        if not _plan_per_matrix(pair_plan, settings, share, measured):
+        if not _plan_per_matrix(pair_plan, settings, share, measured, sensitivities):
             pair_plan.take(fit)  # no per-matrix plan fits the pair's share of the budget
             continue
         pair_plan.svd_error, pair_plan.joint_error = _errors(pair_plan, fit, comparison)
@@ -397,12 +401,13 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: CalibrationRun
     logger.info("joint pairs: %d of %d chosen over per-matrix factorization", sum(p.chosen for p in plans), len(plans))
 
 
-def _plan_per_matrix(pair_plan: PairPlan, settings: Settings, fraction: float, measured: Measured | None) -> bool:
+def _plan_per_matrix(pair_plan: PairPlan, settings: Settings, fraction: float, measured: Measured | None,
+                     sensitivities: Mapping[int, float] | None) -> bool:
     """The two layers planned alone on the pair's share of the budget; False when no rank fits it."""
     assert settings.budget is not None
     local = settings.with_budget(fraction, settings.budget[0])
     try:
-        planning.allocate_budget(pair_plan.groups, local, measured=measured)
+        planning.allocate_budget(pair_plan.groups, local, measured=measured, sensitivities=sensitivities)
     except OnnxlrError:  # the rank multiple in both layers is over the pair's share
         return False
     for group in pair_plan.groups:

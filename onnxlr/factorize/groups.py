@@ -40,7 +40,6 @@ class WeightGroup:
     row_weights: np.ndarray | None = None  # an embedding table's: occurrences of each id + 1 (calibration)
     # (sum of x: (groups, K), count) on the calibration data, beside the original gram (joint pairs use both).
     input_moments: tuple[np.ndarray, int] | None = None
-    sensitivity: float | None = None  # end-to-end output error per unit of lost (whitened) energy
     joint: Any = None  # onnxlr.coupled.plans.JointRole when the group's layer is compressed with its coupled partner
     slot: int | None = None  # this weight's feed in the calibration runner (datafit)
     solver: lowrank.Solver = dataclasses.field(default_factory=lowrank.Solver)  # --svd / --device

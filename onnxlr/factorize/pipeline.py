@@ -42,6 +42,15 @@ logger = logging.getLogger(__name__)
 QUANTIZED_ATTEMPTS = 3
 
 
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """What planning with data measured beside the plan: the report's `calibration` section (None without
+    calibration data) and each group's sensitivity (by id; only when a whole-model plan measured them)."""
+
+    calibration: dict[str, Any] | None = None
+    sensitivities: Mapping[int, float] = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass
 class Factorization:
     """What factorize_model returns: the report, and the cost model's per-node figures (edge estimates)."""
@@ -204,14 +213,14 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     # Per-layer policies plan each layer on its own, inside the streaming loop; whole-model budgets,
     # calibration runs and latency planning (timing wants the cores to itself) plan every layer first.
     per_layer = runner is None and settings.budget is None and clock is None
-    calibration_report = None
+    planned = Planned()
     with lowrank.one_blas_thread():  # the same factors whatever --jobs and the core count
         if per_layer:
             plan.prepare_schemes(groups)
         else:
-            calibration_report = plan_with_data(model, groups, settings, progress, runner, calibration_data,
-                                                pair_plans, clock)
+            planned = plan_with_data(model, groups, settings, progress, runner, calibration_data, pair_plans, clock)
         rewrite.factorize_groups(model, groups, settings, progress, plan_here=per_layer, dry_run=dry_run, sink=sink)
+    calibration_report = planned.calibration
     if calibration_report is not None and (pair_plans or not_pairs):
         calibration_report["pairs"] = coupled.summary(pair_plans, not_pairs)
     costs_after = None
@@ -227,7 +236,7 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
         raise RuntimeError(f"the rewritten model would be larger than its input ({totals_before['bytes']} -> "
                            f"{totals_after['bytes']} bytes of weights); nothing was written")
     report = build_report(groups, skipped, settings.as_dict(), order, totals_before, totals_after, cost_report,
-                          calibration_report, clock.measured if clock is not None else None)
+                          calibration_report, clock.measured if clock is not None else None, planned.sensitivities)
     if not dry_run:  # values set to zero in what onnxlr wrote (onnxlr.factorize.subnormals)
         report.totals["subnormals_flushed"] = subnormals.model_flushed(model)
     if clock is not None:
@@ -288,23 +297,23 @@ def _check_data_needs(settings: Settings, runner: Runner | None, data: datafit.C
 
 def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Settings, progress: Progress,
                    runner: Runner | None, data: datafit.CalibrationData | None,
-                   pair_plans: Sequence[coupled.PairPlan] = (), clock: latency.Clock | None = None
-                   ) -> dict[str, Any] | None:
+                   pair_plans: Sequence[coupled.PairPlan] = (), clock: latency.Clock | None = None) -> Planned:
     """Plan ranks; with calibration, also measure sensitivity, search the budget, choose joint pairs and compensate.
     `clock`: plan by measured latency (onnxlr.timing.latency)."""
     plan.prepare_schemes(groups)
     if runner is None:
         plan.plan_ranks(groups, settings, progress, clock=clock)
-        return None
+        return Planned()
     assert data is not None
     result: dict[str, Any] = {"samples": data.samples, "compensate": settings.compensate}
     goal = datafit.Goal.of(settings)
     if goal is not None and settings.quantize:  # the budget pays for both errors
         goal, result["quantizer"] = quantize.low_rank_goal(goal, settings.quantize, data)
     whole_model = settings.budget is not None or goal is not None
-    if whole_model:
-        datafit.measure_sensitivity(groups, runner, data, lambda g: plan.candidate_schemes(g, settings)[0], progress)
-    units = coupled.measure(pair_plans, runner, data.batches, progress) if whole_model and pair_plans else []
+    sensitivities = (datafit.measure_sensitivity(groups, runner, data, lambda g: plan.candidate_schemes(g, settings)[0],
+                                                 progress) if whole_model else {})
+    units = (coupled.measure(pair_plans, runner, data.batches, progress, sensitivities) if whole_model and pair_plans
+             else [])
     initial = {id(g): (g.reason_code, g.reason) for g in groups}
 
     def restore(resetting: Sequence[coupled.PairPlan] = units) -> None:
@@ -322,12 +331,13 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
             unit.reset()
         while True:
             restore(candidates)  # the pairs that declined keep their comparison for the report
-            plan.plan_ranks(groups, budget_settings, bars, cast(Sequence[plan.JointUnit], candidates), clock)
+            plan.plan_ranks(groups, budget_settings, bars, cast(Sequence[plan.JointUnit], candidates), clock,
+                            sensitivities)
             bars = no_progress
             if not candidates:
                 return
             coupled.settle(candidates, budget_settings, runner, data.batches,
-                           clock.measured if clock is not None else None)
+                           clock.measured if clock is not None else None, sensitivities)
             declined = [u for u in candidates if not u.chosen and u.keep is not None and u.keep < u.width]
             if not declined:
                 return
@@ -353,4 +363,4 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
             coupled.choose(list(pair_plans), runner, data.batches, progress)
     if settings.compensate:
         result["refitted"] = datafit.compensate(model, groups, runner, data, progress)
-    return result
+    return Planned(calibration=result, sensitivities=sensitivities)

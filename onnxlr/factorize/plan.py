@@ -14,7 +14,7 @@ which op a group came from.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from onnxlr.errors import OnnxlrError
@@ -47,7 +47,8 @@ class JointUnit(Protocol):
 
 
 def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress,
-               units: Sequence[JointUnit] = (), clock: latency.Clock | None = None) -> None:
+               units: Sequence[JointUnit] = (), clock: latency.Clock | None = None,
+               sensitivities: Mapping[int, float] | None = None) -> None:
     """Choose each group's scheme and rank (or leave it dense with a reason); with a budget, `units`
     (coupled pairs) compete for it too, each setting its `keep`. `clock`: plan by measured latency."""
     prepare_schemes(groups)
@@ -70,7 +71,7 @@ def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress
                                     settings.budget[0], clock, progress)
             in_units = {id(g) for unit in units for g in unit.groups}  # by identity: groups hold arrays
             active = [g for g in active if not g.reason or id(g) in in_units]
-        allocate_budget(active, settings, units, clock.measured if clock is not None else None)
+        allocate_budget(active, settings, units, clock.measured if clock is not None else None, sensitivities)
         for group in active:
             if group.factorized:
                 apply_break_even(group, settings)
@@ -172,7 +173,7 @@ def apply_break_even(group: WeightGroup, settings: Settings) -> None:
 
 
 def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequence[JointUnit] = (),
-                    measured: Measured | None = None) -> None:
+                    measured: Measured | None = None, sensitivities: Mapping[int, float] | None = None) -> None:
     """Global ranks so the targets together keep <= the budget of their parameters (or MACs).
 
     Greedy on marginal value: start every layer at rank 1 (or the rank multiple), then repeatedly
@@ -283,8 +284,9 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         else:
             gain = decomposition.retained_energy(new_rank) - decomposition.retained_energy(rank)
             cost = after(group, new_rank) - after(group, rank)
-        if group.sensitivity is not None:  # measured: energy counts by how much it moves the outputs
-            gain *= group.sensitivity
+        sensitivity = (sensitivities or {}).get(id(group))
+        if sensitivity is not None:  # measured: energy counts by how much it moves the outputs
+            gain *= sensitivity
         if cost <= 0 or gain <= 0:
             return
         heapq.heappush(heap, (-gain / cost, index, new_rank, cost))

@@ -8,6 +8,7 @@ its sentence (`reason`), so scripts match codes, not English.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from onnxlr._version import __version__
@@ -54,7 +55,7 @@ class LayerRow:
     pair_ms: float | None = None
 
     @classmethod
-    def of_joint(cls, group: WeightGroup) -> LayerRow:
+    def of_joint(cls, group: WeightGroup, sensitivity: float | None = None) -> LayerRow:
         """A layer compressed with its coupled partner (onnxlr.coupled.plans): rank = the kept inner neurons (an
         attention pair's: the dimensions each head keeps, full_rank its head size).
 
@@ -71,14 +72,14 @@ class LayerRow:
             weight=target.weight.name, weight_shape=list(target.array.shape), dtype=target.dtype.name,
             scheme="joint", rank=kept, full_rank=width, method="joint",
             retained_energy=1.0 - plan.joint_error if plan.joint_error is not None else None,
-            sensitivity=group.sensitivity, params_before=before, params_after=after, macs_before=macs_before,
+            sensitivity=sensitivity, params_before=before, params_after=after, macs_before=macs_before,
             macs_after=macs_before * kept // width if macs_before is not None else None, partner=role.partner,
             pair_kind=plan.pair.kind,
         )
 
     @classmethod
     def of_target(cls, group: WeightGroup, index: int, carrier: int, repeated_fixed: int,
-                  timing: LayerTiming | None = None) -> LayerRow:
+                  timing: LayerTiming | None = None, sensitivity: float | None = None) -> LayerRow:
         """Reader `index` of a group. The weight's parameters count in the carrier's row only, and a bias
         in the first row that reads it (`repeated_fixed`: this reader's bias parameters counted before)."""
         target = group.targets[index]
@@ -111,7 +112,7 @@ class LayerRow:
             method=fitted.method if fitted else None,
             svd=fitted.solver if fitted else None,
             svd_tail_excess=fitted.tail_excess if fitted else None,
-            sensitivity=group.sensitivity,
+            sensitivity=sensitivity,
             params_before=(weight_before if carries else 0) + fixed,
             params_after=(weight_after if carries else 0) + fixed,
             macs_before=macs_before,
@@ -181,9 +182,10 @@ class Report:
 
 def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings: dict[str, Any],
                  order: dict[int, int], before: dict[str, int], after: dict[str, int] | None,
-                 cost: dict[str, Any], calibration: dict[str, Any] | None, measured: Measured | None = None) -> Report:
+                 cost: dict[str, Any], calibration: dict[str, Any] | None, measured: Measured | None = None,
+                 sensitivities: Mapping[int, float] | None = None) -> Report:
     """The report of a run: rows in graph order, totals before and after (estimated for a dry run); `measured`:
-    --objective latency's times (each row's original_ms and pair_ms)."""
+    --objective latency's times (each row's original_ms and pair_ms), `sensitivities` (by group) each row's."""
     readers = sorted(((order.get(id(t.node), 0), g, i) for g in groups for i, t in enumerate(g.targets)),
                      key=lambda item: item[0])
     carriers: dict[int, int] = {}  # group -> the reader first in graph order: its row counts the weight
@@ -193,8 +195,9 @@ def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings
         carrier = carriers.setdefault(id(group), index)
         repeated = repeated_params(group.biases[index], counted) if group.biases else 0
         timing = measured.timing(group) if measured is not None else None
-        row = (LayerRow.of_joint(group) if group.joint is not None
-               else LayerRow.of_target(group, index, carrier, repeated, timing))
+        sensitivity = (sensitivities or {}).get(id(group))
+        row = (LayerRow.of_joint(group, sensitivity) if group.joint is not None
+               else LayerRow.of_target(group, index, carrier, repeated, timing, sensitivity))
         rows.append((position, row))
     rows += [(order.get(id(item.node), 0), LayerRow.of_skipped(item)) for item in skipped]
     layers = [row for _, row in sorted(rows, key=lambda pair: pair[0])]
