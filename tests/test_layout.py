@@ -169,3 +169,14 @@ def test_stage_results_stay_off_the_weight_groups():
     assert fields - {"targets", "flipped", "schemes", "reader_options", "biases", "solver"} <= {
         "decompositions", "scheme", "rank", "reason", "reason_code", "gram", "cross", "row_weights",
         "input_moments", "joint", "slot"}
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject.toml lists the packages explicitly (passes/ is mapped to onnxlr.passes); an editable install finds
+    a new subpackage anyway, a built wheel would silently leave it out."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    found = {".".join(("onnxlr", *init.parent.relative_to(ROOT / "onnxlr").parts)).rstrip(".")
+             for init in (ROOT / "onnxlr").rglob("__init__.py")}
+    assert found | {"onnxlr.passes"} == listed
