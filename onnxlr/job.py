@@ -27,7 +27,7 @@ from onnxlr.factorize.results import Report
 from onnxlr.model_io.io import LoadedModel, first_line, load
 from onnxlr.model_io.save import PROTOBUF_LIMIT_BYTES, check_output_path, staging, use_external_data
 from onnxlr.protocols import WeightSink
-from onnxlr.settings import Progress, Settings, check_setting, setting
+from onnxlr.settings import Progress, Settings, check_setting, setting, split_list
 from onnxlr.verification.memory_plan import MemoryPlan, check_memory
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,8 @@ GATE_ADVICE = ("Nothing written. To keep more of the model: a higher {0} or {1},
 GATE_ADVICE_SETTINGS = ("rank_ratio", "energy", "calibration", "target_cosine", "exclude", "keep_failed")
 
 
-def _split(text: str) -> tuple[str, ...] | None:
-    return tuple(part.strip() for part in text.split(",") if part.strip()) or None
+def _providers(text: str) -> tuple[str, ...] | None:
+    return split_list(text) or None  # None: the default providers
 
 
 def _shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -56,7 +56,7 @@ class VerifySettings:
     enabled: bool = setting(True, "", "", kind="bool")  # --verify/--no-verify
     providers: tuple[str, ...] | None = setting(
         None, "Execution providers, comma-separated (cpu, cuda, ...). Default: cpu, plus cuda when onnxruntime-gpu is "
-        "installed and a GPU is visible.", "verification", metavar="LIST", parse=_split)
+        "installed and a GPU is visible.", "verification", metavar="LIST", parse=_providers)
     inputs: str | os.PathLike | None = setting(
         None, "Inputs keyed by input name, samples along the first axis. Default: synthesized.", "verification",
         metavar="FILE.npz", path="file")

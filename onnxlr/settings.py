@@ -73,26 +73,24 @@ def setting(default: Any, help: str, group: str, *, kind: str = "", choices: Seq
     (when not "--" + the name), `parse` (the CLI's text -> value: comma lists, shapes), `negated` (a --no-... flag
     that sets it False), `multiple` (repeatable), `path` ("existing": a file that exists; "file": any file path).
     An empty group: no flag of its own (set from another option, or by the command itself)."""
+    metadata = {"help": help, "group": group, "kind": kind, "choices": tuple(choices), "flag": flag,
+                "metavar": metavar, "parse": parse, "negated": negated, "multiple": multiple, "path": path,
+                "bounds": bounds, "show_default": show_default}
     if isinstance(default, (dict, list)):  # a fresh one per instance
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={
-            "help": help, "group": group, "kind": kind, "choices": tuple(choices), "flag": flag, "metavar": metavar,
-            "parse": parse, "negated": negated, "multiple": multiple, "path": path, "bounds": bounds,
-            "show_default": show_default})
-    return dataclasses.field(default=default, metadata={
-        "help": help, "group": group, "kind": kind, "choices": tuple(choices), "flag": flag, "metavar": metavar,
-        "parse": parse, "negated": negated, "multiple": multiple, "path": path, "bounds": bounds,
-        "show_default": show_default})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def split_list(text: str | None) -> tuple[str, ...]:
+    """A comma-separated flag value (--ops, --methods, --providers) as its items, blanks dropped."""
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
 def split_ops(text: str) -> tuple[str, ...]:
-    ops = tuple(part.strip() for part in text.split(",") if part.strip())
+    ops = split_list(text)
     if not ops:
         raise OnnxlrError("--ops is empty; give op types such as MatMul,Gemm,Conv")
     return ops
-
-
-def split_methods(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +125,7 @@ class Settings:
         "pairs, attention V·O and Q·Kᵀ heads) may keep k of their inner neurons (head dimensions), fitted on the "
         "--calibration data, where that loses less output error than the pair's per-matrix plan at the same cost "
         "(whole-model budgets allocate across both). Default: svd,joint with --calibration, svd without.",
-        "methods", metavar="LIST", parse=split_methods)
+        "methods", metavar="LIST", parse=split_list)
     quantize: str | None = setting(
         None, "After the rewrite, quantize with onnxruntime's tools: int8 (dynamic, per-channel INT8 weights), "
         "int8-static (QDQ, calibrated on --calibration), fp16 (float16 weights and compute, float32 inputs and "

@@ -21,13 +21,13 @@ from onnxlr.cli.options import (
     calibration_options,
     output_options,
     settings_options,
-    split_list,
     verbosity_options,
     verify_settings,
 )
 from onnxlr.errors import OnnxlrError
 from onnxlr.job import VerifySettings
 from onnxlr.model_io import io
+from onnxlr.settings import split_list, split_ops
 from onnxlr.verification.memory_plan import MemoryPlan, check_memory
 
 EXAMPLES_OPTIMIZE = """
@@ -401,7 +401,6 @@ def analyze(state: State, model_path: str, energy: float | None, param_budget: f
     from onnxlr import analyze as a
     from onnxlr.render.html_analyze import write_html
     from onnxlr.render.report import print_analysis, write_json
-    from onnxlr.settings import split_ops
 
     if energy is not None and param_budget is not None:
         raise OnnxlrError("choose --energy or --param-budget, not both")

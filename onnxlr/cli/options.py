@@ -184,5 +184,3 @@ def verify_settings(options: dict[str, Any], enabled: bool = True, keep_failed: 
                              if field.metadata.get("group") == "verification"})
 
 
-def split_list(text: str | None) -> list[str] | None:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None

@@ -24,7 +24,7 @@ from onnxlr.passes import Scheme
 from onnxlr.policies import LayerPolicy
 from onnxlr.settings import Progress, Settings
 from onnxlr.timing import latency
-from onnxlr.timing.measured import MARGIN, LayerTiming, Measured
+from onnxlr.timing.measured import MARGIN, Measured
 
 
 def prepare_schemes(groups: list[WeightGroup]) -> None:
@@ -194,11 +194,6 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
     measure, fraction = settings.budget
     measured = measured or Measured()  # --objective latency: the clock's (timings, prepare_ladders' ladders)
 
-    def timed(group: WeightGroup) -> LayerTiming:
-        timing = measured.timing(group)
-        assert timing is not None  # on a ladder: timed
-        return timing
-
     flag = {"params": "--param-budget", "macs": "--mac-budget", "latency": "--latency-budget"}[measure]
     if measure == "latency":
         if any(measured.ladder(g) is None and not g.reason for g in groups):
@@ -209,14 +204,14 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
 
     def before(group: WeightGroup) -> float:
         if measure == "latency":  # an untimed layer of a coupled pair counts for nothing
-            return timed(group).original_ms if measured.timing(group) is not None else 0.0
+            return measured.original_ms(group)
         scheme = group.scheme
         assert scheme is not None  # every group allocated here has its scheme (plan_ranks, prepare_ladders)
         return scheme.params_before if measure == "params" else scheme.macs_before
 
     def after(group: WeightGroup, rank: int) -> float:
         if measure == "latency":
-            return _measured_ms(timed(group), group, rank)
+            return measured.pair_ms(group, rank)
         scheme = group.scheme
         assert scheme is not None
         return scheme.params_after(rank) if measure == "params" else scheme.macs_after(rank)
@@ -225,7 +220,7 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         if measure != "latency":
             return unit.cost(keep, measure)
         # A pair only narrows dense layers (no new node): its time is taken to scale with its MACs.
-        original = sum(timed(g).original_ms if measured.timing(g) is not None else 0.0 for g in unit.groups)
+        original = sum(measured.original_ms(g) for g in unit.groups)
         return original * unit.cost(keep, "macs") / max(unit.cost(unit.width, "macs"), 1e-30)
 
     total_before = sum(before(g) for g in groups)
@@ -314,7 +309,7 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
     for index, group in enumerate(groups):
         if state[index] == 0 and measured.ladder(group) == []:
             group.keep_dense("not_faster", f"no factor pair measured {MARGIN:.0%} faster than the original "
-                                           f"({timed(group).original_ms:.3f} ms)")
+                                           f"({measured.original_ms(group):.3f} ms)")
         elif state[index] == 0:
             group.keep_dense("kept_dense_by_budget", f"kept dense by the {flag} allocation")
         else:
@@ -322,10 +317,3 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
     for offset, unit in enumerate(units):
         unit.keep = state[len(groups) + offset]
 
-
-def _measured_ms(timing: LayerTiming, group: WeightGroup, rank: int) -> float:
-    """A rank on the group's ladder: measured faster, so measured."""
-    assert group.scheme is not None
-    ms = timing.ms(group.scheme, rank)
-    assert ms is not None
-    return ms

@@ -34,6 +34,19 @@ class Measured:
     def ladder(self, group: WeightGroup) -> list[int] | None:
         return self.ladders.get(id(group))
 
+    def original_ms(self, group: WeightGroup) -> float:
+        """The group's original time; 0.0 when it was not timed (it counts for nothing in a latency budget)."""
+        timing = self.timing(group)
+        return timing.original_ms if timing is not None else 0.0
+
+    def pair_ms(self, group: WeightGroup, rank: int) -> float:
+        """The group's factor pair at `rank` of its planned scheme: a rank on its ladder, so measured."""
+        timing = self.timing(group)
+        assert timing is not None and group.scheme is not None
+        ms = timing.ms(group.scheme, rank)
+        assert ms is not None
+        return ms
+
 
 @dataclasses.dataclass
 class LayerTiming:
