@@ -24,8 +24,10 @@ import onnx_ir as ir
 from onnxlr._version import __version__
 from onnxlr.errors import OnnxlrError
 from onnxlr.factorize import lowrank
+from onnxlr.factorize.decisions import Plan
 from onnxlr.factorize.groups import WeightGroup
 from onnxlr.factorize.plan import plan_ranks
+from onnxlr.factorize.svd import SvdCache
 from onnxlr.factorize.targets import attach_statistics, find_targets
 from onnxlr.model_io.shapes import default_opset, infer_shapes
 from onnxlr.passes import Context, Scheme
@@ -164,10 +166,9 @@ def analyze_model(model: ir.Model, model_path: str = "MODEL", energy: float | No
     progress = progress or no_progress
     context = Context(shapes=infer_shapes(model), opset=default_opset(model), inputs_as_constants=old_ir(model))
     groups, skipped = find_targets(model, settings, context)
-    if statistics:
-        attach_statistics(groups, statistics)
-    plan_ranks(groups, settings, progress)  # optimize's own planner: the recommendation is what it does
-    layers = [_layer(group, level, power_law) for group in progress(groups, "spectra")]
+    plan = Plan(groups, SvdCache(settings.solver, attach_statistics(groups, statistics) if statistics else None))
+    plan_ranks(plan, groups, settings, progress)  # optimize's own planner: the recommendation is what it does
+    layers = [_layer(group, plan, level, power_law) for group in progress(groups, "spectra")]
     skipped_rows = [{"name": item.node.name or "?", "op_type": item.node.op_type, "reason": item.reason}
                     for item in skipped]
     result = {
@@ -185,13 +186,14 @@ def analyze_model(model: ir.Model, model_path: str = "MODEL", energy: float | No
     return result
 
 
-def _layer(group: WeightGroup, energy: float, power_law: bool) -> dict[str, Any]:
+def _layer(group: WeightGroup, plan: Plan, energy: float, power_law: bool) -> dict[str, Any]:
     lead = group.lead
-    views = [view_statistics(s, group.decomposition(s), energy, power_law) for s in group.schemes]
+    decision = plan[group]
+    views = [view_statistics(s, plan.svd.decomposition(group, s), energy, power_law) for s in group.schemes]
     best = _best_view(views, energy)
-    rank = group.rank
-    planned = rank is not None and not group.reason
-    scheme = group.scheme if rank is not None and not group.reason else None  # planned: set with the rank
+    rank = decision.rank
+    planned = rank is not None and not decision.reason
+    scheme = decision.scheme if planned else None  # planned: set with the rank
     reference = group.schemes[0]
     layer = {
         "name": lead.name,
@@ -205,7 +207,7 @@ def _layer(group: WeightGroup, energy: float, power_law: bool) -> dict[str, Any]
         "views": views,
         "recommended": {
             "dense": not planned,
-            "reason": group.reason,
+            "reason": decision.reason,
             "scheme": scheme.name if scheme else None,
             "rank": rank if planned else None,
             "params_after": scheme.params_after(rank) if scheme and rank is not None else reference.params_before,

@@ -46,6 +46,10 @@ class CalibrationRunner(Protocol):
         """The model's own output names."""
         ...
 
+    def feed(self, owner: object) -> int | None:
+        """The feed index of a weight group's weight (None when it has none: not calibrated)."""
+        ...
+
     def run(self, batch: Mapping[str, np.ndarray], names: Iterable[str],
             overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Fetch `names` for one batch; `overrides` maps slot index -> the weight to use instead."""

@@ -2,7 +2,8 @@
 
 Each weight is U·diag(s)·Vt with random orthogonal U, V and a chosen spectrum s, so the singular
 values the planner sees are known in advance. The weights sit in a small model of MatMuls (one per
-weight) only because a WeightGroup is made of the targets the target finder returns.
+weight) only because a WeightGroup is made of the targets the target finder returns. Each group is read with its
+decision in the plan under test (`Layer`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from onnxlr.passes import Context
 import onnxlr
 from onnxlr.errors import OnnxlrError
 from onnxlr.factorize import plan
+from onnxlr.factorize.decisions import Plan
 from onnxlr.factorize.groups import WeightGroup
+from onnxlr.factorize.svd import Statistics, SvdCache
 from onnxlr.factorize.targets import find_targets
 from onnxlr.model_io.shapes import default_opset, infer_shapes
 from onnxlr.settings import Settings, no_progress
@@ -49,26 +52,54 @@ def matmul_model(*weights: np.ndarray, vectors: tuple[int, ...] | None = None) -
     return parse_text(text, **{f"W{i}": w for i, w in enumerate(weights)})
 
 
-def groups_of(model: ir.Model, settings: Settings | None = None) -> list[WeightGroup]:
+class Layer:
+    """A weight group read with its decision in the plan under test (`decided`): the group's own fields, and
+    scheme, rank, factorized, reason and reason_code from the plan."""
+
+    def __init__(self, decided: Plan, group: WeightGroup) -> None:
+        self.decided, self.group = decided, group
+
+    def __getattr__(self, name: str):
+        if name in ("scheme", "rank", "factorized", "reason", "reason_code"):
+            return getattr(self.decided[self.group], name)
+        return getattr(self.group, name)
+
+    def decomposition(self, scheme):
+        return self.decided.svd.decomposition(self.group, scheme)
+
+    @property
+    def decompositions(self):
+        return self.decided.svd.decompositions(self.group)
+
+    def calibrate(self, gram: np.ndarray) -> None:
+        """Give the group calibration statistics (as the calibration stage returns them)."""
+        self.decided.svd.refit(self.group, Statistics(gram=gram))
+
+
+def groups_of(model: ir.Model, settings: Settings | None = None) -> list[Layer]:
     settings = settings or Settings.of()
     context = Context(shapes=infer_shapes(model), opset=default_opset(model))
     found = find_targets(model, settings, context)
     assert not found.skipped
-    plan.prepare_schemes(found.groups)
-    return found.groups
+    decided = Plan(found.groups, SvdCache(settings.solver))
+    return [Layer(decided, group) for group in found.groups]
 
 
-def allocate(groups: list[WeightGroup], settings: Settings,
-             sensitivities: dict[int, float] | None = None) -> list[WeightGroup]:
+def unwrap(layers: list[Layer]) -> tuple[Plan, list[WeightGroup]]:
+    return layers[0].decided, [layer.group for layer in layers]
+
+
+def allocate(layers: list[Layer], settings: Settings, sensitivities: dict[int, float] | None = None) -> list[Layer]:
     """What plan_ranks does for a budget, minus the SVD bookkeeping: reference scheme, then allocation
     (`sensitivities`: by group id, as datafit.measure_sensitivity returns them)."""
+    decided, groups = unwrap(layers)
     for group in groups:
-        group.scheme = plan.candidate_schemes(group, settings)[0]
-    plan.allocate_budget(groups, settings, sensitivities=sensitivities)
-    return groups
+        decided.choose(group, plan.candidate_schemes(decided, group, settings)[0])
+    plan.allocate_budget(decided, groups, settings, sensitivities=sensitivities)
+    return layers
 
 
-def spent(groups: list[WeightGroup], measure: str = "params") -> int:
+def spent(groups: list[Layer], measure: str = "params") -> int:
     """Parameters (or MACs) of the plan: factor pairs where factorized, the original where dense."""
     total = 0
     for group in groups:
@@ -80,11 +111,11 @@ def spent(groups: list[WeightGroup], measure: str = "params") -> int:
     return total
 
 
-def total_before(groups: list[WeightGroup], measure: str = "params") -> int:
+def total_before(groups: list[Layer], measure: str = "params") -> int:
     return sum(g.scheme.params_before if measure == "params" else g.scheme.macs_before for g in groups)
 
 
-def next_step_cost(group: WeightGroup) -> int:
+def next_step_cost(group: Layer) -> int:
     """Parameters the allocation's next step for a factorized group would add (more rank, or dense)."""
     scheme, rank = group.scheme, group.rank
     if rank < scheme.full_rank and scheme.gains(rank + 1):
@@ -151,7 +182,7 @@ def test_the_slower_decaying_spectrum_gets_more_rank(order):
 def test_a_more_sensitive_layer_gets_more_rank():
     def ranks(sensitivities):
         groups = groups_of(matmul_model(spectral(MEDIUM, 32, 32, 0), spectral(MEDIUM, 32, 32, 1)))
-        measured = {id(group): sensitivity for group, sensitivity in zip(groups, sensitivities)}
+        measured = {id(layer.group): sensitivity for layer, sensitivity in zip(groups, sensitivities)}
         return [g.rank for g in allocate(groups, Settings.of(param_budget=0.4), measured)]
 
     equal = ranks((1.0, 1.0))
@@ -222,7 +253,7 @@ def test_a_layer_that_starts_dense_costs_the_others_nothing():
 def test_plan_ranks_with_a_budget():
     groups = groups_of(matmul_model(spectral(SLOW, 32, 32, 0), spectral(FAST, 32, 32, 1)))
     settings = Settings.of(param_budget=0.4)
-    plan.plan_ranks(groups, settings, no_progress)
+    plan.plan_ranks(*unwrap(groups), settings, no_progress)
     assert all(g.factorized and g.scheme.name == "matmul" for g in groups)
     assert groups[0].rank > groups[1].rank
     assert spent(groups) <= 0.4 * total_before(groups)
@@ -238,7 +269,7 @@ CONV = """
     }"""
 
 
-def conv_group() -> WeightGroup:
+def conv_group() -> Layer:
     kernel = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
     model = parse_text(CONV, K=kernel)
     (group,) = groups_of(model)
@@ -251,24 +282,24 @@ def names(schemes) -> list[str]:
 
 def test_candidate_schemes():
     group = conv_group()
-    assert names(plan.candidate_schemes(group, Settings.of())) == ["output", "input", "spatial"]
+    assert names(plan.candidate_schemes(group.decided, group.group, Settings.of())) == ["output", "input", "spatial"]
     for forced in ("output", "input", "spatial"):
-        assert names(plan.candidate_schemes(group, Settings.of(conv_scheme=forced))) == [forced]
+        assert names(plan.candidate_schemes(group.decided, group.group, Settings.of(conv_scheme=forced))) == [forced]
     # With calibration statistics only the whitenable view competes.
-    group.gram = np.eye(4 * 9)
-    assert names(plan.candidate_schemes(group, Settings.of())) == ["output"]
-    assert names(plan.candidate_schemes(group, Settings.of(conv_scheme="input"))) == ["input"]  # forced still wins
+    group.calibrate(np.eye(4 * 9))
+    assert names(plan.candidate_schemes(group.decided, group.group, Settings.of())) == ["output"]
+    assert names(plan.candidate_schemes(group.decided, group.group, Settings.of(conv_scheme="input"))) == ["input"]  # forced still wins
     # --conv-scheme is about convs: a MatMul keeps its one view.
     (matmul,) = groups_of(matmul_model(spectral(SLOW, 32, 32, 0)))
-    assert names(plan.candidate_schemes(matmul, Settings.of(conv_scheme="input"))) == ["matmul"]
+    assert names(plan.candidate_schemes(matmul.decided, matmul.group, Settings.of(conv_scheme="input"))) == ["matmul"]
 
 
 def test_a_calibrated_conv_is_planned_on_the_whitened_output_view():
     group = conv_group()
     rng = np.random.default_rng(1)
     patches = rng.standard_normal((500, 4 * 9)) * np.geomspace(10, 0.1, 4 * 9)
-    group.gram = patches.T @ patches
-    plan.plan_layer(group, Settings.of(energy=0.9))
+    group.calibrate(patches.T @ patches)
+    plan.plan_layer(group.decided, group.group, Settings.of(energy=0.9))
     assert group.factorized and group.scheme.name == "output"
     assert set(group.decompositions) == {"output"}  # the other views were never decomposed
     assert group.decompositions["output"].method == "whitened"
@@ -276,7 +307,7 @@ def test_a_calibrated_conv_is_planned_on_the_whitened_output_view():
 
 def test_auto_conv_scheme_takes_the_fewest_macs_at_equal_energy():
     group = conv_group()
-    plan.plan_layer(group, Settings.of(rank_ratio=0.5))
+    plan.plan_layer(group.decided, group.group, Settings.of(rank_ratio=0.5))
     reference = group.schemes[0]
     energy = group.decomposition(reference).retained_energy(4)
     assert group.factorized
@@ -287,9 +318,9 @@ def test_auto_conv_scheme_takes_the_fewest_macs_at_equal_energy():
 # ----------------------------------------------------------------------------- per-layer planner
 
 
-def planned(settings: Settings, weight: np.ndarray | None = None) -> WeightGroup:
+def planned(settings: Settings, weight: np.ndarray | None = None) -> Layer:
     (group,) = groups_of(matmul_model(weight if weight is not None else spectral(SLOW, 32, 32, 0)))
-    plan.plan_layer(group, settings)
+    plan.plan_layer(group.decided, group.group, settings)
     return group
 
 
@@ -337,6 +368,6 @@ def test_per_layer_policies_on_a_known_spectrum():
         expected = int(np.argmax(energy >= goal)) + 1
         group = planned(Settings.of(energy=goal), spectral(MEDIUM, 32, 32, 0))
         assert group.rank == expected, goal
-        assert plan.policy_rank(group, group.scheme, Settings.of(energy=goal)) == expected
+        assert plan.policy_rank(group.decided, group.group, group.scheme, Settings.of(energy=goal)) == expected
     assert planned(Settings.of(param_ratio=0.25)).rank == 4  # 4 x 64 = 256 = 0.25 x 1024
     assert planned(Settings.of(rank_ratio=0.25)).rank == 8

@@ -245,7 +245,7 @@ def test_correlation_from_the_calibration_statistics_equals_its_own_pass(monkeyp
     model as the one streamed in a pass of its own."""
     model, calibration = mlp_then_head(), batches(8)
     shared, shared_report = onnxlr.optimize(model, calibration=calibration, param_budget=0.5, verify=False)
-    monkeypatch.setattr(coupled, "_has_moments", lambda group: False)
+    monkeypatch.setattr(coupled, "_has_moments", lambda statistics: False)
     own, own_report = onnxlr.optimize(model, calibration=calibration, param_budget=0.5, verify=False)
     assert [r["rank"] for r in shared_report["layers"]] == [r["rank"] for r in own_report["layers"]]
     assert any(r["method"] == "joint" for r in own_report["layers"])

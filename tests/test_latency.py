@@ -87,10 +87,7 @@ def test_ladders_are_vector_multiples_below_break_even():
 
 def _groups(model: ir.Model):
     context = Context(shapes=infer_shapes(model), opset=default_opset(model))
-    found = find_targets(model, Settings.of(), context)
-    for group in found.groups:
-        group.prepare_schemes()
-    return found.groups
+    return find_targets(model, Settings.of(), context).groups
 
 
 # ----------------------------------------------------------------------------- plans follow the times
@@ -242,10 +239,7 @@ def test_conv_micro_models_run_every_view(attributes):
 
 
 def _groups_at(model: ir.Model, shapes):
-    found = find_targets(model, Settings.of(), Context(shapes=shapes, opset=default_opset(model)))
-    for group in found.groups:
-        group.prepare_schemes()
-    return found.groups
+    return find_targets(model, Settings.of(), Context(shapes=shapes, opset=default_opset(model))).groups
 
 
 # ----------------------------------------------------------------------------- settings, CLI, tables

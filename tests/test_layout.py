@@ -155,20 +155,36 @@ def test_every_script_answers_help(script):
     assert "usage" in result.stdout.lower()
 
 
-def test_stage_results_stay_off_the_weight_groups():
-    """Issue 31: stages return their results instead of writing them onto the shared WeightGroup. The latency
-    stage's times and ladders (onnxlr.timing.measured.Measured) and the sensitivities (datafit.measure_sensitivity,
-    carried by pipeline.Planned) have moved off; the remaining plan state is listed so that none comes back."""
+def test_weight_groups_are_read_only_after_selection():
+    """Issue 31: stages return their results instead of writing them onto the shared WeightGroup: the latency
+    stage's times and ladders (onnxlr.timing.measured.Measured), the calibration statistics (datafit.Calibrated),
+    the sensitivities (pipeline.Planned), the plan's decisions and the SVDs behind them (onnxlr.factorize.decisions,
+    onnxlr.factorize.svd). A group is frozen once selected, and so is each decision."""
     import dataclasses
 
+    import numpy as np
+    from graphs import parse_text
+    from onnxlr.passes import Context
+
+    from onnxlr.factorize.decisions import Decision, Plan
     from onnxlr.factorize.groups import WeightGroup
+    from onnxlr.factorize.targets import find_targets
+    from onnxlr.settings import Settings
 
     fields = {field.name for field in dataclasses.fields(WeightGroup)}
-    assert not fields & {"timing", "ladder", "sensitivity"}
-    # Still on the group, to move next (statistics, the plan's decision, the SVD cache): a shrinking list.
-    assert fields - {"targets", "flipped", "schemes", "reader_options", "biases", "solver"} <= {
-        "decompositions", "scheme", "rank", "reason", "reason_code", "gram", "cross", "row_weights",
-        "input_moments", "joint", "slot"}
+    assert fields == {"targets", "flipped", "schemes", "reader_options", "biases", "excluded"}
+    model = parse_text("""<ir_version: 10, opset_import: ["" : 17]>
+        g (float[2,8] x) => (float[2,8] y) { [mm] y = MatMul(x, W) }""",
+                       W=np.eye(8, dtype=np.float32))
+    (group,) = find_targets(model, Settings.of(), Context(shapes={}, opset=17)).groups
+    for name, value in (("rank", 4), ("scheme", None), ("gram", np.eye(8)), ("reason", "x"), ("targets", [])):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(group, name, value)
+    plan = Plan([group])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan[group].rank = 4  # type: ignore[misc]
+    plan.choose(group, group.schemes[0], 4)
+    assert plan[group] == Decision(scheme=group.schemes[0], rank=4) and plan.factorized(group)
 
 
 def test_every_subpackage_is_listed_for_the_wheel():

@@ -181,9 +181,9 @@ def test_param_budget_frees_vectors_while_planning_and_still_writes_optimal_fact
     kept_vectors = []
     allocate = plan.allocate_budget
 
-    def spy(groups, settings, *units):
-        kept_vectors.extend(d.u is not None for g in groups for d in g.decompositions.values())
-        return allocate(groups, settings, *units)
+    def spy(decided, groups, settings, *units):
+        kept_vectors.extend(d.u is not None for g in groups for d in decided.svd.decompositions(g).values())
+        return allocate(decided, groups, settings, *units)
 
     monkeypatch.setattr(plan, "allocate_budget", spy)
     monkeypatch.setattr(plan, "PLANNING_VECTOR_BYTES", 0)  # as for a model too large to keep them

@@ -29,6 +29,7 @@ from onnxlr.passes.base import Context, Scheme, Target
 import onnxlr
 from onnxlr.factorize import lowrank
 from onnxlr.factorize.groups import WeightGroup
+from onnxlr.factorize.svd import SvdCache
 from onnxlr.factorize.targets import find_targets
 from onnxlr.model_io.shapes import default_opset, infer_shapes
 from onnxlr.settings import Settings
@@ -494,9 +495,8 @@ def test_conv_dense_weight_round_trip(scheme_name, groups):
     assert dense.shape == target.array.shape
     np.testing.assert_allclose(dense, target.array, atol=1e-5)
     # The group's WeightGroup takes the same path (balanced factors U·sqrt(S), sqrt(S)·Vt).
-    group = WeightGroup(targets=[target])
-    group.prepare_schemes()
-    np.testing.assert_allclose(group.dense_weight(scheme, scheme.full_rank), target.array, atol=1e-5)
+    group = WeightGroup.of([target])
+    np.testing.assert_allclose(SvdCache().dense_weight(group, scheme, scheme.full_rank), target.array, atol=1e-5)
 
 
 CONV_TEXT = """
@@ -586,7 +586,7 @@ def test_shared_weight_read_the_same_way_is_one_group():
     (group,) = found.groups
     assert [t.node.name for t in group.targets] == ["mm1", "mm2"]
     assert group.targets[0].weight is group.targets[1].weight is model.graph.initializers["W"]
-    assert not group.reason
+    assert group.excluded is None
 
 
 def test_shared_weight_read_in_other_views_shares_one_pair():
@@ -706,6 +706,6 @@ def test_every_code_emitted_is_a_reason_code():
     assert sorted(g.lead.node.name for g in found.groups) == ["ok", "small"]
     # --min-params keeps a group dense with a code of its own.
     small = find(model, min_params=13)
-    codes = {g.lead.node.name: g.reason_code for g in small.groups}
+    codes = {g.lead.node.name: g.excluded[0] for g in small.groups if g.excluded}
     assert codes == {"small": "min_params", "ok": "min_params"}
     assert set(codes.values()) <= set(REASON_CODES)

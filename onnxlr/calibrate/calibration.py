@@ -305,6 +305,7 @@ class Slot:
     array: np.ndarray  # the weight as the first node reads it (constant chains folded)
     # Per node: True when it reads the transpose of `array` (a tied head's Eᵀ beside the embedding's E).
     transposed: list[bool] = dataclasses.field(default_factory=list)
+    owner: int | None = None  # id of the weight group it feeds (Runner.feed finds its index by it)
 
 
 class Runner:
@@ -325,6 +326,7 @@ class Runner:
         self.outputs = cast("list[str]", [value.name for value in model.graph.outputs])  # ONNX names them all
         self.probes = {probe.key: probe for probe in found}
         self.slots = list(slots)  # feed index -> Slot
+        self._feeds = {slot.owner: index for index, slot in enumerate(self.slots) if slot.owner is not None}
         self.segment_budget = segment_budget
         if segment_budget is not None and isinstance(model_source, bytes):
             raise OnnxlrError("calibrating in segments needs the model's path (its weights are read there)")
@@ -337,6 +339,10 @@ class Runner:
         mask = self.specs.get(MASK_INPUT_NAME)
         self.mask_input = MASK_INPUT_NAME if mask is not None and len(mask.shape) == 2 else None
         self.masked = masked_probes(model, found) if self.mask_input else frozenset()  # probe keys
+
+    def feed(self, owner: object) -> int | None:
+        """The feed index of a weight group's weight (None when it has none: not calibrated)."""
+        return self._feeds.get(id(owner))
 
     def run(self, batch: Mapping[str, np.ndarray], names: Iterable[str],
             overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:

@@ -29,7 +29,11 @@ import onnx_ir as ir
 from onnxlr.calibrate import calibration
 from onnxlr.errors import OnnxlrError
 from onnxlr.factorize import lowrank
+from onnxlr.factorize.decisions import Plan
 from onnxlr.factorize.groups import WeightGroup
+from onnxlr.factorize.svd import Statistics
+from onnxlr.passes import Scheme
+from onnxlr.protocols import CalibrationRunner
 from onnxlr.verification.verify import Gates, compare_arrays
 
 logger = logging.getLogger(__name__)
@@ -65,41 +69,52 @@ def _batch_size(batch: Mapping[str, np.ndarray]) -> int:
     return min((len(a) for a in batch.values() if a.ndim), default=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Calibrated:
+    """What the calibration stage returns: the runner later steps reuse (None when no layer could be probed) and
+    each group's statistics (by id)."""
+
+    runner: calibration.Runner | None
+    statistics: Mapping[int, Statistics]
+
+
 def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationData, progress,
-            extra_slots: Sequence[calibration.Slot | None] = ()) -> calibration.Runner | None:
-    """Gram of every active main-graph group's input; returns the runner later steps reuse.
+            extra_slots: Sequence[calibration.Slot | None] = ()) -> Calibrated:
+    """Gram of every active main-graph group's input, and the runner later steps reuse.
 
     `extra_slots` (e.g. the down biases of coupled pairs) become feeds after the groups' own;
     `runner.slots` gives their indices.
 
-    Each such group gets `slot` (its weight's feed index in the runner) and `gram`. A group whose
-    readers see the weight differently (a tied head's transpose, an embedding's Gather) gets a slot
+    Each such group gets a feed in the runner (`runner.feed(group)`: its weight's index) and a Gram. A group whose
+    readers see the weight differently (a tied head's transpose, an embedding's Gather) gets a feed
     but no Gram: it takes the plain SVD, and sensitivity, compensation and the target search still
     measure it (one Gram needs every reader to multiply the same matrix from the same side).
     """
-    main = [g for g in groups if not g.reason and all(t.node.graph is model.graph for t in g.targets)]
-    for group in main:
-        group.row_weights = row_weights(group, data.batches)
+    main = [g for g in groups if not g.excluded and all(t.node.graph is model.graph for t in g.targets)]
+    tables = {id(g): weights for g in main if (weights := row_weights(g, data.batches)) is not None}
     keys = {t.node.outputs[0].name for g in main if g.uniform for t in g.targets}
     constants = any(t.context.inputs_as_constants for g in main for t in g.targets)
     found = [probe for probe in calibration.probes(model, constants) if probe.key in keys]
     if not found:
-        return None
+        return Calibrated(None, {key: Statistics(row_weights=weights) for key, weights in tables.items()})
     probed = {probe.key for probe in found}
     # Lookups (an embedding's Gather) take no statistics but get a feed: sensitivity and the search measure them.
     keyed = [g for g in main if not g.uniform or not g.lead.rule.calibrated
              or all(t.node.outputs[0].name in probed for t in g.targets)]
     slots = [_slot(g) for g in keyed] + [slot for slot in extra_slots if slot is not None]
     runner = calibration.Runner(data.source, model, found, slots, data.segment_budget)
-    statistics = calibration.moments(runner, progress(data.batches, "calibration"))
-    for index, group in enumerate(keyed):
-        group.slot = index
-        taken = [statistics[t.node.outputs[0].name] for t in group.targets if t.node.outputs[0].name in statistics]
-        if taken and group.uniform:  # one reader: its (possibly shared) Gram as it is, not a copy
-            group.gram = lowrank.summed_grams([acc.result() for acc in taken])
+    moments = calibration.moments(runner, progress(data.batches, "calibration"))
+    statistics: dict[int, Statistics] = {}
+    for group in main:
+        taken = [moments[t.node.outputs[0].name] for t in group.targets if t.node.outputs[0].name in moments]
+        if taken and group.uniform and group in keyed:  # one reader: its (possibly shared) Gram as it is, not a copy
             sums = cast("list[np.ndarray]", [acc.sums for acc in taken])  # moments() keeps those that saw vectors
-            group.input_moments = (np.sum(sums, axis=0), sum(acc.count for acc in taken))
-    return runner
+            statistics[id(group)] = Statistics(gram=lowrank.summed_grams([acc.result() for acc in taken]),
+                                               row_weights=tables.get(id(group)),
+                                               input_moments=(np.sum(sums, axis=0), sum(acc.count for acc in taken)))
+        elif id(group) in tables:
+            statistics[id(group)] = Statistics(row_weights=tables[id(group)])
+    return Calibrated(runner, statistics)
 
 
 def row_weights(group: WeightGroup, batches: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray | None:
@@ -134,7 +149,7 @@ def _slot(group: WeightGroup) -> calibration.Slot:
     return calibration.Slot(keys=keys,
                             weight_inputs=[t.weight_input for t in group.targets], array=lead,
                             transposed=[t.array is not lead and not np.array_equal(t.array, lead)
-                                        for t in group.targets])
+                                        for t in group.targets], owner=id(group))
 
 
 # ----------------------------------------------------------------------------- measuring a factorization
@@ -186,25 +201,28 @@ class Goal:
         return f"--target-{self.metric} {self.value:g}"
 
 
-def factorized_overrides(groups: Iterable[WeightGroup]) -> dict[int, np.ndarray]:
+def factorized_overrides(plan: Plan, groups: Iterable[WeightGroup], runner: CalibrationRunner
+                         ) -> dict[int, np.ndarray]:
     """Feeds that replace every factorized group's weight by its low-rank product (and joint pairs' by their fit)."""
     groups = list(groups)
-    overrides = joint_feeds(groups)
-    overrides.update({g.slot: g.planned_weight() for g in groups if g.slot is not None and g.factorized})
+    overrides = joint_feeds(plan, groups, runner)
+    overrides.update({feed: plan.planned_weight(g) for g in groups
+                      if (feed := runner.feed(g)) is not None and plan.factorized(g)})
     return overrides
 
 
-def joint_feeds(groups: Iterable[WeightGroup]) -> dict[int, np.ndarray]:
+def joint_feeds(plan: Plan, groups: Iterable[WeightGroup], runner: CalibrationRunner) -> dict[int, np.ndarray]:
     """The feeds of the layers compressed jointly with a coupled partner (onnxlr.coupled.plans.JointRole)."""
     feeds: dict[int, np.ndarray] = {}
     for group in groups:
-        if group.joint is not None:
-            feeds.update(group.joint.feeds())
+        role = plan[group].joint
+        if role is not None:
+            feeds.update(role.feeds(runner))
     return feeds
 
 
-def measure_sensitivity(groups: Sequence[WeightGroup], runner: calibration.Runner, data: CalibrationData,
-                        choose_scheme, progress) -> dict[int, float]:
+def measure_sensitivity(plan: Plan, groups: Sequence[WeightGroup], runner: calibration.Runner,
+                        data: CalibrationData, choose_scheme, progress) -> dict[int, float]:
     """Each measurable group's sensitivity, by group (id): the model's relative output error per unit of the
     layer's lost energy. Whole-model allocation weighs energy by it; the report shows it.
 
@@ -213,16 +231,17 @@ def measure_sensitivity(groups: Sequence[WeightGroup], runner: calibration.Runne
     sensitivities: dict[int, float] = {}
     batches = first_samples(data.batches, SENSITIVITY_SAMPLES)
     reference = calibration.model_outputs(runner, batches)
-    measurable = [g for g in groups if not g.reason and g.slot is not None]
+    measurable = [g for g in groups if not plan[g].reason and runner.feed(g) is not None]
     for group in progress(measurable, "sensitivity"):
         scheme = choose_scheme(group)
         rank = lowrank.rank_for_param_ratio(SENSITIVITY_PARAM_RATIO, scheme.params_before, scheme.params_per_rank,
                                             scheme.full_rank)
-        lost = 1.0 - group.decomposition(scheme).retained_energy(rank)
+        lost = 1.0 - plan.svd.decomposition(group, scheme).retained_energy(rank)
         if lost <= 0:
             sensitivities[id(group)] = 0.0
             continue
-        outputs = calibration.model_outputs(runner, batches, {group.slot: group.dense_weight(scheme, rank)})
+        feed = cast(int, runner.feed(group))  # measurable
+        outputs = calibration.model_outputs(runner, batches, {feed: plan.svd.dense_weight(group, scheme, rank)})
         sensitivities[id(group)] = relative_error(reference, outputs) / lost
     return sensitivities
 
@@ -240,31 +259,31 @@ def first_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[di
 # ----------------------------------------------------------------------------- error compensation
 
 
-def compensate(model: ir.Model, groups: Sequence[WeightGroup], runner: calibration.Runner, data: CalibrationData,
-               progress) -> int:
+def compensate(model: ir.Model, plan: Plan, groups: Sequence[WeightGroup], runner: calibration.Runner,
+               data: CalibrationData, progress) -> int:
     """Refit the factorized groups stage by stage on the inputs of the partially factorized model.
 
     Stage s holds the groups with s factorized layers on the longest path before them; a stage's
     statistics are taken with every earlier stage's weights replaced by their (refitted) products.
-    Returns the number of groups refitted.
+    The refitted statistics replace the groups' in `plan.svd`. Returns the number of groups refitted.
     """
-    factorized = [g for g in groups if g.factorized and g.slot is not None]
+    factorized = [g for g in groups if plan.factorized(g) and runner.feed(g) is not None]
     # Joint pairs keep their fit (made on the original activations); the layers after them see it.
-    overrides = joint_feeds(groups)
+    overrides = joint_feeds(plan, groups, runner)
     refitted = 0
     for stage in progress(dependency_stages(model, factorized), "compensation"):
-        whitened = [g for g in stage if g.whitens(g.scheme)]
+        whitened = [g for g in stage if plan.svd.whitens(g, cast(Scheme, plan[g].scheme))]  # factorized: planned
         if overrides and whitened:  # the first stage sees the original inputs: nothing to correct
             keys = [t.node.outputs[0].name for g in whitened for t in g.targets]
             statistics = calibration.compensation_statistics(runner, data.batches, keys, overrides)
             for group in whitened:
                 pairs = [statistics[t.node.outputs[0].name] for t in group.targets]
-                group.gram = np.sum([gram for gram, _ in pairs], axis=0)
-                group.cross = np.sum([cross for _, cross in pairs], axis=0)
-                group.decompositions.pop(group.scheme.name, None)
+                plan.svd.refit(group, dataclasses.replace(plan.svd.statistics(group),
+                                                          gram=np.sum([gram for gram, _ in pairs], axis=0),
+                                                          cross=np.sum([cross for _, cross in pairs], axis=0)))
                 refitted += 1
         for group in stage:
-            overrides[group.slot] = group.dense_weight(group.scheme, group.rank)
+            overrides[cast(int, runner.feed(group))] = plan.planned_weight(group)
     return refitted
 
 
@@ -290,11 +309,11 @@ def dependency_stages(model: ir.Model, groups: Sequence[WeightGroup]) -> list[li
 # ----------------------------------------------------------------------------- --target-cosine / --target-error
 
 
-def search_budget(groups: Sequence[WeightGroup], goal: Goal, runner: calibration.Runner, data: CalibrationData,
-                  plan, progress) -> list[dict[str, float]]:
+def search_budget(plan: Plan, groups: Sequence[WeightGroup], goal: Goal, runner: calibration.Runner, data: CalibrationData,
+                  plan_at, progress) -> list[dict[str, float]]:
     """Bisection on the parameter budget for the smallest plan whose held-out outputs meet `goal`.
 
-    `plan(budget)` plans every group for that budget (raising OnnxlrError when it is infeasible).
+    `plan_at(budget)` plans every group for that budget (raising OnnxlrError when it is infeasible).
     Ends with the groups planned at the best budget found (all dense if none meets the target).
     Returns the trace: one {budget, cosine or error} per measured plan.
     """
@@ -307,10 +326,11 @@ def search_budget(groups: Sequence[WeightGroup], goal: Goal, runner: calibration
     def cosine_at(budget: float) -> float | None:
         assert data.heldout  # checked above
         try:
-            plan(budget)
+            plan_at(budget)
         except OnnxlrError:  # rank 1 everywhere is already over this budget
             return None
-        value = goal.measure(reference, calibration.model_outputs(runner, data.heldout, factorized_overrides(groups)))
+        value = goal.measure(reference, calibration.model_outputs(runner, data.heldout,
+                                                                     factorized_overrides(plan, groups, runner)))
         trace.append({"budget": budget, goal.metric: value})
         return value
 
@@ -326,7 +346,7 @@ def search_budget(groups: Sequence[WeightGroup], goal: Goal, runner: calibration
         value = cosine_at(1.0)
         best = 1.0 if value is not None and goal.met(value) else None
     if best is None:
-        plan(None)
+        plan_at(None)
     else:
-        plan(best)
+        plan_at(best)
     return trace

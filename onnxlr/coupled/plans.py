@@ -42,9 +42,11 @@ from onnxlr.calibrate import calibration, datafit
 from onnxlr.coupled import conv_pairs, heads, joint, pairs, scores
 from onnxlr.errors import OnnxlrError
 from onnxlr.factorize import plan as planning
+from onnxlr.factorize.decisions import Decision, Plan
 from onnxlr.factorize.groups import WeightGroup
 from onnxlr.factorize.revert import JOINT_UNIT
 from onnxlr.factorize.rewrite import add_initializer
+from onnxlr.factorize.svd import Statistics
 from onnxlr.passes import NameGenerator
 from onnxlr.settings import Progress, Settings
 
@@ -177,7 +179,8 @@ class PairPlan:
         BatchNormalization's entries; the down bias fixed); or its MACs, which scale with k."""
         if measure == "params":
             return self.pair.weight_params(keep)
-        return sum((g.scheme or g.schemes[0]).macs_before for g in self.groups) * keep / self.width
+        # Every view of a layer costs the same MACs before: its first view's.
+        return sum(g.schemes[0].macs_before for g in self.groups) * keep / self.width
 
     def loss(self, keep: int) -> float:
         """The model's predicted output error: the down layer's relative error (without its bias, as the
@@ -185,27 +188,28 @@ class PairPlan:
         assert self.elimination is not None and self.sensitivity is not None
         return self.elimination.error(keep) / self.elimination.plain_share * self.sensitivity
 
-    def feeds(self) -> dict[int, np.ndarray]:
+    def feeds(self, runner: CalibrationRunner) -> dict[int, np.ndarray]:
         """The chosen fit as calibration feeds at the original shapes, zeros at the dropped neurons
         (exactly the sliced pair: their activations meet zero weights), and the refitted biases."""
-        return {} if self.fit is None else self.feeds_of(self.fit)
+        return {} if self.fit is None else self.feeds_of(self.fit, runner)
 
-    def feeds_of(self, fit: PairFit) -> dict[int, np.ndarray]:
-        if any(g.slot is None for g in self.groups):
+    def feeds_of(self, fit: PairFit, runner: CalibrationRunner) -> dict[int, np.ndarray]:
+        feeds = [runner.feed(g) for g in self.groups]
+        if any(feed is None for feed in feeds):
             return {}
-        slots = {id(g.lead.weight): cast(int, g.slot) for g in self.groups} | self.bias_slots  # all set (above)
+        slots = {id(g.lead.weight): cast(int, feed) for g, feed in zip(self.groups, feeds)} | self.bias_slots
         return {slots[id(value)]: array for value, array in self.pair.fit_feeds(fit) if id(value) in slots}
 
-    def reset(self) -> None:
+    def reset(self, plan: Plan) -> None:
         self.fit = self.svd_error = self.joint_error = self.keep = None
         for group in self.groups:
-            group.joint = None
+            plan.set_joint(group, None)
 
-    def take(self, fit: PairFit) -> None:
+    def take(self, fit: PairFit, plan: Plan) -> None:
+        """Choose the joint fit: each layer's decision becomes its role in the pair."""
         self.fit = fit
         for index, group in enumerate(self.groups):
-            group.joint = JointRole(self, index)
-            group.clear_reason()
+            plan.set_joint(group, JointRole(self, index))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,8 +235,8 @@ class JointRole:
         assert fit is not None  # a group has a role only while its pair's fit is taken
         return self.plan.pair.role_params(self.index, len(fit.kept))
 
-    def feeds(self) -> dict[int, np.ndarray]:
-        return self.plan.feeds() if self.side == "down" else {}  # the up weights' kept outputs are unchanged
+    def feeds(self, runner: CalibrationRunner) -> dict[int, np.ndarray]:
+        return self.plan.feeds(runner) if self.side == "down" else {}  # the up weights' kept outputs are unchanged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +264,7 @@ def find(model: ir.Model, groups: Sequence[WeightGroup]) -> tuple[list[PairPlan]
     """The coupled pairs of every kind (KINDS) whose weights are each one group's only reader (plain, unshared
     weights), no layer in two pairs (in a chain, the first pair in graph order takes it); and {node, reason} for
     each candidate that is not one."""
-    by_node = {id(g.lead.node): g for g in groups if len(g.targets) == 1 and not g.reason}
+    by_node = {id(g.lead.node): g for g in groups if len(g.targets) == 1 and not g.excluded}
     found = {kind.name: kind.find(model) for kind in KINDS}
     rejections = {name: list(rejected) for name, (_, rejected) in found.items()}
     for kind in KINDS:
@@ -330,18 +334,19 @@ def attach_bias_slots(slots: Sequence[tuple[PairPlan, ir.Value, calibration.Slot
         pair_plan.bias_slots[id(bias)] = index[id(slot)]
 
 
-def measurable(plans: Sequence[PairPlan], runner: CalibrationRunner) -> list[PairPlan]:
+def measurable(plan: Plan, plans: Sequence[PairPlan], runner: CalibrationRunner) -> list[PairPlan]:
     """The pairs whose layers all have calibration feeds and statistics (a Q·Kᵀ pair: both inputs' moments)."""
-    return [p for p in plans if all(g.slot is not None for g in p.groups) and p.key in runner.probes and
-            (not isinstance(p.pair, scores.ScorePair) or all(_has_moments(g) for g in p.groups))]
+    return [p for p in plans if all(runner.feed(g) is not None for g in p.groups) and p.key in runner.probes and
+            (not isinstance(p.pair, scores.ScorePair)
+             or all(_has_moments(plan.svd.statistics(g)) for g in p.groups))]
 
 
-def measure(plans: Sequence[PairPlan], runner: CalibrationRunner, batches: list[dict[str, np.ndarray]],
+def measure(plan: Plan, plans: Sequence[PairPlan], runner: CalibrationRunner, batches: list[dict[str, np.ndarray]],
             progress: Progress, sensitivities: Mapping[int, float]) -> list[PairPlan]:
     """Each measurable pair's elimination (every k's error) and the sensitivity that prices it (its down layer's,
     from `sensitivities` by group; a Q·Kᵀ pair's own, measured here); returns those pairs."""
-    plans = measurable(plans, runner)
-    correlations = _correlations(plans, runner, batches, progress)
+    plans = measurable(plan, plans, runner)
+    correlations = _correlations(plan, plans, runner, batches, progress)
     reference = None
     for pair_plan in progress(plans, "joint pairs"):
         pair_plan.elimination = pair_plan.pair.eliminate(correlations[id(pair_plan)])
@@ -368,11 +373,11 @@ def _own_sensitivity(pair_plan: PairPlan, runner: CalibrationRunner, batches: li
     if predicted <= 0:
         return 0.0
     outputs = calibration.model_outputs(runner, _sensitivity_batches(batches),
-                                        pair_plan.feeds_of(pair_plan.elimination.fit(keep)))
+                                        pair_plan.feeds_of(pair_plan.elimination.fit(keep), runner))
     return datafit.relative_error(reference, outputs) / predicted
 
 
-def settle(plans: Sequence[PairPlan], settings: Settings, runner: CalibrationRunner,
+def settle(plan: Plan, plans: Sequence[PairPlan], settings: Settings, runner: CalibrationRunner,
            batches: list[dict[str, np.ndarray]], measured: Measured | None = None,
            sensitivities: Mapping[int, float] | None = None) -> None:
     """After a budget allocation: each pair takes its joint fit at the k it was given, or the best
@@ -386,78 +391,79 @@ def settle(plans: Sequence[PairPlan], settings: Settings, runner: CalibrationRun
         keep = pair_plan.keep if pair_plan.keep is not None else pair_plan.width
         if keep >= pair_plan.width:
             for group in pair_plan.groups:
-                if not group.reason:  # a layer that could not be timed (--objective latency) keeps saying so
-                    group.keep_dense("kept_dense_by_budget", f"kept dense by the {flag} allocation")
+                if not plan[group].reason:  # a layer that could not be timed (--objective latency) keeps saying so
+                    plan.keep_dense(group, "kept_dense_by_budget", f"kept dense by the {flag} allocation")
             continue
         assert pair_plan.elimination is not None  # the units settle() is given were measured (measure())
         fit = pair_plan.elimination.fit(keep)
         share = pair_plan.cost(keep, measure_name) / pair_plan.cost(pair_plan.width, measure_name)
-        if not _plan_per_matrix(pair_plan, settings, share, measured, sensitivities):
-            pair_plan.take(fit)  # no per-matrix plan fits the pair's share of the budget
+        if not _plan_per_matrix(plan, pair_plan, settings, share, measured, sensitivities):
+            pair_plan.take(fit, plan)  # no per-matrix plan fits the pair's share of the budget
             continue
-        pair_plan.svd_error, pair_plan.joint_error = _errors(pair_plan, fit, comparison)
+        pair_plan.svd_error, pair_plan.joint_error = _errors(plan, pair_plan, fit, comparison)
         if pair_plan.joint_error <= pair_plan.svd_error:
-            pair_plan.take(fit)
+            pair_plan.take(fit, plan)
     logger.info("joint pairs: %d of %d chosen over per-matrix factorization", sum(p.chosen for p in plans), len(plans))
 
 
-def _plan_per_matrix(pair_plan: PairPlan, settings: Settings, fraction: float, measured: Measured | None,
+def _plan_per_matrix(plan: Plan, pair_plan: PairPlan, settings: Settings, fraction: float, measured: Measured | None,
                      sensitivities: Mapping[int, float] | None) -> bool:
     """The two layers planned alone on the pair's share of the budget; False when no rank fits it."""
     assert settings.budget is not None
     local = settings.with_budget(fraction, settings.budget[0])
     try:
-        planning.allocate_budget(pair_plan.groups, local, measured=measured, sensitivities=sensitivities)
+        planning.allocate_budget(plan, pair_plan.groups, local, measured=measured, sensitivities=sensitivities)
     except OnnxlrError:  # the rank multiple in both layers is over the pair's share
         return False
     for group in pair_plan.groups:
-        if group.factorized:
-            planning.apply_break_even(group, local)
+        if plan.factorized(group):
+            planning.apply_break_even(plan, group, local)
     return True
 
 
-def choose(plans: list[PairPlan], runner: CalibrationRunner, batches: list[dict[str, np.ndarray]],
+def choose(plan: Plan, plans: list[PairPlan], runner: CalibrationRunner, batches: list[dict[str, np.ndarray]],
            progress: Progress) -> None:
     """Per-layer policies: fit each pair at its per-matrix plan's weight parameters; keep it where it loses less."""
-    plans = [p for p in measurable(plans, runner) if any(g.factorized for g in p.groups)]
+    plans = [p for p in measurable(plan, plans, runner) if any(plan.factorized(g) for g in p.groups)]
     if not plans:
         return
-    correlations = _correlations(plans, runner, batches, progress)
+    correlations = _correlations(plan, plans, runner, batches, progress)
     comparison = Comparison(runner, datafit.first_samples(batches, COMPARISON_SAMPLES))
     for pair_plan in progress(plans, "joint pairs"):
         pair = pair_plan.pair
         # Weights only, as the per-matrix plan's figure counts them (the biases stay either way).
-        planned = sum(_weight_params_after(g) for g in pair_plan.groups)
+        planned = sum(_weight_params_after(plan[g], g) for g in pair_plan.groups)
         keep = min(pair.width, max(1, planned // pair.weights_per_neuron))
         if keep >= pair.width:
             continue
         fit = pair.fit_at(correlations[id(pair_plan)], keep)
-        pair_plan.svd_error, pair_plan.joint_error = _errors(pair_plan, fit, comparison)
+        pair_plan.svd_error, pair_plan.joint_error = _errors(plan, pair_plan, fit, comparison)
         if pair_plan.joint_error < pair_plan.svd_error:
-            pair_plan.take(fit)
+            pair_plan.take(fit, plan)
     chosen = sum(p.chosen for p in plans)
     logger.info("joint pairs: %d of %d chosen over per-matrix factorization", chosen, len(plans))
 
 
-def _weight_params_after(group: WeightGroup) -> int:
+def _weight_params_after(decision: Decision, group: WeightGroup) -> int:
     """The group's weight parameters under the per-matrix plan (the bias left out: it stays either way)."""
-    scheme = group.scheme or group.schemes[0]
-    if group.factorized:
-        assert group.rank is not None  # factorized: planned to a rank
-        return group.rank * scheme.params_per_rank
+    scheme = decision.scheme or group.schemes[0]
+    if decision.factorized:
+        assert decision.rank is not None  # factorized: planned to a rank
+        return decision.rank * scheme.params_per_rank
     return scheme.params_before - scheme.fixed_params
 
 
-def _correlations(plans: list[PairPlan], runner: CalibrationRunner, batches: list[dict[str, np.ndarray]],
+def _correlations(plan: Plan, plans: list[PairPlan], runner: CalibrationRunner, batches: list[dict[str, np.ndarray]],
                   progress: Progress) -> dict[int, Any]:
     """Each pair's augmented correlation Σ [z,1][z,1]ᵀ of its down layer's input: from the statistics
     calibration already took (the down layer's Gram and sum), or from a pass of its own."""
     result: dict[int, Any] = {}
     for pair_plan in plans:
         if isinstance(pair_plan.pair, scores.ScorePair):  # the query's and the key's inputs (measurable has them)
-            result[id(pair_plan)] = (_augmented(pair_plan.ups[0]), _augmented(pair_plan.down))
-        elif _has_moments(pair_plan.down):
-            result[id(pair_plan)] = _augmented(pair_plan.down)
+            result[id(pair_plan)] = (_augmented(plan.svd.statistics(pair_plan.ups[0])),
+                                     _augmented(plan.svd.statistics(pair_plan.down)))
+        elif _has_moments(plan.svd.statistics(pair_plan.down)):
+            result[id(pair_plan)] = _augmented(plan.svd.statistics(pair_plan.down))
     missing = [p for p in plans if id(p) not in result]
     if not missing:
         return result
@@ -472,21 +478,21 @@ def _correlations(plans: list[PairPlan], runner: CalibrationRunner, batches: lis
     return result
 
 
-def _has_moments(group: WeightGroup) -> bool:
-    """Whether calibration left the group's original input statistics (one conv group): Gram and sum."""
-    return group.input_moments is not None and group.gram is not None and group.cross is None and group.gram.ndim == 2
+def _has_moments(statistics: Statistics) -> bool:
+    """Whether calibration left a group's original input statistics (one conv group): Gram and sum."""
+    return statistics.original_moments
 
 
-def _augmented(group: WeightGroup) -> np.ndarray | None:
-    """[[G, s], [sᵀ, n]] from the group's original statistics (one conv group), or None."""
-    if not _has_moments(group):
+def _augmented(statistics: Statistics) -> np.ndarray | None:
+    """[[G, s], [sᵀ, n]] from a group's original input statistics (one conv group), or None."""
+    if not _has_moments(statistics):
         return None
-    assert group.input_moments is not None  # _has_moments checked it
-    sums, count = group.input_moments
+    assert statistics.input_moments is not None  # original_moments checked it
+    sums, count = statistics.input_moments
     sums = sums.reshape(-1)
     width = len(sums)
     augmented = np.empty((width + 1, width + 1))
-    augmented[:width, :width] = group.gram
+    augmented[:width, :width] = statistics.gram
     augmented[:width, width] = augmented[width, :width] = sums
     augmented[width, width] = count
     return augmented
@@ -510,20 +516,22 @@ class Comparison:
         return datafit.relative_error(self.reference, calibration.model_outputs(self.runner, self.batches, overrides))
 
 
-def _errors(pair_plan: PairPlan, fit: PairFit, comparison: Comparison) -> tuple[float, float]:
+def _errors(plan: Plan, pair_plan: PairPlan, fit: PairFit, comparison: Comparison) -> tuple[float, float]:
     """Relative output error of the pair's down layer (of the model, for a Q·Kᵀ pair: it has no down
     layer whose outputs show its error): per-matrix plan, and joint fit (same samples)."""
     pair, runner, batches = pair_plan.pair, comparison.runner, comparison.batches
     if isinstance(pair, scores.ScorePair):
-        per_matrix = {cast(int, g.slot): g.planned_weight() for g in pair_plan.groups if g.factorized}  # measurable
-        return comparison.model_error(per_matrix), comparison.model_error(pair_plan.feeds_of(fit))
+        per_matrix = {cast(int, runner.feed(g)): plan.planned_weight(g)  # measurable: every layer has its feed
+                      for g in pair_plan.groups if plan.factorized(g)}
+        return comparison.model_error(per_matrix), comparison.model_error(pair_plan.feeds_of(fit, runner))
     pair = cast("DownPairKind[Any]", pair)  # every kind but Q·Kᵀ has a down layer
     down_matrix = pair.down_matrix().astype(np.float64)
     down_bias = pair.down_bias()
     bias = np.zeros(down_matrix.shape[1]) if down_bias is None else down_bias.astype(np.float64)
     down = pair_plan.down
-    svd_down = _as_matrix(pair.down, down.planned_weight()) if down.factorized else down_matrix
-    overrides = {cast(int, g.slot): g.planned_weight() for g in pair_plan.ups if g.factorized}  # measurable: all set
+    svd_down = _as_matrix(pair.down, plan.planned_weight(down)) if plan.factorized(down) else down_matrix
+    overrides = {cast(int, runner.feed(g)): plan.planned_weight(g)  # measurable: every layer has its feed
+                 for g in pair_plan.ups if plan.factorized(g)}
     name = runner.probes[pair_plan.key].activation
     fit_down, fit_bias = pair.effective_down(fit)
     fit_bias = np.zeros_like(bias) if fit_bias is None else fit_bias

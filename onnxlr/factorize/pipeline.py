@@ -23,9 +23,12 @@ from onnxlr.calibrate import datafit
 from onnxlr.calibrate.calibration import Runner
 from onnxlr.coupled import plans as coupled
 from onnxlr.errors import OnnxlrError
-from onnxlr.factorize import cost, lowrank, plan, quantize, rewrite, subnormals
+from onnxlr.factorize import cost, lowrank, quantize, rewrite, subnormals
+from onnxlr.factorize import plan as planning
+from onnxlr.factorize.decisions import Plan
 from onnxlr.factorize.groups import WeightGroup
 from onnxlr.factorize.results import Report, build_report
+from onnxlr.factorize.svd import Statistics, SvdCache
 from onnxlr.factorize.targets import attach_statistics, find_targets
 from onnxlr.model_io.inputs import load_batches
 from onnxlr.model_io.io import LoadedModel, first_line, load
@@ -201,13 +204,16 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     groups, skipped = find_targets(model, settings, context)
     pair_plans, not_pairs = _joint_candidates(model, groups, settings, calibration_data)
     runner = None
+    measured: Mapping[int, Statistics] = {}  # the calibration stage's statistics, by group
     if calibration_data is not None:
         extra = coupled.bias_slots(pair_plans)
-        runner = datafit.prepare(model, groups, calibration_data, progress, [slot for _, _, slot in extra])
+        calibrated = datafit.prepare(model, groups, calibration_data, progress, [slot for _, _, slot in extra])
+        runner, measured = calibrated.runner, calibrated.statistics
         if runner is not None:
             coupled.attach_bias_slots(extra, runner)
     elif statistics:
-        attach_statistics(groups, statistics)
+        measured = attach_statistics(groups, statistics)
+    plan = Plan(groups, SvdCache(settings.solver, measured))
     _check_data_needs(settings, runner, calibration_data)
     clock = _clock(model, settings, context, input_shapes, calibration_data)
     # Per-layer policies plan each layer on its own, inside the streaming loop; whole-model budgets,
@@ -215,19 +221,19 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     per_layer = runner is None and settings.budget is None and clock is None
     planned = Planned()
     with lowrank.one_blas_thread():  # the same factors whatever --jobs and the core count
-        if per_layer:
-            plan.prepare_schemes(groups)
-        else:
-            planned = plan_with_data(model, groups, settings, progress, runner, calibration_data, pair_plans, clock)
-        rewrite.factorize_groups(model, groups, settings, progress, plan_here=per_layer, dry_run=dry_run, sink=sink)
+        if not per_layer:
+            planned = plan_with_data(model, plan, groups, settings, progress, runner, calibration_data, pair_plans,
+                                     clock)
+        rewrite.factorize_groups(model, plan, groups, settings, progress, plan_here=per_layer, dry_run=dry_run,
+                                 sink=sink)
     calibration_report = planned.calibration
     if calibration_report is not None and (pair_plans or not_pairs):
         calibration_report["pairs"] = coupled.summary(pair_plans, not_pairs)
     costs_after = None
     if not dry_run:
         coupled.rewrite(model, pair_plans, sink)
-        rewrite.cleanup(model, groups)
-        rewrite.record_metadata(model, settings, groups)
+        rewrite.cleanup(model, plan, groups)
+        rewrite.record_metadata(model, settings, plan, groups)
         costs_after = cost.model_costs(model, infer_shapes(model, input_shapes))
         cost_report["after"] = cost.totals(costs_after, model)
     totals_after = cost.model_totals(model) if not dry_run else None
@@ -235,12 +241,12 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
         # Each group's rewrite already checked its own bytes; growth here is a bug, and nothing is written.
         raise RuntimeError(f"the rewritten model would be larger than its input ({totals_before['bytes']} -> "
                            f"{totals_after['bytes']} bytes of weights); nothing was written")
-    report = build_report(groups, skipped, settings.as_dict(), order, totals_before, totals_after, cost_report,
+    report = build_report(plan, groups, skipped, settings.as_dict(), order, totals_before, totals_after, cost_report,
                           calibration_report, clock.measured if clock is not None else None, planned.sensitivities)
     if not dry_run:  # values set to zero in what onnxlr wrote (onnxlr.factorize.subnormals)
         report.totals["subnormals_flushed"] = subnormals.model_flushed(model)
     if clock is not None:
-        report.latency = latency.plan_summary(groups, clock)
+        report.latency = latency.plan_summary(plan, groups, clock)
     return Factorization(report=report, costs_before=costs_before, costs_after=costs_after)
 
 
@@ -295,14 +301,13 @@ def _check_data_needs(settings: Settings, runner: Runner | None, data: datafit.C
             raise OnnxlrError("{0}: no factorizable layer of the main graph can be calibrated", name)
 
 
-def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Settings, progress: Progress,
+def plan_with_data(model: ir.Model, plan: Plan, groups: list[WeightGroup], settings: Settings, progress: Progress,
                    runner: Runner | None, data: datafit.CalibrationData | None,
                    pair_plans: Sequence[coupled.PairPlan] = (), clock: latency.Clock | None = None) -> Planned:
-    """Plan ranks; with calibration, also measure sensitivity, search the budget, choose joint pairs and compensate.
-    `clock`: plan by measured latency (onnxlr.timing.latency)."""
-    plan.prepare_schemes(groups)
+    """Plan ranks into `plan`; with calibration, also measure sensitivity, search the budget, choose joint pairs and
+    compensate. `clock`: plan by measured latency (onnxlr.timing.latency)."""
     if runner is None:
-        plan.plan_ranks(groups, settings, progress, clock=clock)
+        planning.plan_ranks(plan, groups, settings, progress, clock=clock)
         return Planned()
     assert data is not None
     result: dict[str, Any] = {"samples": data.samples, "compensate": settings.compensate}
@@ -310,33 +315,32 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
     if goal is not None and settings.quantize:  # the budget pays for both errors
         goal, result["quantizer"] = quantize.low_rank_goal(goal, settings.quantize, data)
     whole_model = settings.budget is not None or goal is not None
-    sensitivities = (datafit.measure_sensitivity(groups, runner, data, lambda g: plan.candidate_schemes(g, settings)[0],
-                                                 progress) if whole_model else {})
-    units = (coupled.measure(pair_plans, runner, data.batches, progress, sensitivities) if whole_model and pair_plans
-             else [])
-    initial = {id(g): (g.reason_code, g.reason) for g in groups}
+    sensitivities = (datafit.measure_sensitivity(plan, groups, runner, data,
+                                                 lambda g: planning.candidate_schemes(plan, g, settings)[0], progress)
+                     if whole_model else {})
+    units = (coupled.measure(plan, pair_plans, runner, data.batches, progress, sensitivities)
+             if whole_model and pair_plans else [])
+    initial = plan.snapshot()  # nothing planned yet: each trial of the search starts here again
 
     def restore(resetting: Sequence[coupled.PairPlan] = units) -> None:
         for unit in resetting:
-            unit.reset()
-        for group in groups:
-            group.reason_code, group.reason = initial[id(group)]
-            group.rank, group.scheme = None, None
+            unit.reset(plan)
+        plan.restore(initial)  # the pairs that declined keep what they were
 
     def plan_budget(budget_settings: Settings, bars: Progress) -> None:
         """Allocate with the pairs as candidates; a pair that settles for its per-matrix plan leaves the
         candidates and the allocation runs again, so its layers compete on their own curves."""
         candidates = list(units)
         for unit in units:
-            unit.reset()
+            unit.reset(plan)
         while True:
             restore(candidates)  # the pairs that declined keep their comparison for the report
-            plan.plan_ranks(groups, budget_settings, bars, cast(Sequence[plan.JointUnit], candidates), clock,
-                            sensitivities)
+            planning.plan_ranks(plan, groups, budget_settings, bars, cast(Sequence[planning.JointUnit], candidates),
+                                clock, sensitivities)
             bars = no_progress
             if not candidates:
                 return
-            coupled.settle(candidates, budget_settings, runner, data.batches,
+            coupled.settle(plan, candidates, budget_settings, runner, data.batches,
                            clock.measured if clock is not None else None, sensitivities)
             declined = [u for u in candidates if not u.chosen and u.keep is not None and u.keep < u.width]
             if not declined:
@@ -348,19 +352,19 @@ def plan_with_data(model: ir.Model, groups: list[WeightGroup], settings: Setting
             if budget is None:
                 restore()
                 for group in groups:
-                    if not group.reason:
-                        group.keep_dense("target_not_reached", f"kept dense: no budget reaches {goal}")
+                    if not plan[group].reason:
+                        plan.keep_dense(group, "target_not_reached", f"kept dense: no budget reaches {goal}")
                 return
             plan_budget(settings.with_budget(budget),
                         no_progress)  # each trial: no bars
 
-        result["search"] = datafit.search_budget(groups, goal, runner, data, plan_for, progress)
+        result["search"] = datafit.search_budget(plan, groups, goal, runner, data, plan_for, progress)
     elif settings.budget is not None:
         plan_budget(settings, progress)
     else:
-        plan.plan_ranks(groups, settings, progress, clock=clock)
+        planning.plan_ranks(plan, groups, settings, progress, clock=clock)
         if pair_plans:
-            coupled.choose(list(pair_plans), runner, data.batches, progress)
+            coupled.choose(plan, list(pair_plans), runner, data.batches, progress)
     if settings.compensate:
-        result["refitted"] = datafit.compensate(model, groups, runner, data, progress)
+        result["refitted"] = datafit.compensate(model, plan, groups, runner, data, progress)
     return Planned(calibration=result, sensitivities=sensitivities)

@@ -19,18 +19,13 @@ from typing import Protocol
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.factorize import lowrank
+from onnxlr.factorize.decisions import Plan
 from onnxlr.factorize.groups import WeightGroup
 from onnxlr.passes import Scheme
 from onnxlr.policies import LayerPolicy
 from onnxlr.settings import Progress, Settings
 from onnxlr.timing import latency
 from onnxlr.timing.measured import MARGIN, Measured
-
-
-def prepare_schemes(groups: list[WeightGroup]) -> None:
-    """Each group's matrix views and costs (no SVD yet), also for skipped groups: the report shows their MACs."""
-    for group in groups:
-        group.prepare_schemes()
 
 
 class JointUnit(Protocol):
@@ -46,45 +41,45 @@ class JointUnit(Protocol):
     def loss(self, keep: int) -> float: ...  # predicted model output error (sensitivity-weighted)
 
 
-def plan_ranks(groups: list[WeightGroup], settings: Settings, progress: Progress,
+def plan_ranks(plan: Plan, groups: list[WeightGroup], settings: Settings, progress: Progress,
                units: Sequence[JointUnit] = (), clock: latency.Clock | None = None,
                sensitivities: Mapping[int, float] | None = None) -> None:
-    """Choose each group's scheme and rank (or leave it dense with a reason); with a budget, `units`
+    """Choose each group's scheme and rank in `plan` (or leave it dense with a reason); with a budget, `units`
     (coupled pairs) compete for it too, each setting its `keep`. `clock`: plan by measured latency."""
-    prepare_schemes(groups)
-    active = [g for g in groups if not g.reason]
+    active = [g for g in groups if not plan[g].reason]
     if settings.budget is not None:
         held = 0
         for group in progress(active, "SVD"):
-            group.scheme = candidate_schemes(group, settings)[0]
-            decomposition = group.decomposition(group.scheme)
+            scheme = candidate_schemes(plan, group, settings)[0]
+            plan.choose(group, scheme)
+            decomposition = plan.svd.decomposition(group, scheme)
             held += _vector_bytes(decomposition)
-            if group.gram is None and held > PLANNING_VECTOR_BYTES:
+            if not plan.svd.calibrated(group) and held > PLANNING_VECTOR_BYTES:
                 # Allocation needs every spectrum, not the vectors: past the limit, free them so a large
                 # model's planning holds one layer's SVD at a time (the rewrite computes it again, with
                 # the same result). Calibrated groups keep theirs: sensitivity, compensation and the
                 # target search feed their products many times.
                 held -= _vector_bytes(decomposition)
-                group.drop_vectors()
+                plan.svd.drop_vectors(group)
         if clock is not None:
-            latency.prepare_ladders(active, lambda g: candidate_schemes(g, settings), settings.rank_multiple,
-                                    settings.budget[0], clock, progress)
+            latency.prepare_ladders(plan, active, lambda g: candidate_schemes(plan, g, settings),
+                                    settings.rank_multiple, settings.budget[0], clock, progress)
             in_units = {id(g) for unit in units for g in unit.groups}  # by identity: groups hold arrays
-            active = [g for g in active if not g.reason or id(g) in in_units]
-        allocate_budget(active, settings, units, clock.measured if clock is not None else None, sensitivities)
+            active = [g for g in active if not plan[g].reason or id(g) in in_units]
+        allocate_budget(plan, active, settings, units, clock.measured if clock is not None else None, sensitivities)
         for group in active:
-            if group.factorized:
-                apply_break_even(group, settings)
+            if plan.factorized(group):
+                apply_break_even(plan, group, settings)
     else:
         unknown = []
         for group in progress(active, "SVD" if clock is None else "SVD and timing"):
             try:
-                plan_layer(group, settings, clock)
+                plan_layer(plan, group, settings, clock)
             except latency.UnknownDims as exc:
                 unknown.append(f"{group.lead.name}: {exc}")
-                group.keep_dense("not_timed", f"not timed: {exc}")
+                plan.keep_dense(group, "not_timed", f"not timed: {exc}")
             except latency.NotTimed as exc:
-                group.keep_dense("not_timed", f"not timed: {exc}")
+                plan.keep_dense(group, "not_timed", f"not timed: {exc}")
         latency.check_timed(unknown, active, clock.dynamic_inputs if clock is not None else ())
 
 
@@ -96,14 +91,14 @@ def _vector_bytes(decomposition: lowrank.Decomposition) -> int:
     return sum(v.nbytes for v in (decomposition.u, decomposition.vt) if v is not None)
 
 
-def plan_layer(group: WeightGroup, settings: Settings, clock: latency.Clock | None = None) -> None:
+def plan_layer(plan: Plan, group: WeightGroup, settings: Settings, clock: latency.Clock | None = None) -> None:
     """A per-layer policy's scheme and final rank for one group (an SVD only where the policy needs a spectrum)."""
-    _plan_group(group, settings, clock)
-    if group.factorized:
-        apply_break_even(group, settings)
+    _plan_group(plan, group, settings, clock)
+    if plan.factorized(group):
+        apply_break_even(plan, group, settings)
 
 
-def candidate_schemes(group: WeightGroup, settings: Settings) -> list[Scheme]:
+def candidate_schemes(plan: Plan, group: WeightGroup, settings: Settings) -> list[Scheme]:
     """The views a plan may choose from; the first is the reference the policy's rank is taken on.
 
     A forced --conv-scheme is the only candidate. With calibration statistics only the views that
@@ -113,42 +108,43 @@ def candidate_schemes(group: WeightGroup, settings: Settings) -> list[Scheme]:
     if settings.conv_scheme != "auto" and settings.conv_scheme in by_name:
         return [by_name[settings.conv_scheme]]
     whitenable = [s for s in group.schemes if s.whiten_side is not None]
-    if group.gram is not None and whitenable:
+    if plan.svd.calibrated(group) and whitenable:
         return whitenable[:1]
     return group.schemes
 
 
-def policy_rank(group: WeightGroup, scheme: Scheme, settings: Settings) -> int:
+def policy_rank(plan: Plan, group: WeightGroup, scheme: Scheme, settings: Settings) -> int:
     """The rank a per-layer policy gives one view (before rounding and the break-even guard)."""
     assert isinstance(settings.policy, LayerPolicy), settings.policy
-    return settings.policy.rank(scheme, lambda: group.decomposition(scheme))
+    return settings.policy.rank(scheme, lambda: plan.svd.decomposition(group, scheme))
 
 
-def _plan_group(group: WeightGroup, settings: Settings, clock: latency.Clock | None = None) -> None:
+def _plan_group(plan: Plan, group: WeightGroup, settings: Settings, clock: latency.Clock | None = None) -> None:
     """Rank by the policy on the reference scheme; several candidates: the fewest MACs at equal error
     (with a clock: the fastest pair measured, each rank or its round-up to a vector multiple)."""
-    candidates = candidate_schemes(group, settings)
+    candidates = candidate_schemes(plan, group, settings)
     reference = candidates[0]
-    rank = policy_rank(group, reference, settings)
+    rank = policy_rank(plan, group, reference, settings)
     if len(candidates) == 1:
-        group.scheme, group.rank = reference, rank
+        plan.choose(group, reference, rank)
         if clock is not None:
-            latency.choose_fastest(group, [(reference, rank)], settings.rank_multiple, clock, _fits(settings))
+            latency.choose_fastest(plan, group, [(reference, rank)], settings.rank_multiple, clock, _fits(settings))
         return
     # "Same error": every scheme views the same kernel, so the Frobenius error of the kernel is
     # comparable; each other scheme gets the smallest rank that keeps at least the same energy.
-    target_energy = group.decomposition(reference).retained_energy(rank)
+    target_energy = plan.svd.decomposition(group, reference).retained_energy(rank)
     options = [(reference.macs_after(rank), 0, reference, rank)]
     for order, scheme in enumerate(candidates[1:], start=1):
-        scheme_rank = lowrank.rank_for_energy(group.decomposition(scheme), target_energy)
+        scheme_rank = lowrank.rank_for_energy(plan.svd.decomposition(group, scheme), target_energy)
         bound = settings.policy.fraction_bound
         if bound is not None and scheme.params_after(scheme_rank) > bound * scheme.params_before:
             continue
         options.append((scheme.macs_after(scheme_rank), order, scheme, scheme_rank))
-    _, _, group.scheme, group.rank = min(options, key=lambda o: (o[0], o[1]))
+    _, _, best_scheme, best_rank = min(options, key=lambda o: (o[0], o[1]))
+    plan.choose(group, best_scheme, best_rank)
     if clock is not None:
         preferred = sorted(options, key=lambda o: (o[0], o[1]))  # the size objective's order
-        latency.choose_fastest(group, [(scheme, rank) for _, _, scheme, rank in preferred], settings.rank_multiple,
+        latency.choose_fastest(plan, group, [(scheme, rank) for _, _, scheme, rank in preferred], settings.rank_multiple,
                                clock, _fits(settings))
 
 
@@ -160,19 +156,19 @@ def _fits(settings: Settings):
     return lambda scheme, rank: scheme.params_after(rank) <= bound * scheme.params_before
 
 
-def apply_break_even(group: WeightGroup, settings: Settings) -> None:
-    scheme, rank = group.scheme, group.rank
+def apply_break_even(plan: Plan, group: WeightGroup, settings: Settings) -> None:
+    scheme, rank = plan[group].scheme, plan[group].rank
     assert scheme is not None and rank is not None
     limit = min(scheme.break_even_rank, scheme.full_rank + 1)
     if settings.rank_multiple > 1:
         rank = lowrank.round_to_multiple(rank, settings.rank_multiple, limit if not settings.allow_no_gain
                                          else scheme.full_rank + 1)
-    group.rank = rank
+    plan.set_rank(group, rank)
     if not settings.allow_no_gain and not scheme.gains(rank):
-        group.keep_dense("no_gain", f"no gain: rank {rank} >= break-even {scheme.break_even_rank}")
+        plan.keep_dense(group, "no_gain", f"no gain: rank {rank} >= break-even {scheme.break_even_rank}")
 
 
-def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequence[JointUnit] = (),
+def allocate_budget(plan: Plan, groups: list[WeightGroup], settings: Settings, units: Sequence[JointUnit] = (),
                     measured: Measured | None = None, sensitivities: Mapping[int, float] | None = None) -> None:
     """Global ranks so the targets together keep <= the budget of their parameters (or MACs).
 
@@ -196,7 +192,7 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
 
     flag = {"params": "--param-budget", "macs": "--mac-budget", "latency": "--latency-budget"}[measure]
     if measure == "latency":
-        if any(measured.ladder(g) is None and not g.reason for g in groups):
+        if any(measured.ladder(g) is None and not plan[g].reason for g in groups):
             raise OnnxlrError("{0} needs every layer timed first (--objective latency)", "latency_budget")
         # A layer that could not be timed (`not_timed`: only a coupled pair's layer gets here) has no measured
         # time to spend: it stays dense, and counts for nothing (as every untimed layer under the objective).
@@ -205,15 +201,15 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
     def before(group: WeightGroup) -> float:
         if measure == "latency":  # an untimed layer of a coupled pair counts for nothing
             return measured.original_ms(group)
-        scheme = group.scheme
+        scheme = plan[group].scheme
         assert scheme is not None  # every group allocated here has its scheme (plan_ranks, prepare_ladders)
         return scheme.params_before if measure == "params" else scheme.macs_before
 
     def after(group: WeightGroup, rank: int) -> float:
-        if measure == "latency":
-            return measured.pair_ms(group, rank)
-        scheme = group.scheme
+        scheme = plan[group].scheme
         assert scheme is not None
+        if measure == "latency":
+            return measured.pair_ms(group, scheme, rank)
         return scheme.params_after(rank) if measure == "params" else scheme.macs_after(rank)
 
     def unit_cost(unit: JointUnit, keep: int) -> float:
@@ -237,10 +233,11 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         if ladder is not None:  # measured: only its faster ranks
             rank = ladder[0] if ladder else 0
         else:
-            assert group.scheme is not None
-            rank = min(step, group.scheme.full_rank)
+            scheme = plan[group].scheme
+            assert scheme is not None
+            rank = min(step, scheme.full_rank)
             # A layer with no gaining rank at all (a 64x1 weight: rank 1 keeps 65 of 64) can only stay dense.
-            rank = rank if group.scheme.gains(rank) else 0
+            rank = rank if scheme.gains(rank) else 0
         state[index] = rank
         spent += after(group, rank) if rank else before(group)
     for offset, unit in enumerate(units):
@@ -264,9 +261,9 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
         group, rank = groups[index], state[index]
         if rank == 0:  # dense already (it started so, or went back): nothing left to grant, nothing to charge
             return
-        scheme = group.scheme
+        scheme = plan[group].scheme
         assert scheme is not None
-        decomposition = group.decomposition(scheme)
+        decomposition = plan.svd.decomposition(group, scheme)
         current_loss = 1.0 - decomposition.retained_energy(rank)
         ladder = measured.ladder(group)
         if ladder is not None:
@@ -308,12 +305,12 @@ def allocate_budget(groups: list[WeightGroup], settings: Settings, units: Sequen
             push(index)
     for index, group in enumerate(groups):
         if state[index] == 0 and measured.ladder(group) == []:
-            group.keep_dense("not_faster", f"no factor pair measured {MARGIN:.0%} faster than the original "
+            plan.keep_dense(group, "not_faster", f"no factor pair measured {MARGIN:.0%} faster than the original "
                                            f"({measured.original_ms(group):.3f} ms)")
         elif state[index] == 0:
-            group.keep_dense("kept_dense_by_budget", f"kept dense by the {flag} allocation")
+            plan.keep_dense(group, "kept_dense_by_budget", f"kept dense by the {flag} allocation")
         else:
-            group.rank = state[index]
+            plan.set_rank(group, state[index])
     for offset, unit in enumerate(units):
         unit.keep = state[len(groups) + offset]
 

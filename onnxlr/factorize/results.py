@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from onnxlr._version import __version__
 from onnxlr.factorize.groups import WeightGroup, repeated_params
 from onnxlr.factorize.targets import SkippedNode
 
 if TYPE_CHECKING:
-    from onnxlr.passes import Scheme
+    from onnxlr.factorize.decisions import Decision, Plan
+    from onnxlr.factorize.svd import SvdCache
     from onnxlr.timing.measured import LayerTiming, Measured
 
 
@@ -55,59 +56,59 @@ class LayerRow:
     pair_ms: float | None = None
 
     @classmethod
-    def of_joint(cls, group: WeightGroup, sensitivity: float | None = None) -> LayerRow:
+    def of_joint(cls, group: WeightGroup, decision: Decision, sensitivity: float | None = None) -> LayerRow:
         """A layer compressed with its coupled partner (onnxlr.coupled.plans): rank = the kept inner neurons (an
         attention pair's: the dimensions each head keeps, full_rank its head size).
 
         Its parameters are the weight's and the bias's (an up layer's bias shrinks with the neurons, and an
         up conv's row also counts the BatchNormalization after it)."""
-        role, target = group.joint, group.lead
+        role, target = decision.joint, group.lead
         plan = role.plan
         kept, width = len(plan.fit.kept), plan.pair.width
         before, after = role.params()
-        own = group.reader_scheme(0)
-        macs_before = own.macs_before if own else None
+        macs_before = group.reader_scheme(0, decision.scheme).macs_before
         return cls(
             name=target.name, op_type=target.node.op_type, status="factorized", reason="", reason_code="",
             weight=target.weight.name, weight_shape=list(target.array.shape), dtype=target.dtype.name,
             scheme="joint", rank=kept, full_rank=width, method="joint",
             retained_energy=1.0 - plan.joint_error if plan.joint_error is not None else None,
             sensitivity=sensitivity, params_before=before, params_after=after, macs_before=macs_before,
-            macs_after=macs_before * kept // width if macs_before is not None else None, partner=role.partner,
+            macs_after=macs_before * kept // width, partner=role.partner,
             pair_kind=plan.pair.kind,
         )
 
     @classmethod
-    def of_target(cls, group: WeightGroup, index: int, carrier: int, repeated_fixed: int,
-                  timing: LayerTiming | None = None, sensitivity: float | None = None) -> LayerRow:
+    def of_target(cls, group: WeightGroup, decision: Decision, svd: SvdCache, index: int, carrier: int,
+                  repeated_fixed: int, timing: LayerTiming | None = None, sensitivity: float | None = None
+                  ) -> LayerRow:
         """Reader `index` of a group. The weight's parameters count in the carrier's row only, and a bias
         in the first row that reads it (`repeated_fixed`: this reader's bias parameters counted before)."""
         target = group.targets[index]
-        factorized = group.factorized
+        factorized = decision.factorized
         # A skipped group reports the costs of its first view, which are those of the original node.
-        planned = group.scheme or (group.schemes[0] if group.schemes else None)
-        own = group.reader_scheme(index)
-        decomposition = group.decompositions.get(planned.name) if planned else None
-        rank = group.rank if factorized else None
+        planned = decision.scheme or group.schemes[0]
+        own = group.reader_scheme(index, decision.scheme)
+        decomposition = svd.decompositions(group).get(planned.name)
+        rank = decision.rank if factorized else None
         fitted = decomposition if rank else None  # the SVD behind the row's rank, when it has one
-        weight_before = planned.params_before - planned.fixed_params if planned else int(target.array.size)
-        weight_after = rank * planned.params_per_rank if (planned and rank) else weight_before
-        fixed = (own.fixed_params if own else 0) - repeated_fixed
+        weight_before = planned.params_before - planned.fixed_params
+        weight_after = rank * planned.params_per_rank if rank else weight_before
+        fixed = own.fixed_params - repeated_fixed
         carries = index == carrier
-        macs_before = own.macs_before if own else None
+        macs_before = own.macs_before
         return cls(
             name=target.name,
             op_type=target.node.op_type,
             status="factorized" if factorized else "skipped",
-            reason=group.reason,
-            reason_code=group.reason_code,
+            reason=decision.reason,
+            reason_code=decision.reason_code,
             weight=target.weight.name,
             weight_shape=list(target.array.shape),
             dtype=target.dtype.name,
-            scheme=cast("Scheme", own or planned).name if factorized else None,  # a planned group has its scheme
+            scheme=own.name if factorized else None,
             rank=rank,
-            full_rank=planned.full_rank if planned else None,
-            break_even_rank=planned.break_even_rank if planned else None,
+            full_rank=planned.full_rank,
+            break_even_rank=planned.break_even_rank,
             retained_energy=fitted.retained_energy(rank) if fitted and rank else None,
             method=fitted.method if fitted else None,
             svd=fitted.solver if fitted else None,
@@ -116,11 +117,12 @@ class LayerRow:
             params_before=(weight_before if carries else 0) + fixed,
             params_after=(weight_after if carries else 0) + fixed,
             macs_before=macs_before,
-            macs_after=own.macs_after(rank) if (own and rank) else macs_before,
+            macs_after=own.macs_after(rank) if rank else macs_before,
             shared_with=[t.name for t in group.targets if t is not target],
             carried_by=None if carries else group.targets[carrier].name,
             original_ms=timing.original_ms if timing is not None and carries else None,
-            pair_ms=timing.ms(group.scheme, rank) if timing is not None and group.scheme and carries and rank else None,
+            pair_ms=(timing.ms(decision.scheme, rank) if timing is not None and decision.scheme and carries and rank
+                     else None),
         )
 
     @classmethod
@@ -180,7 +182,7 @@ class Report:
         return data
 
 
-def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings: dict[str, Any],
+def build_report(plan: Plan, groups: list[WeightGroup], skipped: list[SkippedNode], settings: dict[str, Any],
                  order: dict[int, int], before: dict[str, int], after: dict[str, int] | None,
                  cost: dict[str, Any], calibration: dict[str, Any] | None, measured: Measured | None = None,
                  sensitivities: Mapping[int, float] | None = None) -> Report:
@@ -196,19 +198,21 @@ def build_report(groups: list[WeightGroup], skipped: list[SkippedNode], settings
         repeated = repeated_params(group.biases[index], counted) if group.biases else 0
         timing = measured.timing(group) if measured is not None else None
         sensitivity = (sensitivities or {}).get(id(group))
-        row = (LayerRow.of_joint(group, sensitivity) if group.joint is not None
-               else LayerRow.of_target(group, index, carrier, repeated, timing, sensitivity))
+        decision = plan[group]
+        row = (LayerRow.of_joint(group, decision, sensitivity) if decision.joint is not None
+               else LayerRow.of_target(group, decision, plan.svd, index, carrier, repeated, timing, sensitivity))
         rows.append((position, row))
     rows += [(order.get(id(item.node), 0), LayerRow.of_skipped(item)) for item in skipped]
     layers = [row for _, row in sorted(rows, key=lambda pair: pair[0])]
     if after is None:  # dry run: estimate what the rewrite would give
         after = {"params": before["params"], "bytes": before["bytes"]}
         for group in groups:
-            if group.factorized:
-                assert group.scheme is not None and group.rank is not None  # planned
-                delta = group.scheme.params_before - group.scheme.params_after(group.rank)
-            elif group.joint is not None:
-                row = LayerRow.of_joint(group)
+            decision = plan[group]
+            if decision.factorized:
+                assert decision.scheme is not None and decision.rank is not None  # planned
+                delta = decision.scheme.params_before - decision.scheme.params_after(decision.rank)
+            elif decision.joint is not None:
+                row = LayerRow.of_joint(group, decision)
                 assert row.params_before is not None and row.params_after is not None  # a joint row counts both
                 delta = row.params_before - row.params_after
             else:

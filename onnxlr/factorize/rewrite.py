@@ -23,7 +23,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
 from onnxlr._version import __version__
-from onnxlr.factorize import lowrank, parallel, plan, subnormals
+from onnxlr.factorize import lowrank, parallel, subnormals
+from onnxlr.factorize import plan as planning
+from onnxlr.factorize.decisions import Plan
 from onnxlr.factorize.groups import WeightGroup
 from onnxlr.passes import NameGenerator, Scheme
 from onnxlr.passes.base import make_node, old_ir
@@ -34,42 +36,46 @@ if TYPE_CHECKING:
     from onnxlr.protocols import WeightSink
 
 
-def factorize_groups(model: ir.Model, groups: list[WeightGroup], settings: Settings, progress: Progress,
+def factorize_groups(model: ir.Model, plan: Plan, groups: list[WeightGroup], settings: Settings, progress: Progress,
                      plan_here: bool, dry_run: bool = False, sink: WeightSink | None = None) -> None:
     """SVD, factors and rewrite, one group at a time in graph order (up to --jobs SVDs at once).
 
     Each group's factors go into the model (written to `sink` right away when there is one) and its
     singular vectors are freed before later groups are taken, so memory holds a few layers' working
-    sets, not the model's. `plan_here`: choose each group's scheme and rank here too (per-layer policies).
+    sets, not the model's. `plan_here`: choose each group's scheme and rank in `plan` here too (per-layer policies).
+    A group whose factors would take more bytes than its weight stays dense (`no_file_gain`, in `plan`).
     Graph edits stay on this thread, in group order, so names and file layout do not depend on --jobs.
     """
-    active = [g for g in groups if not g.reason and g.joint is None]  # joint pairs: onnxlr.coupled.plans
+    active = [g for g in groups if not plan[g].reason and plan[g].joint is None]  # joint pairs: onnxlr.coupled.plans
     names = NameGenerator(model)
     existing = {id(v) for graph in model.graphs() for v in graph.initializers.values()} if old_ir(model) else None
 
     def work(group: WeightGroup) -> tuple[np.ndarray, np.ndarray] | None:
         if plan_here:
-            plan.plan_layer(group, settings)
-        if dry_run or group.reason or group.rank is None:
+            planning.plan_layer(plan, group, settings)
+        decision = plan[group]
+        if dry_run or decision.reason or decision.rank is None:
             return None
-        assert group.scheme is not None  # planned with its rank
-        return group.factors(group.scheme, group.rank)
+        assert decision.scheme is not None  # planned with its rank
+        return plan.svd.factors(group, decision.scheme, decision.rank)
 
     assert settings.jobs is not None  # Settings fills in the default
     # ordered_map is a generator: closing it stops the work left
     results = cast("Generator[tuple[np.ndarray, np.ndarray] | None, None, None]",
-                   parallel.ordered_map(work, active, jobs=settings.jobs, cost=lambda g: _working_set(g, settings)))
+                   parallel.ordered_map(work, active, jobs=settings.jobs,
+                                        cost=lambda g: _working_set(plan, g, settings)))
     with contextlib.closing(results):
         for group in progress(active, "SVD"):
             factors = next(results)
             if factors is not None:
-                tensors = FactorTensors(group, factors)
+                scheme = cast(Scheme, plan[group].scheme)  # factors exist for a planned group
+                tensors = FactorTensors(group, scheme, factors)
                 if settings.allow_no_gain or tensors.nbytes < _stored_bytes(group):
-                    _rewrite_group(group, tensors, names, sink)
+                    _rewrite_group(group, scheme, tensors, names, sink)
                 else:  # the plan said it pays; the bytes say it does not: keep the weight (a planner bug)
-                    group.keep_dense("no_file_gain", f"factors take {tensors.nbytes} bytes, the weight "
-                                                     f"{_stored_bytes(group)}: kept dense")
-            group.drop_vectors()
+                    plan.keep_dense(group, "no_file_gain", f"factors take {tensors.nbytes} bytes, the weight "
+                                                           f"{_stored_bytes(group)}: kept dense")
+            plan.svd.drop_vectors(group)
     if existing is not None:
         _list_new_initializers(model, existing)
 
@@ -92,13 +98,13 @@ def _list_new_initializers(model: ir.Model, existing: set[int]) -> None:
             main.inputs.append(value)
 
 
-def _working_set(group: WeightGroup, settings: Settings) -> int:
+def _working_set(plan: Plan, group: WeightGroup, settings: Settings) -> int:
     """Rough upper estimate of one group's SVD memory, for --jobs scheduling."""
-    scheme = group.scheme or group.schemes[0]
-    known_rank = group.rank
+    scheme = plan[group].scheme or group.schemes[0]
+    known_rank = plan[group].rank
     per_layer = isinstance(settings.policy, LayerPolicy) and not settings.policy.needs_spectrum
     if known_rank is None and per_layer and len(group.schemes) == 1:
-        known_rank = plan.policy_rank(group, scheme, settings)
+        known_rank = planning.policy_rank(plan, group, scheme, settings)
     return lowrank.working_set_bytes(scheme.matrices.shape, known_rank, settings.svd) * len(group.schemes)
 
 
@@ -111,16 +117,14 @@ class FactorTensors:
     it (constant-folded by onnxruntime when the session loads): the file holds each factor once.
     """
 
-    def __init__(self, group: WeightGroup, factors: tuple[np.ndarray, np.ndarray]) -> None:
+    def __init__(self, group: WeightGroup, scheme: Scheme, factors: tuple[np.ndarray, np.ndarray]) -> None:
         a, b = factors
         dtype = group.lead.dtype.numpy()
         self.stored: list[np.ndarray] = []  # distinct tensors, in the order they are first needed
         self.readers: list[tuple[tuple[int, bool], tuple[int, bool]]] = []  # per target: (index, transposed) x 2
         for index, (target, flipped) in enumerate(zip(group.targets, group.flipped)):
             pair = (b.transpose(0, 2, 1), a.transpose(0, 2, 1)) if flipped else (a, b)
-            scheme = group.reader_scheme(index)
-            assert scheme is not None  # prepared before planning
-            first, second = target.rule.factor_tensors(target, scheme, *pair)
+            first, second = target.rule.factor_tensors(target, group.reader_scheme(index, scheme), *pair)
             self.readers.append((self._keep(first, dtype), self._keep(second, dtype)))
 
     def _keep(self, array: np.ndarray, dtype: np.dtype) -> tuple[int, bool]:
@@ -144,8 +148,8 @@ def _stored_bytes(group: WeightGroup) -> int:
     return int(tensor.nbytes) if tensor is not None else 0
 
 
-def _rewrite_group(group: WeightGroup, tensors: FactorTensors, names: NameGenerator, sink: WeightSink | None
-                   ) -> None:
+def _rewrite_group(group: WeightGroup, planned: Scheme, tensors: FactorTensors, names: NameGenerator,
+                   sink: WeightSink | None) -> None:
     lead = group.lead
     owner = _owning_graph(lead.weight, lead.node)
     base = lead.weight.name or lead.name
@@ -170,8 +174,8 @@ def _rewrite_group(group: WeightGroup, tensors: FactorTensors, names: NameGenera
     for index, target in enumerate(group.targets):
         node = target.node
         (first, first_t), (second, second_t) = tensors.readers[index]
-        scheme = group.reader_scheme(index)
-        assert scheme is not None and node.graph is not None  # prepared before planning; a node of the model
+        scheme = group.reader_scheme(index, planned)
+        assert node.graph is not None  # a node of the model
         new_nodes = target.rule.rewrite(target, scheme, value_for(first, first_t),
                                         value_for(second, second_t), names)
         for position, new_node in enumerate(new_nodes, start=1):
@@ -213,12 +217,12 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.Dat
     return value
 
 
-def cleanup(model: ir.Model, groups: list[WeightGroup]) -> None:
+def cleanup(model: ir.Model, plan: Plan, groups: list[WeightGroup]) -> None:
     """Remove the nodes and initializers the rewrite left unused (replaced weights, folded chains).
 
     Initializers listed as graph inputs that were read as weights (IR < 4, --inputs-as-constants)
     and are now unused leave the inputs too; every other input stays."""
-    replaced = _replaced_input_weights(groups)
+    replaced = _replaced_input_weights(plan, groups)
     ir_passes.RemoveUnusedNodesPass()(model)
     for value in replaced:
         graph = value.graph
@@ -233,21 +237,27 @@ def cleanup(model: ir.Model, groups: list[WeightGroup]) -> None:
                 del graph.initializers[name]
 
 
-def _replaced_input_weights(groups: list[WeightGroup]) -> list[ir.Value]:
+def _replaced_input_weights(plan: Plan, groups: list[WeightGroup]) -> list[ir.Value]:
     """The initializers listed as graph inputs that factorized groups read, directly or through a folded chain."""
-    found = {id(source): source for group in groups if group.factorized
+    found = {id(source): source for group in groups if plan.factorized(group)
              for source in group.lead.sources if source.is_graph_input()}
     return list(found.values())
 
 
-def record_metadata(model: ir.Model, settings: Settings, groups: list[WeightGroup]) -> None:
-    ranks = {t.name: g.rank for g in groups if g.factorized for t in g.targets}
+def record_metadata(model: ir.Model, settings: Settings, plan: Plan, groups: list[WeightGroup]) -> None:
+    ranks = {t.name: plan[g].rank for g in groups if plan.factorized(g) for t in g.targets}
     model.metadata_props["onnxlr.version"] = __version__
     model.metadata_props["onnxlr.settings"] = json.dumps(settings.recorded(), sort_keys=True)
     model.metadata_props["onnxlr.ranks"] = json.dumps(ranks, sort_keys=True)
-    methods = {g.decompositions[cast(Scheme, g.scheme).name].method for g in groups  # factorized: planned
-               if g.factorized and cast(Scheme, g.scheme).name in g.decompositions}
-    joint = {g.lead.name: [len(g.joint.plan.fit.kept), g.joint.plan.pair.width] for g in groups if g.joint is not None}
+    methods = set()
+    for group in groups:
+        decision = plan[group]
+        decomposition = plan.svd.decompositions(group).get(cast(Scheme, decision.scheme).name) \
+            if decision.factorized else None  # factorized: planned
+        if decomposition is not None:
+            methods.add(decomposition.method)
+    joint = {g.lead.name: [len(role.plan.fit.kept), role.plan.pair.width] for g in groups
+             if (role := plan[g].joint) is not None}
     if joint:  # kept and total inner neurons of each layer compressed with its coupled partner
         model.metadata_props["onnxlr.joint"] = json.dumps(joint, sort_keys=True)
         methods.add("joint")

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxlr.factorize.groups import WeightGroup
+from onnxlr.factorize.svd import Statistics
 from onnxlr.passes import LEFT_ALONE, READER_RULES, RULES, Context, Skip, Target
 from onnxlr.passes.base import FLOAT_TYPES
 from onnxlr.passes.gather import is_table_lookup
@@ -109,10 +110,10 @@ def _group_shared_weights(targets: list[Target], skipped: list[SkippedNode], set
         if blocker is not None:
             skipped.extend(SkippedNode(t.node, *blocker) for t in users)
             continue
-        group = WeightGroup(targets=readers, flipped=flipped, solver=settings.solver)
-        if users[0].array.size < settings.min_params:
-            group.keep_dense("min_params", f"fewer than --min-params {settings.min_params} parameters")
-        groups.append(group)
+        small = users[0].array.size < settings.min_params
+        groups.append(WeightGroup.of(readers, flipped, ("min_params", f"fewer than --min-params "
+                                                                      f"{settings.min_params} parameters")
+                                     if small else None))
     return FoundTargets(groups, skipped)
 
 
@@ -179,10 +180,12 @@ def _same(first: np.ndarray, second: np.ndarray) -> bool:
     return first is second or (first.shape == second.shape and np.array_equal(first, second))
 
 
-def attach_statistics(groups: list[WeightGroup], statistics: Mapping[str, np.ndarray]) -> None:
-    """Give each group the sum of its users' Grams (users without statistics add nothing)."""
+def attach_statistics(groups: list[WeightGroup], statistics: Mapping[str, np.ndarray]) -> dict[int, Statistics]:
+    """Each group's statistics (by id): the sum of its users' Grams (users without statistics add nothing)."""
+    found = {}
     for group in groups:
         grams = [statistics[cast(str, key)] for key in (t.node.outputs[0].name for t in group.targets)
                  if key in statistics]  # a key in statistics is a name
         if grams:
-            group.gram = np.sum(grams, axis=0)
+            found[id(group)] = Statistics(gram=np.sum(grams, axis=0))
+    return found

@@ -33,6 +33,7 @@ from onnxlr.passes.weights import constant_weight
 from onnxlr.timing.measured import MARGIN, LayerTiming, Measured, measurably_faster
 
 if TYPE_CHECKING:
+    from onnxlr.factorize.decisions import Plan
     from onnxlr.factorize.groups import WeightGroup
 
 VECTOR_WIDTH = 8  # fp32 lanes of an AVX2 register: ranks at its multiples are the rounding candidates
@@ -143,7 +144,7 @@ class Clock:
         original = 0.0
         totals: dict[int, float] = dict.fromkeys(ranks, 0.0)
         for index, target in enumerate(group.targets):
-            own = group.reader_view(index, scheme)
+            own = group.reader_scheme(index, scheme)
             reader_original, times = self.reader_times(target, own, ranks)
             original += reader_original
             for rank in list(totals):
@@ -260,9 +261,8 @@ def export_table(model: ir.Model, input_shapes: Mapping[str, Sequence[int]], pat
     groups, _ = find_targets(model, Settings(), context)
     clock = Clock(shapes, provider, threads)
     timed, unknown = 0, []
-    active = [g for g in groups if not g.reason]
+    active = [g for g in groups if not g.excluded]
     for group in progress(active, "timing") if progress else active:
-        group.prepare_schemes()
         try:
             for scheme in group.schemes:
                 clock.group_timing(group, scheme, table_ranks(scheme))
@@ -443,7 +443,7 @@ def time_models(models: Sequence[bytes], feeds: Mapping[str, np.ndarray], provid
 # ----------------------------------------------------------------------------- planning with measured times
 
 
-def choose_fastest(group: WeightGroup, options: Sequence[tuple[Scheme, int]], rank_multiple: int, clock: Clock,
+def choose_fastest(plan: Plan, group: WeightGroup, options: Sequence[tuple[Scheme, int]], rank_multiple: int, clock: Clock,
                    fits: Callable[[Scheme, int], bool] | None = None) -> bool:
     """Per-layer policies: each option (scheme, policy rank), in the size objective's order of preference, then its
     round-ups to vector multiples. The first pair measured faster than the original is the plan, and a later
@@ -466,14 +466,15 @@ def choose_fastest(group: WeightGroup, options: Sequence[tuple[Scheme, int]], ra
     if timing is None:
         return False
     if best is None:
-        group.keep_dense("not_faster", f"no factor pair measured {MARGIN:.0%} faster than the original "
-                                       f"({timing.original_ms:.3f} ms on {clock.summary()['provider']})")
+        plan.keep_dense(group, "not_faster", f"no factor pair measured {MARGIN:.0%} faster than the original "
+                                             f"({timing.original_ms:.3f} ms on {clock.summary()['provider']})")
         return True
-    _, group.scheme, group.rank = best
+    _, scheme, rank = best
+    plan.choose(group, scheme, rank)
     return True
 
 
-def prepare_ladders(groups: Sequence[WeightGroup], candidates: Callable[[WeightGroup], list[Scheme]], rank_multiple: int,
+def prepare_ladders(plan: Plan, groups: Sequence[WeightGroup], candidates: Callable[[WeightGroup], list[Scheme]], rank_multiple: int,
                     measure: str, clock: Clock, progress: Any = None) -> None:
     """Whole-model budgets: each group's scheme (the fastest at equal energy when views compete) and `ladder`,
     the ranks the allocation may give it: those measured faster than the original. For a latency budget a rank
@@ -482,15 +483,15 @@ def prepare_ladders(groups: Sequence[WeightGroup], candidates: Callable[[WeightG
     unknown = []
     for group in progress(groups, "timing") if progress else groups:
         try:
-            scheme = _fastest_scheme(group, candidates(group), rank_multiple, clock)
+            scheme = _fastest_scheme(plan, group, candidates(group), rank_multiple, clock)
             ranks = ladder_ranks(scheme, rank_multiple)
             timing = clock.group_timing(group, scheme, ranks)
         except UnknownDims as exc:
             unknown.append(f"{group.lead.name}: {exc}")
-            group.keep_dense("not_timed", f"not timed: {exc}")
+            plan.keep_dense(group, "not_timed", f"not timed: {exc}")
             continue
         except NotTimed as exc:
-            group.keep_dense("not_timed", f"not timed: {exc}")
+            plan.keep_dense(group, "not_timed", f"not timed: {exc}")
             continue
         ladder = [r for r in ranks if timing.faster(scheme, r)]
         if measure == "latency":
@@ -502,7 +503,7 @@ def prepare_ladders(groups: Sequence[WeightGroup], candidates: Callable[[WeightG
                     kept.append(rank)
                     fastest_above = ms
             ladder = kept[::-1]
-        group.scheme = scheme
+        plan.choose(group, scheme)
         clock.measured.ladders[id(group)] = ladder
     check_timed(unknown, groups, clock.dynamic_inputs)
 
@@ -521,7 +522,7 @@ def check_timed(unknown: Sequence[str], groups: Sequence[WeightGroup], dynamic_i
                           f"pass --shape NAME:DIMS for the model's dynamic inputs{names} (or --calibration data)")
 
 
-def _fastest_scheme(group: WeightGroup, schemes: Sequence[Scheme], rank_multiple: int, clock: Clock) -> Scheme:
+def _fastest_scheme(plan: Plan, group: WeightGroup, schemes: Sequence[Scheme], rank_multiple: int, clock: Clock) -> Scheme:
     """The view whose pair is fastest at the energy the first view keeps at the middle of its ladder (another view
     than the first only when measurably faster)."""
     reference = schemes[0]
@@ -532,11 +533,11 @@ def _fastest_scheme(group: WeightGroup, schemes: Sequence[Scheme], rank_multiple
     middle = ladder_ranks(reference, rank_multiple)
     if not middle:
         return reference
-    energy = group.decomposition(reference).retained_energy(middle[len(middle) // 2])
+    energy = plan.svd.decomposition(group, reference).retained_energy(middle[len(middle) // 2])
     best = (math.inf, 0, reference)
     for order, scheme in enumerate(schemes):
         ladder = ladder_ranks(scheme, rank_multiple)
-        needed = lowrank.rank_for_energy(group.decomposition(scheme), energy)
+        needed = lowrank.rank_for_energy(plan.svd.decomposition(group, scheme), energy)
         rank = next((r for r in ladder if r >= needed), None)
         if rank is None:
             continue
@@ -546,19 +547,20 @@ def _fastest_scheme(group: WeightGroup, schemes: Sequence[Scheme], rank_multiple
     return best[2]
 
 
-def plan_summary(groups: Sequence[WeightGroup], clock: Clock) -> dict[str, Any]:
+def plan_summary(plan: Plan, groups: Sequence[WeightGroup], clock: Clock) -> dict[str, Any]:
     """The report's `latency`: each timed layer's plan in total, and how the times were had."""
     timings = {id(g): t for g in groups if (t := clock.measured.timing(g)) is not None}
     timed = [g for g in groups if id(g) in timings]
-    planned = {id(g): ms for g in timed if g.factorized and g.scheme is not None and g.rank is not None
-               and (ms := timings[id(g)].ms(g.scheme, g.rank)) is not None}
+    decisions = {id(g): plan[g] for g in timed}
+    planned = {id(g): ms for g in timed if (d := decisions[id(g)]).factorized and d.scheme is not None
+               and d.rank is not None and (ms := timings[id(g)].ms(d.scheme, d.rank)) is not None}
     chosen = [g for g in timed if id(g) in planned]
     # Layers narrowed with a coupled partner are not timed narrowed: their time is estimated at the kept share.
-    joint = [g for g in timed if g.joint is not None and g.joint.plan.fit is not None]
+    joint = [(g, role) for g in timed if (role := decisions[id(g)].joint) is not None and role.plan.fit is not None]
     original = sum(timings[id(g)].original_ms for g in timed)
     saving = sum(timings[id(g)].original_ms - planned[id(g)] for g in chosen)
-    saving += sum(timings[id(g)].original_ms * (1 - len(g.joint.plan.fit.kept) / g.joint.plan.pair.width)
-                  for g in joint)
+    saving += sum(timings[id(g)].original_ms * (1 - len(role.plan.fit.kept) / role.plan.pair.width)
+                  for g, role in joint)
     return {"timed_layers": len(timed), "factorized_timed": len(chosen), "joint_estimated": len(joint),
             "targets_ms": round(original, 4),
             "planned_ms": round(original - saving, 4), "planned_saving_ms": round(saving, 4),

@@ -39,11 +39,11 @@ class Measured:
         timing = self.timing(group)
         return timing.original_ms if timing is not None else 0.0
 
-    def pair_ms(self, group: WeightGroup, rank: int) -> float:
-        """The group's factor pair at `rank` of its planned scheme: a rank on its ladder, so measured."""
+    def pair_ms(self, group: WeightGroup, scheme: Scheme, rank: int) -> float:
+        """The group's factor pair at `rank` of its planned `scheme`: a rank on its ladder, so measured."""
         timing = self.timing(group)
-        assert timing is not None and group.scheme is not None
-        ms = timing.ms(group.scheme, rank)
+        assert timing is not None
+        ms = timing.ms(scheme, rank)
         assert ms is not None
         return ms
 
