@@ -45,17 +45,13 @@ SENSITIVITY_PARAM_RATIO = 0.5
 SEARCH_STEPS = 8
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class CalibrationData:
     """What the data-aware steps need: the original model's file (or bytes) and the data batches."""
 
     source: str | os.PathLike | bytes  # onnxruntime reads the original here (external data beside it)
     batches: list[dict[str, np.ndarray]]  # calibration samples
     heldout: list[dict[str, np.ndarray]] | None = None  # samples --target-cosine is measured on
-    # --quantize with a --target-* goal: loss the quantizer added beyond its loss on the original, found
-    # when a written model missed the goal (cosine loss, or squared relative error); the retry aims past it.
-    extra_quantizer_loss: float = 0.0
-    quantizer_alone: float | None = None  # the quantizer's measure on the original (taken once, kept for retries)
     # Bytes of weights per segment when the model does not fit in memory whole: statistics are collected block by
     # block (onnxlr.verification.segments), and the steps that run the whole model are not available.
     segment_budget: int | None = None

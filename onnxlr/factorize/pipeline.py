@@ -52,15 +52,18 @@ class Planned:
 
     calibration: dict[str, Any] | None = None
     sensitivities: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    quantizer: quantize.QuantizerLoss | None = None  # --quantize with a goal: the quantizer's loss it planned for
 
 
 @dataclasses.dataclass
 class Factorization:
-    """What factorize_model returns: the report, and the cost model's per-node figures (edge estimates)."""
+    """What factorize_model returns: the report, the cost model's per-node figures (edge estimates) and, for
+    --quantize with a goal, the quantizer's loss the plan made room for."""
 
     report: Report
     costs_before: list[cost.NodeCost]
     costs_after: list[cost.NodeCost] | None  # None for a dry run
+    quantizer: quantize.QuantizerLoss | None = None
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -78,19 +81,19 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
     `calibration_segment_budget` (bytes of weights): collect the statistics block by block, for a model that does
     not fit in memory (datafit.CalibrationData.segment_budget).
     """
-    data = calibration_data(loaded, source, calibration, calibration_samples, heldout, batch_size)
-    if data is not None:
-        data.segment_budget = calibration_segment_budget
+    data = calibration_data(loaded, source, calibration, calibration_samples, heldout, batch_size,
+                            calibration_segment_budget)
     if settings.quantize == "int8-static" and data is None:
         raise OnnxlrError("{0} int8-static needs calibration data ({1})", "quantize", "calibration")
     goal = datafit.Goal.of(settings)
     confirming = settings.objective == "latency" and settings.latency_table is None and not dry_run
+    quantizer = quantize.QuantizerLoss()
     for attempt in range(1, QUANTIZED_ATTEMPTS + 1):
         # The quantizer reads the whole model, and a latency plan may put layers back: factors stay in memory for
         # them rather than going to `sink` (where a reverted layer's factors would stay in the file).
         result = factorize_model(loaded.model, settings, progress=progress, dry_run=dry_run,
                                  input_shapes=input_shapes, calibration_data=data,
-                                 sink=None if settings.quantize or confirming else sink)
+                                 sink=None if settings.quantize or confirming else sink, quantizer=quantizer)
         if confirming:
             confirm_end_to_end(loaded, source, result, settings, data, input_shapes)
         if not settings.quantize or dry_run:
@@ -103,8 +106,9 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
             return result
         # The losses did not add up as the search assumed: search again from the original, aiming past
         # what the quantizer added beyond its loss on the original.
-        assert data is not None and goal is not None  # a final figure exists only for a goal, which needs data
-        data.extra_quantizer_loss += quantize.missed_by(goal, final[goal.metric])
+        assert data is not None and goal is not None and result.quantizer is not None  # a goal's final figure
+        quantizer = dataclasses.replace(result.quantizer,
+                                        extra=result.quantizer.extra + quantize.missed_by(goal, final[goal.metric]))
         logger.warning("the quantized model missed %s (%.4f): searching again with a stricter low-rank goal",
                        goal, final[goal.metric])
         loaded.model = quantize.load_source(data.source)
@@ -159,8 +163,9 @@ def _original(loaded: LoadedModel, source: Any) -> tuple[ir.Model, Any, os.PathL
 
 
 def calibration_data(loaded: LoadedModel, source: Any, calibration: Any, samples: int | None, heldout: Any,
-                     batch_size: int = 16) -> datafit.CalibrationData | None:
-    """Calibration batches (and held-out batches for the target search), read before the model is rewritten."""
+                     batch_size: int = 16, segment_budget: int | None = None) -> datafit.CalibrationData | None:
+    """Calibration batches (and held-out batches for the target search), read before the model is rewritten.
+    `segment_budget`: collect the statistics block by block (datafit.CalibrationData.segment_budget)."""
     if calibration is None:
         if samples is not None:
             raise OnnxlrError("{0} needs {1}", "calibration_samples", "calibration")
@@ -173,6 +178,7 @@ def calibration_data(loaded: LoadedModel, source: Any, calibration: Any, samples
         source=model_source,
         batches=load_batches(loaded.model, calibration, samples, batch_size),
         heldout=load_batches(loaded.model, heldout, batch_size=batch_size) if heldout is not None else None,
+        segment_budget=segment_budget,
     )
 
 
@@ -182,7 +188,8 @@ def calibration_data(loaded: LoadedModel, source: Any, calibration: Any, samples
 def factorize_model(model: ir.Model, settings: Settings, progress: Progress | None = None,
                     dry_run: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None,
                     statistics: Mapping[str, np.ndarray] | None = None,
-                    calibration_data: datafit.CalibrationData | None = None, sink: WeightSink | None = None) -> Factorization:
+                    calibration_data: datafit.CalibrationData | None = None, sink: WeightSink | None = None,
+                    quantizer: quantize.QuantizerLoss | None = None) -> Factorization:
     """Factorize `model` in place (unless `dry_run`): find targets, plan, rewrite, clean up.
 
     `sink` (onnxlr.model_io.save.DataFile): the output's external-data file; each layer's factors are written
@@ -190,7 +197,8 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
 
     `calibration_data`: the original model's source and calibration batches (onnxlr.calibrate.datafit); the
     targets then get the activation-whitened SVD, `--param-budget` allocates by measured
-    sensitivity, and `compensate` / `target_cosine` become available. `statistics` (Gram matrices
+    sensitivity, and `compensate` / `target_cosine` become available; `quantizer`: with --quantize and a goal, the
+    quantizer's loss known from an earlier attempt. `statistics` (Gram matrices
     by target output name, onnxlr.calibrate.calibration.collect_grams) gives the whitened SVD alone.
     """
     progress = progress or no_progress
@@ -223,7 +231,7 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
     with lowrank.one_blas_thread():  # the same factors whatever --jobs and the core count
         if not per_layer:
             planned = plan_with_data(model, plan, groups, settings, progress, runner, calibration_data, pair_plans,
-                                     clock)
+                                     clock, quantizer)
         rewrite.factorize_groups(model, plan, groups, settings, progress, plan_here=per_layer, dry_run=dry_run,
                                  sink=sink)
     calibration_report = planned.calibration
@@ -247,7 +255,8 @@ def factorize_model(model: ir.Model, settings: Settings, progress: Progress | No
         report.totals["subnormals_flushed"] = subnormals.model_flushed(model)
     if clock is not None:
         report.latency = latency.plan_summary(plan, groups, clock)
-    return Factorization(report=report, costs_before=costs_before, costs_after=costs_after)
+    return Factorization(report=report, costs_before=costs_before, costs_after=costs_after,
+                         quantizer=planned.quantizer)
 
 
 def _clock(model: ir.Model, settings: Settings, context: Context, input_shapes: Mapping[str, Sequence[int]] | None,
@@ -303,9 +312,11 @@ def _check_data_needs(settings: Settings, runner: Runner | None, data: datafit.C
 
 def plan_with_data(model: ir.Model, plan: Plan, groups: list[WeightGroup], settings: Settings, progress: Progress,
                    runner: Runner | None, data: datafit.CalibrationData | None,
-                   pair_plans: Sequence[coupled.PairPlan] = (), clock: latency.Clock | None = None) -> Planned:
+                   pair_plans: Sequence[coupled.PairPlan] = (), clock: latency.Clock | None = None,
+                   quantizer: quantize.QuantizerLoss | None = None) -> Planned:
     """Plan ranks into `plan`; with calibration, also measure sensitivity, search the budget, choose joint pairs and
-    compensate. `clock`: plan by measured latency (onnxlr.timing.latency)."""
+    compensate. `clock`: plan by measured latency (onnxlr.timing.latency); `quantizer`: --quantize with a goal, the
+    quantizer's loss known from an earlier attempt."""
     if runner is None:
         planning.plan_ranks(plan, groups, settings, progress, clock=clock)
         return Planned()
@@ -313,7 +324,10 @@ def plan_with_data(model: ir.Model, plan: Plan, groups: list[WeightGroup], setti
     result: dict[str, Any] = {"samples": data.samples, "compensate": settings.compensate}
     goal = datafit.Goal.of(settings)
     if goal is not None and settings.quantize:  # the budget pays for both errors
-        goal, result["quantizer"] = quantize.low_rank_goal(goal, settings.quantize, data)
+        goal, result["quantizer"], quantizer = quantize.low_rank_goal(goal, settings.quantize, data,
+                                                                      quantizer or quantize.QuantizerLoss())
+    else:
+        quantizer = None
     whole_model = settings.budget is not None or goal is not None
     sensitivities = (datafit.measure_sensitivity(plan, groups, runner, data,
                                                  lambda g: planning.candidate_schemes(plan, g, settings)[0], progress)
@@ -367,4 +381,4 @@ def plan_with_data(model: ir.Model, plan: Plan, groups: list[WeightGroup], setti
             coupled.choose(plan, list(pair_plans), runner, data.batches, progress)
     if settings.compensate:
         result["refitted"] = datafit.compensate(model, plan, groups, runner, data, progress)
-    return Planned(calibration=result, sensitivities=sensitivities)
+    return Planned(calibration=result, sensitivities=sensitivities, quantizer=quantizer)

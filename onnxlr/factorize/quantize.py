@@ -17,6 +17,7 @@ its tensors in memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -135,28 +136,40 @@ def quantize_stage(model: ir.Model, mode: str, data: datafit.CalibrationData | N
     return result, stage
 
 
-def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData) -> tuple[datafit.Goal, dict]:
+@dataclasses.dataclass(frozen=True)
+class QuantizerLoss:
+    """--quantize with a --target-* goal: the quantizer's measure on the original (taken once, kept for retries),
+    and the loss it added beyond that in written models that missed the goal (cosine loss, or squared relative
+    error): a retry (pipeline.optimize_loaded) aims past it."""
+
+    alone: float | None = None
+    extra: float = 0.0
+
+
+def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData, known: QuantizerLoss
+                  ) -> tuple[datafit.Goal, dict, QuantizerLoss]:
     """The goal the low-rank search must meet so that the quantized model meets `goal`: the quantizer's own
-    loss on the original (measured on the held-out samples) is taken off it. Cosine losses add
-    (1 − cos), relative errors add in quadrature (independent errors)."""
+    loss on the original (measured on the held-out samples, unless `known`) is taken off it. Cosine losses add
+    (1 − cos), relative errors add in quadrature (independent errors). Returns it, the report's figures, and the
+    quantizer's loss (measured)."""
     if not data.heldout:
         raise OnnxlrError("{0} needs held-out samples to measure on: give {1} (e.g. FILE.npz)",
                           f"target_{goal.metric}", "heldout")
-    if data.quantizer_alone is None:  # a retry (pipeline.optimize_loaded) reuses it
+    alone = known.alone
+    if alone is None:
         quantized = quantize(load_source(data.source), mode, data.batches)
-        data.quantizer_alone = goal.measure(_outputs(data.source, data.heldout), _outputs(quantized, data.heldout))
-    alone = data.quantizer_alone
+        alone = goal.measure(_outputs(data.source, data.heldout), _outputs(quantized, data.heldout))
     if not goal.met(alone):
         raise OnnxlrError(f"{{0}} {mode} alone already gives a held-out {goal.metric} of {alone:.4f}, short of "
                           f"{goal}: no low-rank budget can meet it", "quantize")
-    extra = data.extra_quantizer_loss
+    extra = known.extra
     if goal.metric == "cosine":
         value = min(1.0, 1.0 - ((1.0 - goal.value) - (1.0 - alone) - extra))
     else:  # at 0 no budget but all dense meets it: the search then keeps every layer
         value = float(np.sqrt(max(goal.value**2 - alone**2 - extra, 0.0)))
     logger.info("%s alone: held-out %s %.4f; the low-rank search aims for %.4f", mode, goal.metric, alone, value)
-    return datafit.Goal(goal.metric, value), {"mode": mode, f"{goal.metric}_alone": alone, "low_rank_goal": value,
-                                              "extra_loss": extra}
+    figures = {"mode": mode, f"{goal.metric}_alone": alone, "low_rank_goal": value, "extra_loss": extra}
+    return datafit.Goal(goal.metric, value), figures, QuantizerLoss(alone=alone, extra=extra)
 
 
 def missed_by(goal: datafit.Goal, measured: float) -> float:
