@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from onnxlr import job as jobs
 from onnxlr.errors import OnnxlrError
+from onnxlr.factorize import cost
 from onnxlr.factorize.pipeline import factorize_model
 from onnxlr.model_io.io import convert
 from onnxlr.settings import Progress, Settings
@@ -65,11 +66,20 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
 
 
 
+class InvalidPassSettings(OnnxlrError, ir.passes.PreconditionError):
+    """A FactorizationPass's settings are not valid: an OnnxlrError (its sentence names the keyword) that a
+    PassManager sees as a failed precondition."""
+
+
 class FactorizationPass(ir.passes.InPlacePass):
     """The pipeline as an onnx-ir pass: `FactorizationPass(rank_ratio=0.25)(ir_model)` rewrites in place.
 
     Settings are `optimize`'s keywords; `report` holds the last run's report. `apply` takes any
     model kind (a path, a ModelProto, a graphsurgeon Graph) and returns (model of that kind, report).
+
+    Pre- and postconditions (onnx-ir's `requires` / `ensures`, run by the pass itself and by a PassManager): the
+    settings are valid before anything is touched, and the rewritten model's weights take no more bytes than
+    the input's (unless allow_no_gain).
     """
 
     ops: tuple[str, ...] | None = None  # subclasses for one op family set it
@@ -78,15 +88,32 @@ class FactorizationPass(ir.passes.InPlacePass):
         super().__init__()
         self.settings = {**settings, "ops": self.ops} if self.ops else settings
         self.report: dict | None = None
+        self._bytes_before: int | None = None
+
+    def requires(self, model: ir.Model) -> None:
+        """The settings are valid and name no stage the pass cannot run (InvalidPassSettings: both an OnnxlrError
+        that names the keyword and onnx-ir's PreconditionError); the weights' bytes are taken for `ensures`."""
+        try:
+            if Settings.of(**self.settings).quantize:
+                raise OnnxlrError("{0} is a stage of onnxlr.optimize (it writes a new model); the pass rewrites in "
+                                  "place", "quantize")
+        except OnnxlrError as exc:
+            raise InvalidPassSettings(exc.template, *exc.settings) from None
+        self._bytes_before = cost.model_totals(model)["bytes"]
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        settings = Settings.of(**self.settings)
-        if settings.quantize:
-            raise OnnxlrError("{0} is a stage of onnxlr.optimize (it writes a new model); the pass rewrites in place",
-                              "quantize")
-        result = factorize_model(model, settings)
+        result = factorize_model(model, Settings.of(**self.settings))
         self.report = result.report.to_json()
         return ir.passes.PassResult(model, modified=result.report.modified)
+
+    def ensures(self, model: ir.Model) -> None:
+        """A model the pass wrote is never larger than its input (the pipeline keeps it so; this says it holds)."""
+        if self._bytes_before is None or self.settings.get("allow_no_gain"):
+            return
+        after = cost.model_totals(model)["bytes"]
+        if after > self._bytes_before:
+            raise ir.passes.PostconditionError(f"the rewritten model's weights take {after} bytes, more than the "
+                                               f"input's {self._bytes_before}")
 
     def apply(self, model: Any, **checks: Any) -> tuple[Any, dict]:
         """onnxlr.optimize with these settings (verification keywords such as verify=False go in `checks`)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from graphs import assert_outputs_close, init, make_model, op_types, run, tensor_input
 from onnx import TensorProto, helper, numpy_helper
 
@@ -224,6 +225,30 @@ def test_the_factorization_pass_applies_the_whole_rule_set():
     # Nothing to factorize: the pass says it did not modify the model.
     untouched = onnxlr.FactorizationPass(rank=2, ops=("Gemm",))(ir.serde.deserialize_model(model))
     assert not untouched.modified
+
+
+def test_the_factorization_pass_declares_its_pre_and_postconditions():
+    """onnx-ir's requires/ensures: bad settings fail before the model is touched (an OnnxlrError naming the
+    keyword that a PassManager sees as a PreconditionError); a model grown past its input fails the postcondition."""
+    from onnxlr.api import InvalidPassSettings
+    from onnxlr.errors import OnnxlrError
+
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [tensor_input("x", [2, 64])],
+                       [tensor_input("y", [2, 64])], [init("W", weight(64, 64))])
+    before = ir.serde.deserialize_model(model)
+    for bad in ({"rank_ratio": 2.0}, {"rank_ratio": 0.5, "quantize": "int8"}):
+        with pytest.raises(ir.passes.PreconditionError) as caught:
+            onnxlr.FactorizationPass(**bad)(before)
+        assert isinstance(caught.value, InvalidPassSettings) and isinstance(caught.value, OnnxlrError)
+        assert "rank_ratio" in str(caught.value) or "quantize" in str(caught.value)
+    assert [n.op_type for n in before.graph] == ["MatMul"]  # untouched
+    factorization = onnxlr.FactorizationPass(rank=2)
+    result = factorization(before)
+    assert result.modified
+    factorization.ensures(result.model)  # holds: 64x2 + 2x64 < 64x64
+    result.model.graph.initializers["W_lr_a"].const_value = ir.tensor(np.zeros((64, 128), dtype=np.float32))
+    with pytest.raises(ir.passes.PostconditionError, match="more than the input's"):
+        factorization.ensures(result.model)
 
 
 def test_weight_used_inside_a_loop_body():
