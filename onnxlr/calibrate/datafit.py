@@ -100,10 +100,11 @@ def prepare(model: ir.Model, groups: Sequence[WeightGroup], data: CalibrationDat
     slots = [_slot(g) for g in keyed] + [slot for slot in extra_slots if slot is not None]
     runner = calibration.Runner(data.source, model, found, slots, data.segment_budget)
     moments = calibration.moments(runner, progress(data.batches, "calibration"))
+    fed = {id(g) for g in keyed}
     statistics: dict[int, Statistics] = {}
     for group in main:
         taken = [moments[t.node.outputs[0].name] for t in group.targets if t.node.outputs[0].name in moments]
-        if taken and group.uniform and group in keyed:  # one reader: its (possibly shared) Gram as it is, not a copy
+        if taken and group.uniform and id(group) in fed:  # one reader: its (possibly shared) Gram as it is, not a copy
             sums = cast("list[np.ndarray]", [acc.sums for acc in taken])  # moments() keeps those that saw vectors
             statistics[id(group)] = Statistics(gram=lowrank.summed_grams([acc.result() for acc in taken]),
                                                row_weights=tables.get(id(group)),

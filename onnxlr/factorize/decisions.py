@@ -37,11 +37,6 @@ class Decision:
         """Planned to a rank (its own factor pair) and not kept dense, nor compressed jointly with a partner."""
         return self.rank is not None and not self.reason and self.joint is None
 
-    @property
-    def dense(self) -> bool:
-        """Kept dense, with a reason."""
-        return bool(self.reason)
-
 
 class Plan:
     """Each group's Decision (by group) and the SvdCache behind them. A group starts as selection left it: dense
@@ -82,11 +77,11 @@ class Plan:
     def snapshot(self) -> Mapping[int, Decision]:
         return dict(self._decisions)
 
-    def restore(self, snapshot: Mapping[int, Decision], keep_joint: bool = True) -> None:
-        """Back to `snapshot`'s decisions (each group's joint role as it is now, with `keep_joint`)."""
+    def restore(self, snapshot: Mapping[int, Decision]) -> None:
+        """Back to `snapshot`'s scheme, rank and reason for every group; joint roles stay as they are (a pair
+        resets its own: PairPlan.reset)."""
         for key, decision in snapshot.items():
-            joint = self._decisions[key].joint if keep_joint else decision.joint
-            self._decisions[key] = dataclasses.replace(decision, joint=joint)
+            self._decisions[key] = dataclasses.replace(decision, joint=self._decisions[key].joint)
 
     def planned_weight(self, group: WeightGroup) -> np.ndarray:
         """The product of a factorized group's planned factors, as the weight its nodes read (calibration feeds)."""
