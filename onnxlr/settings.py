@@ -31,7 +31,7 @@ MAX_DEFAULT_JOBS = 8
 # recorded in the written model) while at the default.
 LATER_DEFAULTS = {"inputs_as_constants": False, "methods": None, "quantize": None, "objective": "size",
                   "latency_budget": None, "latency_provider": "cpu", "latency_threads": 1, "latency_table": None,
-                  "latency_cache": True}
+                  "latency_cache": True, "correction_rank": 0, "correction_dtype": "float16", "quantize_block": 32}
 # What planning minimizes for the rank policy: "size" (parameters and MACs) or "latency" (every candidate pair
 # timed against its original node with onnxruntime; only pairs measured faster are planned: onnxlr.timing.latency).
 OBJECTIVES = ("size", "latency")
@@ -39,7 +39,10 @@ OBJECTIVES = ("size", "latency")
 # keeps k of its D inner neurons and refits the second layer on calibration data; onnxlr.coupled.plans).
 METHODS = ("svd", "joint")
 # onnxruntime quantization after the rewrite (onnxlr.factorize.quantize).
-QUANTIZE_MODES = ("int8", "int8-static", "fp16")
+QUANTIZE_MODES = ("int8", "int8-static", "fp16", "int4")
+# How a low-rank correction of quantization error stores its factors (onnxlr.factorize.correction).
+CORRECTION_DTYPES = ("float16", "int8", "float32")
+INT4_BLOCKS = (16, 32, 64, 128, 256)
 # Op types whose rules came after the first release, at the end of ALL_OPS: while `ops` is the default
 # (all of them), recorded() leaves these out of the recorded `ops`, so a default run writes the same
 # bytes as before they existed (a recorded MatMul,Gemm,Conv then means the default or exactly those;
@@ -130,8 +133,20 @@ class Settings:
         None, "After the rewrite, quantize with onnxruntime's tools: int8 (dynamic, per-channel INT8 weights), "
         "int8-static (QDQ, calibrated on --calibration), fp16 (float16 weights and compute, float32 inputs and "
         "outputs). Verification and --target-cosine/--target-error measure the quantized model (the search takes the "
-        "quantizer's own loss, measured on the original, off the goal).", "methods", kind="choice",
-        choices=QUANTIZE_MODES)
+        "quantizer's own loss, measured on the original, off the goal). int4: 4-bit weight-only MatMuls "
+        "(onnxruntime's MatMulNBits, RTN, block 32, symmetric) and 4-bit embedding tables (GatherBlockQuantized; the "
+        "model is converted to opset 21 for them).", "methods", kind="choice", choices=QUANTIZE_MODES)
+    correction_rank: int = setting(
+        0, "With --quantize int4 and --calibration: correct each 4-bit MatMul's quantization error with a rank-R "
+        "pair beside it, y = Q(W)x + (x·A)·B, fitted by the activation-whitened SVD of W - Q(W) (LQER). 0: none.",
+        "methods", kind="natural", metavar="R")
+    correction_dtype: str = setting(
+        "float16", "How the correction's factors are stored: float16, int8 (per column, symmetric, onnxruntime's "
+        "quantize_data; a DequantizeLinear reads them: a quarter of float32's bytes), or float32 (exact at full "
+        "rank).", "methods", kind="choice", choices=CORRECTION_DTYPES)
+    quantize_block: int = setting(
+        32, "--quantize int4: weights per scale (16, 32, 64, 128 or 256); larger blocks store fewer scales and "
+        "lose more.", "methods", kind="count", metavar="N")
     objective: str = setting(
         "size", "What the rank policy optimizes. latency: every candidate factor pair (layer, scheme, rank, its "
         "round-ups to multiples of 8) is timed against its original node with onnxruntime, on the first of "
@@ -185,6 +200,12 @@ class Settings:
         if unknown:
             raise OnnxlrError(f"unsupported op type(s) {', '.join(unknown)}; choose from "
                               f"{', '.join((*RULES, *OPT_IN_OPS))}")
+        if self.quantize_block not in INT4_BLOCKS:
+            raise OnnxlrError(f"{{0}} must be one of {', '.join(map(str, INT4_BLOCKS))}, got {self.quantize_block}",
+                              "quantize_block")
+        if self.correction_rank and self.quantize != "int4":
+            raise OnnxlrError("{0} corrects 4-bit quantization error: it needs {1} int4", "correction_rank",
+                              "quantize")
         lowrank.check_device(self.solver.device)  # validates svd and device first
 
     def _check_latency_provider(self) -> None:

@@ -7,8 +7,13 @@ Rows, every one measured the same way in this process:
   original          fp32, as built by `python -m models build minilm|digits-cnn`
   ort-int8          onnxruntime's quantize_dynamic alone, its default (per-tensor INT8 weights)
   ort-int8-pc       the same, per-channel (the strongest one-line alternative)
-  ort-int4 + int8 tables  (minilm) 4-bit weight-only MatMulNBits (block 32) and INT8 embedding tables: the
-                    smallest onnxruntime configuration
+  ort-int4 + int8 tables  (minilm) 4-bit weight-only MatMulNBits (block 32) and INT8 embedding tables
+  ort-int8 + int4 table   (minilm) dynamic INT8 MatMuls (per channel) and a 4-bit embedding table
+                    (GatherBlockQuantized, block 32; the model converted to opset 21 first)
+  ort-int4 + int4 table   (minilm) 4-bit MatMuls and table (MatMulNBits / GatherBlockQuantized, block 32,
+                    symmetric): the smallest onnxruntime configuration
+  int4 + lqer R DTYPE     (minilm) onnxlr --quantize int4 with --correction-rank R --correction-dtype DTYPE and no
+                    layer factorized: each 4-bit MatMul corrected by a whitened rank-R pair (--corrections)
   onnxlr F          onnxlr alone with calibration: --param-budget F (digits: --mac-budget F), joint pairs on;
                     minilm: --ops MatMul,Gather (the embedding tables too; --no-tables: MatMul only)
   onnxlr F + MODE   that model quantized by --quantize MODE (int8, int8-static, fp16): the same call the
@@ -96,13 +101,35 @@ def ort_int4(source: Path, target: Path) -> None:
     quantize_dynamic(middle, target, op_types_to_quantize=["Gather"], per_channel=True, weight_type=QuantType.QInt8)
 
 
+def ort_table4(source: Path, target: Path, matmuls: str) -> None:
+    """A 4-bit embedding table (GatherBlockQuantized, block 32, which needs opset 21: onnx's converter first) with
+    dynamic per-channel INT8 MatMuls (`matmuls` int8) or 4-bit MatMulNBits ones (int4), as a user of
+    onnxruntime's tools would write them."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    converted = target.with_name("opset21.onnx")
+    onnx.save(quantize.at_opset_21(onnx.load(source)), converted)
+    ops: tuple[str, ...] = ("Gather", "MatMul") if matmuls == "int4" else ("Gather",)
+    if matmuls == "int8":
+        middle = target.with_name("int8-matmul.onnx")
+        quantize_dynamic(converted, middle, per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"], extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        converted = middle
+    quantizer = MatMulNBitsQuantizer(onnx.load(converted), bits=4, block_size=32, is_symmetric=True,
+                                     op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer.process()
+    onnx.save(quantizer.model.model, target)
+
+
 def save(model: ir.Model, path: Path) -> Path:
     ir.save(model, path)
     return path
 
 
 def frontier(name: str, budgets: list[float], modes: list[str], target: float | None, runs: int,
-             tables: bool) -> list[dict]:
+             tables: bool, corrections: list[tuple[int, str]] = ()) -> list[dict]:
     case = setup(name, tables)
     reference = run_model(case["path"], case["eval"])
     rows = [measure(case, "original", case["path"], reference, runs)]
@@ -114,6 +141,18 @@ def frontier(name: str, budgets: list[float], modes: list[str], target: float | 
         if name == "minilm":
             ort_int4(case["path"], work / "ort-int4.onnx")
             rows.append(measure(case, "ort-int4 + int8 tables", work / "ort-int4.onnx", reference, runs))
+            for label, matmuls in (("ort-int8 + int4 table", "int8"), ("ort-int4 + int4 table", "int4")):
+                path = work / f"{label.replace(' ', '')}.onnx"
+                ort_table4(case["path"], path, matmuls)
+                rows.append(measure(case, label, path, reference, runs))
+            for rank, dtype in corrections:
+                start = time.perf_counter()
+                model, _ = onnxlr.optimize(str(case["path"]), calibration=case["calibration"], quantize="int4",
+                                           correction_rank=rank, correction_dtype=dtype, min_params=1 << 40,
+                                           verify=False)  # min_params: no layer factorized, the quantizer alone
+                path = save(model, work / f"int4-lqer-{rank}-{dtype}.onnx")
+                rows.append(measure(case, f"int4 + lqer {rank} {dtype}", path, reference, runs,
+                                    time.perf_counter() - start))
         for budget in budgets:
             start = time.perf_counter()
             model, _ = onnxlr.optimize(str(case["path"]), calibration=case["calibration"],
@@ -205,6 +244,8 @@ def main() -> None:
     parser.add_argument("--no-target", action="store_true", help="leave out the target + int8 row")
     parser.add_argument("--no-tables", action="store_true",
                         help="minilm: MatMul weights only (default: the embedding tables too, --ops MatMul,Gather)")
+    parser.add_argument("--corrections", nargs="*", default=["8:int8", "16:int8", "32:int8", "32:float16", "64:int8"],
+                        metavar="RANK:DTYPE", help="minilm: the int4 + lqer rows (rank and factor storage)")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per model for the speedup")
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--json", type=Path)
@@ -215,8 +256,9 @@ def main() -> None:
     if args.replot:
         plot(json.loads(args.replot.read_text()), args.plot)
         return
+    corrections = [(int(rank), dtype) for rank, dtype in (item.split(":") for item in args.corrections)]
     rows = frontier(args.model, args.budgets, args.modes, None if args.no_target else args.target_cosine, args.runs,
-                    not args.no_tables)
+                    not args.no_tables, corrections)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))

@@ -96,7 +96,7 @@ def test_static_needs_calibration_and_the_pass_says_it_is_a_stage():
     with pytest.raises(OnnxlrError, match="int8-static needs calibration"):
         onnxlr.optimize(mlp(), rank_ratio=0.5, quantize="int8-static", verify=False)
     with pytest.raises(OnnxlrError, match="quantize must be one of"):
-        onnxlr.optimize(mlp(), rank_ratio=0.5, quantize="int4", verify=False)
+        onnxlr.optimize(mlp(), rank_ratio=0.5, quantize="int3", verify=False)
     with pytest.raises(OnnxlrError, match="stage of onnxlr.optimize"):
         onnxlr.FactorizationPass(rank_ratio=0.5, quantize="int8")(ir.serde.deserialize_model(mlp()))
 
@@ -169,8 +169,8 @@ def test_a_written_model_that_misses_the_goal_is_searched_again(monkeypatch, cap
     real = quantize.quantize
     calls = {"candidates": 0}
 
-    def lossy_once(model, mode, calibration=None):
-        result = real(model, mode, calibration)
+    def lossy_once(model, mode, calibration=None, block=32):
+        result = real(model, mode, calibration, block)
         factored = any(name.endswith("_lr_b") for name in model.graph.initializers)
         if factored:
             calls["candidates"] += 1

@@ -98,9 +98,13 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
             confirm_end_to_end(loaded, source, result, settings, data, input_shapes)
         if not settings.quantize or dry_run:
             return result
-        loaded.model, stage = quantize.quantize_stage(loaded.model, settings.quantize, data, goal,
+        loaded.model, stage = quantize.quantize_stage(loaded.model, settings, data, goal,
                                                       result.report.totals["bytes_after"])
         result.report.quantization = {**stage, "attempts": attempt}
+        if stage["bytes_after"] > result.report.totals["bytes_before"] and not settings.allow_no_gain:
+            raise OnnxlrError(f"the quantized model with its corrections would take {stage['bytes_after']} bytes of "
+                              f"weights, more than the input's {result.report.totals['bytes_before']}: give a smaller "
+                              "{0} (nothing was written)", "correction_rank")
         final = stage.get("final")
         if final is None or final["met"] or attempt == QUANTIZED_ATTEMPTS:
             return result
@@ -325,7 +329,8 @@ def plan_with_data(model: ir.Model, plan: Plan, groups: list[WeightGroup], setti
     goal = datafit.Goal.of(settings)
     if goal is not None and settings.quantize:  # the budget pays for both errors
         goal, result["quantizer"], quantizer = quantize.low_rank_goal(goal, settings.quantize, data,
-                                                                      quantizer or quantize.QuantizerLoss())
+                                                                      quantizer or quantize.QuantizerLoss(),
+                                                                      settings.quantize_block)
     else:
         quantizer = None
     whole_model = settings.budget is not None or goal is not None

@@ -6,7 +6,11 @@ Modes (onnxruntime's own tools; nothing here quantizes a tensor by hand):
 - `int8-static`: static QDQ quantization (`quantize_static`, per-channel INT8 weights, UINT8
   activations) calibrated on the `--calibration` data;
 - `fp16`: float16 weights and compute with float32 inputs and outputs (onnxruntime's
-  `transformers.float16` converter, `keep_io_types`).
+  `transformers.float16` converter, `keep_io_types`);
+- `int4`: 4-bit weight-only MatMuls (`MatMulNBitsQuantizer`: MatMulNBits, RTN, block 32, symmetric) and
+  4-bit embedding tables (GatherBlockQuantized, for which the model is converted to opset 21 first; a model
+  the converter cannot take keeps its tables). With `--correction-rank R` and calibration data each
+  4-bit MatMul gets a rank-R correction of its quantization error (onnxlr.factorize.correction).
 
 onnxruntime's quantizer wants weights as initializers: Constant-node weights (Paddle, some
 TensorFlow exports) are lifted first (onnx-ir's LiftConstantsToInitializersPass). The model goes
@@ -23,6 +27,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -32,14 +37,16 @@ from onnxlr.calibrate import datafit
 from onnxlr.errors import OnnxlrError
 from onnxlr.factorize import cost
 from onnxlr.settings import QUANTIZE_MODES as MODES
+from onnxlr.settings import Settings
 from onnxlr.verification.runtime import make_session
 
 logger = logging.getLogger(__name__)
 
 
-def quantize(model: ir.Model, mode: str, calibration: Sequence[Mapping[str, np.ndarray]] | None = None) -> ir.Model:
+def quantize(model: ir.Model, mode: str, calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
+             block: int = 32) -> ir.Model:
     """The quantized model; `model` itself only gets its Constant-node tensors lifted to initializers.
-    `calibration` batches are needed for int8-static."""
+    `calibration` batches are needed for int8-static; `block`: int4's weights per scale."""
     if mode not in MODES:
         raise OnnxlrError(f"{{0}} must be one of {', '.join(MODES)}, got {mode!r}", "quantize")
     if mode == "int8-static" and not calibration:
@@ -50,7 +57,7 @@ def quantize(model: ir.Model, mode: str, calibration: Sequence[Mapping[str, np.n
         ir.save(model, source, external_data="model.onnx.data")
         logger.info("quantizing (%s) with onnxruntime", mode)
         with _quiet_quantizer():
-            _run_quantizer(mode, source, target, calibration)
+            _run_quantizer(mode, source, target, calibration, block)
         result = ir.load(target)
         ir.external_data.load_to_model(result)  # the folder goes away: the tensors come into memory
     result.graph.sort()  # the fp16 converter appends its input Casts after their readers
@@ -62,7 +69,7 @@ def lift_constants(model: ir.Model) -> None:
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
 
 
-def _run_quantizer(mode: str, source: Path, target: Path, calibration) -> None:
+def _run_quantizer(mode: str, source: Path, target: Path, calibration, block: int = 32) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     large = source.with_suffix(".onnx.data").exists()
@@ -77,12 +84,46 @@ def _run_quantizer(mode: str, source: Path, target: Path, calibration) -> None:
         quantize_static(source, target, _Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         use_external_data_format=large)
+    elif mode == "int4":
+        _int4(source, target, large, block)
     else:
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         proto = convert_float_to_float16(onnx.load(source), keep_io_types=True)
         onnx.save(proto, target, save_as_external_data=large)
+
+
+def _int4(source: Path, target: Path, large: bool, block: int) -> None:
+    """MatMulNBits for every MatMul with a constant right weight; GatherBlockQuantized for embedding tables,
+    which needs opset 21 (int4 tensors): the model is converted first, and keeps its tables if it cannot be."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    proto = onnx.load(source)
+    ops: tuple[str, ...] = ("MatMul",)
+    if any(node.op_type == "Gather" for node in proto.graph.node):
+        converted = at_opset_21(proto)
+        if converted is not None:
+            proto, ops = converted, ("MatMul", "Gather")
+    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=block, is_symmetric=True,
+                                     op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), large)
+
+
+def at_opset_21(proto):
+    """The model converted to opset 21 by onnx's version converter, or None (it says why in the log)."""
+    from onnx import version_converter
+
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if version >= 21:
+        return proto
+    try:
+        return version_converter.convert_version(proto, 21)
+    except Exception as exc:  # the converter's own errors: an op it cannot carry over
+        logger.warning("the model cannot be converted to opset 21 (%s): its embedding tables stay float", exc)
+        return None
 
 
 class _AdviceFilter(logging.Filter):
@@ -120,13 +161,30 @@ class _Reader:
 # ----------------------------------------------------------------------------- the pipeline's stage
 
 
-def quantize_stage(model: ir.Model, mode: str, data: datafit.CalibrationData | None, goal: datafit.Goal | None,
-                   low_rank_bytes: int) -> tuple[ir.Model, dict]:
-    """The quantized model and what the report says of the stage: the weight bytes before (the rewrite's
-    total, `low_rank_bytes`) and after, and with a --target-* goal, the final model's measure on the
-    held-out samples (the search aimed for it)."""
-    result = quantize(model, mode, data.batches if data is not None else None)
-    stage = {"mode": mode, "bytes_low_rank": low_rank_bytes, "bytes_after": cost.model_totals(result)["bytes"]}
+def quantize_stage(model: ir.Model, settings: Settings, data: datafit.CalibrationData | None,
+                   goal: datafit.Goal | None, low_rank_bytes: int) -> tuple[ir.Model, dict]:
+    """The quantized model (`settings.quantize`, its int4 block and the low-rank correction of 4-bit error) and what
+    the report says of the stage: the weight bytes before (the rewrite's total, `low_rank_bytes`) and after, the
+    correction's, and with a --target-* goal, the final model's measure on the held-out samples (the search aimed
+    for it)."""
+    mode, correction_rank = cast(str, settings.quantize), settings.correction_rank
+    if correction_rank and data is None:
+        raise OnnxlrError("{0} needs calibration data ({1}): the correction is fitted on the activations",
+                          "correction_rank", "calibration")
+    weights, grams = _correction_inputs(model, data) if correction_rank and data is not None else ({}, {})
+    result = quantize(model, mode, data.batches if data is not None else None, settings.quantize_block)
+    stage: dict = {"mode": mode, "bytes_low_rank": low_rank_bytes}
+    if mode == "int4":
+        stage["block"] = settings.quantize_block
+    if correction_rank:
+        from onnxlr.factorize import correction
+
+        corrected = correction.correct(result, weights, grams, correction_rank, settings.correction_dtype)
+        stage["correction"] = {"rank": correction_rank, "dtype": settings.correction_dtype, "layers": len(corrected),
+                               "ranks": [c.rank for c in corrected],
+                               "bytes": sum(c.bytes_added for c in corrected),
+                               "error_removed": [c.error_removed for c in corrected]}
+    stage["bytes_after"] = cost.model_totals(result)["bytes"]
     if goal is not None and data is not None and data.heldout:
         measured = goal.measure(_outputs(data.source, data.heldout), _outputs(result, data.heldout))
         stage["final"] = {goal.metric: measured, "goal": goal.value, "met": goal.met(measured)}
@@ -134,6 +192,26 @@ def quantize_stage(model: ir.Model, mode: str, data: datafit.CalibrationData | N
             logger.warning("after --quantize %s the held-out %s is %.4f, short of %s: errors did not add up as "
                            "the search assumed; try a stricter target", mode, goal.metric, measured, goal)
     return result, stage
+
+
+def _correction_inputs(model: ir.Model, data: datafit.CalibrationData
+                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """What a correction is fitted on, by MatMul output name: the float weight (a constant right input) and the
+    Gram of the MatMul's input on the calibration batches, taken on the model as it is before quantizing."""
+    from onnxlr.calibrate import calibration
+
+    weights = {}
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.outputs[0].name is None:
+            continue
+        tensor = ir.convenience.get_const_tensor(node.inputs[1]) if node.inputs[1] is not None else None
+        left = ir.convenience.get_const_tensor(node.inputs[0]) if node.inputs[0] is not None else None
+        if tensor is not None and left is None and len(tensor.shape) == 2:
+            weights[node.outputs[0].name] = tensor.numpy()
+    found = [p for p in calibration.probes(model) if p.key in weights]
+    source = ir.to_proto(model).SerializeToString()
+    grams = calibration.grams(calibration.Runner(source, model, found), data.batches) if found else {}
+    return weights, grams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +224,8 @@ class QuantizerLoss:
     extra: float = 0.0
 
 
-def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData, known: QuantizerLoss
-                  ) -> tuple[datafit.Goal, dict, QuantizerLoss]:
+def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData, known: QuantizerLoss,
+                  block: int = 32) -> tuple[datafit.Goal, dict, QuantizerLoss]:
     """The goal the low-rank search must meet so that the quantized model meets `goal`: the quantizer's own
     loss on the original (measured on the held-out samples, unless `known`) is taken off it. Cosine losses add
     (1 − cos), relative errors add in quadrature (independent errors). Returns it, the report's figures, and the
@@ -157,7 +235,7 @@ def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData, 
                           f"target_{goal.metric}", "heldout")
     alone = known.alone
     if alone is None:
-        quantized = quantize(load_source(data.source), mode, data.batches)
+        quantized = quantize(load_source(data.source), mode, data.batches, block)
         alone = goal.measure(_outputs(data.source, data.heldout), _outputs(quantized, data.heldout))
     if not goal.met(alone):
         raise OnnxlrError(f"{{0}} {mode} alone already gives a held-out {goal.metric} of {alone:.4f}, short of "
