@@ -31,7 +31,8 @@ MAX_DEFAULT_JOBS = 8
 # recorded in the written model) while at the default.
 LATER_DEFAULTS = {"inputs_as_constants": False, "methods": None, "quantize": None, "objective": "size",
                   "latency_budget": None, "latency_provider": "cpu", "latency_threads": 1, "latency_table": None,
-                  "latency_cache": True, "correction_rank": 0, "correction_dtype": "float16", "quantize_block": 32}
+                  "latency_cache": True, "correction_rank": 0, "correction_dtype": "float16", "quantize_block": 32,
+                  "correction_allocation": "uniform"}
 # What planning minimizes for the rank policy: "size" (parameters and MACs) or "latency" (every candidate pair
 # timed against its original node with onnxruntime; only pairs measured faster are planned: onnxlr.timing.latency).
 OBJECTIVES = ("size", "latency")
@@ -42,6 +43,9 @@ METHODS = ("svd", "joint")
 QUANTIZE_MODES = ("int8", "int8-static", "fp16", "int4")
 # How a low-rank correction of quantization error stores its factors (onnxlr.factorize.correction).
 CORRECTION_DTYPES = ("float16", "int8", "float32")
+# How a correction's ranks are shared among layers: the same rank each, or the bytes of that rank spent where they
+# remove the most measured output error (onnxlr.factorize.correction.allocate).
+CORRECTION_ALLOCATIONS = ("uniform", "measured")
 INT4_BLOCKS = (16, 32, 64, 128, 256)
 # Op types whose rules came after the first release, at the end of ALL_OPS: while `ops` is the default
 # (all of them), recorded() leaves these out of the recorded `ops`, so a default run writes the same
@@ -144,6 +148,11 @@ class Settings:
         "float16", "How the correction's factors are stored: float16, int8 (per column, symmetric, onnxruntime's "
         "quantize_data; a DequantizeLinear reads them: a quarter of float32's bytes), or float32 (exact at full "
         "rank).", "methods", kind="choice", choices=CORRECTION_DTYPES)
+    correction_allocation: str = setting(
+        "uniform", "uniform: rank R in every corrected layer. measured: the factor bytes of rank R everywhere, shared "
+        "out where they remove the most output error: each layer's quantized weight is fed alone on the first "
+        "--calibration samples, and each direction of its whitened error is worth its share of that.", "methods",
+        kind="choice", choices=CORRECTION_ALLOCATIONS)
     quantize_block: int = setting(
         32, "--quantize int4: weights per scale (16, 32, 64, 128 or 256); larger blocks store fewer scales and "
         "lose more.", "methods", kind="count", metavar="N")

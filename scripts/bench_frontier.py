@@ -12,9 +12,10 @@ Rows, every one measured the same way in this process:
                     (GatherBlockQuantized, block 32; the model converted to opset 21 first)
   ort-int4 + int4 table   (minilm) 4-bit MatMuls and table (MatMulNBits / GatherBlockQuantized, block 32,
                     symmetric): the smallest onnxruntime configuration
-  int4/B + lqer R DTYPE   (minilm) onnxlr --quantize int4 --quantize-block B with --correction-rank R
-                    --correction-dtype DTYPE and no layer factorized: each 4-bit MatMul corrected by a whitened
-                    rank-R pair (--corrections RANK:DTYPE[:BLOCK], block 32 by default)
+  int4/B + lqer R DTYPE [measured]  (minilm) onnxlr --quantize int4 --quantize-block B with --correction-rank R
+                    --correction-dtype DTYPE (--correction-allocation measured) and no layer factorized: each 4-bit
+                    MatMul corrected by a whitened pair (--corrections RANK:DTYPE[:BLOCK[:ALLOCATION]], block 32 and
+                    uniform ranks by default)
   onnxlr F          onnxlr alone with calibration: --param-budget F (digits: --mac-budget F), joint pairs on;
                     minilm: --ops MatMul,Gather (the embedding tables too; --no-tables: MatMul only)
   onnxlr F + MODE   that model quantized by --quantize MODE (int8, int8-static, fp16): the same call the
@@ -130,7 +131,7 @@ def save(model: ir.Model, path: Path) -> Path:
 
 
 def frontier(name: str, budgets: list[float], modes: list[str], target: float | None, runs: int,
-             tables: bool, corrections: list[tuple[int, str, int]] = ()) -> list[dict]:
+             tables: bool, corrections: list[tuple[int, str, int, str]] = ()) -> list[dict]:
     case = setup(name, tables)
     reference = run_model(case["path"], case["eval"])
     rows = [measure(case, "original", case["path"], reference, runs)]
@@ -146,14 +147,15 @@ def frontier(name: str, budgets: list[float], modes: list[str], target: float | 
                 path = work / f"{label.replace(' ', '')}.onnx"
                 ort_table4(case["path"], path, matmuls)
                 rows.append(measure(case, label, path, reference, runs))
-            for rank, dtype, block in corrections:
+            for rank, dtype, block, allocation in corrections:
                 start = time.perf_counter()
                 model, _ = onnxlr.optimize(str(case["path"]), calibration=case["calibration"], quantize="int4",
                                            quantize_block=block, correction_rank=rank, correction_dtype=dtype,
-                                           min_params=1 << 40, verify=False)  # no layer factorized: the quantizer
-                path = save(model, work / f"int4-{block}-lqer-{rank}-{dtype}.onnx")
-                rows.append(measure(case, f"int4/{block} + lqer {rank} {dtype}", path, reference, runs,
-                                    time.perf_counter() - start))
+                                           correction_allocation=allocation, min_params=1 << 40,
+                                           verify=False)  # no layer factorized: the quantizer and its correction
+                path = save(model, work / f"int4-{block}-lqer-{rank}-{dtype}-{allocation}.onnx")
+                label = f"int4/{block} + lqer {rank} {dtype}" + (" measured" if allocation == "measured" else "")
+                rows.append(measure(case, label, path, reference, runs, time.perf_counter() - start))
         for budget in budgets:
             start = time.perf_counter()
             model, _ = onnxlr.optimize(str(case["path"]), calibration=case["calibration"],
@@ -246,9 +248,11 @@ def main() -> None:
     parser.add_argument("--no-tables", action="store_true",
                         help="minilm: MatMul weights only (default: the embedding tables too, --ops MatMul,Gather)")
     parser.add_argument("--corrections", nargs="*",
-                        default=["0:int8:64", "16:int8:64", "24:int8:64", "32:int8:64", "32:int8", "32:float16", "64:int8"],
-                        metavar="RANK:DTYPE[:BLOCK]",
-                        help="minilm: the int4 + lqer rows (rank, factor storage and int4 block; 0 as rank: none)")
+                        default=["0:int8:64", "16:int8:64", "24:int8:64", "24:int8:64:measured", "0:int8:32",
+                                 "32:int8:32", "27:int8:32:measured", "32:float16:32", "64:int8:32"],
+                        metavar="RANK:DTYPE[:BLOCK[:ALLOCATION]]",
+                        help="minilm: the int4 + lqer rows (rank, factor storage, int4 block, uniform or measured "
+                             "ranks; 0 as rank: int4 alone)")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per model for the speedup")
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--json", type=Path)
@@ -259,8 +263,8 @@ def main() -> None:
     if args.replot:
         plot(json.loads(args.replot.read_text()), args.plot)
         return
-    corrections = [(int(parts[0]), parts[1], int(parts[2]) if len(parts) > 2 else 32)
-                   for parts in (item.split(":") for item in args.corrections)]
+    corrections = [(int(parts[0]), parts[1], int(parts[2]) if len(parts) > 2 else 32,
+                    parts[3] if len(parts) > 3 else "uniform") for parts in (item.split(":") for item in args.corrections)]
     rows = frontier(args.model, args.budgets, args.modes, None if args.no_target else args.target_cosine, args.runs,
                     not args.no_tables, corrections)
     if args.json:

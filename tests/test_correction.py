@@ -125,3 +125,36 @@ def test_a_larger_int4_block_stores_fewer_scales():
     assert sizes[64] < sizes[32]
     with pytest.raises(OnnxlrError, match="quantize_block must be one of 16, 32, 64, 128, 256, got 48"):
         onnxlr.optimize(model, quantize="int4", quantize_block=48, verify=False)
+
+
+def test_allocate_takes_each_layers_directions_in_order_within_the_budget():
+    from onnxlr.factorize.correction import allocate
+
+    worth = [np.array([9.0, 1.0, 0.5]), np.array([4.0, 3.0, 2.0, 1.0])]
+    # Per parameter: layer 0's directions are worth 3.0, 0.33, 0.17 (width 3); layer 1's 2.0, 1.5, 1.0, 0.5 (width 2).
+    assert allocate(worth, [3, 2], budget=3 + 2 + 2 + 2) == [1, 3]
+    assert allocate(worth, [3, 2], budget=100) == [3, 4]
+    assert allocate(worth, [3, 2], budget=2) == [0, 1]  # the first direction of layer 0 does not fit
+    assert allocate(worth, [3, 0], budget=100) == [3, 0]  # a layer with no width is never corrected
+
+
+def test_measured_allocation_spends_the_bytes_where_the_outputs_move():
+    """Two branches, one scaled by 0.01 before the output: its 4-bit error barely moves the outputs. Fed alone, each
+    layer's quantized weight shows that, and the uniform rank's bytes go to the branch that matters."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"], name="loud"),
+             helper.make_node("MatMul", ["x", "W2"], ["b"], name="quiet"),
+             helper.make_node("Mul", ["b", "scale"], ["c"]), helper.make_node("Add", ["a", "c"], ["y"])]
+    weights = [init(name, (rng.standard_normal((D_IN, D_OUT)) / np.sqrt(D_IN)).astype(np.float32))
+               for name in ("W1", "W2")]
+    model = make_model(nodes, [tensor_input("x", ["n", D_IN])], [tensor_input("y", ["n", D_OUT])],
+                       [*weights, init("scale", np.array(0.01, dtype=np.float32))])
+    held_out = inputs(256, 9)
+    reference = outputs(model, held_out)
+    uniform, uniform_report = int4(model, correction_rank=8, correction_dtype="float32")
+    shared, shared_report = int4(model, correction_rank=8, correction_dtype="float32", correction_allocation="measured")
+    correction = shared_report["quantization"]["correction"]
+    assert correction["allocation"] == "measured" and correction["ranks"][0] == 16  # all to the loud branch
+    assert correction["bytes"] <= uniform_report["quantization"]["correction"]["bytes"]
+    assert relative_error(reference, outputs(shared, held_out)) < 0.9 * relative_error(reference,
+                                                                                       outputs(uniform, held_out))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import cast
 
 import numpy as np
@@ -45,19 +45,24 @@ class Corrected:
 
 
 def correct(quantized: ir.Model, weights: Mapping[str, np.ndarray], grams: Mapping[str, np.ndarray], rank: int,
-            factor_dtype: str = "float16") -> list[Corrected]:
+            factor_dtype: str = "float16", output_error: Callable[[str, np.ndarray], float] | None = None
+            ) -> list[Corrected]:
     """Add a rank-`rank` correction beside every MatMulNBits node of `quantized`'s main graph, in place.
 
     `weights`: the float weight each quantized MatMul had, by its output name; `grams`: the Gram of its input on
-    the calibration data, by the same name. A node missing either keeps its quantized weight alone."""
+    the calibration data, by the same name. A node missing either keeps its quantized weight alone.
+
+    `output_error(name, dequantized weight)`: the model's output error with that one layer's weight as quantized
+    (measured). With it, the factor bytes of rank `rank` in every layer are shared out instead (`allocate`): each
+    direction is worth its share of the layer's whitened error times that layer's measured output error."""
     if rank <= 0:
         return []
     dtype = FACTOR_DTYPES[factor_dtype]
     if dtype == ir.DataType.INT8 and default_opset(quantized) < 13:
         logger.warning("int8 correction factors need opset 13 (DequantizeLinear per column): stored as float16")
         dtype = ir.DataType.FLOAT16
-    names = NameGenerator(quantized)
-    done = []
+    fits = []  # (node, its whitened error's SVD, what one direction of it is worth)
+    widths: list[int] = []
     for node in list(quantized.graph):
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
             continue
@@ -65,15 +70,46 @@ def correct(quantized: ir.Model, weights: Mapping[str, np.ndarray], grams: Mappi
         weight, gram = weights.get(key), grams.get(key)
         if weight is None or gram is None or weight.ndim != 2:
             continue
-        error = weight.astype(np.float64) - dequantized(node)
-        kept = min(rank, *error.shape)
-        decomposition = lowrank.whitened_svd(error[None], gram, side="rows", rank=kept)
+        stored = dequantized(node)
+        error = weight.astype(np.float64) - stored
+        decomposition = lowrank.whitened_svd(error[None], gram, side="rows",
+                                             rank=None if output_error else min(rank, *error.shape))
+        worth = None
+        if output_error is not None:
+            energy = decomposition.s[0] ** 2
+            worth = energy / max(float(energy.sum()), 1e-30) * output_error(key, stored.astype(weight.dtype))
+        fits.append((node, decomposition, worth))
+        widths.append(sum(error.shape))  # K + N: the factors' parameters per rank
+    if output_error is None:
+        ranks = [min(rank, d.full_rank) for _, d, _ in fits]
+    else:
+        budget = sum(min(rank, d.full_rank) * width for (_, d, _), width in zip(fits, widths))
+        ranks = allocate([cast(np.ndarray, worth) for _, _, worth in fits], widths, budget)
+    names = NameGenerator(quantized)
+    done = []
+    for (node, decomposition, _), kept in zip(fits, ranks):
+        if kept == 0:
+            continue
         a, b = decomposition.factors(kept)
         added = _add_correction(quantized.graph, node, a[0], b[0], dtype, names)
-        done.append(Corrected(name=node.name or key, rank=kept, bytes_added=added,
+        done.append(Corrected(name=node.name or cast(str, node.outputs[0].name), rank=kept, bytes_added=added,
                               error_removed=round(float(decomposition.retained_energy(kept)), 6)))
-    logger.info("corrected %d quantized MatMuls at rank %d", len(done), rank)
+    logger.info("corrected %d quantized MatMuls (rank %d%s)", len(done), rank,
+                ", shared out by measured output error" if output_error else "")
     return done
+
+
+def allocate(worth: Sequence[np.ndarray], widths: Sequence[int], budget: int) -> list[int]:
+    """Ranks per layer: the directions (each layer's in order: its worth falls along the spectrum) worth the most
+    per parameter, until `budget` parameters (`widths`: parameters per rank of each layer) are spent."""
+    order = sorted(((value / width, layer, index) for layer, (values, width) in enumerate(zip(worth, widths))
+                    for index, value in enumerate(values) if width), reverse=True)
+    ranks, spent = [0] * len(worth), 0
+    for _, layer, index in order:
+        if index == ranks[layer] and spent + widths[layer] <= budget:  # the layer's next direction, if it fits
+            ranks[layer] += 1
+            spent += widths[layer]
+    return ranks
 
 
 def dequantized(node: ir.Node) -> np.ndarray:

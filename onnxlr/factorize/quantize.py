@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -171,7 +171,9 @@ def quantize_stage(model: ir.Model, settings: Settings, data: datafit.Calibratio
     if correction_rank and data is None:
         raise OnnxlrError("{0} needs calibration data ({1}): the correction is fitted on the activations",
                           "correction_rank", "calibration")
-    weights, grams = _correction_inputs(model, data) if correction_rank and data is not None else ({}, {})
+    by_measure = settings.correction_allocation == "measured"
+    weights, grams, output_error = (_correction_inputs(model, data, by_measure)
+                                    if correction_rank and data is not None else ({}, {}, None))
     result = quantize(model, mode, data.batches if data is not None else None, settings.quantize_block)
     stage: dict = {"mode": mode, "bytes_low_rank": low_rank_bytes}
     if mode == "int4":
@@ -179,8 +181,10 @@ def quantize_stage(model: ir.Model, settings: Settings, data: datafit.Calibratio
     if correction_rank:
         from onnxlr.factorize import correction
 
-        corrected = correction.correct(result, weights, grams, correction_rank, settings.correction_dtype)
-        stage["correction"] = {"rank": correction_rank, "dtype": settings.correction_dtype, "layers": len(corrected),
+        corrected = correction.correct(result, weights, grams, correction_rank, settings.correction_dtype,
+                                       output_error)
+        stage["correction"] = {"rank": correction_rank, "dtype": settings.correction_dtype,
+                               "allocation": settings.correction_allocation, "layers": len(corrected),
                                "ranks": [c.rank for c in corrected],
                                "bytes": sum(c.bytes_added for c in corrected),
                                "error_removed": [c.error_removed for c in corrected]}
@@ -194,13 +198,16 @@ def quantize_stage(model: ir.Model, settings: Settings, data: datafit.Calibratio
     return result, stage
 
 
-def _correction_inputs(model: ir.Model, data: datafit.CalibrationData
-                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _correction_inputs(model: ir.Model, data: datafit.CalibrationData, measured: bool
+                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Callable[[str, np.ndarray], float] | None]:
     """What a correction is fitted on, by MatMul output name: the float weight (a constant right input) and the
-    Gram of the MatMul's input on the calibration batches, taken on the model as it is before quantizing."""
+    Gram of the MatMul's input on the calibration batches, taken on the model as it is before quantizing; with
+    `measured`, how far the model's outputs move with one layer's weight replaced (its quantized weight), on the
+    first calibration samples (a weight read by several nodes is not measured: the ranks stay uniform then)."""
     from onnxlr.calibrate import calibration
 
     weights = {}
+    readers: dict[int, int] = {}
     for node in model.graph:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.outputs[0].name is None:
             continue
@@ -208,10 +215,27 @@ def _correction_inputs(model: ir.Model, data: datafit.CalibrationData
         left = ir.convenience.get_const_tensor(node.inputs[0]) if node.inputs[0] is not None else None
         if tensor is not None and left is None and len(tensor.shape) == 2:
             weights[node.outputs[0].name] = tensor.numpy()
+            readers[id(node.inputs[1])] = readers.get(id(node.inputs[1]), 0) + 1
     found = [p for p in calibration.probes(model) if p.key in weights]
-    source = ir.to_proto(model).SerializeToString()
-    grams = calibration.grams(calibration.Runner(source, model, found), data.batches) if found else {}
-    return weights, grams
+    if not found:
+        return weights, {}, None
+    if measured and any(count > 1 for count in readers.values()):
+        logger.warning("a MatMul weight is shared: correction ranks are uniform, not shared out by measurement")
+        measured = False
+    keys = list(weights) if measured else []
+    slots = [calibration.Slot(keys=[key], weight_inputs=[1], array=weights[key], transposed=[False]) for key in keys]
+    runner = calibration.Runner(ir.to_proto(model).SerializeToString(), model, found, slots)
+    grams = calibration.grams(runner, data.batches)
+    if not measured:
+        return weights, grams, None
+    batches = datafit.first_samples(data.batches, datafit.SENSITIVITY_SAMPLES)
+    reference = calibration.model_outputs(runner, batches)
+    feed = {key: index for index, key in enumerate(keys)}
+
+    def output_error(key: str, stored: np.ndarray) -> float:
+        return datafit.relative_error(reference, calibration.model_outputs(runner, batches, {feed[key]: stored}))
+
+    return weights, grams, output_error
 
 
 @dataclasses.dataclass(frozen=True)
