@@ -85,6 +85,9 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
                             calibration_segment_budget)
     if settings.quantize == "int8-static" and data is None:
         raise OnnxlrError("{0} int8-static needs calibration data ({1})", "quantize", "calibration")
+    if settings.correction_rank and data is None:  # said before any layer is factorized
+        raise OnnxlrError("{0} needs calibration data ({1}): the correction is fitted on the activations",
+                          "correction_rank", "calibration")
     goal = datafit.Goal.of(settings)
     confirming = settings.objective == "latency" and settings.latency_table is None and not dry_run
     quantizer = quantize.QuantizerLoss()

@@ -168,9 +168,6 @@ def quantize_stage(model: ir.Model, settings: Settings, data: datafit.Calibratio
     correction's, and with a --target-* goal, the final model's measure on the held-out samples (the search aimed
     for it)."""
     mode, correction_rank = cast(str, settings.quantize), settings.correction_rank
-    if correction_rank and data is None:
-        raise OnnxlrError("{0} needs calibration data ({1}): the correction is fitted on the activations",
-                          "correction_rank", "calibration")
     by_measure = settings.correction_allocation == "measured"
     weights, grams, output_error = (_correction_inputs(model, data, by_measure)
                                     if correction_rank and data is not None else ({}, {}, None))
