@@ -158,3 +158,14 @@ def test_measured_allocation_spends_the_bytes_where_the_outputs_move():
     assert correction["bytes"] <= uniform_report["quantization"]["correction"]["bytes"]
     assert relative_error(reference, outputs(shared, held_out)) < 0.9 * relative_error(reference,
                                                                                        outputs(uniform, held_out))
+
+
+def test_the_stored_weight_is_read_back_a_slice_of_the_identity_at_a_time(monkeypatch):
+    """Q(W) comes from onnxruntime running the quantized node on the identity, in slices (a wide layer's whole
+    identity would not fit): slices of 24 rows (K = 64 and 96) give the same exact full-rank restoration."""
+    from onnxlr.factorize import correction
+
+    monkeypatch.setattr(correction, "IDENTITY_ROWS", 24)
+    model, held_out = mlp(), inputs(32, 9)
+    exact, _ = int4(model, correction_rank=max(D_IN, HIDDEN), correction_dtype="float32", allow_no_gain=True)
+    assert relative_error(outputs(model, held_out), outputs(exact, held_out)) < 1e-5

@@ -30,6 +30,7 @@ from onnxlr.passes.base import make_node
 
 logger = logging.getLogger(__name__)
 
+IDENTITY_ROWS = 1024  # rows of the identity fed at once to read a quantized weight back
 FACTOR_DTYPES = {"float16": ir.DataType.FLOAT16, "int8": ir.DataType.INT8, "float32": ir.DataType.FLOAT}
 
 
@@ -134,13 +135,17 @@ def dequantized(node: ir.Node) -> np.ndarray:
         names.pop()
     attributes = {name: attr.value for name, attr in node.attributes.items()}
     proto = onnx.helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", **attributes)
-    graph = onnx.helper.make_graph([proto], "dequantize", [onnx.helper.make_tensor_value_info("x", 1, [k, k])],
+    graph = onnx.helper.make_graph([proto], "dequantize", [onnx.helper.make_tensor_value_info("x", 1, ["m", k])],
                                    [onnx.helper.make_tensor_value_info("y", 1, None)], initializers)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
                                                          onnx.helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     session = make_session(model.SerializeToString(), "cpu")
-    return np.asarray(session.run(None, {"x": np.eye(k, dtype=np.float32)})[0], dtype=np.float64)
+    rows = []
+    for start in range(0, k, IDENTITY_ROWS):  # the identity a slice at a time: a 11008-wide one would take 480 MB
+        identity = np.eye(min(IDENTITY_ROWS, k - start), k, start, dtype=np.float32)
+        rows.append(np.asarray(session.run(None, {"x": identity})[0], dtype=np.float64))
+    return np.concatenate(rows)
 
 
 def _add_correction(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray, dtype: ir.DataType,
