@@ -47,19 +47,34 @@ def quantize(model: ir.Model, mode: str, calibration: Sequence[Mapping[str, np.n
              block: int = 32) -> ir.Model:
     """The quantized model; `model` itself only gets its Constant-node tensors lifted to initializers.
     `calibration` batches are needed for int8-static; `block`: int4's weights per scale."""
+    with saved(model) as source:
+        return quantize_saved(source, mode, calibration, block)
+
+
+@contextlib.contextmanager
+def saved(model: ir.Model) -> Iterator[Path]:
+    """`model` written to a temporary folder (external data beside it) for onnxruntime's tools to read, its
+    Constant-node tensors lifted to initializers first (in place: the quantizer reads weights only there)."""
+    with tempfile.TemporaryDirectory(prefix="onnxlr-quantize-") as folder:
+        source = Path(folder) / "model.onnx"
+        lift_constants(model)
+        ir.save(model, source, external_data="model.onnx.data")
+        yield source
+
+
+def quantize_saved(source: Path, mode: str, calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
+                   block: int = 32) -> ir.Model:
+    """The model `saved` wrote at `source`, quantized (quantize's arguments), with its tensors in memory."""
     if mode not in MODES:
         raise OnnxlrError(f"{{0}} must be one of {', '.join(MODES)}, got {mode!r}", "quantize")
     if mode == "int8-static" and not calibration:
         raise OnnxlrError("{0} int8-static needs calibration data ({1})", "quantize", "calibration")
-    with tempfile.TemporaryDirectory(prefix="onnxlr-quantize-") as folder:
-        source, target = Path(folder) / "model.onnx", Path(folder) / "quantized.onnx"
-        lift_constants(model)
-        ir.save(model, source, external_data="model.onnx.data")
-        logger.info("quantizing (%s) with onnxruntime", mode)
-        with _quiet_quantizer():
-            _run_quantizer(mode, source, target, calibration, block)
-        result = ir.load(target)
-        ir.external_data.load_to_model(result)  # the folder goes away: the tensors come into memory
+    target = source.with_name("quantized.onnx")
+    logger.info("quantizing (%s) with onnxruntime", mode)
+    with _quiet_quantizer():
+        _run_quantizer(mode, source, target, calibration, block)
+    result = ir.load(target)
+    ir.external_data.load_to_model(result)  # the folder goes away: the tensors come into memory
     result.graph.sort()  # the fp16 converter appends its input Casts after their readers
     return result
 
@@ -168,18 +183,20 @@ def quantize_stage(model: ir.Model, settings: Settings, data: datafit.Calibratio
     correction's, and with a --target-* goal, the final model's measure on the held-out samples (the search aimed
     for it)."""
     mode, correction_rank = cast(str, settings.quantize), settings.correction_rank
-    by_measure = settings.correction_allocation == "measured"
-    weights, grams, output_error = (_correction_inputs(model, data, by_measure)
-                                    if correction_rank and data is not None else ({}, {}, None))
-    result = quantize(model, mode, data.batches if data is not None else None, settings.quantize_block)
     stage: dict = {"mode": mode, "bytes_low_rank": low_rank_bytes}
     if mode == "int4":
         stage["block"] = settings.quantize_block
-    if correction_rank:
-        from onnxlr.factorize import correction
+    with saved(model) as source:  # one copy on disk: the correction's calibration runs and the quantizer read it
+        by_measure = settings.correction_allocation == "measured"
+        weights, grams, output_error = (_correction_inputs(model, source, data, by_measure)
+                                        if correction_rank and data is not None else ({}, {}, None))
+        result = quantize_saved(source, mode, data.batches if data is not None else None, settings.quantize_block)
+        if correction_rank:
+            from onnxlr.factorize import correction
 
-        corrected = correction.correct(result, weights, grams, correction_rank, settings.correction_dtype,
-                                       output_error)
+            corrected = correction.correct(result, weights, grams, correction_rank, settings.correction_dtype,
+                                           output_error)
+    if correction_rank:
         stage["correction"] = {"rank": correction_rank, "dtype": settings.correction_dtype,
                                "allocation": settings.correction_allocation, "layers": len(corrected),
                                "ranks": [c.rank for c in corrected],
@@ -195,10 +212,11 @@ def quantize_stage(model: ir.Model, settings: Settings, data: datafit.Calibratio
     return result, stage
 
 
-def _correction_inputs(model: ir.Model, data: datafit.CalibrationData, measured: bool
+def _correction_inputs(model: ir.Model, source: Path, data: datafit.CalibrationData, measured: bool
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Callable[[str, np.ndarray], float] | None]:
     """What a correction is fitted on, by MatMul output name: the float weight (a constant right input) and the
-    Gram of the MatMul's input on the calibration batches, taken on the model as it is before quantizing; with
+    Gram of the MatMul's input on the calibration batches, taken on the model as it is before quantizing (onnxruntime
+    runs it from `source`, where `saved` wrote it); with
     `measured`, how far the model's outputs move with one layer's weight replaced (its quantized weight), on the
     first calibration samples (a weight read by several nodes is not measured: the ranks stay uniform then)."""
     from onnxlr.calibrate import calibration
@@ -221,7 +239,7 @@ def _correction_inputs(model: ir.Model, data: datafit.CalibrationData, measured:
         measured = False
     keys = list(weights) if measured else []
     slots = [calibration.Slot(keys=[key], weight_inputs=[1], array=weights[key], transposed=[False]) for key in keys]
-    runner = calibration.Runner(ir.to_proto(model).SerializeToString(), model, found, slots)
+    runner = calibration.Runner(source, model, found, slots)
     grams = calibration.grams(runner, data.batches)
     if not measured:
         return weights, grams, None

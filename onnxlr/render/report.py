@@ -82,6 +82,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if stage:
         lines.append(f"quantized ({stage['mode']}): {human(stage['bytes_low_rank'])}B -> {human(stage['bytes_after'])}B "
                      f"({_ratio(stage['bytes_after'], totals['bytes_before'])} of the original's bytes)")
+        if "correction" in stage:
+            fix = stage["correction"]
+            lines.append(f"corrected: {fix['layers']} 4-bit MatMuls, rank {fix['rank']} ({fix['allocation']}), "
+                         f"{fix['dtype']} factors: {human(fix['bytes'])}B of the above")
         if "final" in stage:
             final = stage["final"]
             metric = next(key for key in final if key not in ("goal", "met"))
