@@ -155,9 +155,16 @@ class LatencyBudget(Budget):
             "allocated greedily on energy per millisecond.")
 
 
+@dataclasses.dataclass(frozen=True)
+class SizeBudget(RankPolicy):
+    keyword = "size_budget"
+    help = ("With --quantize auto: the written model's weights take <= P of the input's bytes, with the least "
+            "predicted output error (each layer's precision and correction rank planned together).")
+
+
 # Every policy, in the order the settings record them and the CLI lists them.
 POLICIES: tuple[type[RankPolicy], ...] = (RankRatio, Rank, Energy, ParamRatio, ParamBudget, MacBudget, TargetCosine,
-                                          TargetError, LatencyBudget)
+                                          TargetError, LatencyBudget, SizeBudget)
 BY_KEYWORD = {policy.keyword: policy for policy in POLICIES}
 BUDGETS = {policy.measure: policy for policy in POLICIES if issubclass(policy, Budget)}
 

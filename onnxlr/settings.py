@@ -32,7 +32,7 @@ MAX_DEFAULT_JOBS = 8
 LATER_DEFAULTS = {"inputs_as_constants": False, "methods": None, "quantize": None, "objective": "size",
                   "latency_budget": None, "latency_provider": "cpu", "latency_threads": 1, "latency_table": None,
                   "latency_cache": True, "correction_rank": 0, "correction_dtype": "float16", "quantize_block": 32,
-                  "correction_allocation": "uniform"}
+                  "correction_allocation": "uniform", "size_budget": None}
 # What planning minimizes for the rank policy: "size" (parameters and MACs) or "latency" (every candidate pair
 # timed against its original node with onnxruntime; only pairs measured faster are planned: onnxlr.timing.latency).
 OBJECTIVES = ("size", "latency")
@@ -40,7 +40,7 @@ OBJECTIVES = ("size", "latency")
 # keeps k of its D inner neurons and refits the second layer on calibration data; onnxlr.coupled.plans).
 METHODS = ("svd", "joint")
 # onnxruntime quantization after the rewrite (onnxlr.factorize.quantize).
-QUANTIZE_MODES = ("int8", "int8-static", "fp16", "int4")
+QUANTIZE_MODES = ("int8", "int8-static", "fp16", "int4", "auto")
 # How a low-rank correction of quantization error stores its factors (onnxlr.factorize.correction).
 CORRECTION_DTYPES = ("float16", "int8", "float32")
 # How a correction's ranks are shared among layers: the same rank each, or the bytes of that rank spent where they
@@ -139,7 +139,10 @@ class Settings:
         "outputs). Verification and --target-cosine/--target-error measure the quantized model (the search takes the "
         "quantizer's own loss, measured on the original, off the goal). int4: 4-bit weight-only MatMuls "
         "(onnxruntime's MatMulNBits, RTN, block 32, symmetric) and 4-bit embedding tables (GatherBlockQuantized; the "
-        "model is converted to opset 21 for them).", "methods", kind="choice", choices=QUANTIZE_MODES)
+        "model is converted to opset 21 for them). auto (with --calibration, and --target-cosine/--target-error with "
+        "held-out --inputs, or --size-budget): each MatMul float, 8-bit, 4-bit or 4-bit with a low-rank correction, "
+        "each embedding table float or 4-bit, planned together for the fewest bytes that meet the target (or the "
+        "least error within the budget); no layer is factorized.", "methods", kind="choice", choices=QUANTIZE_MODES)
     correction_rank: int = setting(
         0, "With --quantize int4 and --calibration: correct each 4-bit MatMul's quantization error with a rank-R "
         "pair beside it, y = Q(W)x + (x·A)·B, fitted by the activation-whitened SVD of W - Q(W) (LQER). 0: none.",
@@ -212,10 +215,26 @@ class Settings:
         if self.quantize_block not in INT4_BLOCKS:
             raise OnnxlrError(f"{{0}} must be one of {', '.join(map(str, INT4_BLOCKS))}, got {self.quantize_block}",
                               "quantize_block")
+        self._check_auto()
         if self.correction_rank and self.quantize != "int4":
             raise OnnxlrError("{0} corrects 4-bit quantization error: it needs {1} int4", "correction_rank",
                               "quantize")
         lowrank.check_device(self.solver.device)  # validates svd and device first
+
+    def _check_auto(self) -> None:
+        """--quantize auto plans precision against a target or a byte budget, and nothing else does."""
+        sized = isinstance(self.policy, policies.SizeBudget)
+        if sized and self.quantize != "auto":
+            raise OnnxlrError("{0} is the byte budget of {1} auto", "size_budget", "quantize")
+        if self.quantize != "auto":
+            return
+        # its goal (a target or --size-budget) is checked when it runs: the layers' selection runs with a rank ratio
+        if self.correction_rank:
+            raise OnnxlrError("{0} auto plans each layer's correction rank itself: leave out {1}", "quantize",
+                              "correction_rank")
+        if self.objective == "latency":
+            raise OnnxlrError("{0} auto plans bytes against error; it does not plan measured time yet (leave out {1})",
+                              "quantize", "objective")
 
     def _check_latency_provider(self) -> None:
         from onnxlr.verification.runtime import PROVIDERS

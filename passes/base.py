@@ -55,6 +55,7 @@ REASON_CODES = {
     "shared_with_other_op": "the weight is also read by a node that cannot be rewritten",
     "shared_differently": "the weight is shared by nodes that read it differently",
     "min_params": "the weight has fewer than --min-params parameters",
+    "precision_planned": "--quantize auto plans each weight's precision and correction, not a low rank",
     "no_gain": "the factor pair at the planned rank is not smaller and cheaper (break-even)",
     "no_file_gain": "the factors would take no fewer bytes in the file than the weight they replace (a safety "
                     "net: the planner should not have chosen it)",

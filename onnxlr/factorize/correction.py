@@ -92,7 +92,7 @@ def correct(quantized: ir.Model, weights: Mapping[str, np.ndarray], grams: Mappi
         if kept == 0:
             continue
         a, b = decomposition.factors(kept)
-        added = _add_correction(quantized.graph, node, a[0], b[0], dtype, names)
+        added = add_correction(quantized.graph, node, a[0], b[0], dtype, names)
         done.append(Corrected(name=node.name or cast(str, node.outputs[0].name), rank=kept, bytes_added=added,
                               error_removed=round(float(decomposition.retained_energy(kept)), 6)))
     logger.info("corrected %d quantized MatMuls (rank %d%s)", len(done), rank,
@@ -113,42 +113,70 @@ def allocate(worth: Sequence[np.ndarray], widths: Sequence[int], budget: int) ->
     return ranks
 
 
+STORED_OPS = ("MatMulNBits", "GatherBlockQuantized")  # onnxruntime's block-quantized weights, read back here
+
+
 def dequantized(node: ir.Node) -> np.ndarray:
-    """The weight a MatMulNBits node computes with (K x N, float64): the node alone, run by onnxruntime on the
-    identity (its constant inputs as they are stored)."""
+    """The weight a MatMulNBits node computes with (K x N), or the table a GatherBlockQuantized node gathers from
+    (rows x columns), float64: the node alone, run by onnxruntime on the identity (MatMulNBits) or on every row index
+    (its constant inputs as they are stored)."""
     import onnx
 
     from onnxlr.verification.runtime import make_session
 
-    k = int(node.attributes["K"].value)
-    inputs = [value for value in node.inputs]
+    table = node.op_type == "GatherBlockQuantized"
+    variable = 1 if table else 0  # the input fed: the indices, or the activation
     initializers, names = [], []
-    for index, value in enumerate(inputs):
-        if index == 0 or value is None:
-            names.append("x" if index == 0 else "")
+    for index, value in enumerate(node.inputs):
+        if index == variable or value is None:
+            names.append("x" if index == variable else "")
             continue
         tensor = ir.convenience.get_const_tensor(value)
-        assert tensor is not None, f"MatMulNBits input {index} is not a constant"
+        assert tensor is not None, f"{node.op_type} input {index} is not a constant"
         names.append(f"c{index}")
         initializers.append(onnx.numpy_helper.from_array(tensor.numpy(), f"c{index}"))
     while names and not names[-1]:
         names.pop()
     attributes = {name: attr.value for name, attr in node.attributes.items()}
-    proto = onnx.helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", **attributes)
-    graph = onnx.helper.make_graph([proto], "dequantize", [onnx.helper.make_tensor_value_info("x", 1, ["m", k])],
-                                   [onnx.helper.make_tensor_value_info("y", 1, None)], initializers)
+    if table:
+        rows = ir.convenience.get_const_tensor(cast(ir.Value, node.inputs[0])).shape[0]  # type: ignore[union-attr]
+        fed = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.INT64, ["m"])
+    else:
+        rows = int(node.attributes["K"].value)
+        fed = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["m", rows])
+    proto = onnx.helper.make_node(node.op_type, names, ["y"], domain="com.microsoft", **attributes)
+    graph = onnx.helper.make_graph([proto], "dequantize", [fed], [onnx.helper.make_tensor_value_info("y", 1, None)],
+                                   initializers)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
                                                          onnx.helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     session = make_session(model.SerializeToString(), "cpu")
-    rows = []
-    for start in range(0, k, IDENTITY_ROWS):  # the identity a slice at a time: a 11008-wide one would take 480 MB
-        identity = np.eye(min(IDENTITY_ROWS, k - start), k, start, dtype=np.float32)
-        rows.append(np.asarray(session.run(None, {"x": identity})[0], dtype=np.float64))
-    return np.concatenate(rows)
+    parts = []
+    for start in range(0, rows, IDENTITY_ROWS):  # the identity a slice at a time: a 11008-wide one would take 480 MB
+        count = min(IDENTITY_ROWS, rows - start)
+        fed_rows = (np.arange(start, start + count, dtype=np.int64) if table
+                    else np.eye(count, rows, start, dtype=np.float32))
+        parts.append(np.asarray(session.run(None, {"x": fed_rows})[0], dtype=np.float64))
+    return np.concatenate(parts)
 
 
-def _add_correction(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray, dtype: ir.DataType,
+def as_stored(factor: np.ndarray, dtype: str) -> np.ndarray:
+    """A correction factor as the model computes with it once stored as `dtype` (float64)."""
+    if dtype == "int8":
+        quantized, scales, _ = _int8_columns(factor)
+        return quantized.astype(np.float64) * scales.astype(np.float64)
+    return np.asarray(factor, dtype=FACTOR_DTYPES[dtype].numpy()).astype(np.float64)
+
+
+def factor_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    """The bytes a rows x columns factor takes stored as `dtype` (int8: a float scale and an int8 zero per column)."""
+    rows, columns = shape
+    if dtype == "int8":
+        return rows * columns + 5 * columns
+    return rows * columns * FACTOR_DTYPES[dtype].itemsize
+
+
+def add_correction(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray, dtype: ir.DataType,
                     names: NameGenerator) -> int:
     """y = node(x) + (x·A)·B in place of the node's output (its name and readers move to the Add); returns the
     bytes the factors take."""

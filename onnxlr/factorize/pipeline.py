@@ -36,6 +36,7 @@ from onnxlr.model_io.shapes import default_opset, infer_shapes
 from onnxlr.passes import Context
 from onnxlr.passes.base import inputs_are_weights
 from onnxlr.protocols import WeightSink
+from onnxlr.policies import DEFAULT_RANK_RATIO, RankRatio, SizeBudget
 from onnxlr.settings import Progress, Settings, no_progress
 from onnxlr.timing import latency
 
@@ -88,6 +89,8 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
     if settings.correction_rank and data is None:  # said before any layer is factorized
         raise OnnxlrError("{0} needs calibration data ({1}): the correction is fitted on the activations",
                           "correction_rank", "calibration")
+    if settings.quantize == "auto":
+        return optimize_precision(loaded, settings, data, progress, dry_run, input_shapes)
     goal = datafit.Goal.of(settings)
     confirming = settings.objective == "latency" and settings.latency_table is None and not dry_run
     quantizer = quantize.QuantizerLoss()
@@ -119,6 +122,33 @@ def optimize_loaded(loaded: LoadedModel, settings: Settings, *, source: Any, cal
         logger.warning("the quantized model missed %s (%.4f): searching again with a stricter low-rank goal",
                        goal, final[goal.metric])
         loaded.model = quantize.load_source(data.source)
+    return result
+
+
+def optimize_precision(loaded: LoadedModel, settings: Settings, data: datafit.CalibrationData | None,
+                       progress: Progress | None, dry_run: bool, input_shapes: Mapping[str, Sequence[int]] | None
+                       ) -> Factorization:
+    """--quantize auto: every layer stays dense (the report says why), then onnxlr.factorize.precision plans and
+    writes each weight's precision and correction."""
+    from onnxlr.factorize import precision
+
+    if not isinstance(settings.policy, SizeBudget) and settings.goal is None:
+        raise OnnxlrError("{0} auto needs a goal: {1} or {2} (with held-out {3}), or {4}", "quantize",
+                          "target_cosine", "target_error", "heldout", "size_budget")
+    if data is None:
+        raise OnnxlrError("{0} auto needs calibration data ({1}): each layer's error is measured on it", "quantize",
+                          "calibration")
+    dense = dataclasses.replace(settings, policy=RankRatio(DEFAULT_RANK_RATIO))  # selection keeps every layer
+    result = factorize_model(loaded.model, dense, progress=progress, dry_run=dry_run, input_shapes=input_shapes)
+    if dry_run:
+        return result
+    size_budget = settings.policy.value if isinstance(settings.policy, SizeBudget) else None
+    loaded.model, stage = precision.auto_stage(loaded.model, data, settings.quantize_block, datafit.Goal.of(settings),
+                                               size_budget)
+    result.report.quantization = {**stage, "bytes_low_rank": result.report.totals["bytes_after"], "attempts": 1}
+    if stage["bytes_after"] > result.report.totals["bytes_before"] and not settings.allow_no_gain:
+        raise OnnxlrError(f"the planned model would take {stage['bytes_after']} bytes of weights, more than the "
+                          f"input's {result.report.totals['bytes_before']} (nothing was written)")
     return result
 
 

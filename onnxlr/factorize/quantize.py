@@ -71,7 +71,7 @@ def quantize_saved(source: Path, mode: str, calibration: Sequence[Mapping[str, n
         raise OnnxlrError("{0} int8-static needs calibration data ({1})", "quantize", "calibration")
     target = source.with_name("quantized.onnx")
     logger.info("quantizing (%s) with onnxruntime", mode)
-    with _quiet_quantizer():
+    with quiet_quantizer():
         _run_quantizer(mode, source, target, calibration, block)
     result = ir.load(target)
     ir.external_data.load_to_model(result)  # the folder goes away: the tensors come into memory
@@ -149,7 +149,7 @@ class _AdviceFilter(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_quantizer() -> Iterator[None]:
+def quiet_quantizer() -> Iterator[None]:
     root, advice = logging.getLogger(), _AdviceFilter()
     root.addFilter(advice)
     try:
@@ -204,7 +204,7 @@ def quantize_stage(model: ir.Model, settings: Settings, data: datafit.Calibratio
                                "error_removed": [c.error_removed for c in corrected]}
     stage["bytes_after"] = cost.model_totals(result)["bytes"]
     if goal is not None and data is not None and data.heldout:
-        measured = goal.measure(_outputs(data.source, data.heldout), _outputs(result, data.heldout))
+        measured = goal.measure(outputs(data.source, data.heldout), outputs(result, data.heldout))
         stage["final"] = {goal.metric: measured, "goal": goal.value, "met": goal.met(measured)}
         if not goal.met(measured):
             logger.warning("after --quantize %s the held-out %s is %.4f, short of %s: errors did not add up as "
@@ -275,7 +275,7 @@ def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData, 
     alone = known.alone
     if alone is None:
         quantized = quantize(load_source(data.source), mode, data.batches, block)
-        alone = goal.measure(_outputs(data.source, data.heldout), _outputs(quantized, data.heldout))
+        alone = goal.measure(outputs(data.source, data.heldout), outputs(quantized, data.heldout))
     if not goal.met(alone):
         raise OnnxlrError(f"{{0}} {mode} alone already gives a held-out {goal.metric} of {alone:.4f}, short of "
                           f"{goal}: no low-rank budget can meet it", "quantize")
@@ -303,7 +303,7 @@ def load_source(source: str | os.PathLike | bytes) -> ir.Model:
     return ir.load(source)
 
 
-def _outputs(model: ir.Model | str | os.PathLike | bytes, batches: Sequence[Mapping[str, np.ndarray]]
+def outputs(model: ir.Model | str | os.PathLike | bytes, batches: Sequence[Mapping[str, np.ndarray]]
              ) -> dict[str, np.ndarray]:
     """The model's outputs over the batches, concatenated (as calibration.model_outputs gives them)."""
     source = ir.to_proto(model).SerializeToString() if isinstance(model, ir.Model) else model

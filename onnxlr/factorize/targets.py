@@ -110,11 +110,17 @@ def _group_shared_weights(targets: list[Target], skipped: list[SkippedNode], set
         if blocker is not None:
             skipped.extend(SkippedNode(t.node, *blocker) for t in users)
             continue
-        small = users[0].array.size < settings.min_params
-        groups.append(WeightGroup.of(readers, flipped, ("min_params", f"fewer than --min-params "
-                                                                      f"{settings.min_params} parameters")
-                                     if small else None))
+        groups.append(WeightGroup.of(readers, flipped, _excluded(users[0].array.size, settings)))
     return FoundTargets(groups, skipped)
+
+
+def _excluded(params: int, settings: Settings) -> tuple[str, str] | None:
+    """Why selection keeps a weight dense (code, sentence), if it does."""
+    if settings.quantize == "auto":
+        return "precision_planned", "--quantize auto plans its precision and correction rank instead"
+    if params < settings.min_params:
+        return "min_params", f"fewer than --min-params {settings.min_params} parameters"
+    return None
 
 
 def _readers(root: ir.Value, by_node: dict[int, Target], left_alone: dict[int, SkippedNode], context: Context,
