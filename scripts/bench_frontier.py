@@ -16,6 +16,9 @@ Rows, every one measured the same way in this process:
                     --correction-dtype DTYPE (--correction-allocation measured) and no layer factorized: each 4-bit
                     MatMul corrected by a whitened pair (--corrections RANK:DTYPE[:BLOCK[:ALLOCATION]], block 32 and
                     uniform ranks by default)
+  auto C[/B]        (minilm) onnxlr --quantize auto --target-cosine C (--quantize-block B, 32 by default): each
+                    MatMul float, 8-bit, 4-bit or 4-bit + a correction, each table float or 4-bit, planned for the
+                    fewest bytes that keep cosine C on the search half of the held-out data (--auto-targets)
   onnxlr F          onnxlr alone with calibration: --param-budget F (digits: --mac-budget F), joint pairs on;
                     minilm: --ops MatMul,Gather (the embedding tables too; --no-tables: MatMul only)
   onnxlr F + MODE   that model quantized by --quantize MODE (int8, int8-static, fp16): the same call the
@@ -24,7 +27,8 @@ Rows, every one measured the same way in this process:
 Columns: the file's bytes (model and external data, as written), its ratio to the original and to
 ort-int8-pc, onnxruntime's CPU speedup over the original (interleaved A/B, median of per-run
 ratios, --threads, batch 32 x 64 tokens or 32 images), and fidelity on held-out data never used for
-calibration (minilm: mean cosine of the sentence embeddings; digits: accuracy). The plot puts file
+calibration (minilm: mean cosine of the sentence embeddings; digits: accuracy). The rows searched on the first half
+of the held-out data (target, auto) also give `fidelity_unsearched`: the same measure on the second half alone. The plot puts file
 size against fidelity, one point per row, labelled with the speedup.
 """
 
@@ -83,6 +87,15 @@ def measure(case: dict, label: str, path: Path, reference: np.ndarray, runs: int
     return row
 
 
+def unsearched(case: dict, row: dict, path: Path, reference: np.ndarray) -> dict:
+    """The row with its fidelity on the second half of the held-out data alone (the search measured the first)."""
+    half = len(reference) // 2
+    output = run_model(path, {k: v[half:] for k, v in case["eval"].items()})
+    row["fidelity_unsearched"] = mean_cosine(reference[half:], output)
+    print(json.dumps({"row": row["row"], "fidelity_unsearched": row["fidelity_unsearched"]}), flush=True)
+    return row
+
+
 def ort_int8(source: Path, target: Path, per_channel: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -138,7 +151,8 @@ def save(model: ir.Model, path: Path) -> Path:
 
 
 def frontier(name: str, budgets: list[float], modes: list[str], target: float | None, runs: int,
-             tables: bool, corrections: list[tuple[int, str, int, str]] = ()) -> list[dict]:
+             tables: bool, corrections: list[tuple[int, str, int, str]] = (),
+             autos: list[tuple[float, int]] = ()) -> list[dict]:
     case = setup(name, tables)
     reference = run_model(case["path"], case["eval"])
     rows = [measure(case, "original", case["path"], reference, runs)]
@@ -167,6 +181,16 @@ def frontier(name: str, budgets: list[float], modes: list[str], target: float | 
                 path = save(model, work / f"int4-{block}-lqer-{rank}-{dtype}-{allocation}.onnx")
                 label = f"int4/{block} + lqer {rank} {dtype}" + (" measured" if allocation == "measured" else "")
                 rows.append(measure(case, label, path, reference, runs, time.perf_counter() - start))
+            for goal, block in autos:
+                start = time.perf_counter()
+                model, report = onnxlr.optimize(str(case["path"]), calibration=case["calibration"],
+                                                heldout=case["search"], quantize="auto", target_cosine=goal,
+                                                quantize_block=block, verify=False)
+                path = save(model, work / f"auto-{goal}-{block}.onnx")
+                row = measure(case, f"auto {goal}" + (f"/{block}" if block != 32 else ""), path, reference, runs,
+                              time.perf_counter() - start)
+                row["plan"] = report["quantization"]["plan"]
+                rows.append(unsearched(case, row, path, reference))
         for budget in budgets:
             start = time.perf_counter()
             model, _ = onnxlr.optimize(str(case["path"]), calibration=case["calibration"],
@@ -189,7 +213,7 @@ def frontier(name: str, budgets: list[float], modes: list[str], target: float | 
             row["searched_budget"] = min((t["budget"] for t in report["calibration"]["search"]
                                           if t["cosine"] >= report["calibration"]["quantizer"]["low_rank_goal"]),
                                          default=None)
-            rows.append(row)
+            rows.append(unsearched(case, row, path, reference))
     int8 = next(r["bytes"] for r in rows if r["row"] == "ort-int8-pc")
     for row in rows:
         row["bytes_vs_original"] = row["bytes"] / rows[0]["bytes"]
@@ -248,7 +272,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=["minilm", "digits"])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6])
-    parser.add_argument("--modes", nargs="+", choices=quantize.MODES, default=list(quantize.MODES))
+    single = [mode for mode in quantize.MODES if mode != "auto"]  # auto plans the original: its own rows
+    parser.add_argument("--modes", nargs="+", choices=single, default=single)
     parser.add_argument("--target-cosine", type=float, default=0.98, help="minilm: the target + int8 row's goal")
     parser.add_argument("--no-target", action="store_true", help="leave out the target + int8 row")
     parser.add_argument("--no-tables", action="store_true",
@@ -259,6 +284,8 @@ def main() -> None:
                         metavar="RANK:DTYPE[:BLOCK[:ALLOCATION]]",
                         help="minilm: the int4 + lqer rows (rank, factor storage, int4 block, uniform or measured "
                              "ranks; 0 as rank: int4 alone)")
+    parser.add_argument("--auto-targets", nargs="*", default=["0.99", "0.985", "0.98"], metavar="C[:BLOCK]",
+                        help="minilm: the --quantize auto rows (target cosine, int4 block)")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per model for the speedup")
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--json", type=Path)
@@ -272,7 +299,9 @@ def main() -> None:
     corrections = [(int(parts[0]), parts[1], int(parts[2]) if len(parts) > 2 else 32,
                     parts[3] if len(parts) > 3 else "uniform") for parts in (item.split(":") for item in args.corrections)]
     rows = frontier(args.model, args.budgets, args.modes, None if args.no_target else args.target_cosine, args.runs,
-                    not args.no_tables, corrections)
+                    not args.no_tables, corrections,
+                    [(float(item.split(":")[0]), int(item.split(":")[1]) if ":" in item else 32)
+                     for item in args.auto_targets])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))

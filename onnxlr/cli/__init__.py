@@ -42,7 +42,7 @@ Examples:
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --param-budget 0.7 --compensate
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --target-cosine 0.99
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --target-cosine 0.98 --quantize int8
-  onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --min-params 1099511627776 --quantize int4 --correction-rank 27 --correction-dtype int8 --correction-allocation measured
+  onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --quantize auto --target-cosine 0.99
   onnxlr optimize model.onnx out.onnx --objective latency --rank-ratio 0.25 --shape input:32x3x224x224 --threads 4
   onnxlr optimize model.onnx out.onnx --latency-budget 0.6 --calibration calib.npz
   onnxlr optimize model.onnx out.onnx --param-budget 0.5 --latency-table phone.json --shape input:1x3x224x224

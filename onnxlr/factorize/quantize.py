@@ -65,8 +65,9 @@ def saved(model: ir.Model) -> Iterator[Path]:
 def quantize_saved(source: Path, mode: str, calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
                    block: int = 32) -> ir.Model:
     """The model `saved` wrote at `source`, quantized (quantize's arguments), with its tensors in memory."""
-    if mode not in MODES:
-        raise OnnxlrError(f"{{0}} must be one of {', '.join(MODES)}, got {mode!r}", "quantize")
+    if mode not in MODES or mode == "auto":  # auto is a plan over several quantizers (onnxlr.factorize.precision)
+        raise OnnxlrError(f"{{0}} must be one of {', '.join(m for m in MODES if m != 'auto')}, got {mode!r}",
+                          "quantize")
     if mode == "int8-static" and not calibration:
         raise OnnxlrError("{0} int8-static needs calibration data ({1})", "quantize", "calibration")
     target = source.with_name("quantized.onnx")

@@ -86,6 +86,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             fix = stage["correction"]
             lines.append(f"corrected: {fix['layers']} 4-bit MatMuls, rank {fix['rank']} ({fix['allocation']}), "
                          f"{fix['dtype']} factors: {human(fix['bytes'])}B of the above")
+        if "plan" in stage:
+            lines.append(f"planned ({stage['plans']} plans, {stage['steps_written']} written and measured): "
+                         + ", ".join(f"{count} {label}" for label, count in stage["plan"].items()))
         if "final" in stage:
             final = stage["final"]
             metric = next(key for key in final if key not in ("goal", "met"))
