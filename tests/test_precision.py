@@ -118,15 +118,15 @@ def test_the_priced_losses_are_what_the_written_layer_does_to_the_outputs(tmp_pa
         for index, layer in enumerate(layers):
             for at, option in enumerate(layer.options[:-1]):
                 choice = floats[:index] + (at,) + floats[index + 1:]
-                written = precision.write(source, layers, choice, block=32)
+                written = precision.write(source, layers, choice)
                 measured = datafit.relative_error(reference, quantize.outputs(written, batches))
                 if option.rank:
-                    assert measured == pytest.approx(option.loss, rel=0.5), option
+                    assert measured == pytest.approx(option.loss, rel=0.5, abs=1e-5), option  # tiny: the kernels round
                 else:  # measured the same way when pricing: only the kernels' rounding differs
                     assert measured == pytest.approx(option.loss, rel=0.05), option
                 checked += 1
         assert checked >= 4
-        every_float = precision.write(source, layers, floats, block=32)
+        every_float = precision.write(source, layers, floats)
         assert np.array_equal(quantize.outputs(every_float, HELD_OUT)["y"], outputs(embedder(), HELD_OUT[0]))
 
 

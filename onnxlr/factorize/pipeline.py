@@ -35,8 +35,8 @@ from onnxlr.model_io.io import LoadedModel, first_line, load
 from onnxlr.model_io.shapes import default_opset, infer_shapes
 from onnxlr.passes import Context
 from onnxlr.passes.base import inputs_are_weights
-from onnxlr.protocols import WeightSink
 from onnxlr.policies import DEFAULT_RANK_RATIO, RankRatio, SizeBudget
+from onnxlr.protocols import WeightSink
 from onnxlr.settings import Progress, Settings, no_progress
 from onnxlr.timing import latency
 
@@ -144,7 +144,7 @@ def optimize_precision(loaded: LoadedModel, settings: Settings, data: datafit.Ca
         return result
     size_budget = settings.policy.value if isinstance(settings.policy, SizeBudget) else None
     loaded.model, stage = precision.auto_stage(loaded.model, data, settings.quantize_block, datafit.Goal.of(settings),
-                                               size_budget)
+                                               size_budget, progress or no_progress)
     result.report.quantization = {**stage, "bytes_low_rank": result.report.totals["bytes_after"], "attempts": 1}
     if stage["bytes_after"] > result.report.totals["bytes_before"] and not settings.allow_no_gain:
         raise OnnxlrError(f"the planned model would take {stage['bytes_after']} bytes of weights, more than the "

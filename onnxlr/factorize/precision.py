@@ -1,9 +1,10 @@
 """`--quantize auto`: one plan over precision x correction rank, priced by the bytes written and the error of what is
 written.
 
-Each MatMul weight can be written as it is (float), 8-bit or 4-bit (onnxruntime's MatMulNBits, RTN, symmetric,
-`--quantize-block` weights per scale), or 4-bit with a low-rank correction of its error at rank r (int8 or float16
-factors, onnxlr.factorize.correction); each embedding table float or 4-bit (GatherBlockQuantized). An option's price
+Each MatMul weight can be written as it is (float), 8-bit or 4-bit (onnxruntime's MatMulNBits, RTN, symmetric, with
+`--quantize-block` B, 2B or 4B weights per scale), or 4-bit with a low-rank correction of its error at rank r (int8 or
+float16 factors, onnxlr.factorize.correction); each embedding table float or 4-bit (GatherBlockQuantized, the same
+blocks). An option's price
 is the bytes its tensors take, read off the quantized node onnxruntime wrote (and the factors' sizes). Its error is the
 model's: the squared relative output error (datafit.relative_error, additive over small independent errors) with that
 one layer written that way, measured on the first calibration samples for the plain 4-bit and 8-bit weights (read
@@ -22,7 +23,6 @@ import contextlib
 import dataclasses
 import heapq
 import logging
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import cast
@@ -34,43 +34,47 @@ from onnxlr.calibrate import datafit
 from onnxlr.errors import OnnxlrError
 from onnxlr.factorize import correction, cost, lowrank, quantize
 from onnxlr.passes import NameGenerator
+from onnxlr.settings import Progress, no_progress
 
 logger = logging.getLogger(__name__)
 
 CORRECTION_RANKS = (4, 8, 16, 32, 64)  # the corrections each 4-bit MatMul may get
+BLOCK_STEPS = (1, 2, 4)  # the blocks planned: --quantize-block times these (fewer scales, more error)
 CORRECTION_DTYPES = ("int8", "float16")
 FLOAT, EIGHT, FOUR = 32, 8, 4
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One way to write a layer: its bits (32: float, as it is), correction rank and factor type (4-bit only), the
-    bytes its tensors take and the squared relative output error it adds (measured or predicted)."""
+    """One way to write a layer: its bits (32: float, as it is) and weights per scale, correction rank and factor
+    type (4-bit only), the bytes its tensors take and the squared relative output error it adds (measured or
+    predicted)."""
 
     bits: int
     bytes: int
     loss: float
     rank: int = 0
     dtype: str = ""
+    block: int = 0
 
     @property
     def label(self) -> str:
         if self.bits == FLOAT:
             return "float"
-        return f"{self.bits}-bit" + (f" + rank {self.rank} {self.dtype}" if self.rank else "")
+        return f"{self.bits}-bit/{self.block}" + (f" + rank {self.rank} {self.dtype}" if self.rank else "")
 
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
     """A MatMul weight or an embedding table the plan writes: its node (by name and output), its options on their
-    lower convex hull (fewest bytes first) and, for a MatMul, the whitened SVD of its 4-bit error (the corrections'
-    factors)."""
+    lower convex hull (fewest bytes first) and, for a MatMul, the whitened SVD of its 4-bit error by block (the
+    corrections' factors)."""
 
     key: str  # the node's output name
     node: str  # the node's name (onnxruntime's quantizer includes and excludes nodes by it)
     table: bool
     options: tuple[Option, ...]
-    error_svd: lowrank.Decomposition | None = None
+    error_svds: Mapping[int, lowrank.Decomposition] = dataclasses.field(default_factory=dict)
 
 
 Choice = tuple[int, ...]  # an option index per layer
@@ -129,51 +133,58 @@ def upgrade_path(layers: Sequence[Layer]) -> list[Step]:
 # ----------------------------------------------------------------------------- pricing each layer's options
 
 
-def plan_layers(model: ir.Model, source: Path, data: datafit.CalibrationData, block: int) -> list[Layer]:
+def plan_layers(model: ir.Model, source: Path, data: datafit.CalibrationData, block: int,
+                progress: Progress = no_progress) -> list[Layer]:
     """Every MatMul with a constant 2-D weight and every embedding table of `model` (written at `source` by
-    quantize.saved, its nodes named), with its options priced."""
+    quantize.saved, its nodes named), with its options priced. One quantized copy of the model is read at a time."""
     weights, tables = _planned_weights(model)
     if not weights and not tables:
         raise OnnxlrError("{0} auto plans MatMul weights and embedding tables (onnxruntime's MatMulNBits and "
                           "GatherBlockQuantized): this model has none; use {0} int8 or int8-static", "quantize")
     names = {cast(str, node.outputs[0].name): node.name or "" for node in model.graph}
-    four = _stored(source, bits=FOUR, block=block, tables=bool(tables))
-    eight = _stored(source, bits=EIGHT, block=block, tables=False)
     grams, output_error = _measures(model, source, data, weights, tables)
+    options = {key: [Option(FLOAT, array.nbytes, 0.0)] for key, array in {**weights, **tables}.items()}
+    svds: dict[str, dict[int, lowrank.Decomposition]] = {key: {} for key in weights}
+    configs = [(bits, size) for bits in (EIGHT, FOUR) for size in planned_blocks(block)]
+    for bits, size in progress(configs, "pricing each layer's precisions"):
+        for key, stored, nbytes in _stored(source, bits, size, tables=bool(tables) and bits == FOUR):
+            if key not in options:
+                continue
+            loss = output_error(key, stored)
+            options[key].append(Option(bits, nbytes, loss, block=size))
+            if bits == FOUR and key in grams:
+                svds[key][size] = _corrections(weights[key], grams[key], stored, nbytes, loss, size, options[key])
     layers = []
-    for key, weight in weights.items():
-        if key in four and key in eight and key in grams:
-            layers.append(_matmul_layer(key, names[key], weight, grams[key], four[key], eight[key], output_error))
-    for key, table in tables.items():
-        if key in four:
-            stored, nbytes = four[key]
-            options = [Option(FLOAT, table.nbytes, 0.0), Option(FOUR, nbytes, output_error(key, stored))]
-            layers.append(Layer(key, names[key], True, lower_hull(options)))
+    for key, priced in options.items():
+        kept = [option for option in priced if option.bytes <= priced[0].bytes]  # never more than the float weight
+        if len(kept) > 1:
+            layers.append(Layer(key, names[key], key in tables, lower_hull(kept), svds.get(key, {})))
     return layers
 
 
-def _matmul_layer(key: str, name: str, weight: np.ndarray, gram: np.ndarray, four: tuple[np.ndarray, int],
-                  eight: tuple[np.ndarray, int], output_error: Callable[[str, np.ndarray], float]) -> Layer:
-    """A MatMul's options: float, 8-bit, 4-bit and 4-bit with each correction that still saves bytes."""
-    stored4, bytes4 = four
-    loss4 = output_error(key, stored4)
-    options = [Option(FLOAT, weight.nbytes, 0.0), Option(EIGHT, eight[1], output_error(key, eight[0])),
-               Option(FOUR, bytes4, loss4)]
-    error = weight.astype(np.float64) - stored4
+def planned_blocks(block: int) -> tuple[int, ...]:
+    """The weights per scale the plan tries: `block` and its multiples (BLOCK_STEPS) up to 256."""
+    return tuple(block * step for step in BLOCK_STEPS if block * step <= 256)
+
+
+def _corrections(weight: np.ndarray, gram: np.ndarray, stored: np.ndarray, nbytes: int, loss: float, block: int,
+                 options: list[Option]) -> lowrank.Decomposition:
+    """Appends to `options` the 4-bit weight with each correction of its error (rank, factor type), priced: the
+    4-bit loss scaled by the whitened error the stored factors leave. Returns the error's whitened SVD."""
+    error = weight.astype(np.float64) - stored
     whitened = _whitened_energy(error, gram)
-    decomposition = lowrank.whitened_svd(error[None], gram, side="rows", rank=min(max(CORRECTION_RANKS),
-                                                                                   *error.shape))
+    decomposition = lowrank.whitened_svd(error[None], gram, side="rows",
+                                         rank=min(max(CORRECTION_RANKS), *error.shape))
     for rank in CORRECTION_RANKS:
         if rank > decomposition.full_rank:
             break
         a, b = decomposition.factors(rank)
         for dtype in CORRECTION_DTYPES:
             stored_a, stored_b = correction.as_stored(a[0], dtype), correction.as_stored(b[0], dtype)
-            nbytes = bytes4 + correction.factor_bytes(a[0].shape, dtype) + correction.factor_bytes(b[0].shape, dtype)
+            added = correction.factor_bytes(a[0].shape, dtype) + correction.factor_bytes(b[0].shape, dtype)
             left = _whitened_energy(error - stored_a @ stored_b, gram)
-            options.append(Option(FOUR, nbytes, loss4 * left / max(whitened, 1e-30), rank, dtype))
-    options = [option for option in options if option.bytes <= weight.nbytes]
-    return Layer(key, name, False, lower_hull(options), decomposition)
+            options.append(Option(FOUR, nbytes + added, loss * left / max(whitened, 1e-30), rank, dtype, block))
+    return decomposition
 
 
 def _whitened_energy(error: np.ndarray, gram: np.ndarray) -> float:
@@ -192,30 +203,32 @@ def _planned_weights(model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, 
         if node.op_type == "MatMul" and second is not None:
             tensor = ir.convenience.get_const_tensor(second)
             if (tensor is not None and len(tensor.shape) == 2 and tensor.dtype == ir.DataType.FLOAT
-                    and (first is None or ir.convenience.get_const_tensor(first) is None)):
+                    and _only_reader(second) and (first is None or ir.convenience.get_const_tensor(first) is None)):
                 weights[node.outputs[0].name] = tensor.numpy()
         elif node.op_type == "Gather" and first is not None and node.attributes.get_int("axis", 0) == 0:
             tensor = ir.convenience.get_const_tensor(first)
-            if (tensor is not None and len(tensor.shape) == 2 and tensor.dtype == ir.DataType.FLOAT
-                    and len(first.uses()) == 1):
+            if tensor is not None and len(tensor.shape) == 2 and tensor.dtype == ir.DataType.FLOAT and _only_reader(first):
                 tables[node.outputs[0].name] = tensor.numpy()
     return weights, tables
 
 
-def _stored(source: Path, bits: int, block: int, tables: bool) -> dict[str, tuple[np.ndarray, int]]:
+def _only_reader(weight: ir.Value) -> bool:
+    """A weight read by one node and not exposed (a graph input can be overridden, an output is read as it is)."""
+    return len(weight.uses()) == 1 and not weight.is_graph_input() and not weight.is_graph_output()
+
+
+def _stored(source: Path, bits: int, block: int, tables: bool) -> Iterator[tuple[str, np.ndarray, int]]:
     """Every weight of the model at `source` as onnxruntime stores it at `bits` (its tables too at 4 bits with
-    `tables`): by node output name, the weight read back and the bytes of the node's constant inputs."""
-    target = source.with_name(f"stored{bits}.onnx")
-    _quantize_nodes(source, target, {bits: None}, block, tables)
+    `tables`): its node's output name, the weight read back and the bytes of the node's constant inputs."""
+    target = source.with_name(f"stored{bits}-{block}.onnx")
+    _quantize_nodes(source, target, {(bits, block): None}, tables)
     quantized = ir.load(target)
     ir.external_data.load_to_model(quantized)
-    stored = {}
     for node in quantized.graph:
         if node.domain == "com.microsoft" and node.op_type in correction.STORED_OPS:
             constants = [ir.convenience.get_const_tensor(v) for v in node.inputs if v is not None]
             nbytes = sum(tensor.nbytes for tensor in constants if tensor is not None)
-            stored[cast(str, node.outputs[0].name)] = (correction.dequantized(node).astype(np.float32), nbytes)
-    return stored
+            yield cast(str, node.outputs[0].name), correction.dequantized(node).astype(np.float32), nbytes
 
 
 def _measures(model: ir.Model, source: Path, data: datafit.CalibrationData, weights: Mapping[str, np.ndarray],
@@ -244,34 +257,34 @@ def _measures(model: ir.Model, source: Path, data: datafit.CalibrationData, weig
 # ----------------------------------------------------------------------------- writing a plan
 
 
-def write(source: Path, layers: Sequence[Layer], choice: Choice, block: int) -> ir.Model:
+def write(source: Path, layers: Sequence[Layer], choice: Choice) -> ir.Model:
     """The model at `source` with each planned layer written as `choice` says (the other weights as they are)."""
     chosen = {layer.node: layer.options[at] for layer, at in zip(layers, choice)}
-    by_bits: dict[int, set[str]] = {EIGHT: set(), FOUR: set()}
+    by_config: dict[tuple[int, int], set[str]] = {}
     for node, option in chosen.items():
         if option.bits != FLOAT:
-            by_bits[option.bits].add(node)
+            by_config.setdefault((option.bits, option.block), set()).add(node)
     tables = any(layer.table and chosen[layer.node].bits == FOUR for layer in layers)
     target = source.with_name("planned.onnx")
-    _quantize_nodes(source, target, {bits: nodes for bits, nodes in by_bits.items()}, block, tables)
+    _quantize_nodes(source, target, dict(sorted(by_config.items(), reverse=True)), tables)
     model = ir.load(target)
     ir.external_data.load_to_model(model)
     by_output = {cast(str, node.outputs[0].name): node for node in model.graph}
     names = NameGenerator(model)
     for layer, at in zip(layers, choice):
         option = layer.options[at]
-        if option.rank and layer.error_svd is not None:
-            a, b = layer.error_svd.factors(option.rank)
+        if option.rank:
+            a, b = layer.error_svds[option.block].factors(option.rank)
             correction.add_correction(model.graph, by_output[layer.key], a[0], b[0],
                                       correction.FACTOR_DTYPES[option.dtype], names)
     model.graph.sort()
     return model
 
 
-def _quantize_nodes(source: Path, target: Path, nodes_by_bits: Mapping[int, set[str] | None], block: int,
+def _quantize_nodes(source: Path, target: Path, nodes_by_config: Mapping[tuple[int, int], set[str] | None],
                     tables: bool) -> None:
-    """onnxruntime's MatMulNBits quantizer, once per bit width over the nodes named for it (None: every MatMul), and
-    with `tables` the 4-bit pass over the planned tables too (the model at opset 21 first)."""
+    """onnxruntime's MatMulNBits quantizer, once per (bits, block) over the nodes named for it (None: every MatMul),
+    and with `tables` the 4-bit passes over the planned tables too (the model at opset 21 first)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -279,9 +292,7 @@ def _quantize_nodes(source: Path, target: Path, nodes_by_bits: Mapping[int, set[
     if tables:
         proto = quantize.at_opset_21(proto) or proto
     everything = {node.name for node in proto.graph.node}
-    for bits, nodes in nodes_by_bits.items():
-        if nodes is not None and not nodes:
-            continue
+    for (bits, block), nodes in nodes_by_config.items():
         ops = ("MatMul", "Gather") if tables and bits == FOUR else ("MatMul",)
         planned = everything if nodes is None else nodes
         excluded = [name for name in everything if name not in planned]
@@ -320,29 +331,29 @@ class Search:
 
 
 def auto_stage(model: ir.Model, data: datafit.CalibrationData, block: int, goal: datafit.Goal | None,
-               size_budget: float | None, progress: Callable[[str], None] = logger.info) -> tuple[ir.Model, dict]:
+               size_budget: float | None, progress: Progress = no_progress) -> tuple[ir.Model, dict]:
     """`--quantize auto`: the plan and the model it writes, and what the report says of it."""
     bytes_before = cost.model_totals(model)["bytes"]
     if goal is not None and not data.heldout:
         raise OnnxlrError("{0} auto with a target needs held-out samples to measure on: give {1} (e.g. FILE.npz)",
                           "quantize", "heldout")
     with named_copy(model) as source:
-        layers = plan_layers(model, source, data, block)
+        layers = plan_layers(model, source, data, block, progress)
         steps = upgrade_path(layers)
         fixed = bytes_before - sum(layer.options[-1].bytes for layer in layers if layer.options[-1].bits == FLOAT)
-        progress(f"--quantize auto: {len(layers)} layers, {len(steps)} plans from "
-                 f"{fixed + steps[0].bytes} to {fixed + steps[-1].bytes} bytes")
+        logger.info("--quantize auto: %d layers, %d plans from %d to %d bytes", len(layers), len(steps),
+                    fixed + steps[0].bytes, fixed + steps[-1].bytes)
         if goal is not None:
-            search = _search_goal(source, layers, steps, block, data, goal)
+            search = _search_goal(source, layers, steps, data, goal)
         else:
             assert size_budget is not None
-            search = _within_budget(source, layers, steps, block, fixed, size_budget * bytes_before)
+            search = _within_budget(source, layers, steps, fixed, size_budget * bytes_before)
     chosen = steps[search.step]
     counts: dict[str, int] = {}
     for layer, at in zip(layers, chosen.choice):
         label = ("table " if layer.table else "") + layer.options[at].label
         counts[label] = counts.get(label, 0) + 1
-    stage = {"mode": "auto", "block": block, "layers": len(layers), "plans": len(steps),
+    stage = {"mode": "auto", "blocks": list(planned_blocks(block)), "layers": len(layers), "plans": len(steps),
              "plan": dict(sorted(counts.items())), "steps_written": search.written,
              "predicted_loss": round(chosen.loss, 8),
              "bytes_after": cost.model_totals(search.model)["bytes"],
@@ -355,18 +366,17 @@ def auto_stage(model: ir.Model, data: datafit.CalibrationData, block: int, goal:
     return search.model, stage
 
 
-def _within_budget(source: Path, layers: Sequence[Layer], steps: Sequence[Step], block: int, fixed: int,
+def _within_budget(source: Path, layers: Sequence[Layer], steps: Sequence[Step], fixed: int,
                    budget: float) -> Search:
     """The last step whose weights fit `budget` bytes (the cheapest one if none does: it says so)."""
     fitting = [index for index, step in enumerate(steps) if fixed + step.bytes <= budget]
     if not fitting:
         raise OnnxlrError(f"no plan fits {{0}}: the smallest takes {fixed + steps[0].bytes} bytes of weights, "
                           f"the budget is {int(budget)}", "size_budget")
-    return Search(fitting[-1], write(source, layers, steps[fitting[-1]].choice, block), None, 1)
+    return Search(fitting[-1], write(source, layers, steps[fitting[-1]].choice), None, 1)
 
 
-def _search_goal(source: Path, layers: Sequence[Layer], steps: Sequence[Step], block: int,
-                 data: datafit.CalibrationData, goal: datafit.Goal) -> Search:
+def _search_goal(source: Path, layers: Sequence[Layer], steps: Sequence[Step], data: datafit.CalibrationData, goal: datafit.Goal) -> Search:
     """The first step whose written model meets `goal` on the held-out samples: bisection over the path (the
     measure grows along it), starting where the predicted loss meets it."""
     heldout = cast(list, data.heldout)
@@ -375,7 +385,7 @@ def _search_goal(source: Path, layers: Sequence[Layer], steps: Sequence[Step], b
 
     def measure(index: int) -> float:
         if index not in written:
-            model = write(source, layers, steps[index].choice, block)
+            model = write(source, layers, steps[index].choice)
             written[index] = (model, goal.measure(reference, quantize.outputs(model, heldout)))
             logger.info("plan %d/%d: %d bytes, held-out %s %.4f", index, len(steps) - 1, steps[index].bytes,
                         goal.metric, written[index][1])
