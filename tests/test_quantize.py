@@ -192,3 +192,35 @@ def test_a_written_model_that_misses_the_goal_is_searched_again(monkeypatch, cap
     assert stage["attempts"] == 2 and stage["final"]["met"]
     assert quantizer["extra_loss"] > 0 and quantizer["low_rank_goal"] > 1 - (quantizer["cosine_alone"] - 0.995)
     assert "searching again with a stricter low-rank goal" in caplog.text
+
+
+def test_static_int8_keeps_a_transformers_normalization_and_softmax_float():
+    """MiniLM with every op in static QDQ kept a cosine of 0.354 to the float embeddings; with only its weighted
+    MatMuls in QDQ (normalization, softmax and the attention products float) it keeps 0.93."""
+    import models
+
+    folder = models.build("minilm")
+    written, _ = onnxlr.optimize(str(folder / "model.onnx"), quantize="int8-static", min_params=1 << 40,
+                                 calibration=str(folder / "calib.npz"), verify=False)
+    quantized = ir.to_proto(written)
+    readers = {}
+    for node in quantized.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    dequantized_into = {op for n in quantized.graph.node if n.op_type == "DequantizeLinear"
+                        for op in readers.get(n.output[0], [])}
+    assert "MatMul" in dequantized_into and not dequantized_into & {"LayerNormalization", "Softmax", "Erf"}
+    quantized_matmuls = {n.name for n in quantized.graph.node if n.op_type == "MatMul"
+                         and any(name.endswith("DequantizeLinear_Output") or "_dequantized" in name for name in n.input)}
+    assert quantized_matmuls and all("attention/self/MatMul" not in name for name in quantized_matmuls)
+    held_out = {k: v[:64] for k, v in np.load(folder / "eval.npz").items() if k in ("input_ids", "attention_mask")}
+    reference = default_session(onnx.load(folder / "model.onnx")).run(None, held_out)[0]
+    assert cosine(reference, default_session(quantized).run(None, held_out)[0]) > 0.9
+
+
+def test_static_int8_on_a_model_without_normalization_quantizes_every_op_it_can():
+    quantized, _ = onnxlr.optimize(mlp(), quantize="int8-static", min_params=1 << 40, calibration=[batch(32, 1)],
+                                   verify=False)
+    dequantized = {n.input[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    assert "b1_quantized" in dequantized  # the Add between the MatMuls is in QDQ too (the CNN-style path)
+    assert not any(n.op_type == "Relu" for n in quantized.graph.node)  # folded into the quantized range
