@@ -135,7 +135,8 @@ class Settings:
         "methods", metavar="LIST", parse=split_list)
     quantize: str | None = setting(
         None, "After the rewrite, quantize with onnxruntime's tools: int8 (dynamic, per-channel INT8 weights), "
-        "int8-static (QDQ, calibrated on --calibration), fp16 (float16 weights and compute, float32 inputs and "
+        "int8-static (QDQ, calibrated on --calibration; a model with normalization or softmax ops gets only its "
+        "weighted MatMul/Gemm/Conv nodes in QDQ), fp16 (float16 weights and compute, float32 inputs and "
         "outputs). Verification and --target-cosine/--target-error measure the quantized model (the search takes the "
         "quantizer's own loss, measured on the original, off the goal). int4: 4-bit weight-only MatMuls "
         "(onnxruntime's MatMulNBits, RTN, block 32, symmetric) and 4-bit embedding tables (GatherBlockQuantized; the "
