@@ -139,7 +139,9 @@ def dequantized(node: ir.Node) -> np.ndarray:
         names.pop()
     attributes = {name: attr.value for name, attr in node.attributes.items()}
     if table:
-        rows = ir.convenience.get_const_tensor(cast(ir.Value, node.inputs[0])).shape[0]  # type: ignore[union-attr]
+        data = ir.convenience.get_const_tensor(cast(ir.Value, node.inputs[0]))
+        assert data is not None, "GatherBlockQuantized data is not a constant"
+        rows = int(data.shape[0])
         fed = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.INT64, ["m"])
     else:
         rows = int(node.attributes["K"].value)
@@ -173,7 +175,7 @@ def factor_bytes(shape: tuple[int, ...], dtype: str) -> int:
     rows, columns = shape
     if dtype == "int8":
         return rows * columns + 5 * columns
-    return rows * columns * FACTOR_DTYPES[dtype].itemsize
+    return int(rows * columns * FACTOR_DTYPES[dtype].itemsize)
 
 
 def add_correction(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray, dtype: ir.DataType,
