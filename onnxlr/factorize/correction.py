@@ -141,7 +141,7 @@ def dequantized(node: ir.Node) -> np.ndarray:
     if table:
         data = ir.convenience.get_const_tensor(cast(ir.Value, node.inputs[0]))
         assert data is not None, "GatherBlockQuantized data is not a constant"
-        rows = int(data.shape[0])
+        rows = cast(int, data.shape[0])  # a stored table has a fixed shape
         fed = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.INT64, ["m"])
     else:
         rows = int(node.attributes["K"].value)
