@@ -169,3 +169,17 @@ def test_the_stored_weight_is_read_back_a_slice_of_the_identity_at_a_time(monkey
     model, held_out = mlp(), inputs(32, 9)
     exact, _ = int4(model, correction_rank=max(D_IN, HIDDEN), correction_dtype="float32", allow_no_gain=True)
     assert relative_error(outputs(model, held_out), outputs(exact, held_out)) < 1e-5
+
+
+def test_asymmetric_int4_stores_a_zero_point_per_block_and_loses_less():
+    model, held_out = mlp(), inputs(256, 9)
+    reference = outputs(model, held_out)
+    symmetric, _ = onnxlr.optimize(model, quantize="int4", verify=False, **NOT_FACTORIZED)
+    asymmetric, report = onnxlr.optimize(model, quantize="int4", quantize_symmetric=False, verify=False,
+                                         **NOT_FACTORIZED)
+    assert report["quantization"]["symmetric"] is False
+    nodes = [n for n in asymmetric.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 2 and all(len(n.input) >= 4 and n.input[3] for n in nodes)  # zero points given
+    assert all(len(n.input) < 4 or not n.input[3] for n in symmetric.graph.node if n.op_type == "MatMulNBits")
+    assert (relative_error(reference, outputs(asymmetric, held_out))
+            < relative_error(reference, outputs(symmetric, held_out)))

@@ -363,7 +363,8 @@ def plan_with_data(model: ir.Model, plan: Plan, groups: list[WeightGroup], setti
     if goal is not None and settings.quantize:  # the budget pays for both errors
         goal, result["quantizer"], quantizer = quantize.low_rank_goal(goal, settings.quantize, data,
                                                                       quantizer or quantize.QuantizerLoss(),
-                                                                      settings.quantize_block)
+                                                                      settings.quantize_block,
+                                                                      settings.quantize_symmetric)
     else:
         quantizer = None
     whole_model = settings.budget is not None or goal is not None

@@ -1,8 +1,8 @@
 """`--quantize auto`: one plan over precision x correction rank, priced by the bytes written and the error of what is
 written.
 
-Each MatMul weight can be written as it is (float), 8-bit or 4-bit (onnxruntime's MatMulNBits, RTN, symmetric, with
-`--quantize-block` B, 2B or 4B weights per scale), or 4-bit with a low-rank correction of its error at rank r (int8 or
+Each MatMul weight can be written as it is (float), 8-bit (symmetric) or 4-bit (symmetric, or asymmetric with a zero
+point per block) with onnxruntime's MatMulNBits (RTN) and `--quantize-block` B, 2B or 4B weights per scale, or 4-bit with a low-rank correction of its error at rank r (int8 or
 float16 factors, onnxlr.factorize.correction); each embedding table float or 4-bit (GatherBlockQuantized, the same
 blocks). An option's price
 is the bytes its tensors take, read off the quantized node onnxruntime wrote (and the factors' sizes). Its error is the
@@ -44,6 +44,9 @@ CORRECTION_DTYPES = ("int8", "float16")
 FLOAT, EIGHT, FOUR = 32, 8, 4
 
 
+Config = tuple[int, int, bool]  # how onnxruntime's quantizer writes a weight: bits, block, symmetric
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One way to write a layer: its bits (32: float, as it is) and weights per scale, correction rank and factor
@@ -56,12 +59,18 @@ class Option:
     rank: int = 0
     dtype: str = ""
     block: int = 0
+    symmetric: bool = True
 
     @property
     def label(self) -> str:
         if self.bits == FLOAT:
             return "float"
-        return f"{self.bits}-bit/{self.block}" + (f" + rank {self.rank} {self.dtype}" if self.rank else "")
+        return (f"{self.bits}-bit/{self.block}" + ("" if self.symmetric else " asym")
+                + (f" + rank {self.rank} {self.dtype}" if self.rank else ""))
+
+    @property
+    def config(self) -> Config:
+        return self.bits, self.block, self.symmetric
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +83,7 @@ class Layer:
     node: str  # the node's name (onnxruntime's quantizer includes and excludes nodes by it)
     table: bool
     options: tuple[Option, ...]
-    error_svds: Mapping[int, lowrank.Decomposition] = dataclasses.field(default_factory=dict)
+    error_svds: Mapping[Config, lowrank.Decomposition] = dataclasses.field(default_factory=dict)
 
 
 Choice = tuple[int, ...]  # an option index per layer
@@ -144,16 +153,17 @@ def plan_layers(model: ir.Model, source: Path, data: datafit.CalibrationData, bl
     names = {cast(str, node.outputs[0].name): node.name or "" for node in model.graph}
     grams, output_error = _measures(model, source, data, weights, tables)
     options = {key: [Option(FLOAT, array.nbytes, 0.0)] for key, array in {**weights, **tables}.items()}
-    svds: dict[str, dict[int, lowrank.Decomposition]] = {key: {} for key in weights}
-    configs = [(bits, size) for bits in (EIGHT, FOUR) for size in planned_blocks(block)]
-    for bits, size in progress(configs, "pricing each layer's precisions"):
-        for key, stored, nbytes in _stored(source, bits, size, tables=bool(tables) and bits == FOUR):
+    svds: dict[str, dict[Config, lowrank.Decomposition]] = {key: {} for key in weights}
+    blocks = planned_blocks(block)
+    configs = [(EIGHT, size, True) for size in blocks] + [(FOUR, size, sym) for size in blocks for sym in (True, False)]
+    for config in progress(configs, "pricing each layer's precisions"):
+        for key, stored, nbytes in _stored(source, config, tables=bool(tables) and config[0] == FOUR):
             if key not in options:
                 continue
-            loss = output_error(key, stored)
-            options[key].append(Option(bits, nbytes, loss, block=size))
-            if bits == FOUR and key in grams:
-                svds[key][size] = _corrections(weights[key], grams[key], stored, nbytes, loss, size, options[key])
+            plain = Option(config[0], nbytes, output_error(key, stored), block=config[1], symmetric=config[2])
+            options[key].append(plain)
+            if config[0] == FOUR and key in grams:
+                svds[key][config] = _corrections(weights[key], grams[key], stored, plain, options[key])
     layers = []
     for key, priced in options.items():
         kept = [option for option in priced if option.bytes <= priced[0].bytes]  # never more than the float weight
@@ -167,10 +177,11 @@ def planned_blocks(block: int) -> tuple[int, ...]:
     return tuple(block * step for step in BLOCK_STEPS if block * step <= 256)
 
 
-def _corrections(weight: np.ndarray, gram: np.ndarray, stored: np.ndarray, nbytes: int, loss: float, block: int,
-                 options: list[Option]) -> lowrank.Decomposition:
-    """Appends to `options` the 4-bit weight with each correction of its error (rank, factor type), priced: the
-    4-bit loss scaled by the whitened error the stored factors leave. Returns the error's whitened SVD."""
+def _corrections(weight: np.ndarray, gram: np.ndarray, stored: np.ndarray, plain: Option, options: list[Option]
+                 ) -> lowrank.Decomposition:
+    """Appends to `options` the 4-bit weight (`plain`, as `stored`) with each correction of its error (rank, factor
+    type), priced: the plain loss scaled by the whitened error the stored factors leave. Returns the error's whitened
+    SVD."""
     error = weight.astype(np.float64) - stored
     whitened = _whitened_energy(error, gram)
     decomposition = lowrank.whitened_svd(error[None], gram, side="rows",
@@ -183,7 +194,8 @@ def _corrections(weight: np.ndarray, gram: np.ndarray, stored: np.ndarray, nbyte
             stored_a, stored_b = correction.as_stored(a[0], dtype), correction.as_stored(b[0], dtype)
             added = correction.factor_bytes(a[0].shape, dtype) + correction.factor_bytes(b[0].shape, dtype)
             left = _whitened_energy(error - stored_a @ stored_b, gram)
-            options.append(Option(FOUR, nbytes + added, loss * left / max(whitened, 1e-30), rank, dtype, block))
+            options.append(dataclasses.replace(plain, bytes=plain.bytes + added, rank=rank, dtype=dtype,
+                                              loss=plain.loss * left / max(whitened, 1e-30)))
     return decomposition
 
 
@@ -217,11 +229,11 @@ def _only_reader(weight: ir.Value) -> bool:
     return len(weight.uses()) == 1 and not weight.is_graph_input() and not weight.is_graph_output()
 
 
-def _stored(source: Path, bits: int, block: int, tables: bool) -> Iterator[tuple[str, np.ndarray, int]]:
-    """Every weight of the model at `source` as onnxruntime stores it at `bits` (its tables too at 4 bits with
+def _stored(source: Path, config: Config, tables: bool) -> Iterator[tuple[str, np.ndarray, int]]:
+    """Every weight of the model at `source` as onnxruntime stores it with `config` (its tables too, at 4 bits, with
     `tables`): its node's output name, the weight read back and the bytes of the node's constant inputs."""
-    target = source.with_name(f"stored{bits}-{block}.onnx")
-    _quantize_nodes(source, target, {(bits, block): None}, tables)
+    target = source.with_name("stored-{}-{}-{}.onnx".format(*config))
+    _quantize_nodes(source, target, {config: None}, tables)
     quantized = ir.load(target)
     ir.external_data.load_to_model(quantized)
     for node in quantized.graph:
@@ -260,10 +272,10 @@ def _measures(model: ir.Model, source: Path, data: datafit.CalibrationData, weig
 def write(source: Path, layers: Sequence[Layer], choice: Choice) -> ir.Model:
     """The model at `source` with each planned layer written as `choice` says (the other weights as they are)."""
     chosen = {layer.node: layer.options[at] for layer, at in zip(layers, choice)}
-    by_config: dict[tuple[int, int], set[str]] = {}
+    by_config: dict[Config, set[str]] = {}
     for node, option in chosen.items():
         if option.bits != FLOAT:
-            by_config.setdefault((option.bits, option.block), set()).add(node)
+            by_config.setdefault(option.config, set()).add(node)
     tables = any(layer.table and chosen[layer.node].bits == FOUR for layer in layers)
     target = source.with_name("planned.onnx")
     _quantize_nodes(source, target, dict(sorted(by_config.items(), reverse=True)), tables)
@@ -274,16 +286,16 @@ def write(source: Path, layers: Sequence[Layer], choice: Choice) -> ir.Model:
     for layer, at in zip(layers, choice):
         option = layer.options[at]
         if option.rank:
-            a, b = layer.error_svds[option.block].factors(option.rank)
+            a, b = layer.error_svds[option.config].factors(option.rank)
             correction.add_correction(model.graph, by_output[layer.key], a[0], b[0],
                                       correction.FACTOR_DTYPES[option.dtype], names)
     model.graph.sort()
     return model
 
 
-def _quantize_nodes(source: Path, target: Path, nodes_by_config: Mapping[tuple[int, int], set[str] | None],
+def _quantize_nodes(source: Path, target: Path, nodes_by_config: Mapping[Config, set[str] | None],
                     tables: bool) -> None:
-    """onnxruntime's MatMulNBits quantizer, once per (bits, block) over the nodes named for it (None: every MatMul),
+    """onnxruntime's MatMulNBits quantizer, once per config over the nodes named for it (None: every MatMul),
     and with `tables` the 4-bit passes over the planned tables too (the model at opset 21 first)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -292,12 +304,12 @@ def _quantize_nodes(source: Path, target: Path, nodes_by_config: Mapping[tuple[i
     if tables:
         proto = quantize.at_opset_21(proto) or proto
     everything = {node.name for node in proto.graph.node}
-    for (bits, block), nodes in nodes_by_config.items():
+    for (bits, block, symmetric), nodes in nodes_by_config.items():
         ops = ("MatMul", "Gather") if tables and bits == FOUR else ("MatMul",)
         planned = everything if nodes is None else nodes
         excluded = [name for name in everything if name not in planned]
         with quantize.quiet_quantizer():
-            quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=True,
+            quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=symmetric,
                                              op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)),
                                              nodes_to_exclude=excluded)
             quantizer.process()

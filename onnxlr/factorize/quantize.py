@@ -7,7 +7,8 @@ Modes (onnxruntime's own tools; nothing here quantizes a tensor by hand):
   activations) calibrated on the `--calibration` data;
 - `fp16`: float16 weights and compute with float32 inputs and outputs (onnxruntime's
   `transformers.float16` converter, `keep_io_types`);
-- `int4`: 4-bit weight-only MatMuls (`MatMulNBitsQuantizer`: MatMulNBits, RTN, block 32, symmetric) and
+- `int4`: 4-bit weight-only MatMuls (`MatMulNBitsQuantizer`: MatMulNBits, RTN, block 32, symmetric unless
+  `--quantize-asymmetric`) and
   4-bit embedding tables (GatherBlockQuantized, for which the model is converted to opset 21 first; a model
   the converter cannot take keeps its tables). With `--correction-rank R` and calibration data each
   4-bit MatMul gets a rank-R correction of its quantization error (onnxlr.factorize.correction).
@@ -44,11 +45,12 @@ logger = logging.getLogger(__name__)
 
 
 def quantize(model: ir.Model, mode: str, calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
-             block: int = 32) -> ir.Model:
+             block: int = 32, symmetric: bool = True) -> ir.Model:
     """The quantized model; `model` itself only gets its Constant-node tensors lifted to initializers.
-    `calibration` batches are needed for int8-static; `block`: int4's weights per scale."""
+    `calibration` batches are needed for int8-static; `block`: int4's weights per scale, `symmetric`: without zero
+    points."""
     with saved(model) as source:
-        return quantize_saved(source, mode, calibration, block)
+        return quantize_saved(source, mode, calibration, block, symmetric)
 
 
 @contextlib.contextmanager
@@ -63,7 +65,7 @@ def saved(model: ir.Model) -> Iterator[Path]:
 
 
 def quantize_saved(source: Path, mode: str, calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
-                   block: int = 32) -> ir.Model:
+                   block: int = 32, symmetric: bool = True) -> ir.Model:
     """The model `saved` wrote at `source`, quantized (quantize's arguments), with its tensors in memory."""
     if mode not in MODES or mode == "auto":  # auto is a plan over several quantizers (onnxlr.factorize.precision)
         raise OnnxlrError(f"{{0}} must be one of {', '.join(m for m in MODES if m != 'auto')}, got {mode!r}",
@@ -73,7 +75,7 @@ def quantize_saved(source: Path, mode: str, calibration: Sequence[Mapping[str, n
     target = source.with_name("quantized.onnx")
     logger.info("quantizing (%s) with onnxruntime", mode)
     with quiet_quantizer():
-        _run_quantizer(mode, source, target, calibration, block)
+        _run_quantizer(mode, source, target, calibration, block, symmetric)
     result = ir.load(target)
     ir.external_data.load_to_model(result)  # the folder goes away: the tensors come into memory
     result.graph.sort()  # the fp16 converter appends its input Casts after their readers
@@ -85,7 +87,8 @@ def lift_constants(model: ir.Model) -> None:
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
 
 
-def _run_quantizer(mode: str, source: Path, target: Path, calibration, block: int = 32) -> None:
+def _run_quantizer(mode: str, source: Path, target: Path, calibration, block: int = 32,
+                   symmetric: bool = True) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     large = source.with_suffix(".onnx.data").exists()
@@ -103,7 +106,7 @@ def _run_quantizer(mode: str, source: Path, target: Path, calibration, block: in
                         use_external_data_format=large, nodes_to_quantize=weighted,
                         op_types_to_quantize=list(WEIGHTED_OPS) if weighted is not None else None)
     elif mode == "int4":
-        _int4(source, target, large, block)
+        _int4(source, target, large, block, symmetric)
     else:
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -145,7 +148,7 @@ def static_nodes(source: Path) -> list[str] | None:
     return weighted
 
 
-def _int4(source: Path, target: Path, large: bool, block: int) -> None:
+def _int4(source: Path, target: Path, large: bool, block: int, symmetric: bool = True) -> None:
     """MatMulNBits for every MatMul with a constant right weight; GatherBlockQuantized for embedding tables,
     which needs opset 21 (int4 tensors): the model is converted first, and keeps its tables if it cannot be."""
     import onnx
@@ -157,7 +160,7 @@ def _int4(source: Path, target: Path, large: bool, block: int) -> None:
         converted = at_opset_21(proto)
         if converted is not None:
             proto, ops = converted, ("MatMul", "Gather")
-    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=block, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=block, is_symmetric=symmetric,
                                      op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
     quantizer.process()
     quantizer.model.save_model_to_file(str(target), large)
@@ -222,11 +225,14 @@ def quantize_stage(model: ir.Model, settings: Settings, data: datafit.Calibratio
     stage: dict = {"mode": mode, "bytes_low_rank": low_rank_bytes}
     if mode == "int4":
         stage["block"] = settings.quantize_block
+        if not settings.quantize_symmetric:
+            stage["symmetric"] = False
     with saved(model) as source:  # one copy on disk: the correction's calibration runs and the quantizer read it
         by_measure = settings.correction_allocation == "measured"
         weights, grams, output_error = (_correction_inputs(model, source, data, by_measure)
                                         if correction_rank and data is not None else ({}, {}, None))
-        result = quantize_saved(source, mode, data.batches if data is not None else None, settings.quantize_block)
+        result = quantize_saved(source, mode, data.batches if data is not None else None, settings.quantize_block,
+                                settings.quantize_symmetric)
         if correction_rank:
             from onnxlr.factorize import correction
 
@@ -300,7 +306,7 @@ class QuantizerLoss:
 
 
 def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData, known: QuantizerLoss,
-                  block: int = 32) -> tuple[datafit.Goal, dict, QuantizerLoss]:
+                  block: int = 32, symmetric: bool = True) -> tuple[datafit.Goal, dict, QuantizerLoss]:
     """The goal the low-rank search must meet so that the quantized model meets `goal`: the quantizer's own
     loss on the original (measured on the held-out samples, unless `known`) is taken off it. Cosine losses add
     (1 − cos), relative errors add in quadrature (independent errors). Returns it, the report's figures, and the
@@ -310,7 +316,7 @@ def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData, 
                           f"target_{goal.metric}", "heldout")
     alone = known.alone
     if alone is None:
-        quantized = quantize(load_source(data.source), mode, data.batches, block)
+        quantized = quantize(load_source(data.source), mode, data.batches, block, symmetric)
         alone = goal.measure(outputs(data.source, data.heldout), outputs(quantized, data.heldout))
     if not goal.met(alone):
         raise OnnxlrError(f"{{0}} {mode} alone already gives a held-out {goal.metric} of {alone:.4f}, short of "
