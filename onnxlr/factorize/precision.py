@@ -301,8 +301,9 @@ def _quantize_nodes(source: Path, target: Path, nodes_by_config: Mapping[Config,
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     proto = onnx.load(source)
-    if tables:
-        proto = quantize.at_opset_21(proto) or proto
+    if tables:  # int4 tables need opset 21; a model the converter cannot take keeps them float (it says why)
+        converted = quantize.at_opset_21(proto)
+        tables, proto = converted is not None, converted or proto
     everything = {node.name for node in proto.graph.node}
     for (bits, block, symmetric), nodes in nodes_by_config.items():
         ops = ("MatMul", "Gather") if tables and bits == FOUR else ("MatMul",)
