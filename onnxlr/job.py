@@ -26,6 +26,7 @@ from onnxlr.factorize.pipeline import optimize_loaded
 from onnxlr.factorize.results import Report
 from onnxlr.model_io.io import LoadedModel, first_line, load
 from onnxlr.model_io.save import PROTOBUF_LIMIT_BYTES, check_output_path, staging, use_external_data
+from onnxlr.model_io.text import TextOptions
 from onnxlr.protocols import WeightSink
 from onnxlr.settings import Progress, Settings, check_setting, setting, split_list
 from onnxlr.verification.memory_plan import MemoryPlan, check_memory
@@ -58,8 +59,8 @@ class VerifySettings:
         None, "Execution providers, comma-separated (cpu, cuda, ...). Default: cpu, plus cuda when onnxruntime-gpu is "
         "installed and a GPU is visible.", "verification", metavar="LIST", parse=_providers)
     inputs: str | os.PathLike | None = setting(
-        None, "Inputs keyed by input name, samples along the first axis. Default: synthesized.", "verification",
-        metavar="FILE.npz", path="file")
+        None, "Inputs keyed by input name, samples along the first axis (or text with --tokenizer: a .txt or .jsonl "
+        "file). Default: synthesized.", "verification", metavar="FILE.npz", path="file")
     input_shapes: Mapping[str, tuple[int, ...]] = setting(
         {}, "Fix an input's dynamic dims, e.g. input_ids:1x128 (repeatable): for synthesized inputs and, in optimize, "
         "for the MAC/FLOP counts.", "verification", flag="--shape", metavar="NAME:DIMS", multiple=True,
@@ -125,6 +126,7 @@ class Job:
     edge_targets: bool = False  # the report's latency estimates on edge targets (onnxlr.timing.edge)
     targets_file: str | os.PathLike | None = None  # extra edge targets (implies edge_targets)
     progress: Progress | None = None
+    text: TextOptions = dataclasses.field(default_factory=TextOptions)  # .txt/.jsonl data: its tokenizer and length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,12 +143,41 @@ class Outcome:
 
 def run(job: Job) -> Outcome:
     """Run the whole optimize job (module doc); raises OnnxlrError for bad input, GateFailed for a failed gate."""
-    from onnxlr.model_io.inputs import batch_shapes
-
-    settings, checks, output = job.settings, job.verify, job.output
     if job.heldout is not None and job.calibration is None:
         raise OnnxlrError("{0} samples are only used with {1} data (target_cosine)", "heldout", "calibration")
     loaded = load(job.source)
+    with tempfile.TemporaryDirectory(prefix="onnxlr-text-") as folder:  # text data, tokenized, lives here
+        tokenized_job, tokenized = with_text_tokenized(job, loaded, Path(folder))
+        return _run(tokenized_job, loaded, tokenized)
+
+
+def with_text_tokenized(job: Job, loaded: LoadedModel, folder: Path) -> tuple[Job, list[dict[str, Any]]]:
+    """The job with each .txt/.jsonl data file (calibration, held-out, verification inputs) tokenized for the model
+    into an .npz in `folder` (onnxlr.model_io.text), and what was built (the report's `data`)."""
+    from onnxlr.model_io import text
+
+    built: dict[str, Path] = {}
+    figures: list[dict[str, Any]] = []
+
+    def npz(path: Any) -> Any:
+        if not text.is_text(path):
+            return path
+        key = os.fspath(path)
+        if key not in built:
+            built[key], tokenized = text.as_npz(path, loaded.model, job.text, folder)
+            figures.append({"file": key, "samples": tokenized.samples, "length": tokenized.length,
+                            "truncated": tokenized.truncated, "inputs": list(tokenized.feeds),
+                            "description": tokenized.describe()})
+        return built[key]
+
+    return dataclasses.replace(job, calibration=npz(job.calibration), heldout=npz(job.heldout),
+                               verify=dataclasses.replace(job.verify, inputs=npz(job.verify.inputs))), figures
+
+
+def _run(job: Job, loaded: LoadedModel, tokenized: list[dict[str, Any]]) -> Outcome:
+    from onnxlr.model_io.inputs import batch_shapes
+
+    settings, checks, output = job.settings, job.verify, job.output
     input_shapes = dict(checks.input_shapes)
     if settings.objective == "latency" and not input_shapes and job.calibration is None and checks.inputs:
         input_shapes = batch_shapes(os.fspath(checks.inputs), loaded.model, checks.batch_size)
@@ -171,6 +202,7 @@ def run(job: Job) -> Outcome:
                                  input_shapes=input_shapes, sink=sink,
                                  calibration_segment_budget=memory.calibration_segment_budget)
         report = result.report
+        report.data = tokenized or None
         if isinstance(job.source, (str, os.PathLike)):
             report.input = str(job.source)
         if edge_targets:

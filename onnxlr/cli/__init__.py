@@ -21,6 +21,7 @@ from onnxlr.cli.options import (
     calibration_options,
     output_options,
     settings_options,
+    text_options,
     verbosity_options,
     verify_settings,
 )
@@ -105,6 +106,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @settings_options("latency")
 @settings_options("targets")
 @calibration_options
+@text_options
 @settings_options("calibration", "methods")
 @output_options
 @settings_options("scale")
@@ -140,6 +142,8 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
 
     checks = verify_settings(options, enabled=run_verify, keep_failed=keep_failed)
     calibration_path, calibration_samples = options.pop("calibration_path"), options.pop("calibration_samples")
+    text = jobs.TextOptions(tokenizer=options.pop("tokenizer"), seq_len=options.pop("seq_len"),
+                            text_field=options.pop("text_field"))
     targets_path = options.pop("targets_path")
     external_data_threshold = options.pop("external_data_threshold")
     if output_path is None and not dry_run:
@@ -153,7 +157,8 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
                                               external_data_threshold=external_data_threshold),
                    calibration=calibration_path, calibration_samples=calibration_samples, dry_run=dry_run,
                    memory_check=not no_memory_check, speed_check=speed_check,
-                   edge_targets=bool(report_path or html_path), targets_file=targets_path, progress=state.progress)
+                   edge_targets=bool(report_path or html_path), targets_file=targets_path, progress=state.progress,
+                   text=text)
     try:
         outcome = jobs.run(job)
     except GateFailed as exc:

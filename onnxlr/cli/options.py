@@ -152,12 +152,25 @@ def _setting_option(field: dataclasses.Field) -> Callable:
 
 calibration_options = _options(
     click.option("--calibration", "calibration_path", type=click.Path(exists=True), default=None,
-                 metavar="FILE.npz|DIR",
-                 help="Calibration inputs (an .npz keyed by input name, or a folder of them): weights get the "
+                 metavar="FILE.npz|DIR|FILE.txt",
+                 help="Calibration inputs (an .npz keyed by input name, a folder of them, or text with "
+                      "--tokenizer: a .txt or .jsonl file): weights get the "
                       "activation-whitened SVD, which keeps each layer's outputs on this data closest "
                       "(for Conv, the output scheme on the patches it sees)."),
     click.option("--calibration-samples", type=click.IntRange(min=1), default=None, metavar="N",
                  help="Use at most the first N calibration samples. Default: all."),
+)
+
+text_options = _options(
+    click.option("--tokenizer", type=click.Path(exists=True), default=None, metavar="tokenizer.json|DIR",
+                 help="Text data (--calibration/--inputs FILE.txt, one sample a line, or FILE.jsonl): the Hugging "
+                      "Face tokenizer.json (or the folder that holds it) that turns it into input_ids, "
+                      "attention_mask, token_type_ids and position_ids, by input name."),
+    click.option("--seq-len", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Text data: pad or truncate every sample to N tokens. Default: the model's fixed length, else "
+                      "the longest sample (up to the model's position table, or 512)."),
+    click.option("--text-field", default="text", show_default=True, metavar="NAME",
+                 help="Text data in .jsonl: the field that holds each sample's text."),
 )
 
 output_options = _options(

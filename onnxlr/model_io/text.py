@@ -1,0 +1,191 @@
+"""Text as calibration and held-out data: a .txt file (one sample a line) or a .jsonl file (one JSON object a line,
+its text under `text_field`), tokenized with a Hugging Face `tokenizers` tokenizer.json into the model's inputs.
+
+Inputs are filled by name: `input_ids`, `attention_mask`, `token_type_ids` and `position_ids` (any input whose name
+ends with one of them); a model with another input cannot be fed text and says which. Every sample is padded or
+truncated to one length: `seq_len`, else the model's fixed sequence length, else the longest sample up to the model's
+position table (or MAX_LENGTH). `as_npz` writes the arrays where the rest of onnxlr reads inputs (an .npz keyed by
+input name) and `describe` says what was built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxlr.errors import OnnxlrError
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+MAX_LENGTH = 512  # the longest sample taken when neither the model nor seq_len says
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextOptions:
+    """How text becomes inputs: the tokenizer (a tokenizer.json, or a folder holding one), the length of every
+    sample (None: the model's, else the longest up to its position table) and the JSONL field."""
+
+    tokenizer: str | os.PathLike | None = None
+    seq_len: int | None = None
+    text_field: str = "text"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+    """The inputs built from a text file, and what the report says of them."""
+
+    feeds: dict[str, np.ndarray]
+    samples: int
+    length: int
+    truncated: int  # samples longer than `length`, cut
+    source: str
+
+    def describe(self) -> str:
+        names = ", ".join(self.feeds)
+        cut = f", {self.truncated} truncated" if self.truncated else ""
+        return f"{self.source}: {self.samples} texts tokenized to {self.samples} x {self.length} ({names}){cut}"
+
+
+def is_text(path: Any) -> bool:
+    return isinstance(path, (str, os.PathLike)) and Path(path).suffix.lower() in TEXT_SUFFIXES
+
+
+def read_texts(path: str | os.PathLike, text_field: str = "text") -> list[str]:
+    """The samples of a .txt (non-empty lines) or .jsonl (`text_field` of each object) file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise OnnxlrError(f"{path}: cannot read the text file ({exc.strerror or exc})") from exc
+    if b"\x00" in raw:
+        raise OnnxlrError(f"{path}: a binary file, not text (a .txt holds one sample a line, a .jsonl one JSON "
+                          "object a line)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OnnxlrError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    texts = [line for _, line in lines] if path.suffix.lower() == ".txt" else [
+        _json_text(path, number, line, text_field) for number, line in lines]
+    if not texts:
+        raise OnnxlrError(f"{path}: no text samples (an empty file)")
+    return texts
+
+
+def _json_text(path: Path, number: int, line: str, field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise OnnxlrError(f"{path}:{number}: not a JSON object ({exc.msg})") from exc
+    value = record.get(field) if isinstance(record, dict) else None
+    if not isinstance(value, str):
+        keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        raise OnnxlrError(f"{path}:{number}: no text under {{0}} {field!r} (it has: {keys})", "text_field")
+    return value
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """A `tokenizers.Tokenizer` from a tokenizer.json, or from the folder that holds one."""
+    from tokenizers import Tokenizer
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / TOKENIZER_FILE
+    if not file.is_file():
+        raise OnnxlrError(f"{file}: no tokenizer there ({{0}} takes a tokenizer.json or the folder that holds "
+                          "one, as Hugging Face exports write it)", "tokenizer")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # the tokenizers library's own error for a file it cannot parse
+        raise OnnxlrError(f"{file}: not a tokenizers tokenizer.json ({str(exc).splitlines()[0][:200]})",
+                          "tokenizer") from exc
+
+
+def tokenize(model: ir.Model, texts: Sequence[str], tokenizer: Any, seq_len: int | None = None,
+             source: str = "text") -> Tokenized:
+    """The model's inputs for `texts` (see the module's docstring), checked against its signature and vocabulary."""
+    from onnxlr.model_io.inputs import input_specs
+
+    specs = input_specs(model)
+    roles = _roles(specs)
+    ids_spec = specs[roles["input_ids"]]
+    vocabulary = tokenizer.get_vocab_size(with_added_tokens=True)
+    if ids_spec.high is not None and vocabulary > ids_spec.high:
+        raise OnnxlrError(f"the tokenizer's vocabulary ({vocabulary} tokens) is larger than the model's embedding "
+                          f"table ({ids_spec.high} rows): it is not this model's tokenizer ({{0}})", "tokenizer")
+    pad_id = _pad_id(tokenizer)  # read before the padding the file may configure is turned off
+    tokenizer.no_truncation()
+    tokenizer.no_padding()  # the samples' own lengths first
+    natural = [len(encoding.ids) for encoding in tokenizer.encode_batch(list(texts))]
+    length = _length(specs, roles, seq_len, max(natural))
+    tokenizer.enable_truncation(max_length=length)
+    tokenizer.enable_padding(length=length, pad_id=pad_id)
+    encodings = tokenizer.encode_batch(list(texts))
+    columns = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
+               "token_type_ids": [e.type_ids for e in encodings],
+               "position_ids": [list(range(length))] * len(encodings)}
+    feeds = {name: np.asarray(columns[role], dtype=specs[name].dtype) for role, name in roles.items()}
+    return Tokenized(feeds=feeds, samples=len(texts), length=length,
+                     truncated=sum(count > length for count in natural), source=source)
+
+
+def _roles(specs: Mapping[str, Any]) -> dict[str, str]:
+    """Which input takes which tokenizer output, by name; every input must take one."""
+    roles: dict[str, str] = {}
+    unknown = []
+    for name in specs:
+        role = next((role for role in TOKEN_INPUTS if name == role or name.endswith(role)), None)
+        if role is None or role in roles:
+            unknown.append(name)
+        else:
+            roles[role] = name
+    if "input_ids" not in roles or unknown:
+        raise OnnxlrError("text can feed a model whose inputs are " + ", ".join(TOKEN_INPUTS) + " (by name); this "
+                          f"one has {', '.join(specs)}: give .npz data instead")
+    return roles
+
+
+def _length(specs: Mapping[str, Any], roles: Mapping[str, str], seq_len: int | None, longest: int) -> int:
+    """The sequence length: `seq_len`, the model's fixed one, or the longest sample up to the position table."""
+    declared = specs[roles["input_ids"]].shape
+    fixed = declared[1] if len(declared) > 1 and isinstance(declared[1], int) else None
+    if seq_len is not None:
+        if fixed is not None and seq_len != fixed:
+            raise OnnxlrError(f"{{0}} {seq_len}: the model takes sequences of exactly {fixed} tokens", "seq_len")
+        return seq_len
+    if fixed is not None:
+        return fixed
+    positions = specs[roles["position_ids"]].high if "position_ids" in roles else None
+    return max(1, min(longest, positions or MAX_LENGTH))
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """The tokenizer's own padding id, else its [PAD] / <pad> token, else 0."""
+    if tokenizer.padding is not None and tokenizer.padding.get("pad_id") is not None:
+        return int(tokenizer.padding["pad_id"])
+    for token in ("[PAD]", "<pad>", "<|pad|>"):
+        found = tokenizer.token_to_id(token)
+        if found is not None:
+            return int(found)
+    return 0
+
+
+def as_npz(path: str | os.PathLike, model: ir.Model, options: TextOptions, folder: Path) -> tuple[Path, Tokenized]:
+    """The text file at `path` tokenized for `model`, written as `folder`/<name>.npz (what onnxlr reads as inputs)."""
+    if options.tokenizer is None:
+        raise OnnxlrError(f"{path}: text data needs its tokenizer: give {{0}} tokenizer.json (or the folder that "
+                          "holds it)", "tokenizer")
+    tokenized = tokenize(model, read_texts(path, options.text_field), load_tokenizer(options.tokenizer),
+                         options.seq_len, source=Path(path).name)
+    target = folder / f"{Path(path).stem}-{len(list(folder.iterdir()))}.npz"
+    arrays: dict[str, Any] = dict(tokenized.feeds)  # numpy's stub types savez's keywords as its allow_pickle
+    np.savez(target, **arrays)
+    return target, tokenized
