@@ -147,31 +147,47 @@ def run(job: Job) -> Outcome:
         raise OnnxlrError("{0} samples are only used with {1} data (target_cosine)", "heldout", "calibration")
     loaded = load(job.source)
     with tempfile.TemporaryDirectory(prefix="onnxlr-text-") as folder:  # text data, tokenized, lives here
-        tokenized_job, tokenized = with_text_tokenized(job, loaded, Path(folder))
-        return _run(tokenized_job, loaded, tokenized)
+        resolved, built = with_data_resolved(job, loaded, Path(folder))
+        return _run(resolved, loaded, built)
 
 
-def with_text_tokenized(job: Job, loaded: LoadedModel, folder: Path) -> tuple[Job, list[dict[str, Any]]]:
-    """The job with each .txt/.jsonl data file (calibration, held-out, verification inputs) tokenized for the model
-    into an .npz in `folder` (onnxlr.model_io.text), and what was built (the report's `data`)."""
-    from onnxlr.model_io import text
+def with_data_resolved(job: Job, loaded: LoadedModel, folder: Path) -> tuple[Job, list[dict[str, Any]]]:
+    """The job with its data in the forms the stages read, and what was built (the report's `data`):
+    - each .txt/.jsonl file (calibration, held-out, verification inputs) tokenized for the model into an .npz in
+      `folder` (onnxlr.model_io.text); text calibration with a --target-* goal and no held-out data or --inputs
+      gives its last fifth to both;
+    - `module:function` calibration: the input dicts the function yields."""
+    from onnxlr.model_io import inputs, text
 
     built: dict[str, Path] = {}
     figures: list[dict[str, Any]] = []
+
+    def saved(tokenized: text.Tokenized, key: str) -> Path:
+        figures.append({"file": key, "samples": tokenized.samples, "length": tokenized.length,
+                        "truncated": tokenized.truncated, "inputs": list(tokenized.feeds),
+                        "description": tokenized.describe()})
+        return text.save(tokenized, folder)
 
     def npz(path: Any) -> Any:
         if not text.is_text(path):
             return path
         key = os.fspath(path)
         if key not in built:
-            built[key], tokenized = text.as_npz(path, loaded.model, job.text, folder)
-            figures.append({"file": key, "samples": tokenized.samples, "length": tokenized.length,
-                            "truncated": tokenized.truncated, "inputs": list(tokenized.feeds),
-                            "description": tokenized.describe()})
+            built[key] = saved(text.tokenized_file(path, loaded.model, job.text), key)
         return built[key]
 
-    return dataclasses.replace(job, calibration=npz(job.calibration), heldout=npz(job.heldout),
-                               verify=dataclasses.replace(job.verify, inputs=npz(job.verify.inputs))), figures
+    calibration, heldout, checked = job.calibration, job.heldout, job.verify.inputs
+    if text.is_text(calibration) and job.settings.goal is not None and heldout is None and checked is None:
+        kept, held = text.carve(text.tokenized_file(calibration, loaded.model, job.text))
+        calibration, heldout = saved(kept, os.fspath(calibration)), saved(held, os.fspath(calibration))
+        checked = heldout
+    if inputs.is_callable_source(calibration):
+        dicts = inputs.callable_source(calibration)
+        figures.append({"file": calibration, "samples": len(dicts),
+                        "description": f"{calibration}: {len(dicts)} input dicts"})
+        calibration = dicts
+    return dataclasses.replace(job, calibration=npz(calibration), heldout=npz(heldout),
+                               verify=dataclasses.replace(job.verify, inputs=npz(checked))), figures
 
 
 def _run(job: Job, loaded: LoadedModel, tokenized: list[dict[str, Any]]) -> Outcome:

@@ -149,7 +149,7 @@ def test_the_cli_says_what_it_built_and_refuses_a_binary_file_with_exit_2(files)
     result = onnxlr_cli("optimize", str(source), str(folder / "out.onnx"), "--calibration", str(folder / "calib.txt"),
                         "--tokenizer", str(folder), "--rank-ratio", "0.5", "--no-gate")
     assert result.returncode == 0, result.stderr
-    assert "text data: calib.txt: 32 texts tokenized to 32 x" in result.stdout
+    assert "data: calib.txt: 32 texts tokenized to 32 x" in result.stdout
     (folder / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00")
     refused = onnxlr_cli("optimize", str(source), str(folder / "none.onnx"), "--calibration",
                          str(folder / "image.txt"), "--tokenizer", str(tokenizer), "--rank-ratio", "0.5")
@@ -175,3 +175,51 @@ def test_minilm_text_gives_the_arrays_its_builder_tokenized(tmp_path):
     assert set(tokenized.feeds) == {"input_ids", "attention_mask"}
     for name, array in tokenized.feeds.items():
         assert np.array_equal(array, built[name]), name
+
+
+def test_text_calibration_with_a_target_carves_its_own_held_out_part(files):
+    """No --inputs and no held-out data: the last fifth of the text is what the search and verification measure."""
+    folder, tokenizer = files
+    _, report = onnxlr.optimize(encoder(), calibration=folder / "calib.txt", tokenizer=tokenizer, target_cosine=0.9,
+                                no_gate=True)
+    assert report["calibration"]["samples"] == 26
+    assert [item["samples"] for item in report["data"]] == [26, 6]
+    assert "held out for the search and verification" in report["data"][1]["description"]
+    assert report["verification"]["samples"] == 6 and not report["verification"]["synthesized"]
+
+
+def test_a_python_function_yields_the_calibration_data(tmp_path, monkeypatch):
+    module = tmp_path / "my_audio_data.py"
+    module.write_text("import numpy as np\n\n"
+                      "def batches():\n"
+                      "    rng = np.random.default_rng(0)\n"
+                      "    for _ in range(4):\n"
+                      "        yield {'x': rng.standard_normal((8, 16)).astype(np.float32)}\n\n"
+                      "def wrong_dtype():\n"
+                      "    return [{'x': np.zeros((8, 16), np.float64)}]\n\n"
+                      "def wrong_name():\n"
+                      "    return [{'audio': np.zeros((8, 16), np.float32)}]\n\n"
+                      "def broken():\n"
+                      "    raise ValueError('no such recording')\n")
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(1)
+    mlp = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], [tensor_input("x", ["n", 16])],
+                     [tensor_input("y", ["n", 16])], [init("W", rng.standard_normal((16, 16)).astype(np.float32))])
+    _, report = onnxlr.optimize(mlp, calibration="my_audio_data:batches", rank_ratio=0.5, allow_no_gain=True,
+                                no_gate=True)
+    assert report["calibration"]["samples"] == 32
+    assert report["data"][0]["description"] == "my_audio_data:batches: 4 input dicts"
+    for function, message in (("wrong_dtype", "input 'x' is float64 with 2 dimensions, the model expects float32"),
+                              ("wrong_name", "no array for model input"),
+                              ("broken", "the function failed \\(ValueError: no such recording\\)"),
+                              ("missing", "has no function missing")):
+        with pytest.raises(OnnxlrError, match=message):
+            onnxlr.optimize(mlp, calibration=f"my_audio_data:{function}", rank_ratio=0.5, verify=False)
+    with pytest.raises(OnnxlrError, match="cannot import no_such_module"):
+        onnxlr.optimize(mlp, calibration="no_such_module:batches", rank_ratio=0.5, verify=False)
+    source = tmp_path / "mlp.onnx"
+    onnx.save(mlp, source)
+    result = onnxlr_cli("optimize", str(source), str(tmp_path / "out.onnx"), "--calibration", "my_audio_data:broken",
+                        "--rank-ratio", "0.5", cwd=tmp_path)
+    assert result.returncode == 2 and "no such recording" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.onnx").exists()

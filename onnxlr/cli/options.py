@@ -12,6 +12,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -150,11 +151,25 @@ def _setting_option(field: dataclasses.Field) -> Callable:
     return click.option(flag, field.name, **kwargs)
 
 
+class DataSource(click.ParamType):
+    """A path that exists, or `module:function` (onnxlr.model_io.inputs.callable_source)."""
+
+    name = "data"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from onnxlr.model_io.inputs import CALLABLE
+
+        if Path(value).exists() or CALLABLE.match(str(value)):
+            return value
+        self.fail(f"{value!r}: no such file or folder (nor a module:function)", param, ctx)
+
+
 calibration_options = _options(
-    click.option("--calibration", "calibration_path", type=click.Path(exists=True), default=None,
-                 metavar="FILE.npz|DIR|FILE.txt",
-                 help="Calibration inputs (an .npz keyed by input name, a folder of them, or text with "
-                      "--tokenizer: a .txt or .jsonl file): weights get the "
+    click.option("--calibration", "calibration_path", type=DataSource(), default=None,
+                 metavar="FILE.npz|DIR|FILE.txt|MODULE:FUNCTION",
+                 help="Calibration inputs (an .npz keyed by input name, a folder of them, text with --tokenizer: a "
+                      ".txt or .jsonl file, or module:function, a Python function in the current folder or on "
+                      "sys.path that returns or yields dicts of arrays keyed by input name): weights get the "
                       "activation-whitened SVD, which keeps each layer's outputs on this data closest "
                       "(for Conv, the output scheme on the patches it sees)."),
     click.option("--calibration-samples", type=click.IntRange(min=1), default=None, metavar="N",

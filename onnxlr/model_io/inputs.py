@@ -330,6 +330,46 @@ def _feed_sets(source: Any, specs: Mapping[str, Any]) -> Iterator[dict[str, np.n
         yield _finite(_checked(feeds, specs, where), where)
 
 
+CALLABLE = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<function>[A-Za-z_]\w*)$")
+
+
+def is_callable_source(source: Any) -> bool:
+    """`module:function` (not an existing path): a Python callable that yields input dicts."""
+    return isinstance(source, str) and CALLABLE.match(source) is not None and not Path(source).exists()
+
+
+def callable_source(source: str) -> list[Any]:
+    """The input dicts `module:function()` yields (the module imported from the current folder first, then
+    sys.path), all of them: calibration reads its data several times."""
+    import importlib
+    import sys
+
+    match = CALLABLE.match(source)
+    assert match is not None  # is_callable_source said so
+    module_name, function_name = match["module"], match["function"]
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module: any error while importing it
+        raise OnnxlrError(f"{source}: cannot import {module_name} ({type(exc).__name__}: {first_line(exc)})") from exc
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise OnnxlrError(f"{source}: {module_name} has no function {function_name}")
+    try:
+        produced = function()
+        items = [produced] if isinstance(produced, Mapping) else list(produced)
+    except Exception as exc:  # the user's code: any error while it yields its data
+        raise OnnxlrError(f"{source}: the function failed ({type(exc).__name__}: {first_line(exc)})") from exc
+    if not items:
+        raise OnnxlrError(f"{source}: the function yielded no input dicts")
+    return items
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
+
+
 def _finite(feeds: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
     """Refuse NaN/Inf in calibration inputs: they would poison every second-moment statistic."""
     for name, array in feeds.items():

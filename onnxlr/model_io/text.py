@@ -4,8 +4,9 @@ its text under `text_field`), tokenized with a Hugging Face `tokenizers` tokeniz
 Inputs are filled by name: `input_ids`, `attention_mask`, `token_type_ids` and `position_ids` (any input whose name
 ends with one of them); a model with another input cannot be fed text and says which. Every sample is padded or
 truncated to one length: `seq_len`, else the model's fixed sequence length, else the longest sample up to the model's
-position table (or MAX_LENGTH). `as_npz` writes the arrays where the rest of onnxlr reads inputs (an .npz keyed by
-input name) and `describe` says what was built.
+position table (or MAX_LENGTH). `save` writes the arrays where the rest of onnxlr reads inputs (an .npz keyed by
+input name), `describe` says what was built, and `carve` splits off held-out samples (a --target-* search with text
+calibration and no held-out data).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 MAX_LENGTH = 512  # the longest sample taken when neither the model nor seq_len says
 TOKENIZER_FILE = "tokenizer.json"
+HELDOUT_SHARE = 0.2  # text calibration with a --target-* goal and no held-out data: this much is carved for it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,14 +180,34 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def as_npz(path: str | os.PathLike, model: ir.Model, options: TextOptions, folder: Path) -> tuple[Path, Tokenized]:
-    """The text file at `path` tokenized for `model`, written as `folder`/<name>.npz (what onnxlr reads as inputs)."""
+def tokenized_file(path: str | os.PathLike, model: ir.Model, options: TextOptions) -> Tokenized:
+    """The text file at `path` tokenized for `model`."""
     if options.tokenizer is None:
         raise OnnxlrError(f"{path}: text data needs its tokenizer: give {{0}} tokenizer.json (or the folder that "
                           "holds it)", "tokenizer")
-    tokenized = tokenize(model, read_texts(path, options.text_field), load_tokenizer(options.tokenizer),
-                         options.seq_len, source=Path(path).name)
-    target = folder / f"{Path(path).stem}-{len(list(folder.iterdir()))}.npz"
+    return tokenize(model, read_texts(path, options.text_field), load_tokenizer(options.tokenizer), options.seq_len,
+                    source=Path(path).name)
+
+
+def carve(tokenized: Tokenized, share: float = HELDOUT_SHARE) -> tuple[Tokenized, Tokenized]:
+    """(calibration, held-out): the last `share` of the samples (at least one, at most all but one) held out."""
+    if tokenized.samples < 2:
+        raise OnnxlrError(f"{tokenized.source}: one text cannot be split into calibration and held-out samples: "
+                          "give more, or held-out {0}", "heldout")
+    held = min(tokenized.samples - 1, max(1, round(tokenized.samples * share)))
+    kept = tokenized.samples - held
+
+    def part(rows: slice, samples: int, label: str) -> Tokenized:
+        return dataclasses.replace(tokenized, feeds={name: array[rows] for name, array in tokenized.feeds.items()},
+                                   samples=samples, truncated=0, source=f"{tokenized.source} ({label})")
+
+    return (part(slice(0, kept), kept, f"the first {kept}, calibration"),
+            part(slice(kept, None), held, f"the last {held}, held out for the search and verification"))
+
+
+def save(tokenized: Tokenized, folder: Path) -> Path:
+    """`tokenized`'s arrays as an .npz in `folder` (what onnxlr reads as inputs)."""
+    target = folder / f"text-{len(list(folder.iterdir()))}.npz"
     arrays: dict[str, Any] = dict(tokenized.feeds)  # numpy's stub types savez's keywords as its allow_pickle
     np.savez(target, **arrays)
-    return target, tokenized
+    return target

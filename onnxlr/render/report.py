@@ -67,7 +67,7 @@ def _before_after(before: int | None, after: int | None, changed: bool) -> str:
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     totals = report["totals"]
-    lines = [f"text data: {item['description']}" for item in report.get("data") or []] + [
+    lines = [f"data: {item['description']}" for item in report.get("data") or []] + [
         f"layers: {totals['factorized']} factorized, {totals['skipped']} skipped",
         f"parameters: {human(totals['params_before'])} -> {human(totals['params_after'])} "
         f"({_ratio(totals['params_after'], totals['params_before'])} of the model)",
