@@ -202,3 +202,18 @@ def onnx_ir_model(model):
     import onnx_ir as ir
 
     return ir.from_proto(model)
+
+
+def test_embeddings_get_neighbour_agreement_scores_get_top1():
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((40, 16))
+    same = v.compare_arrays(embeddings, embeddings * 1.0001, v.Gates(), name="sentence_embedding")
+    assert same["neighbour_agreement"] == 1.0 and "top1_agreement" not in same
+    shuffled = v.compare_arrays(embeddings, rng.permutation(embeddings), v.Gates(), name="sentence_embedding")
+    assert shuffled["neighbour_agreement"] < 0.5  # other rows: other neighbours
+    noisy = embeddings + 0.3 * rng.standard_normal(embeddings.shape)
+    assert 0.3 < v.compare_arrays(embeddings, noisy, v.Gates(), name="embedding")["neighbour_agreement"] < 1.0
+    logits = v.compare_arrays(embeddings, embeddings, v.Gates(), name="logits")
+    assert "top1_agreement" in logits and "neighbour_agreement" not in logits
+    few = v.compare_arrays(embeddings[:5], embeddings[:5], v.Gates(), name="embedding")
+    assert "neighbour_agreement" not in few  # 5 samples have no 5 neighbours each

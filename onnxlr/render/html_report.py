@@ -22,7 +22,7 @@ from onnxlr.render.html_report_plots import (
     rank_plot,
     targets_plot,
 )
-from onnxlr.render.report import output_verdict, similarity, verification_verdict, write_text
+from onnxlr.render.report import agreement_text, output_verdict, similarity, verification_verdict, write_text
 
 # ----------------------------------------------------------------------------- optimize: the page
 
@@ -229,7 +229,7 @@ def _verification(report: dict[str, Any]) -> str:
     gate_text = ", ".join(f"{key.replace('_', ' ')} {value:g}" for key, value in sorted(gates.items())
                           if value is not None) or "none (figures only; NaN/Inf the original lacks always fail)"
     columns = [("provider", False), ("output", False), ("max abs", True), ("mean abs", True), ("max rel", True),
-               ("cosine", True), ("sample cosine", True), ("SNR dB", True), ("top-1", True), ("NaN / Inf", True),
+               ("cosine", True), ("sample cosine", True), ("SNR dB", True), ("top-1 / nbr@5", True), ("NaN / Inf", True),
                ("result", False)]
     rows = [row for provider, entry in result["providers"].items() for row in _verification_rows(provider, entry)]
     failures = "".join(f"<li>{esc(text)}</li>" for text in result.get("failures", []))
@@ -281,7 +281,7 @@ def _verification_rows(provider: str, entry: dict[str, Any]) -> Iterable[tuple[s
             bad_values = f"{m.get('nan', 0)} / {m.get('inf', 0)}"
             yield "", [esc(provider), label, _num(m["max_abs"], ".3g"), _num(m["mean_abs"], ".3g"),
                        _num(m["max_rel"], ".3g"), esc(similarity(m)), _num(m.get("mean_sample_cosine"), ".6f"),
-                       _num(m.get("snr_db"), ".1f"), _num(m.get("top1_agreement"), ".3f"), bad_values, verdict]
+                       _num(m.get("snr_db"), ".1f"), esc(agreement_text(m)), bad_values, verdict]
 
 
 def _targets(report: dict[str, Any]) -> str:

@@ -144,8 +144,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 def verification_table(result: dict[str, Any]) -> Table:
     table = Table(title=f"onnxlr: verification on {result['samples']} sample(s)", title_justify="left")
-    for column in ("provider", "output", "max abs", "mean abs", "max rel", "cosine", "sample cos", "SNR dB", "top-1",
-                   "result"):
+    for column in ("provider", "output", "max abs", "mean abs", "max rel", "cosine", "sample cos", "SNR dB",
+                   "top-1 / nbr@5", "result"):
         table.add_column(column, justify="left" if column in ("provider", "output", "result") else "right")
     for provider, entry in result["providers"].items():
         for kind, group in (("", entry["outputs"]), ("layer ", entry.get("layers", {}))):
@@ -157,12 +157,21 @@ def verification_table(result: dict[str, Any]) -> Table:
                     output_verdict(m), f"[red]FAIL[/]: {m['failure']}")
                 if kind:
                     verdict = "-"
-                top1 = f"{m['top1_agreement']:.3f}" if "top1_agreement" in m else "-"
+                top1 = agreement_text(m)
                 sample_cos = f"{m['mean_sample_cosine']:.6f}" if "mean_sample_cosine" in m else "-"
                 snr = "-" if m["snr_db"] is None else ("inf" if m["snr_db"] == float("inf") else f"{m['snr_db']:.1f}")
                 table.add_row(provider, kind + name, f"{m['max_abs']:.3g}", f"{m['mean_abs']:.3g}",
                               f"{m['max_rel']:.3g}", similarity(m), sample_cos, snr, top1, verdict)
     return table
+
+
+def agreement_text(metrics: dict[str, Any]) -> str:
+    """Top-1 agreement for scores, neighbour agreement (nbr) for embeddings, else "-"."""
+    if "top1_agreement" in metrics:
+        return f"{metrics['top1_agreement']:.3f}"
+    if "neighbour_agreement" in metrics:
+        return f"nbr {metrics['neighbour_agreement']:.3f}"
+    return "-"
 
 
 LAYER_ROWS_SHOWN = 10
@@ -296,7 +305,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     verification = report.get("verification")
     if verification:
         lines += ["### Verification " + verification_verdict(verification), "",
-                  "| provider | output | max abs | cosine | SNR dB | top-1 | result |",
+                  "| provider | output | max abs | cosine | SNR dB | top-1 / nbr@5 | result |",
                   "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
         for provider, entry in verification["providers"].items():
             for name, m in entry["outputs"].items():
@@ -304,7 +313,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     lines.append(f"| {provider} | {name} | - | - | - | - | {m['failure']} |")
                     continue
                 snr = "-" if m["snr_db"] is None else f"{m['snr_db']:.1f}"
-                top1 = f"{m['top1_agreement']:.3f}" if "top1_agreement" in m else "-"
+                top1 = agreement_text(m)
                 verdict = output_verdict(m)
                 result = f"FAIL: {m['failure']}" if verdict == "FAIL" else verdict
                 lines.append(f"| {provider} | `{name}` | {m['max_abs']:.3g} | {similarity(m)} | {snr} | {top1} | "

@@ -8,6 +8,8 @@ Metrics per output (all computed in float64 over every sample):
   snr_db               10 log10(sum reference^2 / sum (candidate - reference)^2)
   top1_agreement       share of rows whose argmax over the last axis agrees, for outputs that look like
                        scores (`looks_like_scores`: 2-D float, not an embedding by name or by unit-norm rows)
+  neighbour_agreement  2-D float outputs that are not scores (embeddings), over at least NEIGHBOURS + 1 samples:
+                       mean share of each sample's NEIGHBOURS nearest samples (by cosine) that stay its nearest
   agreement            integer and boolean outputs (ids, classes, masks): share of elements exactly equal
   nan / inf            counts in the candidate (and in the reference)
 
@@ -141,6 +143,8 @@ def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: s
         metrics["mean_sample_cosine"] = float(np.mean([_cosine(a, b) for a, b in zip(rows_ref, rows_out)]))
     if looks_like_scores(reference, name) and reference.size:
         metrics["top1_agreement"] = float(np.mean(np.argmax(reference, -1) == np.argmax(candidate, -1)))
+    elif reference.dtype.kind == "f" and reference.ndim == 2 and len(reference) > NEIGHBOURS and finite.all():
+        metrics["neighbour_agreement"] = neighbour_agreement(reference, candidate)
     integer = _is_integer(reference)
     if integer:  # ids, classes, masks: a cosine says little, exact agreement says it all
         metrics["agreement"] = float(np.mean(reference == candidate)) if reference.size else 1.0
@@ -148,6 +152,24 @@ def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: s
     metrics["failure"] = _gate_failure(ref, out, diff, metrics, gates, integer)
     metrics["passed"] = metrics["failure"] is None
     return metrics
+
+
+NEIGHBOURS = 5  # neighbour_agreement: each sample's this many nearest samples
+
+
+def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = NEIGHBOURS) -> float:
+    """Mean over samples of the share of its k nearest other samples (cosine similarity of the rows) in the
+    reference that are also among its k nearest in the candidate: whether a search over these embeddings still
+    finds the same neighbours."""
+    def nearest(rows: np.ndarray) -> np.ndarray:
+        rows = rows.astype(np.float64)
+        unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
+        similarity = unit @ unit.T
+        np.fill_diagonal(similarity, -np.inf)
+        return np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+
+    ours, theirs = nearest(reference), nearest(candidate)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)]))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
