@@ -25,6 +25,7 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
              seed: int = 0, samples: int = 8, batch_size: int = 16, atol: float | None = None,
              rtol: float | None = None, min_cosine: float | None = None, no_gate: bool = False,
              per_layer: bool = False, min_layer_cosine: float | None = None, keep_failed: bool = False,
+             min_metric: Sequence[str] = (),
              external_data: bool | None = None, tokenizer: str | os.PathLike | None = None,
              seq_len: int | None = None, text_field: str = "text", **settings: Any) -> tuple[Any, dict]:
     """Factorize a model's MatMul/Gemm/Conv weights, verify and gate the result as `onnxlr optimize` does; returns
@@ -48,7 +49,8 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
 
     Verification (`verify=False`: --no-verify) runs the result and the input on onnxruntime and compares their
     outputs, with the CLI's verification flags as keywords: inputs (an .npz; default synthesized), providers,
-    seed, samples, batch_size, atol, rtol, min_cosine, no_gate, per_layer, min_layer_cosine. A failed gate raises
+    seed, samples, batch_size, atol, rtol, min_cosine, min_metric ("NAME=VALUE" items), no_gate, per_layer,
+    min_layer_cosine. A failed gate raises
     `onnxlr.GateFailed` (its `report` holds the figures) unless `keep_failed`; the figures are the report's
     `verification`. `output` writes the model there atomically, as the CLI does (nothing written on failure;
     `external_data` as --external-data). `memory_check` (--no-memory-check: False) verifies in segments, or stops,
@@ -59,6 +61,7 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
         enabled=verify, inputs=inputs, providers=tuple(providers) if providers else None,
         input_shapes={name: tuple(dims) for name, dims in (input_shapes or {}).items()}, seed=seed, samples=samples, batch_size=batch_size, atol=atol, rtol=rtol,
         min_cosine=min_cosine, no_gate=no_gate, per_layer=per_layer, min_layer_cosine=min_layer_cosine,
+        min_metric=tuple(min_metric),
         keep_failed=keep_failed)
     job = jobs.Job(source=model, settings=Settings.of(**settings), verify=checks,
                    output=jobs.OutputSettings(path=output, external_data=external_data), calibration=calibration,

@@ -75,6 +75,11 @@ class VerifySettings:
         None, "Gate: cosine similarity of each float output to the reference (integer and boolean outputs: the share of "
         "elements exactly equal). Without --atol/--rtol/--min-cosine the default gate is --min-cosine 0.99.",
         "verification", kind="number", bounds=(-1, 1))
+    min_metric: tuple[str, ...] = setting(
+        (), "Gate on a task metric, NAME=VALUE (repeatable): top1 (argmax agreement of score outputs), neighbours "
+        "(neighbour agreement of embedding outputs: the share of each sample's 5 nearest samples kept), "
+        "sample_cosine (mean per-sample cosine). Given alone, it replaces the default gate.", "verification",
+        metavar="NAME=VALUE", multiple=True, show_default=False)
     no_gate: bool = setting(False, "No default gate: outputs are compared and reported, but only "
                             "--atol/--rtol/--min-cosine (when given) and NaN/Inf the reference does not have can fail "
                             "the run.", "verification", kind="bool")
@@ -91,13 +96,18 @@ class VerifySettings:
                                                   dict(self.input_shapes or {}).items()})
         if self.providers is not None:
             object.__setattr__(self, "providers", tuple(self.providers))
+        object.__setattr__(self, "min_metric", tuple(self.min_metric))
+        from onnxlr.verification.verify import parse_min_metrics
+
+        parse_min_metrics(self.min_metric)  # a bad gate is refused before any work
         for field in dataclasses.fields(self):
             check_setting(field, getattr(self, field.name))
 
     def gates(self) -> Any:
-        from onnxlr.verification.verify import Gates
+        from onnxlr.verification.verify import Gates, parse_min_metrics
 
-        return Gates.chosen(atol=self.atol, rtol=self.rtol, min_cosine=self.min_cosine, default_gate=not self.no_gate)
+        return Gates.chosen(atol=self.atol, rtol=self.rtol, min_cosine=self.min_cosine, default_gate=not self.no_gate,
+                            min_metrics=parse_min_metrics(self.min_metric))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -217,3 +217,46 @@ def test_embeddings_get_neighbour_agreement_scores_get_top1():
     assert "top1_agreement" in logits and "neighbour_agreement" not in logits
     few = v.compare_arrays(embeddings[:5], embeddings[:5], v.Gates(), name="embedding")
     assert "neighbour_agreement" not in few  # 5 samples have no 5 neighbours each
+
+
+def test_a_task_metric_gate_fails_what_it_bounds_and_replaces_the_default_gate():
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((40, 16))
+    noisy = embeddings + 0.3 * rng.standard_normal(embeddings.shape)
+    measured = v.compare_arrays(embeddings, noisy, v.Gates(), name="embedding")["neighbour_agreement"]
+    strict = v.Gates.chosen(min_metrics=[("neighbours", measured + 0.01)])
+    assert not strict.default and strict.min_cosine is None
+    failed = v.compare_arrays(embeddings, noisy, strict, name="embedding")
+    assert not failed["passed"] and "--min-metric neighbours=" in failed["failure"]
+    assert failed["gated"] == ["min_neighbours"]
+    loose = v.compare_arrays(embeddings, noisy, v.Gates.chosen(min_metrics=[("neighbours", measured - 0.01)]),
+                             name="embedding")
+    assert loose["passed"]
+    logits = v.compare_arrays(embeddings, noisy, strict, name="logits")  # no neighbours there: not gated by it
+    assert logits["gated"] == []
+    assert v.parse_min_metrics(["top1=0.95", "neighbours=0.8"]) == (("top1", 0.95), ("neighbours", 0.8))
+    for bad in ("accuracy=0.9", "top1", "top1=high"):
+        with pytest.raises(v.OnnxlrError, match="min_metric takes NAME=VALUE"):
+            v.parse_min_metrics([bad])
+
+
+def test_the_cli_gates_an_embedding_on_neighbour_agreement(tmp_path):
+    """A 2-D float output named like an embedding, on 40 given samples: --min-metric neighbours above what the
+    rewrite keeps fails the run (exit 1, nothing written); a bad gate is exit 2 before any work."""
+    from graphs import init, make_model, onnxlr_cli, tensor_input
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((32, 32)) / 6).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["sentence_embedding"], name="proj")],
+                       [tensor_input("x", ["n", 32])], [tensor_input("sentence_embedding", ["n", 32])],
+                       [init("W", weight)])
+    source = tmp_path / "model.onnx"
+    onnx.save(model, source)
+    np.savez(tmp_path / "inputs.npz", x=rng.standard_normal((40, 32)).astype(np.float32))
+    common = [str(source), str(tmp_path / "out.onnx"), "--rank-ratio", "0.25", "--inputs", str(tmp_path / "inputs.npz")]
+    failed = onnxlr_cli("optimize", *common, "--min-metric", "neighbours=0.999")
+    assert failed.returncode == 1 and "--min-metric neighbours=0.999" in failed.stdout + failed.stderr
+    assert not (tmp_path / "out.onnx").exists()
+    bad = onnxlr_cli("optimize", *common, "--min-metric", "accuracy=0.9")
+    assert bad.returncode == 2 and "min-metric takes NAME=VALUE" in bad.stderr

@@ -226,8 +226,10 @@ def _verification(report: dict[str, Any]) -> str:
     if not result:
         return ""
     gates = result.get("gates", {})
-    gate_text = ", ".join(f"{key.replace('_', ' ')} {value:g}" for key, value in sorted(gates.items())
-                          if value is not None) or "none (figures only; NaN/Inf the original lacks always fail)"
+    named = [f"{key.replace('_', ' ')} {value:g}" for key, value in sorted(gates.items())
+             if value is not None and key != "min_metrics"]
+    named += [f"min {name} {value:g}" for name, value in gates.get("min_metrics") or ()]
+    gate_text = ", ".join(named) or "none (figures only; NaN/Inf the original lacks always fail)"
     columns = [("provider", False), ("output", False), ("max abs", True), ("mean abs", True), ("max rel", True),
                ("cosine", True), ("sample cosine", True), ("SNR dB", True), ("top-1 / nbr@5", True), ("NaN / Inf", True),
                ("result", False)]

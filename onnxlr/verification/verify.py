@@ -63,21 +63,43 @@ class Gates:
     rtol: float | None = None
     min_cosine: float | None = None
     default: bool = False  # True: no gate was asked for, so the default gate applies
+    min_metrics: tuple[tuple[str, float], ...] = ()  # --min-metric NAME=VALUE: (name, least value), TASK_METRICS
 
     @classmethod
     def chosen(cls, atol: float | None = None, rtol: float | None = None, min_cosine: float | None = None,
-               default_gate: bool = True) -> Gates:
+               default_gate: bool = True, min_metrics: Sequence[tuple[str, float]] = ()) -> Gates:
         """The gates a user asked for; when none, the default gate (unless `default_gate` is off)."""
-        if atol is None and rtol is None and min_cosine is None and default_gate:
+        if atol is None and rtol is None and min_cosine is None and not min_metrics and default_gate:
             return cls(min_cosine=DEFAULT_MIN_COSINE, default=True)
-        return cls(atol=atol, rtol=rtol, min_cosine=min_cosine)
+        return cls(atol=atol, rtol=rtol, min_cosine=min_cosine, min_metrics=tuple(min_metrics))
 
-    def names(self, integer: bool = False) -> list[str]:
-        """The gates that check an output (float, or integer/boolean)."""
+    def names(self, integer: bool = False, metrics: Mapping[str, Any] | None = None) -> list[str]:
+        """The gates that check an output (float, or integer/boolean; a task metric's gate where `metrics` has it)."""
         names = ["atol/rtol"] if self.atol is not None or self.rtol is not None else []
         if self.min_cosine is not None:
             names.append("min_agreement" if integer else "min_cosine")
+        names += [f"min_{name}" for name, _ in self.min_metrics if TASK_METRICS[name] in (metrics or {})]
         return names
+
+
+# --min-metric NAME=VALUE: the gate's name -> the metric it bounds from below
+TASK_METRICS = {"top1": "top1_agreement", "neighbours": "neighbour_agreement", "sample_cosine": "mean_sample_cosine"}
+
+
+def parse_min_metrics(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """--min-metric NAME=VALUE items as (name, value) pairs; a bad one is an error naming the flag."""
+    parsed = []
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if name not in TASK_METRICS or not math.isfinite(number):
+            raise OnnxlrError(f"{{0}} takes NAME=VALUE with NAME one of {', '.join(TASK_METRICS)} and a number, got "
+                              f"{item!r}", "min_metric")
+        parsed.append((name, number))
+    return tuple(parsed)
 
 
 @dataclasses.dataclass
@@ -148,7 +170,7 @@ def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: s
     integer = _is_integer(reference)
     if integer:  # ids, classes, masks: a cosine says little, exact agreement says it all
         metrics["agreement"] = float(np.mean(reference == candidate)) if reference.size else 1.0
-    metrics["gated"] = gates.names(integer)
+    metrics["gated"] = gates.names(integer, metrics)
     metrics["failure"] = _gate_failure(ref, out, diff, metrics, gates, integer)
     metrics["passed"] = metrics["failure"] is None
     return metrics
@@ -222,6 +244,10 @@ def _gate_failure(ref, out, diff, metrics, gates: Gates, integer: bool = False) 
         if bad.any():
             return (f"{int(bad.sum())} of {bad.size} elements exceed atol {atol:g} + rtol {rtol:g} x |reference| "
                     f"(max abs {metrics['max_abs']:.3g}, max rel {metrics['max_rel']:.3g})")
+    for name, least in gates.min_metrics:
+        measured = metrics.get(TASK_METRICS[name])
+        if measured is not None and measured < least:
+            return f"{TASK_METRICS[name]} {measured:.4f} < --min-metric {name}={least:g}"
     if gates.min_cosine is None:
         return None
     gate = (f"{gates.min_cosine:g} (the default gate: --min-cosine C sets another, --no-gate turns it off)"
