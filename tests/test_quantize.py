@@ -169,8 +169,8 @@ def test_a_written_model_that_misses_the_goal_is_searched_again(monkeypatch, cap
     real = quantize.quantize_saved
     calls = {"candidates": 0}
 
-    def lossy_once(source, mode, calibration=None, block=32):
-        result = real(source, mode, calibration, block)
+    def lossy_once(source, mode, calibration=None, block=32, symmetric=True):
+        result = real(source, mode, calibration, block, symmetric)
         factored = any(name.endswith("_lr_b_scale") for name in result.graph.initializers)
         if factored:
             calls["candidates"] += 1

@@ -161,7 +161,7 @@ class DataSource(click.ParamType):
 
         if Path(value).exists() or CALLABLE.match(str(value)):
             return value
-        self.fail(f"{value!r}: no such file or folder (nor a module:function)", param, ctx)
+        self.fail(f"{value!r} does not exist (nor is it a module:function)", param, ctx)
 
 
 calibration_options = _options(
