@@ -27,7 +27,8 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
              per_layer: bool = False, min_layer_cosine: float | None = None, keep_failed: bool = False,
              min_metric: Sequence[str] = (),
              external_data: bool | None = None, tokenizer: str | os.PathLike | None = None,
-             seq_len: int | None = None, text_field: str = "text", **settings: Any) -> tuple[Any, dict]:
+             seq_len: int | None = None, text_field: str = "text", image_spec: str | None = None,
+             **settings: Any) -> tuple[Any, dict]:
     """Factorize a model's MatMul/Gemm/Conv weights, verify and gate the result as `onnxlr optimize` does; returns
     (new model, report as JSON-ready dict).
 
@@ -41,7 +42,8 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
     with param_budget or mac_budget, allocation by measured sensitivity); `heldout` (same kinds; default `inputs`) is
     what target_cosine / target_error are measured on. `calibration`, `heldout` and `inputs` may also be text (a .txt
     file, one sample a line, or .jsonl with `text_field`), tokenized with `tokenizer` (a tokenizer.json or its folder)
-    to `seq_len` tokens (onnxlr.model_io.text). `input_shapes` ({input name: dims}, `--shape`) fixes
+    to `seq_len` tokens (onnxlr.model_io.text), or a folder of images preprocessed as `image_spec` says
+    (onnxlr.model_io.images). `input_shapes` ({input name: dims}, `--shape`) fixes
     dynamic input dims for the cost model, verification and objective="latency", which times every candidate pair
     against its original node (settings latency_budget, latency_provider, latency_threads, latency_table,
     latency_cache), then confirms the plan end to end (onnxlr.timing.confirm: layers that do not pay in the whole model are
@@ -67,7 +69,8 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
                    output=jobs.OutputSettings(path=output, external_data=external_data), calibration=calibration,
                    calibration_samples=calibration_samples, heldout=heldout, dry_run=dry_run,
                    memory_check=memory_check, speed_check=speed_check, progress=progress,
-                   text=jobs.TextOptions(tokenizer=tokenizer, seq_len=seq_len, text_field=text_field))
+                   text=jobs.TextOptions(tokenizer=tokenizer, seq_len=seq_len, text_field=text_field),
+                   image_spec=image_spec)
     outcome = jobs.run(job)
     return convert(outcome.loaded.model, outcome.loaded.kind), outcome.report.to_json()
 

@@ -60,7 +60,8 @@ class VerifySettings:
         "installed and a GPU is visible.", "verification", metavar="LIST", parse=_providers)
     inputs: str | os.PathLike | None = setting(
         None, "Inputs keyed by input name, samples along the first axis (or text with --tokenizer: a .txt or .jsonl "
-        "file). Default: synthesized.", "verification", metavar="FILE.npz", path="file")
+        "file; or a folder of images, see --image-spec). Default: synthesized.", "verification", metavar="FILE.npz",
+        path="any")
     input_shapes: Mapping[str, tuple[int, ...]] = setting(
         {}, "Fix an input's dynamic dims, e.g. input_ids:1x128 (repeatable): for synthesized inputs and, in optimize, "
         "for the MAC/FLOP counts.", "verification", flag="--shape", metavar="NAME:DIMS", multiple=True,
@@ -137,6 +138,7 @@ class Job:
     targets_file: str | os.PathLike | None = None  # extra edge targets (implies edge_targets)
     progress: Progress | None = None
     text: TextOptions = dataclasses.field(default_factory=TextOptions)  # .txt/.jsonl data: its tokenizer and length
+    image_spec: str | None = None  # image folders: how images become the input (onnxlr.model_io.images)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,24 +168,26 @@ def with_data_resolved(job: Job, loaded: LoadedModel, folder: Path) -> tuple[Job
     - each .txt/.jsonl file (calibration, held-out, verification inputs) tokenized for the model into an .npz in
       `folder` (onnxlr.model_io.text); text calibration with a --target-* goal and no held-out data or --inputs
       gives its last fifth to both;
+    - each folder of images decoded and preprocessed (`image_spec`, onnxlr.model_io.images) into an .npz there;
     - `module:function` calibration: the input dicts the function yields."""
-    from onnxlr.model_io import inputs, text
+    from onnxlr.model_io import images, inputs, text
 
     built: dict[str, Path] = {}
     figures: list[dict[str, Any]] = []
 
-    def saved(tokenized: text.Tokenized, key: str) -> Path:
-        figures.append({"file": key, "samples": tokenized.samples, "length": tokenized.length,
-                        "truncated": tokenized.truncated, "inputs": list(tokenized.feeds),
-                        "description": tokenized.describe()})
-        return text.save(tokenized, folder)
+    def saved(made: text.Tokenized | images.Decoded, key: str) -> Path:
+        figures.append({"file": key, "samples": made.samples, "inputs": list(made.feeds),
+                        "description": made.describe()})
+        return text.save(made.feeds, folder)
 
     def npz(path: Any) -> Any:
-        if not text.is_text(path):
+        if not text.is_text(path) and not images.is_image_folder(path):
             return path
         key = os.fspath(path)
         if key not in built:
-            built[key] = saved(text.tokenized_file(path, loaded.model, job.text), key)
+            made = (text.tokenized_file(path, loaded.model, job.text) if text.is_text(path)
+                    else images.decode_folder(path, loaded.model, images.parse_spec(job.image_spec)))
+            built[key] = saved(made, key)
         return built[key]
 
     calibration, heldout, checked = job.calibration, job.heldout, job.verify.inputs

@@ -144,6 +144,7 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
     calibration_path, calibration_samples = options.pop("calibration_path"), options.pop("calibration_samples")
     text = jobs.TextOptions(tokenizer=options.pop("tokenizer"), seq_len=options.pop("seq_len"),
                             text_field=options.pop("text_field"))
+    image_spec = options.pop("image_spec")
     targets_path = options.pop("targets_path")
     external_data_threshold = options.pop("external_data_threshold")
     if output_path is None and not dry_run:
@@ -158,7 +159,7 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
                    calibration=calibration_path, calibration_samples=calibration_samples, dry_run=dry_run,
                    memory_check=not no_memory_check, speed_check=speed_check,
                    edge_targets=bool(report_path or html_path), targets_file=targets_path, progress=state.progress,
-                   text=text)
+                   text=text, image_spec=image_spec)
     try:
         outcome = jobs.run(job)
     except GateFailed as exc:

@@ -141,7 +141,7 @@ def _setting_option(field: dataclasses.Field) -> Callable:
         low, high = meta["bounds"]
         kwargs["type"] = click.FloatRange(low if math.isfinite(low) else None, high if math.isfinite(high) else None)
     elif meta["path"]:
-        kwargs["type"] = click.Path(exists=meta["path"] == "existing", dir_okay=False)
+        kwargs["type"] = click.Path(exists=meta["path"] == "existing", dir_okay=meta["path"] == "any")
     if meta["multiple"]:
         kwargs.update(multiple=True, default=())
     parse = meta["parse"]
@@ -186,6 +186,10 @@ text_options = _options(
                       "the longest sample (up to the model's position table, or 512)."),
     click.option("--text-field", default="text", show_default=True, metavar="NAME",
                  help="Text data in .jsonl: the field that holds each sample's text."),
+    click.option("--image-spec", default=None, metavar="KEY=VALUE,...",
+                 help="A folder of images as --calibration/--inputs: preset=unit|symmetric|imagenet|raw (default "
+                      "unit: pixels / 255), size=HxW, resize=N (shorter side, then a center crop), mean=a/b/c, "
+                      "std=a/b/c, order=RGB|BGR|L, layout=NCHW|NHWC. The model's fixed input shape fills in the rest."),
 )
 
 output_options = _options(

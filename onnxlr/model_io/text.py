@@ -205,9 +205,9 @@ def carve(tokenized: Tokenized, share: float = HELDOUT_SHARE) -> tuple[Tokenized
             part(slice(kept, None), held, f"the last {held}, held out for the search and verification"))
 
 
-def save(tokenized: Tokenized, folder: Path) -> Path:
-    """`tokenized`'s arrays as an .npz in `folder` (what onnxlr reads as inputs)."""
-    target = folder / f"text-{len(list(folder.iterdir()))}.npz"
-    arrays: dict[str, Any] = dict(tokenized.feeds)  # numpy's stub types savez's keywords as its allow_pickle
+def save(feeds: Mapping[str, np.ndarray], folder: Path) -> Path:
+    """Arrays by input name as an .npz in `folder` (what onnxlr reads as inputs)."""
+    target = folder / f"data-{len(list(folder.iterdir()))}.npz"
+    arrays: dict[str, Any] = dict(feeds)  # numpy's stub types savez's keywords as its allow_pickle
     np.savez(target, **arrays)
     return target
