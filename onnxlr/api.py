@@ -25,7 +25,7 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
              seed: int = 0, samples: int = 8, batch_size: int = 16, atol: float | None = None,
              rtol: float | None = None, min_cosine: float | None = None, no_gate: bool = False,
              per_layer: bool = False, min_layer_cosine: float | None = None, keep_failed: bool = False,
-             min_metric: Sequence[str] = (),
+             min_metric: Sequence[str] = (), labels: str | os.PathLike | None = None,
              external_data: bool | None = None, tokenizer: str | os.PathLike | None = None,
              seq_len: int | None = None, text_field: str = "text", image_spec: str | None = None,
              **settings: Any) -> tuple[Any, dict]:
@@ -63,7 +63,7 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
         enabled=verify, inputs=inputs, providers=tuple(providers) if providers else None,
         input_shapes={name: tuple(dims) for name, dims in (input_shapes or {}).items()}, seed=seed, samples=samples, batch_size=batch_size, atol=atol, rtol=rtol,
         min_cosine=min_cosine, no_gate=no_gate, per_layer=per_layer, min_layer_cosine=min_layer_cosine,
-        min_metric=tuple(min_metric),
+        min_metric=tuple(min_metric), labels=labels,
         keep_failed=keep_failed)
     job = jobs.Job(source=model, settings=Settings.of(**settings), verify=checks,
                    output=jobs.OutputSettings(path=output, external_data=external_data), calibration=calibration,

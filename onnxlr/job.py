@@ -76,10 +76,14 @@ class VerifySettings:
         None, "Gate: cosine similarity of each float output to the reference (integer and boolean outputs: the share of "
         "elements exactly equal). Without --atol/--rtol/--min-cosine the default gate is --min-cosine 0.99.",
         "verification", kind="number", bounds=(-1, 1))
+    labels: str | os.PathLike | None = setting(
+        None, "The class of each --inputs sample, in order (.npy, .npz with one array or a 'labels' array, or .txt with "
+        "one integer a line): score outputs report the accuracy of both models on them (--min-metric accuracy=A "
+        "gates the candidate's).", "verification", metavar="FILE", path="existing")
     min_metric: tuple[str, ...] = setting(
         (), "Gate on a task metric, NAME=VALUE (repeatable): top1 (argmax agreement of score outputs), neighbours "
         "(neighbour agreement of embedding outputs: the share of each sample's 5 nearest samples kept), "
-        "sample_cosine (mean per-sample cosine). Given alone, it replaces the default gate.", "verification",
+        "sample_cosine (mean per-sample cosine), accuracy (with --labels). Given alone, it replaces the default gate.", "verification",
         metavar="NAME=VALUE", multiple=True, show_default=False)
     no_gate: bool = setting(False, "No default gate: outputs are compared and reported, but only "
                             "--atol/--rtol/--min-cosine (when given) and NaN/Inf the reference does not have can fail "
@@ -309,10 +313,20 @@ def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: 
     gates = checks.gates()
     per_layer = verify.factorized_outputs(candidate) if checks.per_layer else []
 
+    import numpy as np
+
+    labels = inputs.load_labels(checks.labels) if checks.labels is not None else None
+    if labels is not None and not checks.inputs:
+        raise OnnxlrError("{0} are the classes of the {1} samples: give both", "labels", "inputs")
+
     def compare(feeds: dict, synthesized: bool) -> Any:
+        samples = min((len(array) for array in feeds.values() if np.ndim(array)), default=1)
+        if labels is not None and len(labels) != samples:
+            raise OnnxlrError(f"{{0}} holds {len(labels)} classes for {samples} {{1}} samples", "labels", "inputs")
         return verify.verify(reference, candidate, feeds, providers, gates, batch_size=checks.batch_size,
                              per_layer=per_layer, synthesized=synthesized, reference_model=reference_model,
-                             segment_budget=segment_budget, min_layer_cosine=checks.min_layer_cosine)
+                             segment_budget=segment_budget, min_layer_cosine=checks.min_layer_cosine,
+                             labels=labels)
 
     if segment_budget is not None and not checks.inputs:
         # In segments a probe costs a whole pass over the weights: try the first synthesized shapes on the

@@ -113,3 +113,35 @@ def test_the_digits_cnn_calibrates_and_verifies_on_png_folders(tmp_path):
                          "--rank-ratio", "0.5")
     assert refused.returncode == 2 and "zz-broken.png: not an image" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "out.onnx").exists()
+
+
+def test_labels_give_both_models_accuracy_and_can_gate_it(tmp_path):
+    """The digits CNN on 64 held-out PNGs with their classes: the report has the original's and the written model's
+    accuracy; --min-metric accuracy gates the written one's; labels that do not match the samples are refused."""
+    import models
+
+    folder = models.build("digits-cnn")
+    held = np.load(folder / "eval.npz")
+    held_dir = write_gray(tmp_path / "heldout", held["input"][:64, 0])
+    np.save(tmp_path / "labels.npy", held["labels"][:64])
+    (tmp_path / "labels.txt").write_text("\n".join(str(c) for c in held["labels"][:64]))
+    common = dict(ops=("Conv", "Gemm"), min_params=4096, mac_budget=0.5, inputs=held_dir)
+    _, report = onnxlr.optimize(str(folder / "model.onnx"), labels=tmp_path / "labels.npy", **common)
+    (metrics,) = report["verification"]["providers"]["cpu"]["outputs"].values()
+    truth = held["labels"][:64]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    original = session.run(None, {session.get_inputs()[0].name: images.decode_folder(
+        held_dir, ir.load(folder / "model.onnx"), images.parse_spec(None)).feeds["input"]})[0]
+    assert metrics["reference_accuracy"] == pytest.approx(float(np.mean(original.argmax(1) == truth)))
+    assert 0.8 < metrics["accuracy"] <= 1.0
+    with pytest.raises(onnxlr.GateFailed, match="accuracy .* < --min-metric accuracy=1.01"):
+        onnxlr.optimize(str(folder / "model.onnx"), labels=tmp_path / "labels.txt", min_metric=["accuracy=1.01"],
+                        **common)
+    np.save(tmp_path / "short.npy", truth[:10])
+    with pytest.raises(OnnxlrError, match="labels holds 10 classes for 64 inputs samples"):
+        onnxlr.optimize(str(folder / "model.onnx"), labels=tmp_path / "short.npy", **common)
+    np.save(tmp_path / "floats.npy", truth.astype(np.float32))
+    with pytest.raises(OnnxlrError, match="labels must be one integer a sample"):
+        onnxlr.optimize(str(folder / "model.onnx"), labels=tmp_path / "floats.npy", **common)

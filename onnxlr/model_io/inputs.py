@@ -330,6 +330,28 @@ def _feed_sets(source: Any, specs: Mapping[str, Any]) -> Iterator[dict[str, np.n
         yield _finite(_checked(feeds, specs, where), where)
 
 
+def load_labels(path: str | os.PathLike) -> np.ndarray:
+    """One integer class a sample: an .npy, an .npz (its 'labels' array, or its only one) or a .txt (one a line)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".txt":
+            array = np.array([int(line) for line in path.read_text().split()], dtype=np.int64)
+        elif path.suffix == ".npz":
+            with np.load(path) as data:
+                names = ["labels"] if "labels" in data.files else data.files
+                if len(names) != 1:
+                    raise ValueError(f"holds {', '.join(data.files)}: name the classes 'labels'")
+                array = np.asarray(data[names[0]])
+        else:
+            array = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise OnnxlrError(f"{path}: not a file of integer labels ({exc})", "labels") from exc
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise OnnxlrError(f"{path}: labels must be one integer a sample, got {array.dtype} with shape {array.shape}",
+                          "labels")
+    return array.astype(np.int64)
+
+
 CALLABLE = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<function>[A-Za-z_]\w*)$")
 
 

@@ -220,6 +220,11 @@ def print_verification(result: dict[str, Any], console: Console) -> None:
         if entry.get("layer_checks"):
             console.print(layer_check_table(provider, entry["layer_checks"]))
     for provider, entry in result["providers"].items():
+        for name, metrics in entry.get("outputs", {}).items():
+            if "accuracy" in metrics:
+                console.print(f"accuracy on --labels ({name}, {provider}): original {metrics['reference_accuracy']:.4f}, "
+                              f"written {metrics['accuracy']:.4f}", highlight=False)
+    for provider, entry in result["providers"].items():
         for name, noise in entry.get("reference_vs_cpu", {}).items():
             console.print(f"{provider} vs cpu (reference only, provider noise) {name}: max abs "
                           f"{noise['max_abs']:.3g}, cosine {noise['cosine']:.6f}", highlight=False)

@@ -8,6 +8,8 @@ Metrics per output (all computed in float64 over every sample):
   snr_db               10 log10(sum reference^2 / sum (candidate - reference)^2)
   top1_agreement       share of rows whose argmax over the last axis agrees, for outputs that look like
                        scores (`looks_like_scores`: 2-D float, not an embedding by name or by unit-norm rows)
+  accuracy             with labels (one class a sample, `--labels`): the candidate's argmax accuracy on them, and
+                       the reference's as reference_accuracy
   neighbour_agreement  2-D float outputs that are not scores (embeddings), over at least NEIGHBOURS + 1 samples:
                        mean share of each sample's NEIGHBOURS nearest samples (by cosine) that stay its nearest
   agreement            integer and boolean outputs (ids, classes, masks): share of elements exactly equal
@@ -83,7 +85,8 @@ class Gates:
 
 
 # --min-metric NAME=VALUE: the gate's name -> the metric it bounds from below
-TASK_METRICS = {"top1": "top1_agreement", "neighbours": "neighbour_agreement", "sample_cosine": "mean_sample_cosine"}
+TASK_METRICS = {"top1": "top1_agreement", "neighbours": "neighbour_agreement", "sample_cosine": "mean_sample_cosine",
+                "accuracy": "accuracy"}
 
 
 def parse_min_metrics(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
@@ -119,14 +122,16 @@ class VerificationResult:
         return dataclasses.asdict(self)
 
 
-def compare_arrays(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "") -> dict[str, Any]:
-    """The metrics of one output (`name`: the output's name, which decides whether top-1 is meaningful)."""
+def compare_arrays(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "",
+                   labels: np.ndarray | None = None) -> dict[str, Any]:
+    """The metrics of one output (`name`: the output's name, which decides whether top-1 is meaningful; `labels`:
+    the class of each sample, for the accuracy of score outputs)."""
     if reference.shape != candidate.shape:
         return {"passed": False, "failure": f"shape {candidate.shape} != reference {reference.shape}"}
     if reference.dtype.kind not in "biufc" or candidate.dtype.kind not in "biufc":
         return _compare_exact(reference, candidate)
     with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf where both have it: counted, not warned about
-        return _compare(reference, candidate, gates, name)
+        return _compare(reference, candidate, gates, name, labels)
 
 
 def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
@@ -139,7 +144,8 @@ def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
             "passed": failure is None}
 
 
-def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "") -> dict[str, Any]:
+def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "",
+             labels: np.ndarray | None = None) -> dict[str, Any]:
     ref = reference.astype(np.float64).reshape(-1)
     out = candidate.astype(np.float64).reshape(-1)
     finite = np.isfinite(ref) & np.isfinite(out)
@@ -165,6 +171,9 @@ def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: s
         metrics["mean_sample_cosine"] = float(np.mean([_cosine(a, b) for a, b in zip(rows_ref, rows_out)]))
     if looks_like_scores(reference, name) and reference.size:
         metrics["top1_agreement"] = float(np.mean(np.argmax(reference, -1) == np.argmax(candidate, -1)))
+        if labels is not None and len(labels) == len(reference):
+            metrics["reference_accuracy"] = float(np.mean(np.argmax(reference, -1) == labels))
+            metrics["accuracy"] = float(np.mean(np.argmax(candidate, -1) == labels))
     elif reference.dtype.kind == "f" and reference.ndim == 2 and len(reference) > NEIGHBOURS and finite.all():
         metrics["neighbour_agreement"] = neighbour_agreement(reference, candidate)
     integer = _is_integer(reference)
@@ -268,7 +277,7 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
            feeds: Mapping[str, np.ndarray], providers: Sequence[str], gates: Gates,
            batch_size: int = 16, per_layer: Sequence[str] = (), threads: int = 0,
            synthesized: bool = False, reference_model: Any = None, segment_budget: int | None = None,
-           min_layer_cosine: float | None = None) -> VerificationResult:
+           min_layer_cosine: float | None = None, labels: np.ndarray | None = None) -> VerificationResult:
     """Run both models on each provider and compare (metrics: see the module doc).
 
     `segment_budget` (bytes of weights): models given as paths run in segments of at most that much, one
@@ -348,7 +357,7 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             result.passed = result.passed and all(row["passed"] for row in entry["layer_checks"])
         for name in names:
             metrics = compare_arrays(ref_out[name], cand_out[name], gates if name in model_outputs else Gates(),
-                                     name=name)
+                                     name=name, labels=labels if name in model_outputs else None)
             (entry["outputs"] if name in model_outputs else entry["layers"])[name] = metrics
             if name in model_outputs and metrics.get("gated"):
                 result.gated = True
