@@ -235,7 +235,7 @@ def test_a_task_metric_gate_fails_what_it_bounds_and_replaces_the_default_gate()
     logits = v.compare_arrays(embeddings, noisy, strict, name="logits")  # no neighbours there: not gated by it
     assert logits["gated"] == []
     assert v.parse_min_metrics(["top1=0.95", "neighbours=0.8"]) == (("top1", 0.95), ("neighbours", 0.8))
-    for bad in ("accuracy=0.9", "top1", "top1=high"):
+    for bad in ("perplexity=0.9", "top1", "top1=high"):
         with pytest.raises(v.OnnxlrError, match="min_metric takes NAME=VALUE"):
             v.parse_min_metrics([bad])
 
@@ -258,5 +258,5 @@ def test_the_cli_gates_an_embedding_on_neighbour_agreement(tmp_path):
     failed = onnxlr_cli("optimize", *common, "--min-metric", "neighbours=0.999")
     assert failed.returncode == 1 and "--min-metric neighbours=0.999" in failed.stdout + failed.stderr
     assert not (tmp_path / "out.onnx").exists()
-    bad = onnxlr_cli("optimize", *common, "--min-metric", "accuracy=0.9")
+    bad = onnxlr_cli("optimize", *common, "--min-metric", "recall=0.9")
     assert bad.returncode == 2 and "min-metric takes NAME=VALUE" in bad.stderr
