@@ -162,7 +162,7 @@ def run(job: Job) -> Outcome:
     if job.heldout is not None and job.calibration is None:
         raise OnnxlrError("{0} samples are only used with {1} data (target_cosine)", "heldout", "calibration")
     loaded = load(job.source)
-    with tempfile.TemporaryDirectory(prefix="onnxlr-text-") as folder:  # text data, tokenized, lives here
+    with tempfile.TemporaryDirectory(prefix="onnxlr-data-") as folder:  # text and images, as arrays, live here
         resolved, built = with_data_resolved(job, loaded, Path(folder))
         return _run(resolved, loaded, built)
 
@@ -208,7 +208,7 @@ def with_data_resolved(job: Job, loaded: LoadedModel, folder: Path) -> tuple[Job
                                verify=dataclasses.replace(job.verify, inputs=npz(checked))), figures
 
 
-def _run(job: Job, loaded: LoadedModel, tokenized: list[dict[str, Any]]) -> Outcome:
+def _run(job: Job, loaded: LoadedModel, built: list[dict[str, Any]]) -> Outcome:
     from onnxlr.model_io.inputs import batch_shapes
 
     settings, checks, output = job.settings, job.verify, job.output
@@ -236,7 +236,7 @@ def _run(job: Job, loaded: LoadedModel, tokenized: list[dict[str, Any]]) -> Outc
                                  input_shapes=input_shapes, sink=sink,
                                  calibration_segment_budget=memory.calibration_segment_budget)
         report = result.report
-        report.data = tokenized or None
+        report.data = built or None
         if isinstance(job.source, (str, os.PathLike)):
             report.input = str(job.source)
         if edge_targets:
@@ -304,6 +304,8 @@ def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: 
     `reference`/`candidate`: paths (or serialized models); `reference_model` (onnx-ir) gives the input signature.
     `segment_budget` (bytes of weights, onnxlr.verification.memory_plan): run them in segments of at most that much."""
     # onnxruntime and numpy load only when a command verifies
+    import numpy as np
+
     from onnxlr.model_io import inputs, synthesis
     from onnxlr.verification import runtime, verify
 
@@ -312,9 +314,6 @@ def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: 
     shapes = dict(checks.input_shapes)
     gates = checks.gates()
     per_layer = verify.factorized_outputs(candidate) if checks.per_layer else []
-
-    import numpy as np
-
     labels = inputs.load_labels(checks.labels) if checks.labels is not None else None
     if labels is not None and not checks.inputs:
         raise OnnxlrError("{0} are the classes of the {1} samples: give both", "labels", "inputs")
