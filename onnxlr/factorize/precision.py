@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import heapq
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -151,7 +151,8 @@ def plan_layers(model: ir.Model, source: Path, data: datafit.CalibrationData, bl
         raise OnnxlrError("{0} auto plans MatMul weights and embedding tables (onnxruntime's MatMulNBits and "
                           "GatherBlockQuantized): this model has none; use {0} int8 or int8-static", "quantize")
     names = {cast(str, node.outputs[0].name): node.name or "" for node in model.graph}
-    grams, output_error = _measures(model, source, data, weights, tables)
+    grams, output_error = quantize.layer_measures(model, source, data, weights, tables)
+    assert output_error is not None  # measured (the default)
     options = {key: [Option(FLOAT, array.nbytes, 0.0)] for key, array in {**weights, **tables}.items()}
     svds: dict[str, dict[Config, lowrank.Decomposition]] = {key: {} for key in weights}
     blocks = planned_blocks(block)
@@ -241,29 +242,6 @@ def _stored(source: Path, config: Config, tables: bool) -> Iterator[tuple[str, n
             constants = [ir.convenience.get_const_tensor(v) for v in node.inputs if v is not None]
             nbytes = sum(tensor.nbytes for tensor in constants if tensor is not None)
             yield cast(str, node.outputs[0].name), correction.dequantized(node).astype(np.float32), nbytes
-
-
-def _measures(model: ir.Model, source: Path, data: datafit.CalibrationData, weights: Mapping[str, np.ndarray],
-              tables: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Callable[[str, np.ndarray], float]]:
-    """The Gram of each MatMul's input on the calibration batches, and the model's squared relative output error
-    with one weight replaced (on the first calibration samples)."""
-    from onnxlr.calibrate import calibration
-
-    found = [p for p in calibration.probes(model) if p.key in weights]
-    slots = [calibration.Slot(keys=[key], weight_inputs=[1], array=array, transposed=[False])
-             for key, array in weights.items()]
-    slots += [calibration.Slot(keys=[key], weight_inputs=[0], array=array, transposed=[False])
-              for key, array in tables.items()]
-    runner = calibration.Runner(source, model, found, slots)
-    grams = calibration.grams(runner, data.batches)
-    batches = datafit.first_samples(data.batches, datafit.SENSITIVITY_SAMPLES)
-    reference = calibration.model_outputs(runner, batches)
-    feed = {slot.keys[0]: index for index, slot in enumerate(slots)}
-
-    def output_error(key: str, stored: np.ndarray) -> float:
-        return datafit.relative_error(reference, calibration.model_outputs(runner, batches, {feed[key]: stored}))
-
-    return grams, output_error
 
 
 # ----------------------------------------------------------------------------- writing a plan

@@ -273,26 +273,40 @@ def _correction_inputs(model: ir.Model, source: Path, data: datafit.CalibrationD
         if tensor is not None and left is None and len(tensor.shape) == 2:
             weights[node.outputs[0].name] = tensor.numpy()
             readers[id(node.inputs[1])] = readers.get(id(node.inputs[1]), 0) + 1
-    found = [p for p in calibration.probes(model) if p.key in weights]
-    if not found:
+    if not any(p.key in weights for p in calibration.probes(model)):
         return weights, {}, None
     if measured and any(count > 1 for count in readers.values()):
         logger.warning("a MatMul weight is shared: correction ranks are uniform, not shared out by measurement")
         measured = False
-    keys = list(weights) if measured else []
-    slots = [calibration.Slot(keys=[key], weight_inputs=[1], array=weights[key], transposed=[False]) for key in keys]
+    grams, output_error = layer_measures(model, source, data, weights, measured=measured)
+    return weights, grams, output_error
+
+
+def layer_measures(model: ir.Model, source: Path, data: datafit.CalibrationData, weights: Mapping[str, np.ndarray],
+                   tables: Mapping[str, np.ndarray] | None = None, measured: bool = True
+                   ) -> tuple[dict[str, np.ndarray], Callable[[str, np.ndarray], float] | None]:
+    """On the model onnxruntime runs from `source`: the Gram of the input of each MatMul `weights` names (by output
+    name) on the calibration batches, and with `measured` output_error(key, array): the model's squared relative
+    output error (datafit.relative_error) on the first calibration samples with that MatMul's weight (or the
+    embedding table `tables` names by its Gather's output) replaced by `array`."""
+    from onnxlr.calibrate import calibration
+
+    found = [p for p in calibration.probes(model) if p.key in weights]
+    fed = [(key, 1, array) for key, array in weights.items()] + [(key, 0, array) for key, array in (tables or {}).items()]
+    slots = [calibration.Slot(keys=[key], weight_inputs=[where], array=array, transposed=[False])
+             for key, where, array in fed] if measured else []
     runner = calibration.Runner(source, model, found, slots)
     grams = calibration.grams(runner, data.batches)
     if not measured:
-        return weights, grams, None
+        return grams, None
     batches = datafit.first_samples(data.batches, datafit.SENSITIVITY_SAMPLES)
     reference = calibration.model_outputs(runner, batches)
-    feed = {key: index for index, key in enumerate(keys)}
+    feed = {slot.keys[0]: index for index, slot in enumerate(slots)}
 
     def output_error(key: str, stored: np.ndarray) -> float:
         return datafit.relative_error(reference, calibration.model_outputs(runner, batches, {feed[key]: stored}))
 
-    return weights, grams, output_error
+    return grams, output_error
 
 
 @dataclasses.dataclass(frozen=True)

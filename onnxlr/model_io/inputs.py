@@ -366,6 +366,8 @@ def callable_source(source: str) -> list[Any]:
     import importlib
     import sys
 
+    from onnxlr.model_io.io import first_line
+
     match = CALLABLE.match(source)
     assert match is not None  # is_callable_source said so
     module_name, function_name = match["module"], match["function"]
@@ -386,10 +388,6 @@ def callable_source(source: str) -> list[Any]:
     if not items:
         raise OnnxlrError(f"{source}: the function yielded no input dicts")
     return items
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0][:200]
 
 
 def _finite(feeds: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:

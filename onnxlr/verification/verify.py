@@ -12,6 +12,7 @@ Metrics per output (all computed in float64 over every sample):
                        the reference's as reference_accuracy
   neighbour_agreement  2-D float outputs that are not scores (embeddings), over at least NEIGHBOURS + 1 samples:
                        mean share of each sample's NEIGHBOURS nearest samples (by cosine) that stay its nearest
+                       (among the first NEIGHBOUR_SAMPLES)
   agreement            integer and boolean outputs (ids, classes, masks): share of elements exactly equal
   nan / inf            counts in the candidate (and in the reference)
 
@@ -186,12 +187,15 @@ def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: s
 
 
 NEIGHBOURS = 5  # neighbour_agreement: each sample's this many nearest samples
+NEIGHBOUR_SAMPLES = 2048  # ... among the first this many (the similarity matrix is samples x samples)
 
 
 def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = NEIGHBOURS) -> float:
     """Mean over samples of the share of its k nearest other samples (cosine similarity of the rows) in the
     reference that are also among its k nearest in the candidate: whether a search over these embeddings still
-    finds the same neighbours."""
+    finds the same neighbours. On the first NEIGHBOUR_SAMPLES samples."""
+    reference, candidate = reference[:NEIGHBOUR_SAMPLES], candidate[:NEIGHBOUR_SAMPLES]
+
     def nearest(rows: np.ndarray) -> np.ndarray:
         rows = rows.astype(np.float64)
         unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
