@@ -24,6 +24,7 @@ from typing import Any
 from onnxlr.errors import GateFailed, OnnxlrError
 from onnxlr.factorize.pipeline import optimize_loaded
 from onnxlr.factorize.results import Report
+from onnxlr.model_io import folders
 from onnxlr.model_io.io import LoadedModel, first_line, load
 from onnxlr.model_io.save import PROTOBUF_LIMIT_BYTES, check_output_path, staging, use_external_data
 from onnxlr.model_io.text import TextOptions
@@ -161,17 +162,47 @@ def run(job: Job) -> Outcome:
     """Run the whole optimize job (module doc); raises OnnxlrError for bad input, GateFailed for a failed gate."""
     if job.heldout is not None and job.calibration is None:
         raise OnnxlrError("{0} samples are only used with {1} data (target_cosine)", "heldout", "calibration")
+    if folders.is_folder(job.source):
+        return _run_folder(job, folders.find(job.source))
     loaded = load(job.source)
     with tempfile.TemporaryDirectory(prefix="onnxlr-data-") as folder:  # text and images, as arrays, live here
         resolved, built = with_data_resolved(job, loaded, Path(folder))
         return _run(resolved, loaded, built)
 
 
+def _run_folder(job: Job, folder: folders.ModelFolder) -> Outcome:
+    """An exported model folder (onnxlr.model_io.folders): its model optimized with its tokenizer and longest sequence
+    (unless the job names them), written as a new folder with every other file copied beside it."""
+    text = job.text
+    if text.tokenizer is None and folder.tokenizer is not None:
+        text = dataclasses.replace(text, tokenizer=folder.tokenizer)
+    if text.max_length is None:
+        text = dataclasses.replace(text, max_length=folder.max_length)
+    inner = dataclasses.replace(job, source=folder.model_path, text=text)
+    if job.output.path is None or job.dry_run:
+        outcome = run(dataclasses.replace(inner, output=dataclasses.replace(job.output, path=None)))
+        outcome.report.folder = folder.to_json()
+        return outcome
+    output = folders.check_output_folder(job.output.path, folder)
+    with folders.staged_folder(output) as stage:
+        (stage / folder.model).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            outcome = run(dataclasses.replace(inner, output=dataclasses.replace(job.output, path=stage / folder.model)))
+        except GateFailed as exc:  # its report says what the folder gave the run too
+            if exc.report is not None:
+                exc.report.folder = folder.to_json()
+            raise
+        copied = folders.copy_others(folder, outcome.loaded.external_files, stage)
+    outcome.report.output = str(output / folder.model)
+    outcome.report.folder = {**folder.to_json(), "output": str(output), "copied": copied}
+    return dataclasses.replace(outcome, written=output / folder.model)
+
+
 def with_data_resolved(job: Job, loaded: LoadedModel, folder: Path) -> tuple[Job, list[dict[str, Any]]]:
     """The job with its data in the forms the stages read, and what was built (the report's `data`):
     - each .txt/.jsonl file (calibration, held-out, verification inputs) tokenized for the model into an .npz in
-      `folder` (onnxlr.model_io.text); text calibration with a --target-* goal and no held-out data or --inputs
-      gives its last fifth to both;
+      `folder` (onnxlr.model_io.text); text calibration with no held-out data or --inputs gives its last fifth to
+      verification (and to the --target-* search);
     - each folder of images decoded and preprocessed (`image_spec`, onnxlr.model_io.images) into an .npz there;
     - `module:function` calibration: the input dicts the function yields."""
     from onnxlr.model_io import images, inputs, text
@@ -195,10 +226,14 @@ def with_data_resolved(job: Job, loaded: LoadedModel, folder: Path) -> tuple[Job
         return built[key]
 
     calibration, heldout, checked = job.calibration, job.heldout, job.verify.inputs
-    if text.is_text(calibration) and job.settings.goal is not None and heldout is None and checked is None:
-        kept, held = text.carve(text.tokenized_file(calibration, loaded.model, job.text))
-        calibration, heldout = saved(kept, os.fspath(calibration)), saved(held, os.fspath(calibration))
-        checked = heldout
+    if text.is_text(calibration) and heldout is None and checked is None:
+        tokenized = text.tokenized_file(calibration, loaded.model, job.text)
+        # without a goal, only to verify on: not for a dry run, nor from one text (synthesized inputs then)
+        if job.settings.goal is not None or (tokenized.samples > 1 and not job.dry_run):
+            purpose = "the search and verification" if job.settings.goal is not None else "verification"
+            kept, held = text.carve(tokenized, purpose=purpose)
+            calibration, heldout = saved(kept, os.fspath(calibration)), saved(held, os.fspath(calibration))
+            checked = heldout
     if inputs.is_callable_source(calibration):
         dicts = inputs.callable_source(calibration)
         figures.append({"file": calibration, "samples": len(dicts),
@@ -295,6 +330,31 @@ def _check_written(job: Job, loaded: LoadedModel, staged: Path, report: Report, 
     if job.speed_check and job.settings.objective != "latency" and memory.segment_budget is None:
         report.speed = _speed_check(reference, staged, loaded.model, job, input_shapes)
     return failure
+
+
+def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, checks: VerifySettings,
+                 text: TextOptions | None = None, image_spec: str | None = None, memory_check: bool = True) -> Any:
+    """`onnxlr verify`: two model files (or exported model folders, onnxlr.model_io.folders) run and compared under
+    `checks`, on inputs that may be text (tokenized with `text`'s tokenizer, else the reference folder's) or a folder
+    of images (`image_spec`) as well as arrays; returns the VerificationResult."""
+    text = text or TextOptions()
+    if folders.is_folder(reference):
+        folder = folders.find(reference)
+        text = dataclasses.replace(text, tokenizer=text.tokenizer or folder.tokenizer,
+                                   max_length=text.max_length or folder.max_length)
+    reference, candidate = folders.model_path(reference), folders.model_path(candidate)
+    loaded = load(reference)
+    load(candidate)  # the same safety checks (external data inside its folder) before onnxruntime reads it
+    from onnxlr.settings import Settings
+
+    with tempfile.TemporaryDirectory(prefix="onnxlr-data-") as scratch:
+        job = Job(source=reference, settings=Settings(), verify=checks, text=text, image_spec=image_spec)
+        checks = with_data_resolved(job, loaded, Path(scratch))[0].verify
+        memory = MemoryPlan()
+        if memory_check:
+            memory = check_memory(loaded, dict(checks.input_shapes), batch_size=checks.batch_size,
+                                  samples=checks.samples, inputs_given=bool(checks.inputs), verifying=True)
+        return verify_models(reference, candidate, loaded.model, checks, memory.segment_budget)
 
 
 def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: VerifySettings,

@@ -29,7 +29,6 @@ from onnxlr.errors import OnnxlrError
 from onnxlr.job import VerifySettings
 from onnxlr.model_io import io
 from onnxlr.settings import split_list, split_ops
-from onnxlr.verification.memory_plan import MemoryPlan, check_memory
 
 EXAMPLES_OPTIMIZE = """
 \b
@@ -44,6 +43,9 @@ Examples:
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --target-cosine 0.99
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --target-cosine 0.98 --quantize int8
   onnxlr optimize model.onnx out.onnx --calibration calib.npz --inputs heldout.npz --quantize auto --target-cosine 0.99
+  onnxlr optimize minilm_dir/ out_dir/ --calibration sentences.txt --target-cosine 0.99
+  onnxlr optimize model.onnx out.onnx --calibration calib.txt --tokenizer tokenizer.json --target-cosine 0.99
+  onnxlr optimize model.onnx out.onnx --calibration images/ --image-spec preset=imagenet --target-cosine 0.99
   onnxlr optimize model.onnx out.onnx --objective latency --rank-ratio 0.25 --shape input:32x3x224x224 --threads 4
   onnxlr optimize model.onnx out.onnx --latency-budget 0.6 --calibration calib.npz
   onnxlr optimize model.onnx out.onnx --param-budget 0.5 --latency-table phone.json --shape input:1x3x224x224
@@ -132,7 +134,10 @@ def optimize(state: State, input_path: str, output_path: str | None, report_path
              run_verify: bool, keep_failed: bool, no_memory_check: bool, speed_check: bool, **options: Any) -> None:
     """Factorize INPUT's MatMul, Gemm and Conv weights and write OUTPUT.
 
-    The input is never modified. OUTPUT is verified against INPUT with onnxruntime (see
+    INPUT is an ONNX file, or a folder exported by Hugging Face Optimum or sentence-transformers (model.onnx or
+    onnx/model.onnx beside the tokenizer and configs): OUTPUT is then a new folder with the rewritten model at the
+    same place and every other file copied, loadable wherever the input folder loaded; the folder's
+    tokenizer.json reads text data. The input is never modified. OUTPUT is verified against INPUT with onnxruntime (see
     `onnxlr verify`; the default gate is --min-cosine 0.99, --no-gate turns it off) and written atomically with
     its external data, if any, so a failed, gated or interrupted run leaves nothing behind.
     """
@@ -207,7 +212,11 @@ def _finish(report: dict[str, Any], report_path: str | None, markdown_path: str 
     print_report(report, state.console)
     if "verification" in report:
         print_verification(report["verification"], state.console)
-    if "output" in report:
+    if "output" in report and report.get("folder", {}).get("output"):
+        folder = report["folder"]
+        state.console.print(f"wrote {folder['output']}: {folder['model']} and {len(folder['copied'])} other files "
+                            "copied from the input folder")
+    elif "output" in report:
         state.console.print(f"wrote {report['output']}")
 
 
@@ -220,12 +229,14 @@ Examples:
   onnxlr verify model.onnx model-lr.onnx --inputs eval.npz --min-cosine 0.99 --json verify.json
   onnxlr verify model.onnx model-lr.onnx --providers cpu,cuda --shape input_ids:4x128 --per-layer
   onnxlr verify model.onnx model-lr.onnx --atol 1e-3 --rtol 1e-2
+  onnxlr verify minilm_dir minilm_lr_dir --inputs sentences.txt --min-metric neighbours=0.9
 """
 
 @cli.command(epilog=EXAMPLES_VERIFY)
 @click.argument("reference_path", metavar="REFERENCE", type=click.Path(dir_okay=True))
 @click.argument("candidate_path", metavar="CANDIDATE", type=click.Path(dir_okay=True))
 @settings_options("verification", declared=VerifySettings)
+@text_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
               help="Write every metric as JSON.")
 @click.option("--no-memory-check", is_flag=True,
@@ -237,6 +248,9 @@ def verify(state: State, reference_path: str, candidate_path: str, json_path: st
            **options: Any) -> None:
     """Run REFERENCE and CANDIDATE with onnxruntime and compare their outputs.
 
+    Each is an ONNX file or an exported model folder (its model.onnx or onnx/model.onnx); --inputs may be text
+    (with --tokenizer, or the reference folder's tokenizer.json) or a folder of images (--image-spec).
+
     Metrics per output and execution provider: max/mean absolute error, max relative error,
     cosine similarity, SNR, top-1 agreement for score-like outputs, NaN/Inf counts. Exit code 1
     when a gate (--atol/--rtol, --min-cosine, or NaN/Inf the reference does not have) fails. Without a gate
@@ -244,17 +258,14 @@ def verify(state: State, reference_path: str, candidate_path: str, json_path: st
     >= 99% of elements equal); --no-gate turns it off.
     """
     from onnxlr.errors import GateFailed
-    from onnxlr.job import verify_models
+    from onnxlr.job import TextOptions, verify_files
     from onnxlr.render.report import print_verification, write_json
 
     checks = verify_settings(options)
-    reference = io.load(reference_path)
-    io.load(candidate_path)  # the same safety checks (external data inside its folder) before onnxruntime reads it
-    memory = MemoryPlan()
-    if not no_memory_check:
-        memory = check_memory(reference, dict(checks.input_shapes), batch_size=checks.batch_size,
-                              samples=checks.samples, inputs_given=bool(checks.inputs), verifying=True)
-    result = verify_models(reference_path, candidate_path, reference.model, checks, memory.segment_budget)
+    text = TextOptions(tokenizer=options.pop("tokenizer"), seq_len=options.pop("seq_len"),
+                       text_field=options.pop("text_field"))
+    result = verify_files(reference_path, candidate_path, checks, text, options.pop("image_spec"),
+                          memory_check=not no_memory_check)
     if json_path:
         write_json(result.to_json(), json_path)
     print_verification(result.to_json(), state.console)
@@ -318,10 +329,12 @@ def bench(state: State, model_path: str, compare_path: str | None, providers: st
     warm-up, and the speedup is the median of the per-run ratios, with its 10th-90th percentile spread.
     """
     from onnxlr.model_io import inputs, synthesis
+    from onnxlr.model_io.folders import model_path as model_in
     from onnxlr.render.report import print_bench, print_estimates, write_json
     from onnxlr.timing import bench as b
     from onnxlr.verification import runtime
 
+    model_path, compare_path = model_in(model_path), model_in(compare_path) if compare_path else None
     loaded = io.load(model_path)
     graphs = [loaded.model]
     if compare_path:
@@ -406,9 +419,11 @@ def analyze(state: State, model_path: str, energy: float | None, param_budget: f
     applies the plan for --energy (default 0.95) or --param-budget.
     """
     from onnxlr import analyze as a
+    from onnxlr.model_io.folders import model_path as model_in
     from onnxlr.render.html_analyze import write_html
     from onnxlr.render.report import print_analysis, write_json
 
+    model_path = model_in(model_path)
     if energy is not None and param_budget is not None:
         raise OnnxlrError("choose --energy or --param-budget, not both")
     loaded = io.load(model_path)

@@ -180,10 +180,12 @@ text_options = _options(
     click.option("--tokenizer", type=click.Path(exists=True), default=None, metavar="tokenizer.json|DIR",
                  help="Text data (--calibration/--inputs FILE.txt, one sample a line, or FILE.jsonl): the Hugging "
                       "Face tokenizer.json (or the folder that holds it) that turns it into input_ids, "
-                      "attention_mask, token_type_ids and position_ids, by input name."),
+                      "attention_mask, token_type_ids and position_ids, by input name. Default: the one in an "
+                      "exported model folder given as INPUT."),
     click.option("--seq-len", type=click.IntRange(min=1), default=None, metavar="N",
                  help="Text data: pad or truncate every sample to N tokens. Default: the model's fixed length, else "
-                      "the longest sample (up to the model's position table, or 512)."),
+                      "the longest sample (up to the model folder's max_seq_length, the model's position table, or "
+                      "512)."),
     click.option("--text-field", default="text", show_default=True, metavar="NAME",
                  help="Text data in .jsonl: the field that holds each sample's text."),
     click.option("--image-spec", default=None, metavar="KEY=VALUE,...",

@@ -151,6 +151,7 @@ class Report:
     latency: dict[str, Any] | None = None  # --objective latency: the measured plan (onnxlr.timing.latency.plan_summary)
     speed: dict[str, Any] | None = None  # the size objective's end-to-end speed check (onnxlr.timing.confirm.Speed)
     data: list[dict[str, Any]] | None = None  # text data tokenized for the run (onnxlr.model_io.text.Tokenized)
+    folder: dict[str, Any] | None = None  # an exported model folder in and out (onnxlr.model_io.folders)
     onnxlr_version: str = __version__
 
     def mark_reverted(self, reverted: dict[str, str], after: dict[str, int]) -> None:
@@ -177,7 +178,7 @@ class Report:
                                 "cost": self.cost}
         optional = {"calibration": self.calibration, "input": self.input, "output": self.output,
                     "targets": self.targets, "quantization": self.quantization, "latency": self.latency,
-                    "speed": self.speed, "data": self.data,
+                    "speed": self.speed, "data": self.data, "folder": self.folder,
                     "verification": self.verification.to_json() if self.verification is not None else None}
         data.update({key: value for key, value in optional.items() if value is not None})
         return data

@@ -3,10 +3,11 @@ its text under `text_field`), tokenized with a Hugging Face `tokenizers` tokeniz
 
 Inputs are filled by name: `input_ids`, `attention_mask`, `token_type_ids` and `position_ids` (any input whose name
 ends with one of them); a model with another input cannot be fed text and says which. Every sample is padded or
-truncated to one length: `seq_len`, else the model's fixed sequence length, else the longest sample up to the model's
-position table (or MAX_LENGTH). `save` writes the arrays where the rest of onnxlr reads inputs (an .npz keyed by
-input name), `describe` says what was built, and `carve` splits off held-out samples (a --target-* search with text
-calibration and no held-out data).
+truncated to one length: `seq_len`, else the model's fixed sequence length, else the longest sample up to
+`max_length` (an exported folder's limit, onnxlr.model_io.folders), the model's position table or MAX_LENGTH.
+`save` writes the arrays where the rest of onnxlr reads inputs (an .npz keyed by input name), `describe` says what
+was built, and `carve` splits off held-out samples (text calibration with no held-out data: for verification and the
+--target-* search).
 """
 
 from __future__ import annotations
@@ -27,17 +28,18 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 MAX_LENGTH = 512  # the longest sample taken when neither the model nor seq_len says
 TOKENIZER_FILE = "tokenizer.json"
-HELDOUT_SHARE = 0.2  # text calibration with a --target-* goal and no held-out data: this much is carved for it
+HELDOUT_SHARE = 0.2  # text calibration with no held-out data or --inputs: this much is carved for verification
 
 
 @dataclasses.dataclass(frozen=True)
 class TextOptions:
     """How text becomes inputs: the tokenizer (a tokenizer.json, or a folder holding one), the length of every
-    sample (None: the model's, else the longest up to its position table) and the JSONL field."""
+    sample (None: the model's, else the longest up to `max_length` or its position table) and the JSONL field."""
 
     tokenizer: str | os.PathLike | None = None
     seq_len: int | None = None
     text_field: str = "text"
+    max_length: int | None = None  # the longest sequence the model's pipeline takes (an exported folder says)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +114,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 
 def tokenize(model: ir.Model, texts: Sequence[str], tokenizer: Any, seq_len: int | None = None,
-             source: str = "text") -> Tokenized:
+             source: str = "text", max_length: int | None = None) -> Tokenized:
     """The model's inputs for `texts` (see the module's docstring), checked against its signature and vocabulary."""
     from onnxlr.model_io.inputs import input_specs
 
@@ -127,7 +129,7 @@ def tokenize(model: ir.Model, texts: Sequence[str], tokenizer: Any, seq_len: int
     tokenizer.no_truncation()
     tokenizer.no_padding()  # the samples' own lengths first
     natural = [len(encoding.ids) for encoding in tokenizer.encode_batch(list(texts))]
-    length = _length(specs, roles, seq_len, max(natural))
+    length = _length(specs, roles, seq_len, max(natural), max_length)
     tokenizer.enable_truncation(max_length=length)
     tokenizer.enable_padding(length=length, pad_id=pad_id)
     encodings = tokenizer.encode_batch(list(texts))
@@ -155,8 +157,10 @@ def _roles(specs: Mapping[str, Any]) -> dict[str, str]:
     return roles
 
 
-def _length(specs: Mapping[str, Any], roles: Mapping[str, str], seq_len: int | None, longest: int) -> int:
-    """The sequence length: `seq_len`, the model's fixed one, or the longest sample up to the position table."""
+def _length(specs: Mapping[str, Any], roles: Mapping[str, str], seq_len: int | None, longest: int,
+            max_length: int | None = None) -> int:
+    """The sequence length: `seq_len`, the model's fixed one, or the longest sample up to `max_length` and the
+    position table."""
     declared = specs[roles["input_ids"]].shape
     fixed = declared[1] if len(declared) > 1 and isinstance(declared[1], int) else None
     if seq_len is not None:
@@ -166,7 +170,7 @@ def _length(specs: Mapping[str, Any], roles: Mapping[str, str], seq_len: int | N
     if fixed is not None:
         return fixed
     positions = specs[roles["position_ids"]].high if "position_ids" in roles else None
-    return max(1, min(longest, positions or MAX_LENGTH))
+    return max(1, min(longest, max_length or MAX_LENGTH, positions or MAX_LENGTH))
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -186,10 +190,11 @@ def tokenized_file(path: str | os.PathLike, model: ir.Model, options: TextOption
         raise OnnxlrError(f"{path}: text data needs its tokenizer: give {{0}} tokenizer.json (or the folder that "
                           "holds it)", "tokenizer")
     return tokenize(model, read_texts(path, options.text_field), load_tokenizer(options.tokenizer), options.seq_len,
-                    source=Path(path).name)
+                    source=Path(path).name, max_length=options.max_length)
 
 
-def carve(tokenized: Tokenized, share: float = HELDOUT_SHARE) -> tuple[Tokenized, Tokenized]:
+def carve(tokenized: Tokenized, share: float = HELDOUT_SHARE,
+          purpose: str = "the search and verification") -> tuple[Tokenized, Tokenized]:
     """(calibration, held-out): the last `share` of the samples (at least one, at most all but one) held out."""
     if tokenized.samples < 2:
         raise OnnxlrError(f"{tokenized.source}: one text cannot be split into calibration and held-out samples: "
@@ -202,7 +207,7 @@ def carve(tokenized: Tokenized, share: float = HELDOUT_SHARE) -> tuple[Tokenized
                                    samples=samples, truncated=0, source=f"{tokenized.source} ({label})")
 
     return (part(slice(0, kept), kept, f"the first {kept}, calibration"),
-            part(slice(kept, None), held, f"the last {held}, held out for the search and verification"))
+            part(slice(kept, None), held, f"the last {held}, held out for {purpose}"))
 
 
 def save(feeds: Mapping[str, np.ndarray], folder: Path) -> Path:

@@ -65,9 +65,19 @@ def _before_after(before: int | None, after: int | None, changed: bool) -> str:
     return f"{human(before)} -> {human(after)}" if changed else human(before)
 
 
+def _folder_lines(folder: dict[str, Any] | None) -> list[str]:
+    """What an exported model folder gave the run (onnxlr.model_io.folders)."""
+    if not folder:
+        return []
+    limit = f", sequences up to {folder['max_length']} tokens" if folder.get("max_length") else ""
+    tokenizer = f", tokenizer {folder['tokenizer']}" if folder.get("tokenizer") else ""
+    return [f"folder: {folder['input']}: model {folder['model']}{tokenizer}{limit}"]
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     totals = report["totals"]
-    lines = [f"data: {item['description']}" for item in report.get("data") or []] + [
+    lines = _folder_lines(report.get("folder"))
+    lines += [f"data: {item['description']}" for item in report.get("data") or []] + [
         f"layers: {totals['factorized']} factorized, {totals['skipped']} skipped",
         f"parameters: {human(totals['params_before'])} -> {human(totals['params_after'])} "
         f"({_ratio(totals['params_after'], totals['params_before'])} of the model)",

@@ -12,7 +12,9 @@ Metrics per output (all computed in float64 over every sample):
                        the reference's as reference_accuracy
   neighbour_agreement  2-D float outputs that are not scores (embeddings), over at least NEIGHBOURS + 1 samples:
                        mean share of each sample's NEIGHBOURS nearest samples (by cosine) that stay its nearest
-                       (among the first NEIGHBOUR_SAMPLES)
+                       (among the first NEIGHBOUR_SAMPLES); 3-D token outputs (samples x tokens x features, a
+                       transformer's last_hidden_state) are mean-pooled over the attention mask first, as
+                       sentence-transformers pools them
   agreement            integer and boolean outputs (ids, classes, masks): share of elements exactly equal
   nan / inf            counts in the candidate (and in the reference)
 
@@ -124,15 +126,16 @@ class VerificationResult:
 
 
 def compare_arrays(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "",
-                   labels: np.ndarray | None = None) -> dict[str, Any]:
+                   labels: np.ndarray | None = None, mask: np.ndarray | None = None) -> dict[str, Any]:
     """The metrics of one output (`name`: the output's name, which decides whether top-1 is meaningful; `labels`:
-    the class of each sample, for the accuracy of score outputs)."""
+    the class of each sample, for the accuracy of score outputs; `mask`: the attention mask fed, samples x tokens,
+    which pools token outputs for their neighbour agreement)."""
     if reference.shape != candidate.shape:
         return {"passed": False, "failure": f"shape {candidate.shape} != reference {reference.shape}"}
     if reference.dtype.kind not in "biufc" or candidate.dtype.kind not in "biufc":
         return _compare_exact(reference, candidate)
     with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf where both have it: counted, not warned about
-        return _compare(reference, candidate, gates, name, labels)
+        return _compare(reference, candidate, gates, name, labels, mask)
 
 
 def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
@@ -146,7 +149,7 @@ def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
 
 
 def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "",
-             labels: np.ndarray | None = None) -> dict[str, Any]:
+             labels: np.ndarray | None = None, mask: np.ndarray | None = None) -> dict[str, Any]:
     ref = reference.astype(np.float64).reshape(-1)
     out = candidate.astype(np.float64).reshape(-1)
     finite = np.isfinite(ref) & np.isfinite(out)
@@ -177,6 +180,9 @@ def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: s
             metrics["accuracy"] = float(np.mean(np.argmax(candidate, -1) == labels))
     elif reference.dtype.kind == "f" and reference.ndim == 2 and len(reference) > NEIGHBOURS and finite.all():
         metrics["neighbour_agreement"] = neighbour_agreement(reference, candidate)
+    elif (reference.dtype.kind == "f" and reference.ndim == 3 and mask is not None and finite.all()
+          and reference.shape[:2] == mask.shape and len(reference) > NEIGHBOURS):
+        metrics["neighbour_agreement"] = neighbour_agreement(mean_pooled(reference, mask), mean_pooled(candidate, mask))
     integer = _is_integer(reference)
     if integer:  # ids, classes, masks: a cosine says little, exact agreement says it all
         metrics["agreement"] = float(np.mean(reference == candidate)) if reference.size else 1.0
@@ -205,6 +211,18 @@ def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = N
 
     ours, theirs = nearest(reference), nearest(candidate)
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)]))
+
+
+def mean_pooled(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each sample's token outputs averaged over its attended tokens (samples x features)."""
+    weights = (mask != 0).astype(np.float64)[..., None]
+    return (tokens.astype(np.float64) * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1)
+
+
+def attention_mask(feeds: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The attention mask among a model's inputs (a 2-D integer or boolean input named *attention_mask*), if any."""
+    return next((np.asarray(array) for name, array in feeds.items() if name.endswith("attention_mask")
+                 and np.ndim(array) == 2 and np.asarray(array).dtype.kind in "biu"), None)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -361,7 +379,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             result.passed = result.passed and all(row["passed"] for row in entry["layer_checks"])
         for name in names:
             metrics = compare_arrays(ref_out[name], cand_out[name], gates if name in model_outputs else Gates(),
-                                     name=name, labels=labels if name in model_outputs else None)
+                                     name=name, labels=labels if name in model_outputs else None,
+                                     mask=attention_mask(feeds) if name in model_outputs else None)
             (entry["outputs"] if name in model_outputs else entry["layers"])[name] = metrics
             if name in model_outputs and metrics.get("gated"):
                 result.gated = True
