@@ -18,7 +18,7 @@ from test_text import SENTENCES, encoder, word_tokenizer
 import onnxlr
 from onnxlr.errors import OnnxlrError
 from onnxlr.model_io import folders
-from onnxlr.verification.verify import Gates, compare_arrays
+from onnxlr.verification.verify import Gates, compare_arrays, joined_mask, without_padding
 
 LIMIT = 4  # the exported folder's max_seq_length: shorter than most SENTENCES
 
@@ -263,3 +263,15 @@ def test_optimum_loads_the_output_folder(tmp_path, minilm_export):
     ids = np.array([[101, 2023, 2003, 102]], np.int64)
     hidden = model(input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=np.zeros_like(ids))
     assert np.asarray(hidden.last_hidden_state).shape == (1, 4, 384)
+
+
+def test_padded_positions_are_zeroed_in_per_token_float_outputs_only():
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    tokens = np.ones((2, 3, 4), np.float32)
+    outputs = without_padding({"hidden": tokens, "pooled": np.ones((2, 4), np.float32),
+                               "ids": np.ones((2, 3), np.int64), "start_logits": np.ones((2, 3), np.float32)}, mask)
+    assert outputs["hidden"].sum(axis=2).tolist() == [[4, 4, 0], [4, 0, 0]]
+    assert outputs["start_logits"].tolist() == [[1, 1, 0], [1, 0, 0]]
+    assert outputs["pooled"].sum() == 8 and outputs["ids"].sum() == 6  # not per token / not float: as they were
+    assert without_padding({"hidden": tokens}, None)["hidden"] is tokens
+    assert joined_mask([mask, None]) is None and joined_mask([mask, mask]).shape == (4, 3)

@@ -149,7 +149,10 @@ def test_the_cli_says_what_it_built_and_refuses_a_binary_file_with_exit_2(files)
     result = onnxlr_cli("optimize", str(source), str(folder / "out.onnx"), "--calibration", str(folder / "calib.txt"),
                         "--tokenizer", str(folder), "--rank-ratio", "0.5", "--no-gate")
     assert result.returncode == 0, result.stderr
-    assert "data: calib.txt: 32 texts tokenized to 32 x" in result.stdout
+    # no --inputs: its last fifth is held out to verify on, not synthesized ids
+    assert "data: calib.txt (the first 26, calibration): 26 texts tokenized to 26 x" in result.stdout
+    assert "data: calib.txt (the last 6, held out for verification): 6 texts" in result.stdout
+    assert "inputs (given): input_ids 6x" in result.stdout
     (folder / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00")
     refused = onnxlr_cli("optimize", str(source), str(folder / "none.onnx"), "--calibration",
                          str(folder / "image.txt"), "--tokenizer", str(tokenizer), "--rank-ratio", "0.5")
@@ -186,6 +189,18 @@ def test_text_calibration_with_a_target_carves_its_own_held_out_part(files):
     assert [item["samples"] for item in report["data"]] == [26, 6]
     assert "held out for the search and verification" in report["data"][1]["description"]
     assert report["verification"]["samples"] == 6 and not report["verification"]["synthesized"]
+
+
+def test_text_calibration_without_a_goal_verifies_on_its_last_fifth_and_one_text_on_synthesized_inputs(files):
+    folder, tokenizer = files
+    _, report = onnxlr.optimize(encoder(), calibration=folder / "calib.txt", tokenizer=tokenizer, rank_ratio=0.5,
+                                no_gate=True)
+    assert [item["samples"] for item in report["data"]] == [26, 6]
+    assert report["calibration"]["samples"] == 26 and report["verification"]["samples"] == 6
+    (folder / "one.txt").write_text("the model reads text\n")
+    _, report = onnxlr.optimize(encoder(), calibration=folder / "one.txt", tokenizer=tokenizer, rank_ratio=0.5,
+                                no_gate=True)
+    assert [item["samples"] for item in report["data"]] == [1] and report["verification"]["synthesized"]
 
 
 def test_a_python_function_yields_the_calibration_data(tmp_path, monkeypatch):

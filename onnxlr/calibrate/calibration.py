@@ -508,9 +508,15 @@ def compensation_statistics(runner: CalibrationRunner, batches: Iterable[Mapping
 
 def model_outputs(runner: CalibrationRunner, batches: Iterable[Mapping[str, np.ndarray]],
                   overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """The model's own outputs over all batches (concatenated along the first axis)."""
+    """The model's own outputs over all batches (concatenated along the first axis), padded positions of per-token
+    outputs zeroed (onnxlr.verification.verify.without_padding: what every comparison of outputs measures)."""
+    from onnxlr.verification.verify import attention_mask, joined_mask, without_padding
+
     parts: dict[str, list[np.ndarray]] = {name: [] for name in runner.outputs}
+    masks: list[np.ndarray | None] = []
     for batch in batches:
         for name, value in runner.run(batch, runner.outputs, overrides).items():
             parts[name].append(np.asarray(value))
-    return {name: (np.concatenate(v) if v[0].ndim and len(v) > 1 else v[0]) for name, v in parts.items()}
+        masks.append(attention_mask(batch))
+    return without_padding({name: (np.concatenate(v) if v[0].ndim and len(v) > 1 else v[0])
+                            for name, v in parts.items()}, joined_mask(masks))

@@ -361,7 +361,9 @@ def load_source(source: str | os.PathLike | bytes) -> ir.Model:
 
 def outputs(model: ir.Model | str | os.PathLike | bytes, batches: Sequence[Mapping[str, np.ndarray]]
              ) -> dict[str, np.ndarray]:
-    """The model's outputs over the batches, concatenated (as calibration.model_outputs gives them)."""
+    """The model's outputs over the batches, concatenated, padding zeroed (as calibration.model_outputs gives them)."""
+    from onnxlr.verification.verify import attention_mask, joined_mask, without_padding
+
     source = ir.to_proto(model).SerializeToString() if isinstance(model, ir.Model) else model
     session = make_session(source, "cpu")
     names = [output.name for output in session.get_outputs()]
@@ -369,4 +371,5 @@ def outputs(model: ir.Model | str | os.PathLike | bytes, batches: Sequence[Mappi
     for batch in batches:
         for name, value in zip(names, session.run(names, dict(batch))):
             parts[name].append(np.asarray(value))
-    return {name: (np.concatenate(v) if v[0].ndim and len(v) > 1 else v[0]) for name, v in parts.items()}
+    return without_padding({name: (np.concatenate(v) if v[0].ndim and len(v) > 1 else v[0])
+                            for name, v in parts.items()}, joined_mask([attention_mask(batch) for batch in batches]))

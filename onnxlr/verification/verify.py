@@ -18,6 +18,11 @@ Metrics per output (all computed in float64 over every sample):
   agreement            integer and boolean outputs (ids, classes, masks): share of elements exactly equal
   nan / inf            counts in the candidate (and in the reference)
 
+Padding: when the inputs have an attention mask (samples x tokens), float outputs whose first two axes are those
+(a transformer's last_hidden_state, token logits) are compared on the attended positions only: padded positions
+are zeroed in both models (`without_padding`), as calibration leaves them out and every consumer ignores them. The
+search of --target-* measures the same way (onnxlr.calibrate.calibration.model_outputs).
+
 Gates (Polygraphy-style, elementwise like numpy.isclose): an output passes `--atol/--rtol` when
 every element has |candidate - reference| <= atol + rtol * |reference|; `--min-cosine C` bounds the
 cosine of float outputs, and the agreement of integer and boolean outputs (>= C of their elements
@@ -219,10 +224,28 @@ def mean_pooled(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (tokens.astype(np.float64) * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1)
 
 
+def without_padding(outputs: Mapping[str, np.ndarray], mask: np.ndarray | None) -> dict[str, np.ndarray]:
+    """`outputs` with the padded positions of per-token float outputs (first axes: `mask`'s) set to zero."""
+    if mask is None or mask.all():
+        return dict(outputs)
+    padded = mask == 0
+    return {name: np.where(padded.reshape(padded.shape + (1,) * (array.ndim - 2)), 0, array).astype(array.dtype)
+            if array.dtype.kind == "f" and array.ndim >= 2 and array.shape[:2] == mask.shape else array
+            for name, array in outputs.items()}
+
+
 def attention_mask(feeds: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """The attention mask among a model's inputs (a 2-D integer or boolean input named *attention_mask*), if any."""
     return next((np.asarray(array) for name, array in feeds.items() if name.endswith("attention_mask")
                  and np.ndim(array) == 2 and np.asarray(array).dtype.kind in "biu"), None)
+
+
+def joined_mask(masks: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """Batches' attention masks as one (None when a batch has none or their lengths differ)."""
+    arrays = [mask for mask in masks if mask is not None]
+    if not arrays or len(arrays) != len(masks) or len({mask.shape[1] for mask in arrays}) != 1:
+        return None
+    return np.concatenate(arrays)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -371,6 +394,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
                                                     provider)
             continue
         model_outputs = [n for n in names if n not in per_layer]
+        mask = attention_mask(feeds)
+        ref_out, cand_out = without_padding(ref_out, mask), without_padding(cand_out, mask)
         entry: dict[str, Any] = {"session_providers": cand_providers, "outputs": {}, "layers": {}}
         if segmented:
             entry["segment_budget_bytes"] = segment_budget
@@ -380,7 +405,7 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
         for name in names:
             metrics = compare_arrays(ref_out[name], cand_out[name], gates if name in model_outputs else Gates(),
                                      name=name, labels=labels if name in model_outputs else None,
-                                     mask=attention_mask(feeds) if name in model_outputs else None)
+                                     mask=mask if name in model_outputs else None)
             (entry["outputs"] if name in model_outputs else entry["layers"])[name] = metrics
             if name in model_outputs and metrics.get("gated"):
                 result.gated = True
