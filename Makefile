@@ -26,8 +26,21 @@ demo: $(STAMP)
 		--inputs $(DIGITS)/eval.npz --report out/digits-cnn-lr.json --html out/digits-cnn-lr.html
 	$(BIN)/python scripts/digits_accuracy.py $(DIGITS)/model.onnx out/digits-cnn-lr.onnx
 
-test: $(STAMP)
+# The exported-folder checks with sentence-transformers and Optimum run in their own environment (pyproject's
+# `folders` extra pins transformers < 4.58, the main one has transformers 5).
+FOLDERS_VENV := .venv-folders
+FOLDERS_STAMP := $(FOLDERS_VENV)/.installed-folders
+
+$(FOLDERS_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(FOLDERS_VENV)
+	$(FOLDERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FOLDERS_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(FOLDERS_VENV)/bin/python -m pip install -q -e '.[folders]'
+	touch $(FOLDERS_STAMP)
+
+test: $(STAMP) $(FOLDERS_STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
+	$(FOLDERS_VENV)/bin/python -m pytest -q -p no:cacheprovider -m libraries tests/test_folders.py
 
 # ruff, then mypy on the library as installed (onnxlr, passes/ as onnxlr.passes: scripts/typecheck.py).
 lint: $(STAMP)

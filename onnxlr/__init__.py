@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from onnxlr import passes as _passes
 from onnxlr._version import __version__
-from onnxlr.api import ConvFactorization, FactorizationPass, GemmFactorization, MatMulFactorization, optimize
+from onnxlr.api import (
+    ConvFactorization,
+    FactorizationPass,
+    GemmFactorization,
+    MatMulFactorization,
+    optimize,
+    verify,
+)
 from onnxlr.errors import GateFailed, OnnxlrError
 from onnxlr.factorize.pipeline import factorize_model
 from onnxlr.factorize.results import LayerRow, Report
@@ -29,7 +36,7 @@ for _pass in (MatMulFactorization, GemmFactorization, ConvFactorization):
     setattr(_passes, _pass.__name__, _pass)
 
 __all__ = [
-    "__version__", "optimize", "load", "save", "convert", "factorize_model", "Settings", "Progress", "LoadedModel",
+    "__version__", "optimize", "verify", "load", "save", "convert", "factorize_model", "Settings", "Progress", "LoadedModel",
     "Report", "LayerRow", "FactorizationPass", "MatMulFactorization", "GemmFactorization", "ConvFactorization",
     "OnnxlrError", "GateFailed", "Job", "Outcome", "OutputSettings", "VerifySettings",
 ]

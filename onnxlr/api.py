@@ -1,5 +1,5 @@
-"""The Python API: `onnxlr.optimize` (the whole `onnxlr optimize` job: onnxlr.job) and the factorization as onnx-ir
-passes (`FactorizationPass` and one per op family), which rewrite in place and verify nothing."""
+"""The Python API: `onnxlr.optimize` (the whole `onnxlr optimize` job: onnxlr.job), `onnxlr.verify` (`onnxlr verify`)
+and the factorization as onnx-ir passes (`FactorizationPass` and one per op family), which rewrite in place and verify nothing."""
 
 from __future__ import annotations
 
@@ -74,6 +74,27 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
     outcome = jobs.run(job)
     return convert(outcome.loaded.model, outcome.loaded.kind), outcome.report.to_json()
 
+
+
+def verify(reference: str | os.PathLike, candidate: str | os.PathLike, *, inputs: str | os.PathLike | None = None,
+           providers: Sequence[str] | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
+           seed: int = 0, samples: int = 8, batch_size: int = 16, atol: float | None = None, rtol: float | None = None,
+           min_cosine: float | None = None, no_gate: bool = False, per_layer: bool = False,
+           min_layer_cosine: float | None = None, min_metric: Sequence[str] = (),
+           labels: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+           seq_len: int | None = None, text_field: str = "text", image_spec: str | None = None,
+           memory_check: bool = True) -> dict:
+    """`onnxlr verify`: run two models (ONNX files or exported model folders) on onnxruntime and compare their outputs;
+    returns the figures as a JSON-ready dict, whose `passed` says whether every gate held (the CLI exits 1 when not).
+    The keywords are the CLI's flags; `inputs` may be an .npz, text (with `tokenizer`, or the reference folder's) or
+    a folder of images (`image_spec`)."""
+    checks = jobs.VerifySettings(
+        inputs=inputs, providers=tuple(providers) if providers else None,
+        input_shapes={name: tuple(dims) for name, dims in (input_shapes or {}).items()}, seed=seed, samples=samples,
+        batch_size=batch_size, atol=atol, rtol=rtol, min_cosine=min_cosine, no_gate=no_gate, per_layer=per_layer,
+        min_layer_cosine=min_layer_cosine, min_metric=tuple(min_metric), labels=labels)
+    text = jobs.TextOptions(tokenizer=tokenizer, seq_len=seq_len, text_field=text_field)
+    return jobs.verify_files(reference, candidate, checks, text, image_spec, memory_check=memory_check).to_json()
 
 
 class InvalidPassSettings(OnnxlrError, ir.passes.PreconditionError):

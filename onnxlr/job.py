@@ -84,7 +84,9 @@ class VerifySettings:
     min_metric: tuple[str, ...] = setting(
         (), "Gate on a task metric, NAME=VALUE (repeatable): top1 (argmax agreement of score outputs), neighbours "
         "(neighbour agreement of embedding outputs: the share of each sample's 5 nearest samples kept), "
-        "sample_cosine (mean per-sample cosine), accuracy (with --labels). Given alone, it replaces the default gate.", "verification",
+        "sample_cosine (mean per-sample cosine), accuracy (with --labels), perplexity_kept (a language model's "
+        "original / written next-token perplexity on the inputs). Given alone, it replaces the default gate.",
+        "verification",
         metavar="NAME=VALUE", multiple=True, show_default=False)
     no_gate: bool = setting(False, "No default gate: outputs are compared and reported, but only "
                             "--atol/--rtol/--min-cosine (when given) and NaN/Inf the reference does not have can fail "

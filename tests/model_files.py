@@ -261,7 +261,7 @@ def _valid_bytes() -> bytes:
 
 NOT_A_MODEL: dict[str, tuple[Callable[[Path], None] | None, str]] = {
     "missing": (None, "no such file"),
-    "folder": (lambda p: p.mkdir(), "is a folder, not an ONNX model file"),
+    "folder": (lambda p: p.mkdir(), "is a folder, not an ONNX model file|no .onnx model in this folder"),
     "empty": (lambda p: p.write_bytes(b""), "the file is empty"),
     "random-bytes": (lambda p: p.write_bytes(np.random.default_rng(1).bytes(4096)), "not (a valid|an) ONNX model"),
     "text": (lambda p: p.write_text("hello, this is not a model\n"), "not (a valid|an) ONNX model"),

@@ -234,6 +234,10 @@ def print_verification(result: dict[str, Any], console: Console) -> None:
             if "accuracy" in metrics:
                 console.print(f"accuracy on --labels ({name}, {provider}): original {metrics['reference_accuracy']:.4f}, "
                               f"written {metrics['accuracy']:.4f}", highlight=False)
+            if "perplexity" in metrics:
+                console.print(f"next-token perplexity on the inputs ({name}, {provider}, {metrics['next_tokens']} "
+                              f"tokens): original {metrics['reference_perplexity']:.3f}, written "
+                              f"{metrics['perplexity']:.3f}", highlight=False)
     for provider, entry in result["providers"].items():
         for name, noise in entry.get("reference_vs_cpu", {}).items():
             console.print(f"{provider} vs cpu (reference only, provider noise) {name}: max abs "

@@ -15,6 +15,11 @@ Metrics per output (all computed in float64 over every sample):
                        (among the first NEIGHBOUR_SAMPLES); 3-D token outputs (samples x tokens x features, a
                        transformer's last_hidden_state) are mean-pooled over the attention mask first, as
                        sentence-transformers pools them
+  perplexity           language-model logits (an output named like logits or scores, samples x tokens x vocabulary,
+                       beside an input_ids input whose ids the vocabulary covers): exp of the mean next-token cross-entropy on the inputs' own text
+                       (attended positions), for the candidate, and the reference's as reference_perplexity;
+                       perplexity_kept = reference / candidate perplexity (1: unchanged); top1_agreement there is
+                       the share of attended positions whose next-token argmax is unchanged
   agreement            integer and boolean outputs (ids, classes, masks): share of elements exactly equal
   nan / inf            counts in the candidate (and in the reference)
 
@@ -94,7 +99,7 @@ class Gates:
 
 # --min-metric NAME=VALUE: the gate's name -> the metric it bounds from below
 TASK_METRICS = {"top1": "top1_agreement", "neighbours": "neighbour_agreement", "sample_cosine": "mean_sample_cosine",
-                "accuracy": "accuracy"}
+                "accuracy": "accuracy", "perplexity_kept": "perplexity_kept"}
 
 
 def parse_min_metrics(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
@@ -131,16 +136,18 @@ class VerificationResult:
 
 
 def compare_arrays(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "",
-                   labels: np.ndarray | None = None, mask: np.ndarray | None = None) -> dict[str, Any]:
+                   labels: np.ndarray | None = None, mask: np.ndarray | None = None,
+                   token_ids: np.ndarray | None = None) -> dict[str, Any]:
     """The metrics of one output (`name`: the output's name, which decides whether top-1 is meaningful; `labels`:
     the class of each sample, for the accuracy of score outputs; `mask`: the attention mask fed, samples x tokens,
-    which pools token outputs for their neighbour agreement)."""
+    which pools token outputs for their neighbour agreement; `token_ids`: the input_ids fed, for a language
+    model's perplexity)."""
     if reference.shape != candidate.shape:
         return {"passed": False, "failure": f"shape {candidate.shape} != reference {reference.shape}"}
     if reference.dtype.kind not in "biufc" or candidate.dtype.kind not in "biufc":
         return _compare_exact(reference, candidate)
     with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf where both have it: counted, not warned about
-        return _compare(reference, candidate, gates, name, labels, mask)
+        return _compare(reference, candidate, gates, name, labels, mask, token_ids)
 
 
 def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
@@ -154,7 +161,8 @@ def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
 
 
 def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "",
-             labels: np.ndarray | None = None, mask: np.ndarray | None = None) -> dict[str, Any]:
+             labels: np.ndarray | None = None, mask: np.ndarray | None = None,
+             token_ids: np.ndarray | None = None) -> dict[str, Any]:
     ref = reference.astype(np.float64).reshape(-1)
     out = candidate.astype(np.float64).reshape(-1)
     finite = np.isfinite(ref) & np.isfinite(out)
@@ -185,6 +193,9 @@ def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: s
             metrics["accuracy"] = float(np.mean(np.argmax(candidate, -1) == labels))
     elif reference.dtype.kind == "f" and reference.ndim == 2 and len(reference) > NEIGHBOURS and finite.all():
         metrics["neighbour_agreement"] = neighbour_agreement(reference, candidate)
+    elif finite.all() and is_language_model_logits(reference, token_ids, name):
+        assert token_ids is not None  # is_language_model_logits checked it
+        metrics.update(language_model_metrics(reference, candidate, token_ids, mask))
     elif (reference.dtype.kind == "f" and reference.ndim == 3 and mask is not None and finite.all()
           and reference.shape[:2] == mask.shape and len(reference) > NEIGHBOURS):
         metrics["neighbour_agreement"] = neighbour_agreement(mean_pooled(reference, mask), mean_pooled(candidate, mask))
@@ -216,6 +227,43 @@ def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = N
 
     ours, theirs = nearest(reference), nearest(candidate)
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)]))
+
+
+def is_language_model_logits(array: np.ndarray, token_ids: np.ndarray | None, name: str = "") -> bool:
+    """An output named like logits or scores, of samples x tokens x vocabulary floats, beside the input_ids it was
+    computed from (the vocabulary covers every id)."""
+    return (token_ids is not None and array.dtype.kind == "f" and array.ndim == 3 and token_ids.ndim == 2
+            and array.shape[:2] == token_ids.shape and array.shape[1] > 1 and token_ids.size > 0
+            and 0 <= int(token_ids.min()) and int(token_ids.max()) < array.shape[2]
+            and any(word in name.lower() for word in ("logit", "score")))
+
+
+def language_model_metrics(reference: np.ndarray, candidate: np.ndarray, token_ids: np.ndarray,
+                           mask: np.ndarray | None) -> dict[str, float]:
+    """Next-token perplexity of both models on the inputs' own text, and their next-token top-1 agreement, over the
+    positions whose next token is attended."""
+    attended = np.ones(token_ids.shape, bool) if mask is None else mask != 0
+    where = attended[:, :-1] & attended[:, 1:]  # position t predicts token t + 1
+    targets = token_ids[:, 1:][where]
+    if not targets.size:
+        return {}
+
+    def perplexity(logits: np.ndarray) -> float:
+        rows = logits[:, :-1][where].astype(np.float64)
+        peak = rows.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(rows - peak).sum(axis=1)) + peak[:, 0]
+        return float(np.exp(np.mean(log_norm - rows[np.arange(len(rows)), targets])))
+
+    ours, theirs = perplexity(reference), perplexity(candidate)
+    agree = np.argmax(reference[:, :-1][where], axis=1) == np.argmax(candidate[:, :-1][where], axis=1)
+    return {"reference_perplexity": ours, "perplexity": theirs, "perplexity_kept": ours / theirs,
+            "top1_agreement": float(np.mean(agree)), "next_tokens": int(targets.size)}
+
+
+def token_ids(feeds: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The input_ids among a model's inputs (a 2-D integer input named *input_ids*), if any."""
+    return next((np.asarray(array) for name, array in feeds.items() if name.endswith("input_ids")
+                 and np.ndim(array) == 2 and np.asarray(array).dtype.kind in "iu"), None)
 
 
 def mean_pooled(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -405,7 +453,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
         for name in names:
             metrics = compare_arrays(ref_out[name], cand_out[name], gates if name in model_outputs else Gates(),
                                      name=name, labels=labels if name in model_outputs else None,
-                                     mask=mask if name in model_outputs else None)
+                                     mask=mask if name in model_outputs else None,
+                                     token_ids=token_ids(feeds) if name in model_outputs else None)
             (entry["outputs"] if name in model_outputs else entry["layers"])[name] = metrics
             if name in model_outputs and metrics.get("gated"):
                 result.gated = True
