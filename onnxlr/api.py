@@ -26,7 +26,7 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
              rtol: float | None = None, min_cosine: float | None = None, no_gate: bool = False,
              per_layer: bool = False, min_layer_cosine: float | None = None, keep_failed: bool = False,
              min_metric: Sequence[str] = (), labels: str | os.PathLike | None = None,
-             external_data: bool | None = None, tokenizer: str | os.PathLike | None = None,
+             pairs: str | os.PathLike | None = None, external_data: bool | None = None, tokenizer: str | os.PathLike | None = None,
              seq_len: int | None = None, text_field: str = "text", image_spec: str | None = None,
              **settings: Any) -> tuple[Any, dict]:
     """Factorize a model's MatMul/Gemm/Conv weights, verify and gate the result as `onnxlr optimize` does; returns
@@ -51,8 +51,8 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
 
     Verification (`verify=False`: --no-verify) runs the result and the input on onnxruntime and compares their
     outputs, with the CLI's verification flags as keywords: inputs (an .npz; default synthesized), providers,
-    seed, samples, batch_size, atol, rtol, min_cosine, min_metric ("NAME=VALUE" items), no_gate, per_layer,
-    min_layer_cosine. A failed gate raises
+    seed, samples, batch_size, atol, rtol, min_cosine, min_metric ("NAME=VALUE" items), labels, pairs, no_gate,
+    per_layer, min_layer_cosine. A failed gate raises
     `onnxlr.GateFailed` (its `report` holds the figures) unless `keep_failed`; the figures are the report's
     `verification`. `output` writes the model there atomically, as the CLI does (nothing written on failure;
     `external_data` as --external-data). `memory_check` (--no-memory-check: False) verifies in segments, or stops,
@@ -63,7 +63,7 @@ def optimize(model: Any, *, output: str | os.PathLike | None = None, verify: boo
         enabled=verify, inputs=inputs, providers=tuple(providers) if providers else None,
         input_shapes={name: tuple(dims) for name, dims in (input_shapes or {}).items()}, seed=seed, samples=samples, batch_size=batch_size, atol=atol, rtol=rtol,
         min_cosine=min_cosine, no_gate=no_gate, per_layer=per_layer, min_layer_cosine=min_layer_cosine,
-        min_metric=tuple(min_metric), labels=labels,
+        min_metric=tuple(min_metric), labels=labels, pairs=pairs,
         keep_failed=keep_failed)
     job = jobs.Job(source=model, settings=Settings.of(**settings), verify=checks,
                    output=jobs.OutputSettings(path=output, external_data=external_data), calibration=calibration,
@@ -81,9 +81,9 @@ def verify(reference: str | os.PathLike, candidate: str | os.PathLike, *, inputs
            seed: int = 0, samples: int = 8, batch_size: int = 16, atol: float | None = None, rtol: float | None = None,
            min_cosine: float | None = None, no_gate: bool = False, per_layer: bool = False,
            min_layer_cosine: float | None = None, min_metric: Sequence[str] = (),
-           labels: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-           seq_len: int | None = None, text_field: str = "text", image_spec: str | None = None,
-           memory_check: bool = True) -> dict:
+           labels: str | os.PathLike | None = None, pairs: str | os.PathLike | None = None,
+           tokenizer: str | os.PathLike | None = None, seq_len: int | None = None, text_field: str = "text",
+           image_spec: str | None = None, memory_check: bool = True) -> dict:
     """`onnxlr verify`: run two models (ONNX files or exported model folders) on onnxruntime and compare their outputs;
     returns the figures as a JSON-ready dict, whose `passed` says whether every gate held (the CLI exits 1 when not).
     The keywords are the CLI's flags; `inputs` may be an .npz, text (with `tokenizer`, or the reference folder's) or
@@ -92,7 +92,7 @@ def verify(reference: str | os.PathLike, candidate: str | os.PathLike, *, inputs
         inputs=inputs, providers=tuple(providers) if providers else None,
         input_shapes={name: tuple(dims) for name, dims in (input_shapes or {}).items()}, seed=seed, samples=samples,
         batch_size=batch_size, atol=atol, rtol=rtol, min_cosine=min_cosine, no_gate=no_gate, per_layer=per_layer,
-        min_layer_cosine=min_layer_cosine, min_metric=tuple(min_metric), labels=labels)
+        min_layer_cosine=min_layer_cosine, min_metric=tuple(min_metric), labels=labels, pairs=pairs)
     text = jobs.TextOptions(tokenizer=tokenizer, seq_len=seq_len, text_field=text_field)
     return jobs.verify_files(reference, candidate, checks, text, image_spec, memory_check=memory_check).to_json()
 

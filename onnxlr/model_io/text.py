@@ -193,6 +193,83 @@ def tokenized_file(path: str | os.PathLike, model: ir.Model, options: TextOption
                     source=Path(path).name, max_length=options.max_length)
 
 
+PAIR_FIELDS = ("sentence1", "sentence2", "score")  # STS-B's names; a .tsv has them as its three columns
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredPairs:
+    """Sentence pairs with a similarity score each, tokenized: the first sentences, then the second ones, in `feeds`
+    (2 x pairs samples), and the scores."""
+
+    feeds: dict[str, np.ndarray]
+    scores: np.ndarray
+    source: str
+
+    def describe(self) -> str:
+        return f"{self.source}: {len(self.scores)} scored pairs"
+
+
+def read_pairs(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray]:
+    """Scored sentence pairs: a .tsv (sentence1, sentence2, score a line; a header line is skipped) or a .jsonl (one
+    object a line with sentence1, sentence2 and score)."""
+    path = Path(path)
+    firsts: list[str] = []
+    seconds: list[str] = []
+    scores: list[float] = []
+    for number, line in _lines(path):
+        if path.suffix.lower() == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise OnnxlrError(f"{path}:{number}: not a JSON object ({exc.msg})") from exc
+            fields = [record.get(key) if isinstance(record, dict) else None for key in PAIR_FIELDS]
+        else:
+            fields = line.split("\t")
+            if len(fields) != 3:
+                raise OnnxlrError(f"{path}:{number}: {len(fields)} tab-separated fields, not 3 (sentence1, sentence2, "
+                                  "score)")
+        first, second, score = fields
+        try:
+            value = float(score)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            if number == 1 and path.suffix.lower() != ".jsonl":
+                continue  # a header
+            raise OnnxlrError(f"{path}:{number}: the score {score!r} is not a number") from None
+        if not isinstance(first, str) or not isinstance(second, str) or not first.strip() or not second.strip():
+            raise OnnxlrError(f"{path}:{number}: needs two sentences and a score ({', '.join(PAIR_FIELDS)})")
+        firsts.append(first.strip())
+        seconds.append(second.strip())
+        scores.append(value)
+    if len(scores) < 3:
+        raise OnnxlrError(f"{path}: {len(scores)} scored pairs; a rank correlation needs at least 3")
+    return firsts, seconds, np.asarray(scores, np.float64)
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise OnnxlrError(f"{path}: cannot read the pairs file ({exc.strerror or exc})") from exc
+    if b"\x00" in raw:
+        raise OnnxlrError(f"{path}: a binary file, not scored pairs")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OnnxlrError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    return [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def tokenized_pairs(path: str | os.PathLike, model: ir.Model, options: TextOptions) -> ScoredPairs:
+    """The pairs file at `path` tokenized for `model`: both sentences of every pair at one length."""
+    if options.tokenizer is None:
+        raise OnnxlrError(f"{path}: scored pairs are text and need its tokenizer: give {{0}} tokenizer.json (or the "
+                          "folder that holds it)", "tokenizer")
+    firsts, seconds, scores = read_pairs(path)
+    tokenized = tokenize(model, firsts + seconds, load_tokenizer(options.tokenizer), options.seq_len,
+                         source=Path(path).name, max_length=options.max_length)
+    return ScoredPairs(feeds=tokenized.feeds, scores=scores, source=Path(path).name)
+
+
 def carve(tokenized: Tokenized, share: float = HELDOUT_SHARE,
           purpose: str = "the search and verification") -> tuple[Tokenized, Tokenized]:
     """(calibration, held-out): the last `share` of the samples (at least one, at most all but one) held out."""

@@ -234,6 +234,10 @@ def print_verification(result: dict[str, Any], console: Console) -> None:
             if "accuracy" in metrics:
                 console.print(f"accuracy on --labels ({name}, {provider}): original {metrics['reference_accuracy']:.4f}, "
                               f"written {metrics['accuracy']:.4f}", highlight=False)
+            if "spearman" in metrics:
+                console.print(f"Spearman on --pairs ({name}, {provider}, {metrics['pairs']} pairs): original "
+                              f"{metrics['reference_spearman']:.4f}, written {metrics['spearman']:.4f} (between the "
+                              f"models' similarities {metrics['similarity_spearman']:.4f})", highlight=False)
             if "perplexity" in metrics:
                 console.print(f"next-token perplexity on the inputs ({name}, {provider}, {metrics['next_tokens']} "
                               f"tokens): original {metrics['reference_perplexity']:.3f}, written "

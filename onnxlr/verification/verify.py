@@ -20,6 +20,10 @@ Metrics per output (all computed in float64 over every sample):
                        (attended positions), for the candidate, and the reference's as reference_perplexity;
                        perplexity_kept = reference / candidate perplexity (1: unchanged); top1_agreement there is
                        the share of attended positions whose next-token argmax is unchanged
+  spearman             with scored sentence pairs (`--pairs`, run beside the inputs): for embedding outputs, the
+                       Spearman rank correlation of the candidate's cosine similarity of each pair with the pairs'
+                       scores, the reference's as reference_spearman, and similarity_spearman between the two
+                       models' similarities
   agreement            integer and boolean outputs (ids, classes, masks): share of elements exactly equal
   nan / inf            counts in the candidate (and in the reference)
 
@@ -99,7 +103,7 @@ class Gates:
 
 # --min-metric NAME=VALUE: the gate's name -> the metric it bounds from below
 TASK_METRICS = {"top1": "top1_agreement", "neighbours": "neighbour_agreement", "sample_cosine": "mean_sample_cosine",
-                "accuracy": "accuracy", "perplexity_kept": "perplexity_kept"}
+                "accuracy": "accuracy", "perplexity_kept": "perplexity_kept", "spearman": "spearman"}
 
 
 def parse_min_metrics(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
@@ -137,17 +141,17 @@ class VerificationResult:
 
 def compare_arrays(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "",
                    labels: np.ndarray | None = None, mask: np.ndarray | None = None,
-                   token_ids: np.ndarray | None = None) -> dict[str, Any]:
+                   token_ids: np.ndarray | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The metrics of one output (`name`: the output's name, which decides whether top-1 is meaningful; `labels`:
     the class of each sample, for the accuracy of score outputs; `mask`: the attention mask fed, samples x tokens,
     which pools token outputs for their neighbour agreement; `token_ids`: the input_ids fed, for a language
-    model's perplexity)."""
+    model's perplexity; `extra`: metrics measured elsewhere, gated with these, as the scored pairs')."""
     if reference.shape != candidate.shape:
         return {"passed": False, "failure": f"shape {candidate.shape} != reference {reference.shape}"}
     if reference.dtype.kind not in "biufc" or candidate.dtype.kind not in "biufc":
         return _compare_exact(reference, candidate)
     with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf where both have it: counted, not warned about
-        return _compare(reference, candidate, gates, name, labels, mask, token_ids)
+        return _compare(reference, candidate, gates, name, labels, mask, token_ids, extra)
 
 
 def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
@@ -162,7 +166,7 @@ def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
 
 def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: str = "",
              labels: np.ndarray | None = None, mask: np.ndarray | None = None,
-             token_ids: np.ndarray | None = None) -> dict[str, Any]:
+             token_ids: np.ndarray | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     ref = reference.astype(np.float64).reshape(-1)
     out = candidate.astype(np.float64).reshape(-1)
     finite = np.isfinite(ref) & np.isfinite(out)
@@ -199,6 +203,7 @@ def _compare(reference: np.ndarray, candidate: np.ndarray, gates: Gates, name: s
     elif (reference.dtype.kind == "f" and reference.ndim == 3 and mask is not None and finite.all()
           and reference.shape[:2] == mask.shape and len(reference) > NEIGHBOURS):
         metrics["neighbour_agreement"] = neighbour_agreement(mean_pooled(reference, mask), mean_pooled(candidate, mask))
+    metrics.update(extra or {})
     integer = _is_integer(reference)
     if integer:  # ids, classes, masks: a cosine says little, exact agreement says it all
         metrics["agreement"] = float(np.mean(reference == candidate)) if reference.size else 1.0
@@ -258,6 +263,32 @@ def language_model_metrics(reference: np.ndarray, candidate: np.ndarray, token_i
     agree = np.argmax(reference[:, :-1][where], axis=1) == np.argmax(candidate[:, :-1][where], axis=1)
     return {"reference_perplexity": ours, "perplexity": theirs, "perplexity_kept": ours / theirs,
             "top1_agreement": float(np.mean(agree)), "next_tokens": int(targets.size)}
+
+
+def pair_metrics(reference: np.ndarray, candidate: np.ndarray, scores: np.ndarray, mask: np.ndarray | None,
+                 name: str = "") -> dict[str, Any] | None:
+    """Scored pairs run through both models (the first sentences' rows, then the second ones'): for an embedding
+    output (2-D and not scores, or per-token and pooled over `mask`), the Spearman correlation of each model's cosine
+    similarities with the scores and between them; None for other outputs."""
+    from scipy.stats import spearmanr
+
+    if reference.dtype.kind != "f" or not (np.isfinite(reference).all() and np.isfinite(candidate).all()):
+        return None
+    if reference.ndim == 3 and mask is not None and reference.shape[:2] == mask.shape:
+        reference, candidate = mean_pooled(reference, mask), mean_pooled(candidate, mask)
+    elif reference.ndim != 2 or looks_like_scores(reference, name):
+        return None
+    count = len(scores)
+
+    def similarities(rows: np.ndarray) -> np.ndarray:
+        rows = rows.astype(np.float64)
+        unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
+        return np.sum(unit[:count] * unit[count:2 * count], axis=1)
+
+    ours, theirs = similarities(reference), similarities(candidate)
+    return {"spearman": float(spearmanr(theirs, scores).statistic),
+            "reference_spearman": float(spearmanr(ours, scores).statistic),
+            "similarity_spearman": float(spearmanr(ours, theirs).statistic), "pairs": count}
 
 
 def token_ids(feeds: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -370,7 +401,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
            feeds: Mapping[str, np.ndarray], providers: Sequence[str], gates: Gates,
            batch_size: int = 16, per_layer: Sequence[str] = (), threads: int = 0,
            synthesized: bool = False, reference_model: Any = None, segment_budget: int | None = None,
-           min_layer_cosine: float | None = None, labels: np.ndarray | None = None) -> VerificationResult:
+           min_layer_cosine: float | None = None, labels: np.ndarray | None = None,
+           pairs: Any = None) -> VerificationResult:
     """Run both models on each provider and compare (metrics: see the module doc).
 
     `segment_budget` (bytes of weights): models given as paths run in segments of at most that much, one
@@ -381,6 +413,9 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
     only the candidate fails (loads, lacks an output or raises), that is a failed verification.
     `per_layer` names intermediate tensors present in both models (the outputs of factorized
     nodes); they are exposed as extra outputs and compared too.
+
+    `pairs` (onnxlr.model_io.text.ScoredPairs) run through both sessions beside `feeds`, for the Spearman metrics of
+    embedding outputs (not when the models run in segments).
 
     Models run in segments also get the per-layer check (onnxlr.verification.layer_check: each factorized layer on the original's
     inputs, worst first, in `layer_checks`); `min_layer_cosine` gates on it, running the models as one segment
@@ -400,6 +435,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
                                 inputs={name: list(np.shape(a)) for name, a in feeds.items()}, synthesized=synthesized)
     cpu_reference: dict[str, np.ndarray] | None = None
     for provider in providers:
+        ref_pairs: dict[str, np.ndarray] = {}  # the scored pairs' outputs (not in segments)
+        cand_pairs: dict[str, np.ndarray] = {}
         try:
             if segmented:
                 assert segment_budget is not None and not isinstance(reference, bytes)  # segmented: both are paths, with a budget
@@ -413,6 +450,7 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
                 ref_session = make_session(reference_bytes, provider, threads)
                 names = [o.name for o in ref_session.get_outputs()]
                 ref_out = run_all(ref_session, feeds, batch_size, names)
+                ref_pairs = run_all(ref_session, pairs.feeds, batch_size, names) if pairs is not None else {}
                 del ref_session  # one model in memory at a time
         except (MemoryError, OnnxlrError):
             raise
@@ -430,6 +468,7 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             else:
                 cand_session, cand_out = _run_candidate(candidate_bytes, provider, threads, feeds, batch_size, names)
                 cand_providers = cand_session.get_providers()
+                cand_pairs = run_all(cand_session, pairs.feeds, batch_size, names) if pairs is not None else {}
         except MemoryError:
             raise
         except Exception as exc:  # the reference ran on these inputs: the candidate is at fault
@@ -451,10 +490,12 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             result.failures += summary_failures(entry["layer_checks"], min_layer_cosine, provider)
             result.passed = result.passed and all(row["passed"] for row in entry["layer_checks"])
         for name in names:
+            extra = (pair_metrics(ref_pairs[name], cand_pairs[name], pairs.scores, attention_mask(pairs.feeds), name)
+                     if pairs is not None and name in ref_pairs and name in model_outputs else None)
             metrics = compare_arrays(ref_out[name], cand_out[name], gates if name in model_outputs else Gates(),
                                      name=name, labels=labels if name in model_outputs else None,
                                      mask=mask if name in model_outputs else None,
-                                     token_ids=token_ids(feeds) if name in model_outputs else None)
+                                     token_ids=token_ids(feeds) if name in model_outputs else None, extra=extra)
             (entry["outputs"] if name in model_outputs else entry["layers"])[name] = metrics
             if name in model_outputs and metrics.get("gated"):
                 result.gated = True
