@@ -64,7 +64,7 @@ class Budget(RankPolicy):
 class Goal(RankPolicy):
     """An end-to-end target on held-out outputs; met by the smallest parameter budget that reaches it."""
 
-    metric: ClassVar[str]  # "cosine" or "error"
+    metric: ClassVar[str]  # "cosine", "error", or a task metric: "top1", "neighbours"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +148,25 @@ class TargetError(Goal):
 
 
 @dataclasses.dataclass(frozen=True)
+class TargetTop1(Goal):
+    keyword = "target_top1"
+    metavar = "A"
+    metric = "top1"
+    help = ("Rank policy, like --target-cosine on a task metric: the smallest parameter budget whose score outputs "
+            "keep the predicted class (argmax; a language model's next token) of >= A of the held-out samples.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetNeighbours(Goal):
+    keyword = "target_neighbours"
+    metavar = "N"
+    metric = "neighbours"
+    help = ("Rank policy, like --target-cosine on a task metric: the smallest parameter budget whose embedding "
+            "outputs keep neighbour agreement >= N among the held-out samples (each one's 5 nearest; per-token "
+            "outputs pooled over the attention mask).")
+
+
+@dataclasses.dataclass(frozen=True)
 class LatencyBudget(Budget):
     keyword = "latency_budget"
     measure = "latency"
@@ -164,7 +183,7 @@ class SizeBudget(RankPolicy):
 
 # Every policy, in the order the settings record them and the CLI lists them.
 POLICIES: tuple[type[RankPolicy], ...] = (RankRatio, Rank, Energy, ParamRatio, ParamBudget, MacBudget, TargetCosine,
-                                          TargetError, LatencyBudget, SizeBudget)
+                                          TargetError, TargetTop1, TargetNeighbours, LatencyBudget, SizeBudget)
 BY_KEYWORD = {policy.keyword: policy for policy in POLICIES}
 BUDGETS = {policy.measure: policy for policy in POLICIES if issubclass(policy, Budget)}
 

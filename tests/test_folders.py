@@ -18,7 +18,8 @@ from test_text import SENTENCES, encoder, word_tokenizer
 import onnxlr
 from onnxlr.errors import OnnxlrError
 from onnxlr.model_io import folders
-from onnxlr.verification.verify import Gates, compare_arrays, joined_mask, without_padding
+from onnxlr.verification.task_metrics import joined_mask, without_padding
+from onnxlr.verification.verify import Gates, compare_arrays
 
 LIMIT = 4  # the exported folder's max_seq_length: shorter than most SENTENCES
 

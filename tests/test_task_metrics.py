@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from onnxlr.verification.verify import Gates, compare_arrays, is_language_model_logits, language_model_metrics
+from onnxlr.verification.task_metrics import is_language_model_logits, language_model_metrics
+from onnxlr.verification.verify import Gates, compare_arrays
 
 VOCAB, HIDDEN = 40, 16
 
@@ -151,7 +152,7 @@ def test_spearman_of_both_models_on_scored_pairs_matches_scipy_on_the_pooled_emb
     import onnxlr
     from onnxlr.model_io import text
     from onnxlr.verification.runtime import make_session
-    from onnxlr.verification.verify import mean_pooled
+    from onnxlr.verification.task_metrics import mean_pooled
 
     reference, candidate = tmp_path / "encoder.onnx", tmp_path / "encoder-lr.onnx"
     onnx.save(encoder(), reference)
@@ -201,3 +202,79 @@ def test_minilm_ranks_scored_pairs_as_its_original_after_a_calibrated_factorizat
     assert metrics["reference_spearman"] > 0.7  # the constructed scores are something MiniLM ranks
     assert abs(metrics["spearman"] - metrics["reference_spearman"]) < 0.03
     assert metrics["similarity_spearman"] > 0.95
+
+
+# ----------------------------------------------------------------------------- a --target-* on a task metric
+
+
+def renamed_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """The model with its one output called `name` (which decides whether it is scores or an embedding)."""
+    old = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [name if value == old else value for value in node.output]
+    model.graph.output[0].name = name
+    return model
+
+
+def test_target_top1_keeps_the_predicted_class_of_that_share_of_held_out_samples():
+    from graphs import run
+    from test_datafit import deep_mlp, feeds
+
+    import onnxlr
+
+    model = deep_mlp()
+    calib, held_out = feeds(256, seed=1), feeds(128, seed=2)
+    candidate, report = onnxlr.optimize(model, target_top1=0.95, calibration=[calib], heldout=[held_out],
+                                        verify=False)
+    reference, = run(model, held_out)
+    output, = run(candidate, held_out)
+    assert np.mean(np.argmax(reference, 1) == np.argmax(output, 1)) >= 0.95
+    assert report["calibration"]["search"] and all("top1" in step for step in report["calibration"]["search"])
+    assert report["totals"]["params_after"] < report["totals"]["params_before"]
+    # a stricter target keeps more of the model
+    stricter = onnxlr.optimize(model, target_top1=1.0, calibration=[calib], heldout=[held_out], verify=False)[1]
+    assert stricter["totals"]["params_after"] >= report["totals"]["params_after"]
+
+
+def test_target_neighbours_keeps_the_embeddings_neighbours_and_needs_an_embedding_output(tmp_path):
+    from graphs import run
+    from test_datafit import deep_mlp, feeds
+
+    import onnxlr
+    from onnxlr.errors import OnnxlrError
+    from onnxlr.verification.task_metrics import neighbour_agreement
+
+    model = renamed_output(deep_mlp(), "embedding")
+    calib, held_out = feeds(256, seed=1), feeds(128, seed=2)
+    candidate, report = onnxlr.optimize(model, target_neighbours=0.9, calibration=[calib], heldout=[held_out],
+                                        verify=False)
+    reference, = run(model, held_out)
+    output, = run(candidate, held_out)
+    assert neighbour_agreement(reference, output) >= 0.9
+    assert report["totals"]["params_after"] < report["totals"]["params_before"]
+    with pytest.raises(OnnxlrError, match="target_neighbours: no output of this model has neighbour_agreement"):
+        onnxlr.optimize(deep_mlp(), target_neighbours=0.9, calibration=[calib], heldout=[held_out], verify=False)
+    onnx.save(deep_mlp(), tmp_path / "scores.onnx")
+    np.savez(tmp_path / "calib.npz", **calib)
+    np.savez(tmp_path / "held.npz", **held_out)
+    result = onnxlr_cli("optimize", str(tmp_path / "scores.onnx"), str(tmp_path / "out.onnx"), "--calibration",
+                        str(tmp_path / "calib.npz"), "--inputs", str(tmp_path / "held.npz"), "--target-neighbours",
+                        "0.9")
+    assert result.returncode == 2 and "--target-neighbours: no output of this model" in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_target_neighbours_pools_token_outputs_over_the_attention_mask(tmp_path):
+    from test_text import SENTENCES, encoder, word_tokenizer
+
+    import onnxlr
+
+    source = tmp_path / "encoder.onnx"
+    onnx.save(encoder(), source)
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("\n".join(SENTENCES * 2) + "\n")
+    _, report = onnxlr.optimize(source, calibration=text_file, tokenizer=word_tokenizer(tmp_path / "tok.json"),
+                                target_neighbours=0.75, no_gate=True)
+    assert all("neighbours" in step for step in report["calibration"]["search"])
+    verified = report["verification"]["providers"]["cpu"]["outputs"]["y"]["neighbour_agreement"]
+    assert verified >= 0.75  # verification measures the same samples the same way

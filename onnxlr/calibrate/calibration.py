@@ -510,7 +510,7 @@ def model_outputs(runner: CalibrationRunner, batches: Iterable[Mapping[str, np.n
                   overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The model's own outputs over all batches (concatenated along the first axis), padded positions of per-token
     outputs zeroed (onnxlr.verification.verify.without_padding: what every comparison of outputs measures)."""
-    from onnxlr.verification.verify import attention_mask, joined_mask, without_padding
+    from onnxlr.verification.task_metrics import attention_mask, joined_mask, without_padding
 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in runner.outputs}
     masks: list[np.ndarray | None] = []

@@ -34,6 +34,7 @@ from onnxlr.factorize.groups import WeightGroup
 from onnxlr.factorize.svd import Statistics
 from onnxlr.passes import Scheme
 from onnxlr.protocols import CalibrationRunner
+from onnxlr.verification.task_metrics import token_inputs
 from onnxlr.verification.verify import Gates, compare_arrays
 
 logger = logging.getLogger(__name__)
@@ -170,6 +171,23 @@ def min_cosine(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.n
     return min(cosines, default=1.0)
 
 
+def task_metric(name: str, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
+                inputs: Mapping[str, np.ndarray]) -> float:
+    """The smallest value of a verification task metric (`--min-metric NAME`) over the outputs that have it, measured
+    as verification measures it (`inputs`: the attention mask and input ids it reads)."""
+    from onnxlr.verification.task_metrics import attention_mask, token_ids
+    from onnxlr.verification.verify import TASK_METRICS
+
+    key, mask, ids = TASK_METRICS[name], attention_mask(inputs), token_ids(inputs)
+    values = [metrics[key] for output, ref in reference.items() if ref.dtype.kind == "f"
+              for metrics in [compare_arrays(ref, candidate[output], Gates(), name=output, mask=mask, token_ids=ids)]
+              if key in metrics]
+    if not values:
+        raise OnnxlrError(f"{{0}}: no output of this model has {key} on the held-out samples (score outputs have "
+                          "top-1, embeddings neighbour agreement over at least 6 samples)", f"target_{name}")
+    return min(values)
+
+
 def max_relative_error(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:
     """The largest ||Y' - Y|| / ||Y|| over float outputs (flattened)."""
     errors = [np.sqrt(relative_error({name: ref}, candidate)) for name, ref in reference.items() if ref.dtype.kind == "f"]
@@ -178,9 +196,10 @@ def max_relative_error(reference: Mapping[str, np.ndarray], candidate: Mapping[s
 
 @dataclasses.dataclass(frozen=True)
 class Goal:
-    """An end-to-end target on held-out outputs: cosine >= value, or relative error <= value."""
+    """An end-to-end target on held-out outputs: cosine >= value, relative error <= value, or a task metric of the
+    verification (top1, neighbours: onnxlr.verification.verify.TASK_METRICS) >= value, its worst output's."""
 
-    metric: str  # "cosine" or "error"
+    metric: str  # "cosine", "error", "top1" or "neighbours"
     value: float
 
     @classmethod
@@ -188,11 +207,23 @@ class Goal:
         goal = settings.goal  # onnxlr.policies.TargetCosine / TargetError
         return cls(goal.metric, goal.value) if goal is not None else None
 
-    def measure(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:
-        return min_cosine(reference, candidate) if self.metric == "cosine" else max_relative_error(reference, candidate)
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "error"
+
+    def measure(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
+                inputs: Mapping[str, np.ndarray] | None = None) -> float:
+        """The metric on the held-out outputs (`inputs`: the held-out attention mask and input ids, joined:
+        onnxlr.verification.verify.token_inputs; they pool per-token outputs and give a language model's next
+        tokens)."""
+        if self.metric == "cosine":
+            return min_cosine(reference, candidate)
+        if self.metric == "error":
+            return max_relative_error(reference, candidate)
+        return task_metric(self.metric, reference, candidate, inputs or {})
 
     def met(self, measured: float) -> bool:
-        return measured >= self.value if self.metric == "cosine" else measured <= self.value
+        return measured >= self.value if self.higher_is_better else measured <= self.value
 
     def __str__(self) -> str:
         return f"--target-{self.metric} {self.value:g}"
@@ -327,7 +358,8 @@ def search_budget(plan: Plan, groups: Sequence[WeightGroup], goal: Goal, runner:
         except OnnxlrError:  # rank 1 everywhere is already over this budget
             return None
         value = goal.measure(reference, calibration.model_outputs(runner, data.heldout,
-                                                                     factorized_overrides(plan, groups, runner)))
+                                                                     factorized_overrides(plan, groups, runner)),
+                             token_inputs(data.heldout))
         trace.append({"budget": budget, goal.metric: value})
         return value
 

@@ -133,8 +133,8 @@ def optimize_precision(loaded: LoadedModel, settings: Settings, data: datafit.Ca
     from onnxlr.factorize import precision
 
     if not isinstance(settings.policy, SizeBudget) and settings.goal is None:
-        raise OnnxlrError("{0} auto needs a goal: {1} or {2} (with held-out {3}), or {4}", "quantize",
-                          "target_cosine", "target_error", "heldout", "size_budget")
+        raise OnnxlrError("{0} auto needs a goal: {1}, {2}, {3} or {4} (with held-out {5}), or {6}", "quantize",
+                          "target_cosine", "target_error", "target_top1", "target_neighbours", "heldout", "size_budget")
     if data is None:
         raise OnnxlrError("{0} auto needs calibration data ({1}): each layer's error is measured on it", "quantize",
                           "calibration")

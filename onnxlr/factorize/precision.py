@@ -35,6 +35,7 @@ from onnxlr.errors import OnnxlrError
 from onnxlr.factorize import correction, cost, lowrank, quantize
 from onnxlr.passes import NameGenerator
 from onnxlr.settings import Progress, no_progress
+from onnxlr.verification.task_metrics import token_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +378,7 @@ def _search_goal(source: Path, layers: Sequence[Layer], steps: Sequence[Step], d
     def measure(index: int) -> float:
         if index not in written:
             model = write(source, layers, steps[index].choice)
-            written[index] = (model, goal.measure(reference, quantize.outputs(model, heldout)))
+            written[index] = (model, goal.measure(reference, quantize.outputs(model, heldout), token_inputs(heldout)))
             logger.info("plan %d/%d: %d bytes, held-out %s %.4f", index, len(steps) - 1, steps[index].bytes,
                         goal.metric, written[index][1])
         return written[index][1]

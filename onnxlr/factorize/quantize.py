@@ -40,6 +40,7 @@ from onnxlr.factorize import cost
 from onnxlr.settings import QUANTIZE_MODES as MODES
 from onnxlr.settings import Settings
 from onnxlr.verification.runtime import make_session
+from onnxlr.verification.task_metrics import attention_mask, joined_mask, token_inputs, without_padding
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +247,8 @@ def quantize_stage(model: ir.Model, settings: Settings, data: datafit.Calibratio
                                "error_removed": [c.error_removed for c in corrected]}
     stage["bytes_after"] = cost.model_totals(result)["bytes"]
     if goal is not None and data is not None and data.heldout:
-        measured = goal.measure(outputs(data.source, data.heldout), outputs(result, data.heldout))
+        measured = goal.measure(outputs(data.source, data.heldout), outputs(result, data.heldout),
+                                token_inputs(data.heldout))
         stage["final"] = {goal.metric: measured, "goal": goal.value, "met": goal.met(measured)}
         if not goal.met(measured):
             logger.warning("after --quantize %s the held-out %s is %.4f, short of %s: errors did not add up as "
@@ -331,12 +333,13 @@ def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData, 
     alone = known.alone
     if alone is None:
         quantized = quantize(load_source(data.source), mode, data.batches, block, symmetric)
-        alone = goal.measure(outputs(data.source, data.heldout), outputs(quantized, data.heldout))
+        alone = goal.measure(outputs(data.source, data.heldout), outputs(quantized, data.heldout),
+                             token_inputs(data.heldout))
     if not goal.met(alone):
         raise OnnxlrError(f"{{0}} {mode} alone already gives a held-out {goal.metric} of {alone:.4f}, short of "
                           f"{goal}: no low-rank budget can meet it", "quantize")
     extra = known.extra
-    if goal.metric == "cosine":
+    if goal.higher_is_better:  # a cosine's (or a task metric's) losses add
         value = min(1.0, 1.0 - ((1.0 - goal.value) - (1.0 - alone) - extra))
     else:  # at 0 no budget but all dense meets it: the search then keeps every layer
         value = float(np.sqrt(max(goal.value**2 - alone**2 - extra, 0.0)))
@@ -347,7 +350,7 @@ def low_rank_goal(goal: datafit.Goal, mode: str, data: datafit.CalibrationData, 
 
 def missed_by(goal: datafit.Goal, measured: float) -> float:
     """How much loss a retry must find room for (cosine loss, or squared relative error)."""
-    return goal.value - measured if goal.metric == "cosine" else measured**2 - goal.value**2
+    return goal.value - measured if goal.higher_is_better else measured**2 - goal.value**2
 
 
 def load_source(source: str | os.PathLike | bytes) -> ir.Model:
@@ -362,7 +365,6 @@ def load_source(source: str | os.PathLike | bytes) -> ir.Model:
 def outputs(model: ir.Model | str | os.PathLike | bytes, batches: Sequence[Mapping[str, np.ndarray]]
              ) -> dict[str, np.ndarray]:
     """The model's outputs over the batches, concatenated, padding zeroed (as calibration.model_outputs gives them)."""
-    from onnxlr.verification.verify import attention_mask, joined_mask, without_padding
 
     source = ir.to_proto(model).SerializeToString() if isinstance(model, ir.Model) else model
     session = make_session(source, "cpu")
