@@ -65,18 +65,8 @@ def is_text(path: Any) -> bool:
 def read_texts(path: str | os.PathLike, text_field: str = "text") -> list[str]:
     """The samples of a .txt (non-empty lines) or .jsonl (`text_field` of each object) file."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise OnnxlrError(f"{path}: cannot read the text file ({exc.strerror or exc})") from exc
-    if b"\x00" in raw:
-        raise OnnxlrError(f"{path}: a binary file, not text (a .txt holds one sample a line, a .jsonl one JSON "
-                          "object a line)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise OnnxlrError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
-    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    expected = "text (a .txt holds one sample a line, a .jsonl one JSON object a line)"
+    lines = [(number, line.strip()) for number, line in _lines(path, "text file", expected)]
     texts = [line for _, line in lines] if path.suffix.lower() == ".txt" else [
         _json_text(path, number, line, text_field) for number, line in lines]
     if not texts:
@@ -245,13 +235,15 @@ def read_pairs(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarra
     return firsts, seconds, np.asarray(scores, np.float64)
 
 
-def _lines(path: Path) -> list[tuple[int, str]]:
+def _lines(path: Path, what: str = "pairs file", expected: str = "scored pairs") -> list[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 text file, numbered from 1; an unreadable, binary or non-UTF-8 file is refused
+    (`what` it is, and the `expected` content, name it)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise OnnxlrError(f"{path}: cannot read the pairs file ({exc.strerror or exc})") from exc
+        raise OnnxlrError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
     if b"\x00" in raw:
-        raise OnnxlrError(f"{path}: a binary file, not scored pairs")
+        raise OnnxlrError(f"{path}: a binary file, not {expected}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
