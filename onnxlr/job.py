@@ -181,12 +181,7 @@ def run(job: Job) -> Outcome:
 def _run_folder(job: Job, folder: folders.ModelFolder) -> Outcome:
     """An exported model folder (onnxlr.model_io.folders): its model optimized with its tokenizer and longest sequence
     (unless the job names them), written as a new folder with every other file copied beside it."""
-    text = job.text
-    if text.tokenizer is None and folder.tokenizer is not None:
-        text = dataclasses.replace(text, tokenizer=folder.tokenizer)
-    if text.max_length is None:
-        text = dataclasses.replace(text, max_length=folder.max_length)
-    inner = dataclasses.replace(job, source=folder.model_path, text=text)
+    inner = dataclasses.replace(job, source=folder.model_path, text=_folder_text(job.text, folder))
     if job.output.path is None or job.dry_run:
         outcome = run(dataclasses.replace(inner, output=dataclasses.replace(job.output, path=None)))
         outcome.report.folder = folder.to_json()
@@ -204,6 +199,12 @@ def _run_folder(job: Job, folder: folders.ModelFolder) -> Outcome:
     outcome.report.output = str(output / folder.model)
     outcome.report.folder = {**folder.to_json(), "output": str(output), "copied": copied}
     return dataclasses.replace(outcome, written=output / folder.model)
+
+
+def _folder_text(text: TextOptions, folder: folders.ModelFolder) -> TextOptions:
+    """`text` with an exported folder's tokenizer and sequence limit where it names none."""
+    return dataclasses.replace(text, tokenizer=text.tokenizer or folder.tokenizer,
+                               max_length=text.max_length or folder.max_length)
 
 
 def with_data_resolved(job: Job, loaded: LoadedModel, folder: Path) -> tuple[Job, list[dict[str, Any]]]:
@@ -347,9 +348,7 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, che
     of images (`image_spec`) as well as arrays; returns the VerificationResult."""
     text = text or TextOptions()
     if folders.is_folder(reference):
-        folder = folders.find(reference)
-        text = dataclasses.replace(text, tokenizer=text.tokenizer or folder.tokenizer,
-                                   max_length=text.max_length or folder.max_length)
+        text = _folder_text(text, folders.find(reference))
     reference, candidate = folders.model_path(reference), folders.model_path(candidate)
     loaded = load(reference)
     load(candidate)  # the same safety checks (external data inside its folder) before onnxruntime reads it
