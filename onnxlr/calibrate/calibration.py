@@ -509,7 +509,7 @@ def compensation_statistics(runner: CalibrationRunner, batches: Iterable[Mapping
 def model_outputs(runner: CalibrationRunner, batches: Iterable[Mapping[str, np.ndarray]],
                   overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The model's own outputs over all batches (concatenated along the first axis), padded positions of per-token
-    outputs zeroed (onnxlr.verification.verify.without_padding: what every comparison of outputs measures)."""
+    outputs zeroed (onnxlr.verification.task_metrics.without_padding: what every comparison of outputs measures)."""
     from onnxlr.verification.task_metrics import attention_mask, joined_mask, without_padding
 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in runner.outputs}

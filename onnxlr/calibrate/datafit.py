@@ -214,7 +214,7 @@ class Goal:
     def measure(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
                 inputs: Mapping[str, np.ndarray] | None = None) -> float:
         """The metric on the held-out outputs (`inputs`: the held-out attention mask and input ids, joined:
-        onnxlr.verification.verify.token_inputs; they pool per-token outputs and give a language model's next
+        onnxlr.verification.task_metrics.token_inputs; they pool per-token outputs and give a language model's next
         tokens)."""
         if self.metric == "cosine":
             return min_cosine(reference, candidate)

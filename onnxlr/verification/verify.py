@@ -1,6 +1,7 @@
 """Compare a candidate model with its reference on onnxruntime, per output and execution provider.
 
-Metrics per output (all computed in float64 over every sample):
+Metrics per output (all computed in float64 over every sample; the task metrics are in
+onnxlr.verification.task_metrics):
   max_abs / mean_abs   |candidate - reference|
   max_rel              max |candidate - reference| / |reference| over elements where reference != 0
   cosine               cosine similarity of the flattened outputs
@@ -16,8 +17,9 @@ Metrics per output (all computed in float64 over every sample):
                        transformer's last_hidden_state) are mean-pooled over the attention mask first, as
                        sentence-transformers pools them
   perplexity           language-model logits (an output named like logits or scores, samples x tokens x vocabulary,
-                       beside an input_ids input whose ids the vocabulary covers): exp of the mean next-token cross-entropy on the inputs' own text
-                       (attended positions), for the candidate, and the reference's as reference_perplexity;
+                       beside an input_ids input whose ids the vocabulary covers): exp of the mean next-token
+                       cross-entropy on the inputs' own text (attended positions), for the candidate, and the
+                       reference's as reference_perplexity;
                        perplexity_kept = reference / candidate perplexity (1: unchanged); top1_agreement there is
                        the share of attended positions whose next-token argmax is unchanged
   spearman             with scored sentence pairs (`--pairs`, run beside the inputs): for embedding outputs, the
@@ -29,7 +31,7 @@ Metrics per output (all computed in float64 over every sample):
 
 Padding: when the inputs have an attention mask (samples x tokens), float outputs whose first two axes are those
 (a transformer's last_hidden_state, token logits) are compared on the attended positions only: padded positions
-are zeroed in both models (`without_padding`), as calibration leaves them out and every consumer ignores them. The
+are zeroed in both models (task_metrics.without_padding), as calibration leaves them out and every consumer ignores them. The
 search of --target-* measures the same way (onnxlr.calibrate.calibration.model_outputs).
 
 Gates (Polygraphy-style, elementwise like numpy.isclose): an output passes `--atol/--rtol` when
