@@ -117,11 +117,13 @@ class VerifySettings:
         for field in dataclasses.fields(self):
             check_setting(field, getattr(self, field.name))
 
-    def gates(self) -> Any:
+    def gates(self, goal: tuple[str, float] | None = None) -> Any:
+        """The gates asked for; without any, the default gate: `goal` (metric, value), a --target-* run's, else
+        cosine >= 0.99."""
         from onnxlr.verification.verify import Gates, parse_min_metrics
 
         return Gates.chosen(atol=self.atol, rtol=self.rtol, min_cosine=self.min_cosine, default_gate=not self.no_gate,
-                            min_metrics=parse_min_metrics(self.min_metric))
+                            min_metrics=parse_min_metrics(self.min_metric), goal=goal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +332,9 @@ def _check_written(job: Job, loaded: LoadedModel, staged: Path, report: Report, 
     reference = _reference(loaded, job.source)
     if job.verify.enabled:
         # loaded.model (rewritten by now) has the original's inputs: the signature verification reads
-        verification = verify_models(reference, staged, loaded.model, job.verify, memory.segment_budget, job.text)
+        goal = job.settings.goal
+        verification = verify_models(reference, staged, loaded.model, job.verify, memory.segment_budget, job.text,
+                                     goal=(goal.metric, goal.value) if goal is not None else None)
         report.verification = verification
         if not verification.passed:
             failure = "verification failed: " + "; ".join(verification.failures)
@@ -365,12 +369,14 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, che
 
 
 def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: VerifySettings,
-                  segment_budget: int | None = None, text: TextOptions | None = None) -> Any:
+                  segment_budget: int | None = None, text: TextOptions | None = None,
+                  goal: tuple[str, float] | None = None) -> Any:
     """Run both models on onnxruntime and compare them under `checks`' gates; returns the VerificationResult.
 
     `reference`/`candidate`: paths (or serialized models); `reference_model` (onnx-ir) gives the input signature.
     `segment_budget` (bytes of weights, onnxlr.verification.memory_plan): run them in segments of at most that much.
-    `text`: how the scored pairs (`checks.pairs`) are tokenized."""
+    `text`: how the scored pairs (`checks.pairs`) are tokenized; `goal`: the run's --target-* (metric, value), the
+    default gate when none is asked for."""
     # onnxruntime and numpy load only when a command verifies
     import numpy as np
 
@@ -380,7 +386,7 @@ def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: 
     providers = runtime.parse_providers(list(checks.providers) if checks.providers else None)
     specs = inputs.input_specs(reference_model)
     shapes = dict(checks.input_shapes)
-    gates = checks.gates()
+    gates = checks.gates(goal)
     per_layer = verify.factorized_outputs(candidate) if checks.per_layer else []
     labels = inputs.load_labels(checks.labels) if checks.labels is not None else None
     if labels is not None and not checks.inputs:

@@ -278,3 +278,52 @@ def test_target_neighbours_pools_token_outputs_over_the_attention_mask(tmp_path)
     assert all("neighbours" in step for step in report["calibration"]["search"])
     verified = report["verification"]["providers"]["cpu"]["outputs"]["y"]["neighbour_agreement"]
     assert verified >= 0.75  # verification measures the same samples the same way
+
+
+@pytest.mark.parametrize("flag, value", [("--target-cosine", "0.97"), ("--target-error", "0.25"),
+                                         ("--target-top1", "0.9"), ("--target-neighbours", "0.8")])
+def test_a_goal_is_the_default_gate_of_its_run(tmp_path, flag, value):
+    """Without a gate flag, a --target-* run is gated on what its search promised (not on cosine 0.99, which a
+    looser goal would fail by design), on the same held-out samples."""
+    from test_datafit import deep_mlp, feeds
+
+    model = deep_mlp() if flag != "--target-neighbours" else renamed_output(deep_mlp(), "embedding")
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **feeds(256, seed=1))
+    np.savez(tmp_path / "held.npz", **feeds(128, seed=2))
+    report_path = tmp_path / "report.json"
+    result = onnxlr_cli("optimize", str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"), "--calibration",
+                        str(tmp_path / "calib.npz"), "--inputs", str(tmp_path / "held.npz"), flag, value,
+                        "--report", str(report_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    gates = report["verification"]["gates"]
+    output = next(iter(report["verification"]["providers"]["cpu"]["outputs"].values()))
+    assert output["gated"] and output["passed"]
+    if flag == "--target-cosine":
+        assert gates["min_cosine"] == pytest.approx(0.97, abs=1e-5) and output["cosine"] >= 0.97 - 1e-6
+    elif flag == "--target-error":
+        assert gates["min_cosine"] == pytest.approx(math.sqrt(1 - 0.25**2), abs=1e-5)
+    else:
+        name = flag.removeprefix("--target-")
+        assert gates["min_metrics"] == [[name, pytest.approx(float(value), abs=1e-5)]]
+    assert report["totals"]["params_after"] < report["totals"]["params_before"]
+    # a stricter gate named on the command line replaces the goal's
+    strict = onnxlr_cli("optimize", str(tmp_path / "m.onnx"), str(tmp_path / "strict.onnx"), "--calibration",
+                        str(tmp_path / "calib.npz"), "--inputs", str(tmp_path / "held.npz"), flag, value,
+                        "--min-cosine", "0.99999")
+    assert strict.returncode == 1 and "--min-cosine 0.99999" in strict.stderr
+    assert not (tmp_path / "strict.onnx").exists()
+
+
+def test_a_goals_gate_says_so_when_it_fails():
+    from onnxlr.verification.verify import Gates
+
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((40, 6)).astype(np.float32)
+    noisy = scores + rng.standard_normal(scores.shape).astype(np.float32)
+    failure = compare_arrays(scores, noisy, Gates.of_goal("cosine", 0.999), name="logits")["failure"]
+    assert failure.startswith("cosine ") and "(the --target-cosine 0.999 goal's gate: --min-cosine C" in failure
+    failure = compare_arrays(scores, noisy, Gates.of_goal("top1", 0.99), name="logits")["failure"]
+    assert failure.startswith("top1_agreement ") and "the --target-top1 0.99 goal's gate" in failure
+    assert compare_arrays(scores, scores, Gates.of_goal("error", 2.0), name="logits")["gated"] == []

@@ -88,6 +88,7 @@ logger = logging.getLogger(__name__)
 # --rank-ratio 0.25) falls to 0.35: 0.99 passes what a user would deploy instead of INT8 and stops
 # what they never should. A stricter or looser figure is one flag away (--min-cosine).
 DEFAULT_MIN_COSINE = 0.99
+GOAL_SLACK = 1e-6  # a --target-* goal's default gate sits this far below the goal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +98,30 @@ class Gates:
     min_cosine: float | None = None
     default: bool = False  # True: no gate was asked for, so the default gate applies
     min_metrics: tuple[tuple[str, float], ...] = ()  # --min-metric NAME=VALUE: (name, least value), TASK_METRICS
+    source: str = ""  # where a default gate comes from, when not DEFAULT_MIN_COSINE: the run's --target-* goal
 
     @classmethod
     def chosen(cls, atol: float | None = None, rtol: float | None = None, min_cosine: float | None = None,
-               default_gate: bool = True, min_metrics: Sequence[tuple[str, float]] = ()) -> Gates:
-        """The gates a user asked for; when none, the default gate (unless `default_gate` is off)."""
+               default_gate: bool = True, min_metrics: Sequence[tuple[str, float]] = (),
+               goal: tuple[str, float] | None = None) -> Gates:
+        """The gates a user asked for; when none, the default gate (unless `default_gate` is off): the run's
+        `goal` (metric, value) when it has one, else cosine >= DEFAULT_MIN_COSINE."""
         if atol is None and rtol is None and min_cosine is None and not min_metrics and default_gate:
-            return cls(min_cosine=DEFAULT_MIN_COSINE, default=True)
+            return cls.of_goal(*goal) if goal is not None else cls(min_cosine=DEFAULT_MIN_COSINE, default=True)
         return cls(atol=atol, rtol=rtol, min_cosine=min_cosine, min_metrics=tuple(min_metrics))
+
+    @classmethod
+    def of_goal(cls, metric: str, value: float) -> Gates:
+        """The default gate of a run searched for a --target-* goal: what the goal promised, on the verified samples
+        (GOAL_SLACK below it: the search measured the same model, to float rounding). A relative error <= E bounds
+        the cosine from below by sqrt(1 - E^2)."""
+        source = f"--target-{metric} {value:g} goal"
+        if metric == "cosine":
+            return cls(min_cosine=value - GOAL_SLACK, default=True, source=source)
+        if metric == "error":
+            cosine = math.sqrt(1 - value**2) - GOAL_SLACK if value < 1 else None
+            return cls(min_cosine=cosine, default=True, source=source)
+        return cls(min_metrics=((metric, value - GOAL_SLACK),), default=True, source=source)
 
     def names(self, integer: bool = False, metrics: Mapping[str, Any] | None = None) -> list[str]:
         """The gates that check an output (float, or integer/boolean; a task metric's gate where `metrics` has it)."""
@@ -238,6 +255,9 @@ def _is_integer(array: np.ndarray) -> bool:
     return array.dtype.kind in "biu"
 
 
+OTHER_GATES = ": --min-cosine C sets another, --no-gate turns it off"
+
+
 def _gate_failure(ref, out, diff, metrics, gates: Gates, integer: bool = False) -> str | None:
     new_nonfinite = (metrics["nan"] + metrics["inf"]) - (metrics["reference_nan"] + metrics["reference_inf"])
     if new_nonfinite > 0:
@@ -252,11 +272,16 @@ def _gate_failure(ref, out, diff, metrics, gates: Gates, integer: bool = False) 
     for name, least in gates.min_metrics:
         measured = metrics.get(TASK_METRICS[name])
         if measured is not None and measured < least:
+            if gates.source:
+                return f"{TASK_METRICS[name]} {measured:.4f} < {least:.6g} (the {gates.source}'s gate{OTHER_GATES})"
             return f"{TASK_METRICS[name]} {measured:.4f} < --min-metric {name}={least:g}"
     if gates.min_cosine is None:
         return None
-    gate = (f"{gates.min_cosine:g} (the default gate: --min-cosine C sets another, --no-gate turns it off)"
-            if gates.default else f"--min-cosine {gates.min_cosine:g}")
+    if gates.source:
+        gate = f"{gates.min_cosine:.6g} (the {gates.source}'s gate{OTHER_GATES})"
+    else:
+        gate = (f"{gates.min_cosine:g} (the default gate{OTHER_GATES})" if gates.default
+                else f"--min-cosine {gates.min_cosine:g}")
     if integer and metrics["agreement"] < gates.min_cosine:
         return f"{metrics['agreement']:.2%} of elements agree exactly < {gate}"
     if not integer and metrics["cosine"] < gates.min_cosine:
