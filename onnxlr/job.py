@@ -75,7 +75,8 @@ class VerifySettings:
     rtol: float | None = setting(None, "Gate: see --atol.", "verification", kind="number", bounds=(0, math.inf))
     min_cosine: float | None = setting(
         None, "Gate: cosine similarity of each float output to the reference (integer and boolean outputs: the share of "
-        "elements exactly equal). Without --atol/--rtol/--min-cosine the default gate is --min-cosine 0.99.",
+        "elements exactly equal). Without --atol/--rtol/--min-cosine the default gate is --min-cosine 0.99, or a "
+        "--target-* run's goal.",
         "verification", kind="number", bounds=(-1, 1))
     labels: str | os.PathLike | None = setting(
         None, "The class of each --inputs sample, in order (.npy, .npz with one array or a 'labels' array, or .txt with "

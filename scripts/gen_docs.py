@@ -94,7 +94,9 @@ def command_page() -> str:
              "Exit codes of every command: 0 success; 1 a verification gate or check failed; 2 bad input or "
              "usage (a short message, nothing written); 3 an internal error (run again with `-v` and report it); "
              "130 interrupted.", ""]
-    group_ctx = click.Context(cli, info_name="onnxlr")
+    # The group's context settings (-h as well as --help) as the real command line has them: click keeps the help
+    # option of the first context that asks, so a page built after an in-process run would differ otherwise.
+    group_ctx = click.Context(cli, info_name="onnxlr", **cli.context_settings)
     lines += ["## onnxlr", "", "```text", cli.get_usage(group_ctx).strip(), "```", "",
               inspect.cleandoc(cli.help or ""), "", "| option | type | default | help |", "| --- | --- | --- | --- |"]
     lines += _option_rows(cli, group_ctx)

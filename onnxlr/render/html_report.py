@@ -227,8 +227,10 @@ def _verification(report: dict[str, Any]) -> str:
         return ""
     gates = result.get("gates", {})
     named = [f"{key.replace('_', ' ')} {value:g}" for key, value in sorted(gates.items())
-             if value is not None and key != "min_metrics"]
+             if value is not None and key not in ("min_metrics", "source")]
     named += [f"min {name} {value:g}" for name, value in gates.get("min_metrics") or ()]
+    if gates.get("source"):
+        named.append(f"from the {gates['source']}")
     gate_text = ", ".join(named) or "none (figures only; NaN/Inf the original lacks always fail)"
     columns = [("provider", False), ("output", False), ("max abs", True), ("mean abs", True), ("max rel", True),
                ("cosine", True), ("sample cosine", True), ("SNR dB", True), ("top-1 / nbr@5", True), ("NaN / Inf", True),
