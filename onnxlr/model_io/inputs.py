@@ -217,6 +217,28 @@ def resolve_shapes(specs: Mapping[str, InputSpec], samples: int, shapes: Mapping
                     named[dim] = size
             dims.append(size)
         resolved[name] = tuple(dims)
+    return _with_cache_lengths(specs, resolved, shapes)
+
+
+def cache_inputs(specs: Mapping[str, InputSpec]) -> list[str]:
+    """A decoder's KV-cache inputs (past_key_values.N.key, past.N.value, ...): 4-D floats named like a past."""
+    return [name for name, spec in specs.items()
+            if spec.dtype.kind == "f" and len(spec.shape) == 4 and "past" in name.lower()]
+
+
+def _with_cache_lengths(specs: Mapping[str, InputSpec], resolved: dict[str, tuple[int, ...]],
+                        shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """A decoder with a KV cache: its attention mask covers the cached tokens and the new ones (past + sequence),
+    unless --shape gave it or the mask shares the ids' sequence dim."""
+    ids = next((name for name in specs if name.endswith("input_ids") and len(specs[name].shape) == 2), None)
+    mask = next((name for name in specs if name.endswith("attention_mask") and len(specs[name].shape) == 2), None)
+    past = cache_inputs(specs)
+    if ids is None or mask is None or not past or mask in shapes or isinstance(specs[mask].shape[1], int):
+        return resolved
+    if specs[mask].shape[1] is not None and specs[mask].shape[1] == specs[ids].shape[1]:
+        return resolved
+    cached = resolved[past[0]][2]  # (batch, heads, past, head size), as transformers and Optimum export it
+    resolved[mask] = (resolved[mask][0], cached + resolved[ids][1])
     return resolved
 
 
@@ -237,10 +259,12 @@ def _shape_text(shape: tuple) -> str:
 def synthesize_inputs(specs: Mapping[str, InputSpec], seed: int = 0, samples: int = 2,
                       shapes: Mapping[str, tuple[int, ...]] | None = None, step: int = 0) -> dict[str, np.ndarray]:
     """Random inputs from the model's signature: floats ~ N(0, 1), ids inside the embedding table,
-    masks all ones, booleans random, scalars a fixed sensible value. Shapes: `resolve_shapes`."""
+    masks all ones, position ids counting from the end of a KV cache (else 0), booleans random, scalars a fixed
+    sensible value. Shapes: `resolve_shapes` (a cached decoder's mask covers past + new tokens)."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for name, shape in resolve_shapes(specs, samples, shapes, step).items():
+    resolved = resolve_shapes(specs, samples, shapes, step)
+    for name, shape in resolved.items():
         spec = specs[name]
         nbytes = math.prod(shape) * spec.dtype.itemsize
         if nbytes > MAX_SYNTHESIZED_BYTES:
@@ -248,6 +272,18 @@ def synthesize_inputs(specs: Mapping[str, InputSpec], seed: int = 0, samples: in
             raise OnnxlrError(f"input {name!r} of shape {'x'.join(map(str, shape))} would take {nbytes} bytes to "
                               f"synthesize; pass {hint}--inputs FILE.npz")
         feeds[name] = _random_array(name, spec, shape, rng)
+    return _with_positions(specs, feeds)
+
+
+def _with_positions(specs: Mapping[str, InputSpec], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Position ids (samples x tokens) count the new tokens from the end of the cache: past, past + 1, ... (from 0
+    without a cache), as a generation loop feeds them."""
+    mask = next((array for name, array in feeds.items() if name.endswith("attention_mask") and array.ndim == 2), None)
+    for name, array in feeds.items():
+        if name.endswith("position_ids") and array.ndim == 2 and specs[name].dtype.kind in "iu":
+            tokens = array.shape[1]
+            start = mask.shape[1] - tokens if mask is not None and mask.shape[1] >= tokens else 0
+            feeds[name] = np.broadcast_to(np.arange(start, start + tokens), array.shape).astype(array.dtype)
     return feeds
 
 

@@ -212,7 +212,7 @@ def read_pairs(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarra
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise OnnxlrError(f"{path}:{number}: not a JSON object ({exc.msg})") from exc
-            fields = [record.get(key) if isinstance(record, dict) else None for key in PAIR_FIELDS]
+            fields: list[Any] = [record.get(key) if isinstance(record, dict) else None for key in PAIR_FIELDS]
         else:
             fields = line.split("\t")
             if len(fields) != 3:
@@ -220,7 +220,7 @@ def read_pairs(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarra
                                   "score)")
         first, second, score = fields
         try:
-            value = float(score)  # type: ignore[arg-type]
+            value = float(score)
         except (TypeError, ValueError):
             if number == 1 and path.suffix.lower() != ".jsonl":
                 continue  # a header

@@ -52,8 +52,11 @@ def is_language_model_logits(array: np.ndarray, token_ids: np.ndarray | None, na
 def language_model_metrics(reference: np.ndarray, candidate: np.ndarray, token_ids: np.ndarray,
                            mask: np.ndarray | None) -> dict[str, float]:
     """Next-token perplexity of both models on the inputs' own text, and their next-token top-1 agreement, over the
-    positions whose next token is attended."""
-    attended = np.ones(token_ids.shape, bool) if mask is None else mask != 0
+    positions whose next token is attended. With a KV cache the mask also covers the cached tokens: its last columns
+    are the new ones'."""
+    attended = np.ones(token_ids.shape, bool)
+    if mask is not None and mask.shape[0] == token_ids.shape[0] and mask.shape[1] >= token_ids.shape[1]:
+        attended = np.asarray(mask)[:, mask.shape[1] - token_ids.shape[1]:] != 0
     where = attended[:, :-1] & attended[:, 1:]  # position t predicts token t + 1
     targets = token_ids[:, 1:][where]
     if not targets.size:
