@@ -33,7 +33,7 @@ LATER_DEFAULTS = {"inputs_as_constants": False, "methods": None, "quantize": Non
                   "latency_budget": None, "latency_provider": "cpu", "latency_threads": 1, "latency_table": None,
                   "latency_cache": True, "correction_rank": 0, "correction_dtype": "float16", "quantize_block": 32,
                   "correction_allocation": "uniform", "size_budget": None,
-                  "quantize_symmetric": True}
+                  "quantize_symmetric": True, "target_top1": None, "target_neighbours": None}
 # What planning minimizes for the rank policy: "size" (parameters and MACs) or "latency" (every candidate pair
 # timed against its original node with onnxruntime; only pairs measured faster are planned: onnxlr.timing.latency).
 OBJECTIVES = ("size", "latency")
