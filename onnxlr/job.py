@@ -421,7 +421,33 @@ def verify_models(reference: Any, candidate: Any, reference_model: Any, checks: 
     # Synthesized inputs are sized by running the reference (never the candidate) on a probe.
     feeds = synthesis.model_feeds(reference, specs, checks.inputs, checks.seed, checks.samples, shapes,
                                   segment_budget)
-    return compare(feeds.arrays, feeds.synthesized)
+    result = compare(feeds.arrays, feeds.synthesized)
+    if segment_budget is None:
+        _check_generation(result, reference, candidate, reference_model, specs, feeds.arrays)
+    return result
+
+
+def _check_generation(result: Any, reference: Any, candidate: Any, reference_model: Any, specs: Mapping[str, Any],
+                      feeds: Mapping[str, Any]) -> None:
+    """A decoder with a KV cache (onnxlr.verification.generation): greedy tokens through the cache must equal the
+    uncached ones, for the written model (a failure) and the original (reported: its export's own fault)."""
+    import numpy as np
+
+    from onnxlr.verification import generation
+
+    layout = generation.cache_layout(specs, [value.name for value in reference_model.graph.outputs])
+    if layout is None:
+        return
+    ids = np.asarray(feeds[layout.ids])[:generation.PROMPTS]
+    mask = (np.asarray(feeds[layout.mask])[:generation.PROMPTS, -ids.shape[1]:]
+            if layout.mask is not None and layout.mask in feeds else None)
+    prompts = [row[mask[index] != 0] if mask is not None else row for index, row in enumerate(ids)]
+    prompts = [prompt for prompt in prompts if len(prompt)]
+    result.generation = generation.check_generation({"original": reference, "written": candidate}, layout, prompts)
+    if not result.generation["models"]["written"]["agree"]:
+        result.passed = False
+        result.failures.append(f"the written model's {generation.GENERATED_TOKENS} greedy tokens through its KV cache "
+                               "differ from the same model's without it")
 
 
 def _reference(loaded: LoadedModel, source: Any) -> Any:

@@ -110,3 +110,45 @@ def test_a_cached_llama_export_runs_with_default_flags_and_reports_its_perplexit
     assert logits["next_tokens"] == verification["samples"] * (new - 1)
     assert logits["perplexity"] > 0 and logits["reference_perplexity"] > 0
     assert "next-token perplexity on the inputs (logits, cpu" in result.stdout
+    assert "through the KV cache and without it, cpu): original agree, written agree" in result.stdout
+    assert verification["generation"]["passed"]
+
+
+def broken_cache(source: Path, target: Path) -> Path:
+    """The model with every present output scaled by 0.5: the first step is right, the cached steps are not."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(source)
+    for output in model.graph.output:
+        if output.name.startswith("present"):
+            for node in model.graph.node:
+                node.output[:] = [f"{name}_raw" if name == output.name else name for name in node.output]
+            model.graph.node.append(helper.make_node("Mul", [f"{output.name}_raw", "half"], [output.name]))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half"))
+    onnx.save(model, target)
+    return target
+
+
+@pytest.mark.slow
+def test_greedy_tokens_through_the_cache_must_equal_those_without_it(tmp_path):
+    import onnxlr
+    from onnxlr.model_io.inputs import input_specs
+    from onnxlr.verification.generation import cache_layout, check_generation
+
+    source = export_llama(tmp_path / "llama.onnx")
+    layout = cache_layout(input_specs(onnxlr.load(source).model),
+                          ["logits", *[f"present.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "value")]])
+    assert layout is not None and layout.mask == "attention_mask" and layout.positions == "position_ids"
+    assert layout.cache["past_key_values.1.value"] == "present.1.value"
+    prompts = [np.array([5, 17, 300, 2]), np.array([9])]
+    sound = check_generation({"original": str(source)}, layout, prompts, steps=6)
+    assert sound["passed"] and len(sound["models"]["original"]["cached"][0]) == 6
+    broken = broken_cache(source, tmp_path / "broken.onnx")
+    assert not check_generation({"written": str(broken)}, layout, prompts, steps=6)["passed"]
+    # in verification: the written model's broken cache fails it, whatever the gates
+    figures = onnxlr.verify(source, broken, no_gate=True)
+    assert not figures["passed"]
+    assert figures["generation"]["models"]["original"]["agree"] and not figures["generation"]["models"]["written"]["agree"]
+    assert any("through its KV cache differ" in failure for failure in figures["failures"])
+    assert cache_layout(input_specs(onnxlr.load(source).model), ["logits"]) is None  # no present outputs

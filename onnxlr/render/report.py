@@ -222,6 +222,13 @@ def verification_verdict(result: dict[str, Any]) -> str:
     return "passed" if result.get("gated") else "not gated (no gate checked the outputs)"
 
 
+def generation_line(check: dict[str, Any]) -> str:
+    """One line on a KV-cache decoder's generation check (onnxlr.verification.generation)."""
+    verdicts = ", ".join(f"{label} {'agree' if entry['agree'] else 'DIFFER'}" for label, entry in check["models"].items())
+    return (f"generation ({check['steps']} greedy tokens from {check['prompts']} prompts, through the KV cache and "
+            f"without it, cpu): {verdicts}")
+
+
 def print_verification(result: dict[str, Any], console: Console) -> None:
     if result.get("inputs"):
         console.print(inputs_line(result["inputs"], result.get("synthesized", False)), highlight=False)
@@ -242,6 +249,8 @@ def print_verification(result: dict[str, Any], console: Console) -> None:
                 console.print(f"next-token perplexity on the inputs ({name}, {provider}, {metrics['next_tokens']} "
                               f"tokens): original {metrics['reference_perplexity']:.3f}, written "
                               f"{metrics['perplexity']:.3f}", highlight=False)
+    if result.get("generation"):
+        console.print(generation_line(result["generation"]), highlight=False)
     for provider, entry in result["providers"].items():
         for name, noise in entry.get("reference_vs_cpu", {}).items():
             console.print(f"{provider} vs cpu (reference only, provider noise) {name}: max abs "

@@ -165,6 +165,7 @@ class VerificationResult:
     failures: list[str]  # one sentence per failed output and provider
     inputs: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # input name -> the shape fed
     synthesized: bool = False  # whether onnxlr synthesized the inputs (else the caller gave them)
+    generation: dict[str, Any] | None = None  # a KV-cache decoder: cached vs uncached greedy tokens (generation.py)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
