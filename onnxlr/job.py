@@ -357,8 +357,6 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, che
     reference, candidate = folders.model_path(reference), folders.model_path(candidate)
     loaded = load(reference)
     load(candidate)  # the same safety checks (external data inside its folder) before onnxruntime reads it
-    from onnxlr.settings import Settings
-
     with tempfile.TemporaryDirectory(prefix="onnxlr-data-") as scratch:
         job = Job(source=reference, settings=Settings(), verify=checks, text=text, image_spec=image_spec)
         checks = with_data_resolved(job, loaded, Path(scratch))[0].verify

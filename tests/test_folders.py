@@ -18,7 +18,7 @@ from test_text import SENTENCES, encoder, word_tokenizer
 import onnxlr
 from onnxlr.errors import OnnxlrError
 from onnxlr.model_io import folders
-from onnxlr.verification.task_metrics import joined_mask, without_padding
+from onnxlr.verification.task_metrics import joined_rows, without_padding
 from onnxlr.verification.verify import Gates, compare_arrays
 
 LIMIT = 4  # the exported folder's max_seq_length: shorter than most SENTENCES
@@ -285,4 +285,4 @@ def test_padded_positions_are_zeroed_in_per_token_float_outputs_only():
     assert outputs["start_logits"].tolist() == [[1, 1, 0], [1, 0, 0]]
     assert outputs["pooled"].sum() == 8 and outputs["ids"].sum() == 6  # not per token / not float: as they were
     assert without_padding({"hidden": tokens}, None)["hidden"] is tokens
-    assert joined_mask([mask, None]) is None and joined_mask([mask, mask]).shape == (4, 3)
+    assert joined_rows([mask, None]) is None and joined_rows([mask, mask]).shape == (4, 3)

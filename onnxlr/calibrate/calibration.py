@@ -510,7 +510,7 @@ def model_outputs(runner: CalibrationRunner, batches: Iterable[Mapping[str, np.n
                   overrides: Mapping[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The model's own outputs over all batches (concatenated along the first axis), padded positions of per-token
     outputs zeroed (onnxlr.verification.task_metrics.without_padding: what every comparison of outputs measures)."""
-    from onnxlr.verification.task_metrics import attention_mask, joined_mask, without_padding
+    from onnxlr.verification.task_metrics import attention_mask, joined_rows, without_padding
 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in runner.outputs}
     masks: list[np.ndarray | None] = []
@@ -519,4 +519,4 @@ def model_outputs(runner: CalibrationRunner, batches: Iterable[Mapping[str, np.n
             parts[name].append(np.asarray(value))
         masks.append(attention_mask(batch))
     return without_padding({name: (np.concatenate(v) if v[0].ndim and len(v) > 1 else v[0])
-                            for name, v in parts.items()}, joined_mask(masks))
+                            for name, v in parts.items()}, joined_rows(masks))

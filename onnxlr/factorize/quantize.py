@@ -40,7 +40,7 @@ from onnxlr.factorize import cost
 from onnxlr.settings import QUANTIZE_MODES as MODES
 from onnxlr.settings import Settings
 from onnxlr.verification.runtime import make_session
-from onnxlr.verification.task_metrics import attention_mask, joined_mask, token_inputs, without_padding
+from onnxlr.verification.task_metrics import attention_mask, joined_rows, token_inputs, without_padding
 
 logger = logging.getLogger(__name__)
 
@@ -374,4 +374,4 @@ def outputs(model: ir.Model | str | os.PathLike | bytes, batches: Sequence[Mappi
         for name, value in zip(names, session.run(names, dict(batch))):
             parts[name].append(np.asarray(value))
     return without_padding({name: (np.concatenate(v) if v[0].ndim and len(v) > 1 else v[0])
-                            for name, v in parts.items()}, joined_mask([attention_mask(batch) for batch in batches]))
+                            for name, v in parts.items()}, joined_rows([attention_mask(batch) for batch in batches]))

@@ -220,6 +220,11 @@ def resolve_shapes(specs: Mapping[str, InputSpec], samples: int, shapes: Mapping
     return _with_cache_lengths(specs, resolved, shapes)
 
 
+def token_input(specs: Mapping[str, InputSpec], role: str) -> str | None:
+    """The 2-D input named like `role` (input_ids, attention_mask, position_ids: a name ending with it), if any."""
+    return next((name for name, spec in specs.items() if name.endswith(role) and len(spec.shape) == 2), None)
+
+
 def cache_inputs(specs: Mapping[str, InputSpec]) -> list[str]:
     """A decoder's KV-cache inputs (past_key_values.N.key, past.N.value, ...): 4-D floats named like a past."""
     return [name for name, spec in specs.items()
@@ -230,9 +235,7 @@ def _with_cache_lengths(specs: Mapping[str, InputSpec], resolved: dict[str, tupl
                         shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """A decoder with a KV cache: its attention mask covers the cached tokens and the new ones (past + sequence),
     unless --shape gave it or the mask shares the ids' sequence dim."""
-    ids = next((name for name in specs if name.endswith("input_ids") and len(specs[name].shape) == 2), None)
-    mask = next((name for name in specs if name.endswith("attention_mask") and len(specs[name].shape) == 2), None)
-    past = cache_inputs(specs)
+    ids, mask, past = token_input(specs, "input_ids"), token_input(specs, "attention_mask"), cache_inputs(specs)
     if ids is None or mask is None or not past or mask in shapes or isinstance(specs[mask].shape[1], int):
         return resolved
     if specs[mask].shape[1] is not None and specs[mask].shape[1] == specs[ids].shape[1]:
@@ -263,8 +266,7 @@ def synthesize_inputs(specs: Mapping[str, InputSpec], seed: int = 0, samples: in
     sensible value. Shapes: `resolve_shapes` (a cached decoder's mask covers past + new tokens)."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    resolved = resolve_shapes(specs, samples, shapes, step)
-    for name, shape in resolved.items():
+    for name, shape in resolve_shapes(specs, samples, shapes, step).items():
         spec = specs[name]
         nbytes = math.prod(shape) * spec.dtype.itemsize
         if nbytes > MAX_SYNTHESIZED_BYTES:

@@ -33,21 +33,17 @@ class CacheLayout:
 def cache_layout(inputs: Mapping[str, Any], outputs: Sequence[str]) -> CacheLayout | None:
     """The cache layout of a model with these input specs (onnxlr.model_io.inputs.InputSpec) and output names, or
     None when it is not a decoder with a KV cache."""
-    from onnxlr.model_io.inputs import cache_inputs
+    from onnxlr.model_io.inputs import cache_inputs, token_input
 
-    ids = next((name for name, spec in inputs.items() if name.endswith("input_ids") and len(spec.shape) == 2), None)
+    ids, mask, positions = (token_input(inputs, role) for role in ("input_ids", "attention_mask", "position_ids"))
     logits = next((name for name in outputs if "logit" in name.lower()), None)
     past = cache_inputs(inputs)
-    cache = {name: _present(name, outputs) for name in past}
-    if ids is None or logits is None or not past or any(value is None for value in cache.values()):
+    cache = {name: present for name in past if (present := _present(name, outputs)) is not None}
+    if ids is None or logits is None or not past or len(cache) != len(past):
         return None
-    others = [name for name in inputs if name != ids and name not in cache]
-    mask = next((name for name in others if name.endswith("attention_mask")), None)
-    positions = next((name for name in others if name.endswith("position_ids")), None)
-    if any(name not in (mask, positions) for name in others):
+    if any(name not in (ids, mask, positions, *cache) for name in inputs):
         return None  # an input the generation loop would not know how to fill
-    return CacheLayout(ids=ids, logits=logits, cache={k: v for k, v in cache.items() if v is not None}, mask=mask,
-                       positions=positions)
+    return CacheLayout(ids=ids, logits=logits, cache=cache, mask=mask, positions=positions)
 
 
 def _present(past: str, outputs: Sequence[str]) -> str | None:

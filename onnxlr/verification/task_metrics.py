@@ -5,7 +5,7 @@
 - language_model_metrics: next-token perplexity of both models and next-token top-1, for logits beside input_ids;
 - pair_metrics: Spearman of each model's cosine similarities of scored sentence pairs with their scores;
 - looks_like_scores: whether top-1 agreement means something for an output;
-- without_padding, attention_mask, token_ids, token_inputs, joined_mask: the attention mask and ids among the
+- without_padding, attention_mask, token_ids, token_inputs, joined_rows: the attention mask and ids among the
   inputs, and padded positions left out of every comparison.
 
 onnxlr.verification.verify computes them per output; the --target-* search on a task metric
@@ -133,14 +133,15 @@ def token_inputs(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.nd
     outputs), where every batch has it at one length."""
     joined = {}
     for name, pick in (("attention_mask", attention_mask), ("input_ids", token_ids)):
-        array = joined_mask([pick(batch) for batch in batches])
+        array = joined_rows([pick(batch) for batch in batches])
         if array is not None:
             joined[name] = array
     return joined
 
 
-def joined_mask(masks: Sequence[np.ndarray | None]) -> np.ndarray | None:
-    """Batches' attention masks as one (None when a batch has none or their lengths differ)."""
+def joined_rows(masks: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """Batches' token arrays (attention masks, input ids) as one, samples along the first axis (None when a batch has
+    none or their lengths differ)."""
     arrays = [mask for mask in masks if mask is not None]
     if not arrays or len(arrays) != len(masks) or len({mask.shape[1] for mask in arrays}) != 1:
         return None

@@ -379,7 +379,8 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
                                                     provider)
             continue
         model_outputs = [n for n in names if n not in per_layer]
-        mask = attention_mask(feeds)
+        mask, ids = attention_mask(feeds), token_ids(feeds)
+        pairs_mask = attention_mask(pairs.feeds) if pairs is not None else None
         ref_out, cand_out = without_padding(ref_out, mask), without_padding(cand_out, mask)
         entry: dict[str, Any] = {"session_providers": cand_providers, "outputs": {}, "layers": {}}
         if segmented:
@@ -388,12 +389,12 @@ def verify(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | 
             result.failures += summary_failures(entry["layer_checks"], min_layer_cosine, provider)
             result.passed = result.passed and all(row["passed"] for row in entry["layer_checks"])
         for name in names:
-            extra = (pair_metrics(ref_pairs[name], cand_pairs[name], pairs.scores, attention_mask(pairs.feeds), name)
+            extra = (pair_metrics(ref_pairs[name], cand_pairs[name], pairs.scores, pairs_mask, name)
                      if pairs is not None and name in ref_pairs and name in model_outputs else None)
             metrics = compare_arrays(ref_out[name], cand_out[name], gates if name in model_outputs else Gates(),
                                      name=name, labels=labels if name in model_outputs else None,
                                      mask=mask if name in model_outputs else None,
-                                     token_ids=token_ids(feeds) if name in model_outputs else None, extra=extra)
+                                     token_ids=ids if name in model_outputs else None, extra=extra)
             (entry["outputs"] if name in model_outputs else entry["layers"])[name] = metrics
             if name in model_outputs and metrics.get("gated"):
                 result.gated = True
